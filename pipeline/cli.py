@@ -1,0 +1,202 @@
+"""The ``loopline`` command line: the edge where settings are read and side effects start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
+from pipeline.kafka_local import BrokerError, LocalBroker
+from pipeline.settings import Settings, SettingsError
+from pipeline.topics import ensure_topics
+from pipeline.traffic import Limits, publish_traffic, write_jsonl
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _bootstrap_port(settings: Settings) -> int:
+    first = settings.bootstrap_servers.split(",")[0]
+    return int(first.rsplit(":", 1)[1]) if ":" in first else 9092
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """loopline: telemetry for AI-native operational loops, on Kafka."""
+    try:
+        ctx.obj = Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def kafka() -> None:
+    """A real local Kafka broker (KRaft, single node) from Maven Central jars."""
+
+
+def _broker(ctx: click.Context, port: int | None, home: Path | None) -> LocalBroker:
+    settings = _settings(ctx)
+    return LocalBroker(home or settings.kafka_home, port or _bootstrap_port(settings))
+
+
+_port_opt = click.option("--port", type=click.IntRange(1, 65534), default=None,
+                         help="Broker port (controller uses port+1). Default: from "
+                              "LOOPLINE_BOOTSTRAP_SERVERS, else 9092.")
+_home_opt = click.option("--home", type=click.Path(path_type=Path), default=None,
+                         help="Cache folder for jars and broker data (LOOPLINE_KAFKA_HOME).")
+
+
+@kafka.command("up")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_up(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Start the broker (no-op when it is up) and wait until it answers."""
+    broker = _broker(ctx, port, home)
+    was_up = broker.status().running
+    try:
+        status = broker.up(echo=_err)
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    prefix = "already up: " if was_up else ""
+    click.echo(prefix + status.describe())
+
+
+@kafka.command("down")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_down(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Stop the broker cleanly (no-op when it is down)."""
+    broker = _broker(ctx, port, home)
+    stopped = broker.down()
+    click.echo(f"kafka stopped ({broker.bootstrap})" if stopped
+               else f"kafka was not running ({broker.bootstrap})")
+
+
+@kafka.command("status")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Say whether the broker is up and where its log is; exit 3 when it is down."""
+    status = _broker(ctx, port, home).status()
+    click.echo(status.describe())
+    if not status.running:
+        ctx.exit(3)
+
+
+@main.command("topics")
+@click.pass_context
+def topics(ctx: click.Context) -> None:
+    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
+    created = asyncio.run(ensure_topics(_settings(ctx)))
+    click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+
+
+@main.command("worker")
+@click.option("--web-port", type=click.IntRange(1, 65535), default=None,
+              help="Port of /metrics (LOOPLINE_WEB_PORT, default 6066).")
+@click.pass_context
+def worker(ctx: click.Context, web_port: int | None) -> None:
+    """Run a stream-processing worker until Ctrl-C / SIGTERM."""
+    from pipeline.worker import run_worker
+
+    settings = _settings(ctx)
+    if web_port is not None:
+        settings = Settings.from_env(web_port=web_port)
+    run_worker(settings)
+
+
+def _parse_start(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise click.BadParameter("give a timezone, e.g. 2026-11-25T12:00:00Z", param_hint="--start")
+    return parsed
+
+
+@main.command("generate")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Events to emit.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to run (JSON Lines: seconds of event time).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Events per second (default: as fast as possible).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--start", default=None, help="Event time of the first case (ISO-8601); default now.")
+@click.option("--jsonl", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the replay format to this file ('-' for stdout) instead of Kafka.")
+@click.option("--drift-at", type=float, default=None,
+              help="Seconds after start when category mix and order_value drift.")
+@click.option("--cost-spike-at", type=float, default=None,
+              help="Seconds after start when model cost jumps 5x.")
+@click.option("--latency-regression-at", type=float, default=None,
+              help="Seconds after start when SYSTEM latency grows 4x.")
+@click.option("--quality-drop-at", type=float, default=None,
+              help="Seconds after start when the --quality-drop-release ships (pass rate 0.6).")
+@click.option("--quality-drop-release", default="2026.11.1", show_default=True)
+@click.pass_context
+def generate(ctx: click.Context, count: int | None, duration: float | None, rate: float | None,
+             seed: int, start: str | None, jsonl: Path | None, drift_at: float | None,
+             cost_spike_at: float | None, latency_regression_at: float | None,
+             quality_drop_at: float | None, quality_drop_release: str) -> None:
+    """Publish realistic synthetic traffic for several loops (deterministic for a seed)."""
+    try:
+        limits = Limits(count=count, duration=duration, rate=rate)
+    except ValueError as exc:
+        raise click.UsageError(f"{exc} (--count N or --duration S)") from None
+    begin = _parse_start(start)
+    scenario = Scenario(drift_at=drift_at, cost_spike_at=cost_spike_at,
+                        latency_regression_at=latency_regression_at,
+                        quality_drop_at=quality_drop_at,
+                        quality_drop_release=quality_drop_release)
+    cases_per_second = rate / EVENTS_PER_CASE if rate else 20.0
+    events = TrafficGenerator(seed, begin, cases_per_second, scenario)
+    by_topic: dict[str, Any]
+    if jsonl is not None:
+        target = sys.stdout if str(jsonl) == "-" else jsonl
+        by_topic = write_jsonl(target, events, limits, int(begin.timestamp() * 1000), _err)
+    else:
+        settings = _settings(ctx)
+
+        async def run() -> Any:
+            await ensure_topics(settings)
+            return await publish_traffic(settings, events, limits, _err)
+
+        by_topic = asyncio.run(run())
+    _err(f"generated {sum(by_topic.values()):,} events: {json.dumps(dict(sorted(by_topic.items())))}")
+
+
+@main.command("demo")
+@click.option("--duration", type=float, default=30.0, show_default=True,
+              help="Seconds of generated traffic.")
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
+@click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
+@click.pass_context
+def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool) -> None:
+    """The local demo: Kafka, topics, a worker and the generator; prints what was processed."""
+    from pipeline.demo import run_demo
+
+    try:
+        run_demo(_settings(ctx), duration=duration, rate=rate, keep_kafka=keep_kafka, echo=_err)
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

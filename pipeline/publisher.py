@@ -1,0 +1,143 @@
+"""The publisher SDK: services send inputs, resolutions and eval results through it.
+
+Every event is validated against its Avro schema before anything is sent, so an invalid event
+raises InvalidEvent and a batch with one invalid event sends nothing. Sends are batched by the
+producer (linger) and all of them are confirmed by ``flush`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from pipeline.codec import Codec, CodecError
+from pipeline.events import EvalResult, InputEvent, ResolutionEvent, _Event
+from pipeline.settings import Settings
+from pipeline.topics import RECORD_OF, key_of
+
+Event = Mapping[str, Any] | _Event
+
+
+class InvalidEvent(ValueError):
+    """An event does not match its schema; ``field`` names the culprit, ``index`` its position."""
+
+    def __init__(self, topic: str, error: CodecError, index: int | None = None) -> None:
+        where = f" (event #{index} of the batch)" if index is not None else ""
+        super().__init__(f"invalid {topic} event{where}: {error}")
+        self.topic = topic
+        self.field = error.field
+        self.index = index
+
+
+class Publisher:
+    """Async, batched publisher; use ``async with Publisher(settings) as pub:``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        codec: Codec | None = None,
+        *,
+        linger_ms: int = 10,
+        max_pending: int = 20_000,
+    ) -> None:
+        self._settings = settings
+        self._codec = codec or Codec.load()
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            linger_ms=linger_ms,
+            acks="all",
+            enable_idempotence=True,
+            max_batch_size=256 * 1024,
+        )
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._failures: list[BaseException] = []
+        self._max_pending = max_pending
+        self._started = False
+        self.sent = 0
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if not self._started:
+            await self._producer.start()
+            self._started = True
+
+    async def close(self) -> None:
+        """Flush every pending send (raising the first delivery error), then stop."""
+        if not self._started:
+            return
+        try:
+            await self.flush()
+        finally:
+            await self._producer.stop()
+            self._started = False
+
+    def encode(self, topic: str, event: Event, index: int | None = None) -> tuple[bytes | None, bytes]:
+        """Validate and encode one event for ``topic`` (a logical name such as ``inputs``)."""
+        if topic not in RECORD_OF:
+            raise ValueError(f"unknown topic {topic!r}; one of {', '.join(RECORD_OF)}")
+        record = event.to_record() if isinstance(event, _Event) else event
+        try:
+            value = self._codec.encode(RECORD_OF[topic], record)
+        except CodecError as exc:
+            raise InvalidEvent(topic, exc, index) from None
+        return key_of(topic, record), value
+
+    async def publish(self, topic: str, event: Event) -> None:
+        key, value = self.encode(topic, event)
+        await self._send(topic, key, value)
+
+    async def publish_many(self, topic: str, events: Iterable[Event]) -> int:
+        """Validate every event first; send them all only when all are valid."""
+        encoded = [self.encode(topic, event, i) for i, event in enumerate(events)]
+        for key, value in encoded:
+            await self._send(topic, key, value)
+        return len(encoded)
+
+    async def publish_input(self, event: InputEvent | Mapping[str, Any]) -> None:
+        await self.publish("inputs", event)
+
+    async def publish_resolution(self, event: ResolutionEvent | Mapping[str, Any]) -> None:
+        await self.publish("resolutions", event)
+
+    async def publish_eval_result(self, event: EvalResult | Mapping[str, Any]) -> None:
+        await self.publish("eval-results", event)
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        if not self._started:
+            raise RuntimeError("Publisher is not started: use 'async with Publisher(...)'")
+        if len(self._pending) >= self._max_pending:
+            await self._drain(self._max_pending // 2)
+        future = await self._producer.send(self._settings.topic(topic), value=value, key=key)
+        self._pending.add(future)
+        future.add_done_callback(self._delivered)
+        self.sent += 1
+
+    def _delivered(self, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            self._failures.append(future.exception())  # type: ignore[arg-type]
+
+    async def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            await asyncio.wait(set(self._pending), return_when=asyncio.FIRST_COMPLETED)
+        if self._failures:
+            first, count = self._failures[0], len(self._failures)
+            self._failures.clear()
+            raise RuntimeError(f"{count} event(s) were not delivered: {first}") from first
+
+    async def flush(self) -> None:
+        await self._producer.flush()
+        await self._drain(0)

@@ -1,0 +1,85 @@
+"""One frozen, typed settings object, read from LOOPLINE_* environment variables at the edge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value loopline cannot use."""
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+def _prefix(raw: str) -> str:
+    if raw and not all(c.isalnum() or c in "._-" for c in raw):
+        raise ValueError("may hold only letters, digits, '.', '_' and '-'")
+    return raw
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a loopline process needs to know; secrets never appear in ``repr``."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "loopline."
+    partitions: int = 4
+    replication_factor: int = 1
+    app_id: str = "loopline"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    data_dir: Path = Path(".loopline")
+    kafka_home: Path = Path("~/.cache/loopline/kafka").expanduser()
+    log_level: str = "info"
+
+    _PARSERS = {
+        "partitions": _positive_int,
+        "replication_factor": _positive_int,
+        "web_port": _port,
+        "topic_prefix": _prefix,
+        "data_dir": _path,
+        "kafka_home": _path,
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read LOOPLINE_<FIELD> variables; a bad value raises SettingsError naming it."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = f"LOOPLINE_{f.name.upper()}"
+            if var not in source:
+                continue
+            parse: Callable[[str], Any] = cls._PARSERS.get(f.name, str)
+            try:
+                values[f.name] = parse(source[var])
+            except ValueError as exc:
+                raise SettingsError(f"{var}={source[var]!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def topic(self, name: str) -> str:
+        """The full Kafka topic name of a logical topic such as ``inputs``."""
+        return f"{self.topic_prefix}{name}"

@@ -1,0 +1,75 @@
+"""loopline's topics (DESIGN.md), the record each carries, and creating them on the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    record: str
+    compacted: bool = False
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("inputs", "InputEvent"),
+    TopicSpec("resolutions", "ResolutionEvent"),
+    TopicSpec("eval-results", "EvalResult"),
+    TopicSpec("eval-cases", "EvalCase", compacted=True),
+    TopicSpec("dlq", "DeadLetter"),
+)
+
+#: Topics that services publish to and the worker consumes, by logical name.
+SOURCE_TOPICS = ("inputs", "resolutions", "eval-results")
+
+RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS}
+
+
+def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
+    """The partitioning key DESIGN.md gives each topic (case_id keeps a case co-partitioned)."""
+    if topic == "eval-results":
+        return str(record.get("case_id") or record["eval_case_id"]).encode()
+    if topic == "eval-cases":
+        return str(record["eval_case_id"]).encode()
+    if topic in ("inputs", "resolutions"):
+        return str(record["case_id"]).encode()
+    return None
+
+
+async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
+    """Create the missing loopline topics; returns the full names of those it created."""
+    wanted = [t for t in TOPICS if names is None or t.name in names]
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15000
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(
+                name=settings.topic(t.name),
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs={"cleanup.policy": "compact"} if t.compacted else {},
+            )
+            for t in wanted
+            if settings.topic(t.name) not in existing
+        ]
+        if new:
+            response = await admin.create_topics(new)
+            for topic, code, *rest in response.topic_errors:
+                # 36 = TOPIC_ALREADY_EXISTS: another process won the race, which is fine.
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    detail = rest[0] if rest and rest[0] else f"error code {code}"
+                    raise RuntimeError(f"cannot create topic {topic}: {detail}")
+        return [t.name for t in new]
+    finally:
+        await admin.close()

@@ -1,0 +1,107 @@
+"""Drive generated traffic into Kafka (through the SDK) or into a JSON Lines replay file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Stop after ``count`` events or ``duration`` seconds, whichever comes first."""
+
+    count: int | None = None
+    duration: float | None = None
+    rate: float | None = None  # events per second of wall time; None = as fast as possible
+
+    def __post_init__(self) -> None:
+        if self.count is None and self.duration is None:
+            raise ValueError("give a count or a duration")
+        for name in ("count", "duration", "rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+class _Meter:
+    """Counts by topic and reports progress at most every ``every`` seconds."""
+
+    def __init__(self, progress: Progress | None, every: float = 2.0) -> None:
+        self.by_topic: Counter[str] = Counter()
+        self.total = 0
+        self._progress = progress
+        self._every = every
+        self._start = self._last = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def add(self, topic: str) -> None:
+        self.by_topic[topic] += 1
+        self.total += 1
+        now = time.monotonic()
+        if self._progress and now - self._last >= self._every:
+            self._last = now
+            rate = self.total / max(self.elapsed, 1e-9)
+            topics = " ".join(f"{t}={n:,}" for t, n in sorted(self.by_topic.items()))
+            self._progress(f"generate: {self.total:,} events ({rate:,.0f}/s) {topics}")
+
+
+async def publish_traffic(
+    settings: Settings,
+    events: Iterable[tuple[str, dict[str, Any]]],
+    limits: Limits,
+    progress: Progress | None = None,
+) -> Counter[str]:
+    """Publish until a limit is reached, paced to ``limits.rate``; returns counts by topic."""
+    meter = _Meter(progress)
+    async with Publisher(settings) as publisher:
+        for topic, record in events:
+            if limits.count is not None and meter.total >= limits.count:
+                break
+            if limits.duration is not None and meter.elapsed >= limits.duration:
+                break
+            await publisher.publish(topic, record)
+            meter.add(topic)
+            if limits.rate is not None:
+                ahead = meter.total / limits.rate - meter.elapsed
+                if ahead > 0.005:
+                    await asyncio.sleep(ahead)
+    return meter.by_topic
+
+
+def write_jsonl(
+    path: Path | TextIO,
+    events: Iterable[tuple[str, dict[str, Any]]],
+    limits: Limits,
+    start_ms: int,
+    progress: Progress | None = None,
+) -> Counter[str]:
+    """Write the replay format of DESIGN.md; ``duration`` is event time from ``start_ms``."""
+    meter = _Meter(progress)
+    out = path.open("w") if isinstance(path, Path) else path
+    try:
+        for topic, record in events:
+            if limits.count is not None and meter.total >= limits.count:
+                break
+            if limits.duration is not None and record["ts"] - start_ms >= limits.duration * 1000:
+                break
+            out.write(json.dumps({"topic": topic, "record": record}, separators=(",", ":")))
+            out.write("\n")
+            meter.add(topic)
+    finally:
+        if isinstance(path, Path):
+            out.close()
+    return meter.by_topic

@@ -1,0 +1,1 @@
+"""Avro schemas of loopline's records (namespace ``loopline``), shipped as package data."""
