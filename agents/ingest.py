@@ -39,8 +39,9 @@ def register(app: faust.App, settings: Settings, codec: Codec, metrics: Pipeline
         await delivery  # durable before this offset can be committed: nothing lost
         metrics.dead_letters.labels(message.topic, reason).inc()
         metrics.events.labels(message.topic, "dead_letter").inc()
-        log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition,
-                    message.offset, error)
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, error
+        )
 
     @app.agent(source, name="loopline.ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:

@@ -53,11 +53,19 @@ def _broker(ctx: click.Context, port: int | None, home: Path | None) -> LocalBro
     return LocalBroker(home or settings.kafka_home, port or _bootstrap_port(settings))
 
 
-_port_opt = click.option("--port", type=click.IntRange(1, 65534), default=None,
-                         help="Broker port (controller uses port+1). Default: from "
-                              "LOOPLINE_BOOTSTRAP_SERVERS, else 9092.")
-_home_opt = click.option("--home", type=click.Path(path_type=Path), default=None,
-                         help="Cache folder for jars and broker data (LOOPLINE_KAFKA_HOME).")
+_port_opt = click.option(
+    "--port",
+    type=click.IntRange(1, 65534),
+    default=None,
+    help="Broker port (controller uses port+1). Default: from "
+    "LOOPLINE_BOOTSTRAP_SERVERS, else 9092.",
+)
+_home_opt = click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Cache folder for jars and broker data (LOOPLINE_KAFKA_HOME).",
+)
 
 
 @kafka.command("up")
@@ -84,8 +92,11 @@ def kafka_down(ctx: click.Context, port: int | None, home: Path | None) -> None:
     """Stop the broker cleanly (no-op when it is down)."""
     broker = _broker(ctx, port, home)
     stopped = broker.down()
-    click.echo(f"kafka stopped ({broker.bootstrap})" if stopped
-               else f"kafka was not running ({broker.bootstrap})")
+    click.echo(
+        f"kafka stopped ({broker.bootstrap})"
+        if stopped
+        else f"kafka was not running ({broker.bootstrap})"
+    )
 
 
 @kafka.command("status")
@@ -109,8 +120,12 @@ def topics(ctx: click.Context) -> None:
 
 
 @main.command("worker")
-@click.option("--web-port", type=click.IntRange(1, 65535), default=None,
-              help="Port of /metrics (LOOPLINE_WEB_PORT, default 6066).")
+@click.option(
+    "--web-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port of /metrics (LOOPLINE_WEB_PORT, default 6066).",
+)
 @click.pass_context
 def worker(ctx: click.Context, web_port: int | None) -> None:
     """Run a stream-processing worker until Ctrl-C / SIGTERM."""
@@ -133,38 +148,79 @@ def _parse_start(value: str | None) -> datetime:
 
 @main.command("generate")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Events to emit.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds to run (JSON Lines: seconds of event time).")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Events per second (default: as fast as possible).")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds to run (JSON Lines: seconds of event time).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Events per second (default: as fast as possible).",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--start", default=None, help="Event time of the first case (ISO-8601); default now.")
-@click.option("--jsonl", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the replay format to this file ('-' for stdout) instead of Kafka.")
-@click.option("--drift-at", type=float, default=None,
-              help="Seconds after start when category mix and order_value drift.")
-@click.option("--cost-spike-at", type=float, default=None,
-              help="Seconds after start when model cost jumps 5x.")
-@click.option("--latency-regression-at", type=float, default=None,
-              help="Seconds after start when SYSTEM latency grows 4x.")
-@click.option("--quality-drop-at", type=float, default=None,
-              help="Seconds after start when the --quality-drop-release ships (pass rate 0.6).")
+@click.option(
+    "--jsonl",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the replay format to this file ('-' for stdout) instead of Kafka.",
+)
+@click.option(
+    "--drift-at",
+    type=float,
+    default=None,
+    help="Seconds after start when category mix and order_value drift.",
+)
+@click.option(
+    "--cost-spike-at",
+    type=float,
+    default=None,
+    help="Seconds after start when model cost jumps 5x.",
+)
+@click.option(
+    "--latency-regression-at",
+    type=float,
+    default=None,
+    help="Seconds after start when SYSTEM latency grows 4x.",
+)
+@click.option(
+    "--quality-drop-at",
+    type=float,
+    default=None,
+    help="Seconds after start when the --quality-drop-release ships (pass rate 0.6).",
+)
 @click.option("--quality-drop-release", default="2026.11.1", show_default=True)
 @click.pass_context
-def generate(ctx: click.Context, count: int | None, duration: float | None, rate: float | None,
-             seed: int, start: str | None, jsonl: Path | None, drift_at: float | None,
-             cost_spike_at: float | None, latency_regression_at: float | None,
-             quality_drop_at: float | None, quality_drop_release: str) -> None:
+def generate(
+    ctx: click.Context,
+    count: int | None,
+    duration: float | None,
+    rate: float | None,
+    seed: int,
+    start: str | None,
+    jsonl: Path | None,
+    drift_at: float | None,
+    cost_spike_at: float | None,
+    latency_regression_at: float | None,
+    quality_drop_at: float | None,
+    quality_drop_release: str,
+) -> None:
     """Publish realistic synthetic traffic for several loops (deterministic for a seed)."""
     try:
         limits = Limits(count=count, duration=duration, rate=rate)
     except ValueError as exc:
         raise click.UsageError(f"{exc} (--count N or --duration S)") from None
     begin = _parse_start(start)
-    scenario = Scenario(drift_at=drift_at, cost_spike_at=cost_spike_at,
-                        latency_regression_at=latency_regression_at,
-                        quality_drop_at=quality_drop_at,
-                        quality_drop_release=quality_drop_release)
+    scenario = Scenario(
+        drift_at=drift_at,
+        cost_spike_at=cost_spike_at,
+        latency_regression_at=latency_regression_at,
+        quality_drop_at=quality_drop_at,
+        quality_drop_release=quality_drop_release,
+    )
     cases_per_second = rate / EVENTS_PER_CASE if rate else 20.0
     events = TrafficGenerator(seed, begin, cases_per_second, scenario)
     by_topic: dict[str, Any]
@@ -179,12 +235,15 @@ def generate(ctx: click.Context, count: int | None, duration: float | None, rate
             return await publish_traffic(settings, events, limits, _err)
 
         by_topic = asyncio.run(run())
-    _err(f"generated {sum(by_topic.values()):,} events: {json.dumps(dict(sorted(by_topic.items())))}")
+    _err(
+        f"generated {sum(by_topic.values()):,} events: {json.dumps(dict(sorted(by_topic.items())))}"
+    )
 
 
 @main.command("demo")
-@click.option("--duration", type=float, default=30.0, show_default=True,
-              help="Seconds of generated traffic.")
+@click.option(
+    "--duration", type=float, default=30.0, show_default=True, help="Seconds of generated traffic."
+)
 @click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
 @click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
 @click.pass_context

@@ -201,7 +201,9 @@ def _decode_error(writer: _Schema, body: bytes, exc: Exception) -> CodecError:
     for k in range(1, len(fields) + 1):
         prefix = dict(writer.raw, fields=fields[:k])
         try:
-            fastavro.schemaless_reader(io.BytesIO(body), fastavro.parse_schema(prefix, named_schemas={}))
+            fastavro.schemaless_reader(
+                io.BytesIO(body), fastavro.parse_schema(prefix, named_schemas={})
+            )
         except EOFError:
             return CodecError(
                 "truncated",

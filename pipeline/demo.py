@@ -35,15 +35,17 @@ def _processed(text: str | None, settings: Settings) -> dict[str, tuple[float, f
     return {
         name: (
             sample_sum(samples, "loopline_events_total", topic=settings.topic(name), status="ok"),
-            sample_sum(samples, "loopline_events_total", topic=settings.topic(name),
-                       status="dead_letter"),
+            sample_sum(
+                samples, "loopline_events_total", topic=settings.topic(name), status="dead_letter"
+            ),
         )
         for name in SOURCE_TOPICS
     }
 
 
-def run_demo(settings: Settings, duration: float, rate: float, keep_kafka: bool,
-             echo: Echo) -> None:
+def run_demo(
+    settings: Settings, duration: float, rate: float, keep_kafka: bool, echo: Echo
+) -> None:
     port = int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
     broker = LocalBroker(settings.kafka_home, port)
     started_broker = not broker.status().running
@@ -54,8 +56,12 @@ def run_demo(settings: Settings, duration: float, rate: float, keep_kafka: bool,
     worker_log = settings.data_dir / "demo-worker.log"
     url = f"http://{settings.web_host}:{settings.web_port}/metrics"
     with worker_log.open("ab") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
     try:
         echo(f"worker started (pid {worker.pid}, log {worker_log}); metrics at {url}")
         deadline = time.monotonic() + 90
@@ -64,10 +70,12 @@ def run_demo(settings: Settings, duration: float, rate: float, keep_kafka: bool,
                 raise RuntimeError(f"the worker did not start; see {worker_log}")
             time.sleep(0.5)
         echo(f"generating {rate:,.0f} events/s for {duration:,.0f}s ...")
-        events = TrafficGenerator(seed=int(time.time()), start=datetime.now(UTC),
-                                  cases_per_second=rate / EVENTS_PER_CASE)
-        published = asyncio.run(publish_traffic(settings, events,
-                                                Limits(duration=duration, rate=rate), echo))
+        events = TrafficGenerator(
+            seed=int(time.time()), start=datetime.now(UTC), cases_per_second=rate / EVENTS_PER_CASE
+        )
+        published = asyncio.run(
+            publish_traffic(settings, events, Limits(duration=duration, rate=rate), echo)
+        )
         deadline = time.monotonic() + 60
         processed = _processed(fetch_metrics(url), settings)
         while any(sum(processed[t]) < published[t] for t in SOURCE_TOPICS):

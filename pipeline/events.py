@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 
 class Resolver(StrEnum):
@@ -31,7 +31,7 @@ class _Event:
     record: ClassVar[str]
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(cast(Any, self))
 
 
 @dataclass(frozen=True)

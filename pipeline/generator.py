@@ -42,19 +42,22 @@ class LoopProfile:
 
 LOOPS: tuple[LoopProfile, ...] = (
     LoopProfile(
-        "support-triage", 0.5,
+        "support-triage",
+        0.5,
         {"billing": 0.3, "shipping": 0.25, "account": 0.2, "technical": 0.15, "returns": 0.1},
         {"billing": 0.1, "shipping": 0.1, "account": 0.1, "technical": 0.3, "outage": 0.4},
         {"SYSTEM": 0.65, "HYBRID": 0.15, "HUMAN": 0.2},
     ),
     LoopProfile(
-        "refunds", 0.3,
+        "refunds",
+        0.3,
         {"damaged": 0.35, "late": 0.3, "not_received": 0.2, "wrong_item": 0.15},
         {"damaged": 0.1, "late": 0.1, "not_received": 0.2, "chargeback": 0.6},
         {"SYSTEM": 0.5, "HYBRID": 0.2, "HUMAN": 0.3},
     ),
     LoopProfile(
-        "kyc-review", 0.2,
+        "kyc-review",
+        0.2,
         {"individual": 0.6, "business": 0.3, "high_risk": 0.1},
         {"individual": 0.2, "business": 0.3, "high_risk": 0.2, "crypto": 0.3},
         {"SYSTEM": 0.3, "HYBRID": 0.3, "HUMAN": 0.4},
@@ -66,7 +69,7 @@ LANGUAGES = {"en": 0.6, "de": 0.15, "fr": 0.15, "es": 0.1}
 TIERS = {"free": 0.6, "pro": 0.3, "enterprise": 0.1}
 REGIONS = {"eu": 0.4, "us": 0.45, "apac": 0.15}
 # Median seconds from input to resolution by resolver, and lognormal spread.
-LATENCY_MEDIAN_S = {"SYSTEM": 8.0, "HYBRID": 300.0, "HUMAN": 1800.0}
+LATENCY_MEDIAN_S = {"SYSTEM": 8.0, "HYBRID": 45.0, "HUMAN": 180.0}
 HUMAN_MINUTES_MEDIAN = {"SYSTEM": 0.0, "HYBRID": 4.0, "HUMAN": 12.0}
 OUTCOMES = {
     "SYSTEM": {"RESOLVED": 0.9, "ESCALATED": 0.07, "FAILED": 0.03},
@@ -145,24 +148,36 @@ class TrafficGenerator:
 
     def _new_case(self, ts_ms: int) -> None:
         rng, sc = self._rng, self._scenario
-        loop = self._loops[rng.choices(range(len(self._loops)),
-                                       weights=[p.share for p in self._loops])[0]]
+        loop = self._loops[
+            rng.choices(range(len(self._loops)), weights=[p.share for p in self._loops])[0]
+        ]
         drifted = self._after(sc.drift_at, ts_ms)
         category = _pick(rng, loop.drifted_categories if drifted else loop.categories)
         case_id = self._id()
         tokens = max(16, int(_lognormal(rng, 400.0, 0.5)))
         order_value = _lognormal(rng, 60.0 * (1.8 if drifted else 1.0), 0.6)
-        self._push(ts_ms, "inputs", {
-            "event_id": self._id(), "case_id": case_id, "loop": loop.name, "ts": ts_ms,
-            "source": f"{loop.name}-api", "channel": _pick(rng, CHANNELS),
-            "category": category, "language": _pick(rng, LANGUAGES),
-            "features": {"order_value_usd": round(order_value, 2),
-                         "account_age_days": round(rng.expovariate(1 / 400.0), 1)},
-            "attributes": {"tier": _pick(rng, TIERS), "region": _pick(rng, REGIONS)},
-            "text": f"{category.replace('_', ' ')} request, order {rng.randrange(10**6):06d}",
-            "embedding": [round(c + rng.gauss(0.0, 0.15), 4) for c in _centroid(category)],
-            "tokens": tokens,
-        })
+        self._push(
+            ts_ms,
+            "inputs",
+            {
+                "event_id": self._id(),
+                "case_id": case_id,
+                "loop": loop.name,
+                "ts": ts_ms,
+                "source": f"{loop.name}-api",
+                "channel": _pick(rng, CHANNELS),
+                "category": category,
+                "language": _pick(rng, LANGUAGES),
+                "features": {
+                    "order_value_usd": round(order_value, 2),
+                    "account_age_days": round(rng.expovariate(1 / 400.0), 1),
+                },
+                "attributes": {"tier": _pick(rng, TIERS), "region": _pick(rng, REGIONS)},
+                "text": f"{category.replace('_', ' ')} request, order {rng.randrange(10**6):06d}",
+                "embedding": [round(c + rng.gauss(0.0, 0.15), 4) for c in _centroid(category)],
+                "tokens": tokens,
+            },
+        )
         self._resolve(loop, case_id, ts_ms, tokens)
 
     def _resolve(self, loop: LoopProfile, case_id: str, input_ms: int, tokens: int) -> None:
@@ -172,8 +187,9 @@ class TrafficGenerator:
         if resolver == "SYSTEM" and self._after(sc.latency_regression_at, input_ms):
             median *= 4
         ts_ms = input_ms + max(1, int(_lognormal(rng, median, 0.5) * MS))
-        release = (sc.quality_drop_release if self._after(sc.quality_drop_at, ts_ms)
-                   else loop.base_release)
+        release = (
+            sc.quality_drop_release if self._after(sc.quality_drop_at, ts_ms) else loop.base_release
+        )
         pass_rate = 0.6 if release == sc.quality_drop_release else 0.92
         uses_model = resolver != "HUMAN"
         cost_factor = 5.0 if self._after(sc.cost_spike_at, ts_ms) else 1.0
@@ -182,31 +198,61 @@ class TrafficGenerator:
         eval_passed = rng.random() < pass_rate if uses_model and rng.random() < 0.3 else None
         outcome = _pick(rng, OUTCOMES[resolver])
         human = HUMAN_MINUTES_MEDIAN[resolver]
-        self._push(ts_ms, "resolutions", {
-            "event_id": self._id(), "case_id": case_id, "loop": loop.name, "ts": ts_ms,
-            "resolver": resolver, "outcome": outcome, "release": release,
-            "model": "model-a" if uses_model else None,
-            "model_cost_usd": round(model_cost, 6) if uses_model else 0.0,
-            "other_cost_usd": 0.001,
-            "input_tokens": tokens if uses_model else None, "output_tokens": output_tokens,
-            "human_minutes": round(_lognormal(rng, human, 0.5), 2) if human else 0.0,
-            "confidence": round(rng.betavariate(8, 2), 4) if uses_model else None,
-            "eval_passed": eval_passed,
-            "failure_reason": "model_error" if outcome == "FAILED" else None,
-            "output": f"resolved {case_id[:8]}" if outcome == "RESOLVED" else None,
-        })
+        self._push(
+            ts_ms,
+            "resolutions",
+            {
+                "event_id": self._id(),
+                "case_id": case_id,
+                "loop": loop.name,
+                "ts": ts_ms,
+                "resolver": resolver,
+                "outcome": outcome,
+                "release": release,
+                "model": "model-a" if uses_model else None,
+                "model_cost_usd": round(model_cost, 6) if uses_model else 0.0,
+                "other_cost_usd": 0.001,
+                "input_tokens": tokens if uses_model else None,
+                "output_tokens": output_tokens,
+                "human_minutes": round(_lognormal(rng, human, 0.5), 2) if human else 0.0,
+                "confidence": round(rng.betavariate(8, 2), 4) if uses_model else None,
+                "eval_passed": eval_passed,
+                "failure_reason": "model_error" if outcome == "FAILED" else None,
+                "output": f"resolved {case_id[:8]}" if outcome == "RESOLVED" else None,
+            },
+        )
         if uses_model and rng.random() < 0.15:
             eval_ms = ts_ms + int(rng.uniform(1, 60) * MS)
-            self._push(eval_ms, "eval-results", {
-                "event_id": self._id(), "eval_case_id": f"ec-{case_id}", "case_id": case_id,
-                "loop": loop.name, "ts": eval_ms,
-                "release": release, "suite": "CURRENT", "passed": rng.random() < pass_rate,
-                "score": round(rng.random(), 4), "evaluator": "llm-judge",
-            })
+            self._push(
+                eval_ms,
+                "eval-results",
+                {
+                    "event_id": self._id(),
+                    "eval_case_id": f"ec-{case_id}",
+                    "case_id": case_id,
+                    "loop": loop.name,
+                    "ts": eval_ms,
+                    "release": release,
+                    "suite": "CURRENT",
+                    "passed": rng.random() < pass_rate,
+                    "score": round(rng.random(), 4),
+                    "evaluator": "llm-judge",
+                },
+            )
         if rng.random() < 0.1:
-            self._push(ts_ms, "eval-results", {
-                "event_id": self._id(), "eval_case_id": f"hist-{loop.name}-{rng.randrange(500)}",
-                "case_id": None, "loop": loop.name, "ts": ts_ms, "release": release,
-                "suite": "HISTORICAL", "passed": rng.random() < pass_rate + 0.04,
-                "score": None, "evaluator": "regression-suite",
-            })
+            self._push(
+                ts_ms,
+                "eval-results",
+                {
+                    "event_id": self._id(),
+                    "eval_case_id": f"hist-{loop.name}-{rng.randrange(500)}",
+                    "case_id": None,
+                    "loop": loop.name,
+                    "ts": ts_ms,
+                    "release": release,
+                    "suite": "HISTORICAL",
+                    "passed": rng.random() < pass_rate + 0.04,
+                    "score": None,
+                    "evaluator": "regression-suite",
+                },
+            )

@@ -146,8 +146,16 @@ class LocalBroker:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         echo(f"resolving the Kafka broker jars from Maven Central into {libs} (once) ...")
-        cmd = [mvn, "-B", "-q", "-f", str(self.pom), "dependency:copy-dependencies",
-               "-DincludeScope=runtime", f"-DoutputDirectory={staging}"]
+        cmd = [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(self.pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
@@ -191,9 +199,18 @@ class LocalBroker:
 
     def _java_cmd(self, libs: Path, main: str, *args: str) -> list[str]:
         log4j = self.instance_dir / "log4j.properties"
-        return [_java(), f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-                "-Djava.awt.headless=true", f"-Dlog4j.configuration=file:{log4j}",
-                "-cp", f"{libs}/*", main, *args]
+        return [
+            _java(),
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
 
     def up(self, timeout: float = 120.0, echo: Callable[[str], None] = print) -> BrokerStatus:
         """Start the broker unless it is up; return once a metadata request succeeds."""
@@ -213,10 +230,19 @@ class LocalBroker:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             cluster_file.write_text(cluster_id)
         fmt = subprocess.run(
-            self._java_cmd(libs, "kafka.tools.StorageTool", "format", "-t",
-                           cluster_file.read_text().strip(), "-c", str(config),
-                           "--ignore-formatted"),
-            capture_output=True, text=True, check=False,
+            self._java_cmd(
+                libs,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_file.read_text().strip(),
+                "-c",
+                str(config),
+                "--ignore-formatted",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
@@ -224,7 +250,9 @@ class LocalBroker:
         with self.log_path.open("ab") as log:
             proc = subprocess.Popen(
                 self._java_cmd(libs, "kafka.Kafka", str(config)),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         self.pid_path.write_text(str(proc.pid))

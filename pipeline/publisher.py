@@ -64,7 +64,9 @@ class Publisher:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.close()
@@ -84,7 +86,9 @@ class Publisher:
             await self._producer.stop()
             self._started = False
 
-    def encode(self, topic: str, event: Event, index: int | None = None) -> tuple[bytes | None, bytes]:
+    def encode(
+        self, topic: str, event: Event, index: int | None = None
+    ) -> tuple[bytes | None, bytes]:
         """Validate and encode one event for ``topic`` (a logical name such as ``inputs``)."""
         if topic not in RECORD_OF:
             raise ValueError(f"unknown topic {topic!r}; one of {', '.join(RECORD_OF)}")

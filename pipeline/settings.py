@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 class SettingsError(ValueError):
@@ -39,6 +37,16 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
 
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "partitions": _positive_int,
+    "replication_factor": _positive_int,
+    "web_port": _port,
+    "topic_prefix": _prefix,
+    "data_dir": _path,
+    "kafka_home": _path,
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a loopline process needs to know; secrets never appear in ``repr``."""
@@ -51,17 +59,8 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     data_dir: Path = Path(".loopline")
-    kafka_home: Path = Path("~/.cache/loopline/kafka").expanduser()
+    kafka_home: Path = field(default_factory=lambda: Path.home() / ".cache/loopline/kafka")
     log_level: str = "info"
-
-    _PARSERS = {
-        "partitions": _positive_int,
-        "replication_factor": _positive_int,
-        "web_port": _port,
-        "topic_prefix": _prefix,
-        "data_dir": _path,
-        "kafka_home": _path,
-    }
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -72,7 +71,7 @@ class Settings:
             var = f"LOOPLINE_{f.name.upper()}"
             if var not in source:
                 continue
-            parse: Callable[[str], Any] = cls._PARSERS.get(f.name, str)
+            parse = _PARSERS.get(f.name, str)
             try:
                 values[f.name] = parse(source[var])
             except ValueError as exc:

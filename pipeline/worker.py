@@ -24,7 +24,5 @@ def run_worker(settings: Settings) -> None:
     if created:
         log.info("created topics %s", ", ".join(created))
     app = create_app(settings, PipelineMetrics.create(), Codec.load())
-    worker = faust.Worker(
-        app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False
-    )
+    worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -1,0 +1,42 @@
+# The README names two targets: `make demo` (the main job) and `make test` (everything CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PACKAGES := pipeline agents sinks schemas
+TEST_KAFKA_PORT ?= 39092
+
+.PHONY: install demo test lint typecheck pytest kafka-up kafka-down clean
+
+$(BIN)/loopline: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(BIN)/loopline
+
+demo: install
+	$(BIN)/loopline demo
+
+lint: install
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/ruff format --check $(PACKAGES) tests
+
+typecheck: install
+	$(BIN)/mypy
+
+# The tests start the real broker themselves (port $(TEST_KAFKA_PORT)); it is stopped
+# afterwards whether the tests pass or fail.
+pytest: install
+	LOOPLINE_TEST_KAFKA_PORT=$(TEST_KAFKA_PORT) $(BIN)/pytest; status=$$?; \
+	$(BIN)/loopline kafka down --port $(TEST_KAFKA_PORT); exit $$status
+
+test: lint typecheck pytest
+
+kafka-up: install
+	$(BIN)/loopline kafka up
+
+kafka-down: install
+	$(BIN)/loopline kafka down
+
+clean:
+	rm -rf $(VENV) .loopline .pytest_cache .mypy_cache .ruff_cache *.egg-info

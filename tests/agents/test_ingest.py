@@ -1,0 +1,150 @@
+"""The ingest agent against the real broker: exact counts, dead letters, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pipeline.codec import Codec
+from pipeline.generator import TrafficGenerator
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS, ensure_topics
+from tests.conftest import WorkerProcess, wait_for
+
+START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+pytestmark = pytest.mark.broker
+
+
+def _events(seed: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    generator = iter(TrafficGenerator(seed, START))
+    return [next(generator) for _ in range(count)]
+
+
+async def _publish(settings: Settings, events: list[tuple[str, dict[str, Any]]]) -> Counter[str]:
+    await ensure_topics(settings)
+    async with Publisher(settings) as publisher:
+        for topic, record in events:
+            await publisher.publish(topic, record)
+    return Counter(topic for topic, _ in events)
+
+
+def _wait_counts(worker: WorkerProcess, expected: Counter[str], timeout: float = 120) -> None:
+    wait_for(
+        lambda: all(worker.processed(t) >= expected[t] for t in SOURCE_TOPICS),
+        timeout,
+        f"processed counts {dict(expected)} (log: {worker.log_path})",
+    )
+
+
+def test_counts_exactly_and_a_restart_does_not_recount(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    settings = make_settings()
+    events = _events(seed=7, count=10_000)
+    expected = asyncio.run(_publish(settings, events))
+    assert sum(expected.values()) == 10_000
+
+    worker = start_worker(settings)
+    _wait_counts(worker, expected)
+    time.sleep(2)  # settle: nothing beyond the 10,000 may arrive later
+    assert {t: worker.processed(t) for t in SOURCE_TOPICS} == {
+        t: expected[t] for t in SOURCE_TOPICS
+    }
+    assert worker.metric("loopline_dead_letters_total") == 0
+    worker.stop(signal.SIGTERM)  # a clean stop commits the consumed offsets
+
+    restarted = start_worker(settings)
+    more = _events(seed=8, count=300)
+    expected_more = asyncio.run(_publish(settings, more))
+    _wait_counts(restarted, expected_more)
+    assert {t: restarted.processed(t) for t in SOURCE_TOPICS} == {
+        t: expected_more[t] for t in SOURCE_TOPICS
+    }
+
+
+async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        metadata = await producer.send_and_wait(
+            settings.topic(topic), value=value, key=key, partition=0
+        )
+        return int(metadata.offset)
+    finally:
+        await producer.stop()
+
+
+async def _read_dlq(settings: Settings, count: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        settings.topic("dlq"),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    codec = Codec.load()
+    records: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(records) < count:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for messages in batch.values():
+                    records.extend(codec.decode(m.value, "DeadLetter").record for m in messages)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    settings = make_settings()
+    worker = start_worker(settings)
+    before = _events(seed=1, count=200)
+    after = _events(seed=2, count=200)
+    asyncio.run(_publish(settings, before))
+
+    not_avro = b'{"event_id": "x"}'
+    good = Codec.load().encode("ResolutionEvent", next(r for t, r in before if t == "resolutions"))
+    truncated = good[:14]
+    bad_offset = asyncio.run(_send_raw(settings, "inputs", b"case-x", not_avro))
+    cut_offset = asyncio.run(_send_raw(settings, "resolutions", b"case-y", truncated))
+    expected = asyncio.run(_publish(settings, after)) + Counter(t for t, _ in before)
+
+    _wait_counts(worker, expected)
+    wait_for(lambda: worker.metric("loopline_dead_letters_total") >= 2, 60, "2 dead letters")
+    assert worker.processed("inputs", "dead_letter") == 1
+    assert worker.processed("resolutions", "dead_letter") == 1
+    assert (
+        worker.metric(
+            "loopline_dead_letters_total", topic=settings.topic("inputs"), reason="bad_header"
+        )
+        == 1
+    )
+    assert (
+        worker.metric(
+            "loopline_dead_letters_total", topic=settings.topic("resolutions"), reason="truncated"
+        )
+        == 1
+    )
+
+    letters = {d["source_topic"]: d for d in asyncio.run(_read_dlq(settings, 2))}
+    header = letters[settings.topic("inputs")]
+    assert (header["source_partition"], header["source_offset"]) == (0, bad_offset)
+    assert header["event_id"] == f"{settings.topic('inputs')}:0:{bad_offset}"
+    assert header["reason"] == "bad_header"
+    assert header["value"] == not_avro and header["key"] == b"case-x"
+    cut = letters[settings.topic("resolutions")]
+    assert (cut["source_partition"], cut["source_offset"]) == (0, cut_offset)
+    assert cut["reason"] == "truncated"
+    assert "ResolutionEvent.event_id" in cut["error"]  # 4 body bytes: event_id is cut short
+    assert cut["value"] == truncated

@@ -1,0 +1,144 @@
+"""Fixture factories shared by the tests: a real local Kafka broker and worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import fetch_metrics
+from pipeline.kafka_local import LocalBroker
+from pipeline.metrics import parse_exposition, sample_sum
+from pipeline.settings import Settings
+
+TEST_KAFKA_PORT = int(os.environ.get("LOOPLINE_TEST_KAFKA_PORT", "39092"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The real broker: started here (and stopped after) unless it is already up."""
+    broker = LocalBroker(Settings.from_env().kafka_home, TEST_KAFKA_PORT)
+    was_running = broker.status().running
+    broker.up(echo=lambda line: print(line, file=sys.stderr))
+    yield broker.bootstrap
+    if not was_running:
+        broker.down()
+
+
+@pytest.fixture
+def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings isolated per test: own topic prefix, consumer group and data folder."""
+    tag = uuid.uuid4().hex[:10]
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "bootstrap_servers": kafka_bootstrap,
+            "topic_prefix": f"t{tag}.",
+            "app_id": f"loopline-{tag}",
+            "data_dir": tmp_path / "data",
+            "web_port": free_port(),
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "LOOPLINE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "LOOPLINE_TOPIC_PREFIX": settings.topic_prefix,
+            "LOOPLINE_APP_ID": settings.app_id,
+            "LOOPLINE_DATA_DIR": str(settings.data_dir),
+            "LOOPLINE_WEB_PORT": str(settings.web_port),
+            "LOOPLINE_PARTITIONS": str(settings.partitions),
+        }
+    )
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A ``loopline worker`` subprocess and its /metrics."""
+
+    settings: Settings
+    log_path: Path
+    proc: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker"],
+                env=settings_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            lambda: self.exited() or self.metrics_text() is not None,
+            90,
+            f"worker /metrics (log {self.log_path})",
+        )
+        assert not self.exited(), self.log_tail()
+        return self
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def metrics_text(self) -> str | None:
+        return fetch_metrics(f"http://127.0.0.1:{self.settings.web_port}/metrics")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sample_sum(parse_exposition(self.metrics_text() or ""), name, **labels)
+
+    def processed(self, topic: str, status: str = "ok") -> int:
+        return int(
+            self.metric("loopline_events_total", topic=self.settings.topic(topic), status=status)
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.exited():
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        if not worker.exited():
+            worker.stop(signal.SIGKILL)

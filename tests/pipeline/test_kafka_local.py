@@ -1,0 +1,77 @@
+"""`loopline kafka up|down|status` against a real broker of its own (not the shared one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.kafka_local import LocalBroker
+from pipeline.settings import Settings
+from tests.conftest import free_port
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "kafka", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+
+
+@pytest.mark.broker
+def test_up_twice_status_down_status() -> None:
+    port = free_port()
+    while port + 1 > 65534:
+        port = free_port()
+    home = Settings.from_env().kafka_home  # shares the jar cache; the instance is per port
+    broker = LocalBroker(home, port)
+    log = broker.log_path
+    try:
+        first = _cli("up", "--port", str(port))
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip() == (
+            f"kafka is up at 127.0.0.1:{port} (pid {broker.status().pid}); log: {log}"
+        )
+
+        second = _cli("up", "--port", str(port))
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.startswith(f"already up: kafka is up at 127.0.0.1:{port}")
+        assert "starting kafka" not in second.stderr
+
+        status = _cli("status", "--port", str(port))
+        assert status.returncode == 0
+        assert f"kafka is up at 127.0.0.1:{port}" in status.stdout
+        assert str(log) in status.stdout
+
+        down = _cli("down", "--port", str(port))
+        assert down.returncode == 0
+        assert down.stdout.strip() == f"kafka stopped (127.0.0.1:{port})"
+
+        after = _cli("status", "--port", str(port))
+        assert after.returncode == 3
+        assert after.stdout.strip() == (
+            f"kafka is down (would listen on 127.0.0.1:{port}); log: {log}"
+        )
+
+        again = _cli("down", "--port", str(port))
+        assert again.stdout.strip() == f"kafka was not running (127.0.0.1:{port})"
+    finally:
+        broker.down()
+
+
+@pytest.mark.broker
+def test_up_refuses_a_port_taken_by_another_process() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("up", "--port", str(port))
+    assert result.returncode == 1
+    assert f"port 127.0.0.1:{port} is in use by another process" in result.stderr

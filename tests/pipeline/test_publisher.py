@@ -1,0 +1,106 @@
+"""The publisher SDK against the real broker: validated, keyed, all-or-nothing batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.codec import Codec
+from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
+from pipeline.publisher import InvalidEvent, Publisher
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+
+pytestmark = pytest.mark.broker
+TS = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+async def _end_offsets(settings: Settings, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(settings.topic(topic), p) for p in range(settings.partitions)]
+        return sum((await consumer.end_offsets(parts)).values())
+    finally:
+        await consumer.stop()
+
+
+async def _read(
+    settings: Settings, topic: str, count: int
+) -> list[tuple[bytes, dict[str, object]]]:
+    consumer = AIOKafkaConsumer(
+        settings.topic(topic),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    codec, out = Codec.load(), []
+    try:
+        async with asyncio.timeout(30):
+            while len(out) < count:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    out.extend((m.key, codec.decode(m.value).record) for m in messages)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_invalid_event_in_a_batch_sends_nothing(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    await ensure_topics(settings)
+    good = {"event_id": "e1", "case_id": "c1", "loop": "refunds", "ts": TS, "source": "api"}
+    bad = {**good, "event_id": "e2", "tokens": "many"}
+    async with Publisher(settings) as publisher:
+        with pytest.raises(InvalidEvent) as info:
+            await publisher.publish_many("inputs", [good, good, bad])
+        assert info.value.field == "tokens"
+        assert info.value.index == 2
+        assert "invalid inputs event (event #2 of the batch)" in str(info.value)
+        assert publisher.sent == 0
+    assert await _end_offsets(settings, "inputs") == 0
+
+
+async def test_typed_events_are_keyed_by_case_id_and_flushed_on_close(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    await ensure_topics(settings)
+    async with Publisher(settings) as publisher:
+        await publisher.publish_input(
+            InputEvent("e1", "case-1", "refunds", TS, "api", category="late", tokens=12)
+        )
+        await publisher.publish_resolution(
+            ResolutionEvent(
+                "e2",
+                "case-1",
+                "refunds",
+                TS,
+                Resolver.SYSTEM,
+                Outcome.RESOLVED,
+                "r1",
+                model_cost_usd=0.02,
+            )
+        )
+    ((key_in, rec_in),) = await _read(settings, "inputs", 1)
+    ((key_res, rec_res),) = await _read(settings, "resolutions", 1)
+    assert key_in == key_res == b"case-1"
+    assert rec_in["category"] == "late" and rec_in["tokens"] == 12 and rec_in["ts"] == TS
+    assert rec_res["resolver"] == "SYSTEM" and rec_res["model_cost_usd"] == 0.02
+
+
+async def test_unknown_topic_and_unstarted_publisher_are_clear_errors(
+    make_settings: Callable[..., Settings],
+) -> None:
+    publisher = Publisher(make_settings())
+    with pytest.raises(ValueError, match="unknown topic 'outputs'"):
+        publisher.encode("outputs", {})
+    with pytest.raises(RuntimeError, match="not started"):
+        await publisher.publish(
+            "inputs", {"event_id": "e", "case_id": "c", "loop": "l", "ts": TS, "source": "s"}
+        )

@@ -1,0 +1,45 @@
+"""Settings come from LOOPLINE_* variables, with clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings, SettingsError
+
+
+def test_defaults_and_environment_values() -> None:
+    assert Settings.from_env({}) == Settings()
+    settings = Settings.from_env(
+        {
+            "LOOPLINE_BOOTSTRAP_SERVERS": "k1:9092,k2:9092",
+            "LOOPLINE_PARTITIONS": "8",
+            "LOOPLINE_TOPIC_PREFIX": "prod.",
+            "LOOPLINE_DATA_DIR": "/var/lib/loopline",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.bootstrap_servers == "k1:9092,k2:9092"
+    assert settings.partitions == 8
+    assert settings.topic("inputs") == "prod.inputs"
+    assert settings.data_dir == Path("/var/lib/loopline")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("LOOPLINE_PARTITIONS", "four", "LOOPLINE_PARTITIONS='four'"),
+        ("LOOPLINE_PARTITIONS", "0", "must be a positive integer"),
+        ("LOOPLINE_WEB_PORT", "70000", "must be a TCP port"),
+        ("LOOPLINE_TOPIC_PREFIX", "a/b", "may hold only letters"),
+    ],
+)
+def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({var: value})
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().partitions = 2  # type: ignore[misc]
