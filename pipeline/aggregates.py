@@ -1,0 +1,116 @@
+"""Mergeable per-bucket aggregates of one loop, and the five numbers computed from them.
+
+An Aggregate holds only sums, counts and a sketch, so merging the aggregates of any set of
+buckets (or of the same bucket seen by many partitions) gives exactly the aggregate of all their
+events: windows are merges of buckets, global numbers are merges of partials.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Set
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.sketch import LatencySketch
+
+RESOLVERS = ("SYSTEM", "HUMAN", "HYBRID")
+SUITES = ("CURRENT", "HISTORICAL")
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+
+
+@dataclass
+class Aggregate:
+    resolutions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (resolver, outcome)
+    verdicts: Counter[tuple[str, bool]] = field(default_factory=Counter)  # (suite, passed)
+    cost_usd: float = 0.0  # model + other cost of the resolutions
+    human_minutes: float = 0.0
+    latency: LatencySketch = field(default_factory=LatencySketch)
+    inputs: Counter[str] = field(default_factory=Counter)  # by category; "" = no category
+
+    def merge(self, other: Aggregate) -> None:
+        self.resolutions.update(other.resolutions)
+        self.verdicts.update(other.verdicts)
+        self.cost_usd += other.cost_usd
+        self.human_minutes += other.human_minutes
+        self.latency.merge(other.latency)
+        self.inputs.update(other.inputs)
+
+    @classmethod
+    def merged(cls, parts: Iterable[Aggregate]) -> Aggregate:
+        total = cls()
+        for part in parts:
+            total.merge(part)
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolutions": [[r, o, n] for (r, o), n in self.resolutions.items()],
+            "verdicts": [[s, p, n] for (s, p), n in self.verdicts.items()],
+            "cost_usd": self.cost_usd,
+            "human_minutes": self.human_minutes,
+            "latency": self.latency.to_json(),
+            "inputs": dict(self.inputs),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Aggregate:
+        return cls(
+            Counter({(r, o): n for r, o, n in data["resolutions"]}),
+            Counter({(s, bool(p)): n for s, p, n in data["verdicts"]}),
+            float(data["cost_usd"]),
+            float(data["human_minutes"]),
+            LatencySketch.from_json(data["latency"]),
+            Counter(data["inputs"]),
+        )
+
+    # -- the five numbers -------------------------------------------------------------------
+
+    @property
+    def resolved(self) -> int:
+        return sum(self.resolutions.values())
+
+    def _by_resolver(self, resolver: str) -> int:
+        return sum(n for (r, _), n in self.resolutions.items() if r == resolver)
+
+    def numbers(self, hourly_rate: float, covered: Set[str]) -> dict[str, Any]:
+        """The window numbers of DESIGN.md's snapshot; a ratio with no denominator is None."""
+        resolved = self.resolved
+        categorised = sum(n for c, n in self.inputs.items() if c)
+        uncovered = sum(n for c, n in self.inputs.items() if c and c not in covered)
+        return {
+            "resolved": resolved,
+            "coverage": _ratio(self._by_resolver("SYSTEM"), resolved),
+            "assisted": _ratio(self._by_resolver("HYBRID"), resolved),
+            "quality": {
+                "current": self._pass_rate(("CURRENT",)),
+                "historical": self._pass_rate(("HISTORICAL",)),
+                "all": self._pass_rate(SUITES),
+            },
+            "latency_seconds": {k: self.latency.quantile(q) for k, q in QUANTILES.items()},
+            "cost_per_resolution_usd": _ratio(
+                self.cost_usd + self.human_minutes / 60.0 * hourly_rate, resolved
+            ),
+            "toil_hours": self.human_minutes / 60.0,
+            "uncovered_ratio": _ratio(uncovered, categorised),
+        }
+
+    def _pass_rate(self, suites: tuple[str, ...]) -> float | None:
+        passed = sum(n for (s, p), n in self.verdicts.items() if s in suites and p)
+        total = sum(n for (s, _), n in self.verdicts.items() if s in suites)
+        return _ratio(passed, total)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def delta(now: Any, before: Any) -> Any:
+    """Week-over-week change of a numbers dict: now - before, None where either is None."""
+    if isinstance(now, dict):
+        return {
+            k: delta(v, before.get(k) if isinstance(before, dict) else None) for k, v in now.items()
+        }
+    if now is None or before is None:
+        return None
+    return now - before
