@@ -206,9 +206,10 @@ class Processor:
             rate = self.config.hourly_rates.get(loop, 0.0)
             covered = self.covered(loop)
             windows: dict[str, Any] = {}
+            week_ago = series.align(as_of - WEEK)
             for name, length in WINDOWS.items():
                 now = series.window(as_of, length).numbers(rate, covered)
-                before = series.window(as_of - WEEK, length).numbers(rate, covered)
+                before = series.window(week_ago, length).numbers(rate, covered)
                 windows[name] = {**now, "wow_delta": delta(now, before)}
             loops[loop] = {"windows": windows}
         return {"as_of": _iso(as_of), "loops": loops}

@@ -3,18 +3,19 @@
 Bucket k of size s covers event times (k*s, (k+1)*s] in milliseconds, so "window W as of T" is
 exactly the buckets inside (T - W, T] when T and W are multiples of s. Fine buckets (default
 10 s) are kept for 2 h, then rolled up (exactly: aggregates merge) into 1 min buckets kept for
-26 h, then into 10 min buckets kept for 15 days, so memory stays bounded while 5m/1h windows
+26 h, then into 5 min buckets kept for 15 days, so memory stays bounded while 5m/1h windows
 are exact at 10 s and the 24h and 7d windows (and their week-over-week deltas) remain
 available. A window takes every bucket, of any tier, that lies wholly inside it, so where the
 old edge of a 24h or 7d window falls into a coarse tier that window starts up to one coarse
-bucket (1 min or 10 min) later.
+bucket (1 min or 5 min) later. The week-ago windows behind the week-over-week deltas end at
+the first bucket boundary of the tier that holds that time at or after as_of - 7 d.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 
 from pipeline.aggregates import Aggregate
 
@@ -35,7 +36,7 @@ class Tier:
 def default_tiers(bucket_ms: int) -> tuple[Tier, ...]:
     if MINUTE % bucket_ms:
         raise ValueError(f"bucket size {bucket_ms} ms must divide one minute")
-    return (Tier(bucket_ms, 2 * HOUR), Tier(MINUTE, 26 * HOUR), Tier(10 * MINUTE, 15 * DAY))
+    return (Tier(bucket_ms, 2 * HOUR), Tier(MINUTE, 26 * HOUR), Tier(5 * MINUTE, 15 * DAY))
 
 
 def align_up(ts_ms: int, size_ms: int) -> int:
@@ -80,6 +81,13 @@ class BucketSeries:
                 if nxt is not None:
                     coarse = ((key + 1) * tier.size_ms - 1) // nxt.size_ms
                     self.buckets[i + 1].setdefault(coarse, Aggregate()).merge(aggregate)
+
+    def align(self, ts_ms: int) -> int:
+        """ts rounded up to the bucket grid of the tier that holds it."""
+        for tier, floor in zip(self.tiers, self.floor, strict=True):
+            if ts_ms > floor:
+                return align_up(ts_ms, tier.size_ms)
+        return align_up(ts_ms, self.tiers[-1].size_ms)
 
     def window(self, as_of_ms: int, length_ms: int) -> Aggregate:
         """Merge every bucket lying wholly inside (as_of - length, as_of]."""

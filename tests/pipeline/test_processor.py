@@ -1,0 +1,194 @@
+"""The five numbers on a hand-checked scenario: every expected value is worked out below."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pipeline.processor import CoreConfig, Processor
+
+T0 = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)
+S = 1000
+
+
+def _input(
+    event_id: str, case_id: str, at: int, category: str | None
+) -> tuple[str, dict[str, Any]]:
+    return "inputs", {
+        "event_id": event_id,
+        "case_id": case_id,
+        "loop": "refunds",
+        "ts": T0 + at * S,
+        "source": "api",
+        "category": category,
+    }
+
+
+def _resolution(
+    event_id: str,
+    case_id: str,
+    at: int,
+    resolver: str,
+    outcome: str,
+    cost: float = 0.0,
+    other: float = 0.0,
+    human: float = 0.0,
+    passed: bool | None = None,
+) -> tuple[str, dict[str, Any]]:
+    return "resolutions", {
+        "event_id": event_id,
+        "case_id": case_id,
+        "loop": "refunds",
+        "ts": T0 + at * S,
+        "resolver": resolver,
+        "outcome": outcome,
+        "release": "r1",
+        "model_cost_usd": cost,
+        "other_cost_usd": other,
+        "human_minutes": human,
+        "eval_passed": passed,
+    }
+
+
+def _verdict(event_id: str, at: int, suite: str, passed: bool) -> tuple[str, dict[str, Any]]:
+    return "eval-results", {
+        "event_id": event_id,
+        "eval_case_id": f"ec-{event_id}",
+        "loop": "refunds",
+        "ts": T0 + at * S,
+        "release": "r1",
+        "suite": suite,
+        "passed": passed,
+        "evaluator": "judge",
+    }
+
+
+EVENTS = [
+    _input("i1", "c1", 1, "late"),
+    _resolution("r1", "c1", 11, "SYSTEM", "RESOLVED", cost=0.02, other=0.01, passed=True),
+    _input("i2", "c2", 2, "damaged"),
+    _resolution("r2", "c2", 62, "HUMAN", "RESOLVED", human=30.0),
+    # c3 is resolved before its input arrives: latency joins when the input comes.
+    _resolution("r3", "c3", 20, "HYBRID", "ESCALATED", cost=0.05, human=6.0, passed=False),
+    _input("i3", "c3", 5, "late"),
+    _resolution("r1", "c1", 11, "SYSTEM", "RESOLVED", cost=0.02, other=0.01, passed=True),
+    _input("i1", "c1", 1, "late"),  # two redelivered copies: counted once
+    _verdict("v1", 30, "CURRENT", True),
+    _verdict("v2", 40, "HISTORICAL", False),
+    _verdict("v3", 50, "HISTORICAL", True),
+    _input("i4", "c4", 70, None),  # never resolved
+    _resolution("r5", "c5", 80, "SYSTEM", "FAILED", cost=0.03),  # input never arrives
+    (
+        "eval-cases",
+        {
+            "eval_case_id": "ec-late",
+            "loop": "refunds",
+            "ts": T0,
+            "suite": "CURRENT",
+            "origin": "IMPORTED",
+            "category": "late",
+        },
+    ),
+]
+
+
+@pytest.fixture
+def processor() -> Processor:
+    proc = Processor(CoreConfig(hourly_rates={"refunds": 60.0}))
+    statuses = [proc.process(topic, record) for topic, record in EVENTS]
+    assert statuses.count("duplicate") == 2
+    assert statuses.count("ok") == len(EVENTS) - 2
+    return proc
+
+
+def test_hand_checked_numbers(processor: Processor) -> None:
+    snapshot = processor.snapshot(T0 + 90 * S)
+    assert snapshot["as_of"] == "2026-11-25T12:01:30Z"
+    window = snapshot["loops"]["refunds"]["windows"]["5m"]
+    # Resolved cases: c1, c2, c3, c5 -> 4. SYSTEM: c1, c5 -> 2/4; HYBRID: c3 -> 1/4.
+    assert window["resolved"] == 4
+    assert window["coverage"] == 0.5
+    assert window["assisted"] == 0.25
+    # CURRENT verdicts: c1 online pass, c3 online fail, v1 pass -> 2/3. HISTORICAL: v2 fail,
+    # v3 pass -> 1/2. All: 3 of 5.
+    assert window["quality"] == {"current": 2 / 3, "historical": 0.5, "all": 0.6}
+    # Latencies: c1 11-1 = 10 s, c2 62-2 = 60 s, c3 20-5 = 15 s; c5 has no input.
+    # DDSketch takes the value at rank floor(q*(n-1)) of [10, 15, 60]: p50 -> rank 1 -> 15 s;
+    # p90 -> 1.8 -> 15 s; p99 -> 1.98 -> 15 s (numpy's "lower" method), within 1 %.
+    latency = window["latency_seconds"]
+    assert latency["p50"] == pytest.approx(15.0, rel=0.01)
+    assert latency["p90"] == pytest.approx(15.0, rel=0.01)
+    assert latency["p99"] == pytest.approx(15.0, rel=0.01)
+    processor.process(*_resolution("r7", "c2", 63, "HUMAN", "RESOLVED"))  # c2 again: 61 s
+    # Now [10, 15, 60, 61]: p50 -> rank 1.5 -> 15 s; p90 -> 2.7 -> 60 s; p99 -> 2.97 -> 60 s.
+    latency = processor.snapshot(T0 + 90 * S)["loops"]["refunds"]["windows"]["5m"][
+        "latency_seconds"
+    ]
+    assert latency["p50"] == pytest.approx(15.0, rel=0.01)
+    assert latency["p90"] == pytest.approx(60.0, rel=0.01)
+    assert latency["p99"] == pytest.approx(60.0, rel=0.01)
+    # Cost: model+other 0.03 + 0 + 0.05 + 0.03 = 0.11 USD; human 30 + 6 = 36 min at 60 USD/h
+    # = 36 USD; (36.11) / 4 resolved = 9.0275 USD. Toil: 36 min = 0.6 h.
+    assert window["cost_per_resolution_usd"] == pytest.approx(9.0275, abs=1e-12)
+    assert window["toil_hours"] == pytest.approx(0.6, abs=1e-12)
+    # Categorised inputs: late (c1), damaged (c2), late (c3); the eval set covers "late":
+    # 1 uncovered of 3.
+    assert window["uncovered_ratio"] == pytest.approx(1 / 3)
+    # Nothing a week earlier: counts move by their full value, ratios have no delta.
+    assert window["wow_delta"]["resolved"] == 4
+    assert window["wow_delta"]["coverage"] is None
+    assert window["wow_delta"]["toil_hours"] == pytest.approx(0.6)
+
+
+def test_window_edges_follow_buckets(processor: Processor) -> None:
+    # As of T0+60 s the 5m window is (T0-240 s, T0+60 s]: r2 (62 s) and r5 (80 s) are out.
+    window = processor.snapshot(T0 + 60 * S)["loops"]["refunds"]["windows"]["5m"]
+    assert window["resolved"] == 2  # c1 and c3
+    assert window["coverage"] == 0.5
+    assert window["latency_seconds"]["p50"] == pytest.approx(10.0, rel=0.01)  # rank 0.5 -> 10 s
+    # A resolution at exactly T0+60 s belongs to the bucket (50 s, 60 s]:
+    processor.process(*_resolution("r6", "c6", 60, "SYSTEM", "RESOLVED"))
+    assert processor.snapshot(T0 + 60 * S)["loops"]["refunds"]["windows"]["5m"]["resolved"] == 3
+
+
+def test_ratios_without_denominator_are_null() -> None:
+    proc = Processor()
+    proc.process(*_input("i1", "c1", 1, None))
+    window = proc.snapshot(T0 + 10 * S)["loops"]["refunds"]["windows"]["1h"]
+    assert window["resolved"] == 0
+    assert window["coverage"] is None and window["cost_per_resolution_usd"] is None
+    assert window["quality"] == {"current": None, "historical": None, "all": None}
+    assert window["latency_seconds"] == {"p50": None, "p90": None, "p99": None}
+    assert window["uncovered_ratio"] is None
+    assert window["toil_hours"] == 0.0
+
+
+def test_unresolved_past_sla(processor: Processor) -> None:
+    assert processor.unresolved() == {"refunds": 0}  # c4 is 10 s old, SLA is 1 h
+    assert processor.unresolved(T0 + 70 * S + 3600 * S + 1) == {"refunds": 1}
+
+
+def test_human_time_is_free_until_a_rate_is_set() -> None:
+    proc = Processor()
+    for topic, record in EVENTS:
+        proc.process(topic, record)
+    window = proc.snapshot(T0 + 90 * S)["loops"]["refunds"]["windows"]["5m"]
+    assert window["cost_per_resolution_usd"] == pytest.approx(0.11 / 4, abs=1e-12)
+
+
+def test_week_over_week_delta_compares_the_same_window_a_week_earlier() -> None:
+    week = 7 * 24 * 3600 * S
+    proc = Processor()
+    proc.process(*_resolution("a", "c1", 5, "HUMAN", "RESOLVED", human=60.0))
+    proc.process(*_resolution("b", "c2", 6, "SYSTEM", "RESOLVED"))
+    later = [_resolution(f"n{i}", f"d{i}", 5, "SYSTEM", "RESOLVED") for i in range(3)]
+    for topic, record in later:
+        proc.process(topic, {**record, "ts": record["ts"] + week})
+    window = proc.snapshot(T0 + week + 10 * S)["loops"]["refunds"]["windows"]["1h"]
+    # Now: 3 SYSTEM of 3 -> 1.0, no toil; a week ago: 1 of 2 -> 0.5, 1 h of toil.
+    assert window["coverage"] == 1.0
+    assert window["wow_delta"]["coverage"] == 0.5
+    assert window["wow_delta"]["toil_hours"] == -1.0
+    assert window["wow_delta"]["resolved"] == 1

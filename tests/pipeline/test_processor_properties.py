@@ -1,0 +1,281 @@
+"""Property tests: replay equals a straightforward batch recomputation with numpy."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ddsketch import DDSketch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.aggregates import Aggregate
+from pipeline.processor import CoreConfig, Processor
+from pipeline.replay import replay
+from pipeline.sketch import RELATIVE_ACCURACY, LatencySketch
+from pipeline.windows import MINUTE, BucketSeries, default_tiers
+
+T0 = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)
+AS_OF = T0 + 30 * MINUTE
+LOOPS = ("alpha", "beta")
+RATES = {"alpha": 40.0}
+
+case_st = st.fixed_dictionaries(
+    {
+        "loop": st.sampled_from(LOOPS),
+        "input_at": st.integers(1, 20 * 60_000),
+        "category": st.sampled_from([None, "a", "b", "c"]),
+        "has_input": st.booleans(),
+        "resolutions": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "after": st.integers(1, 10 * 60_000),
+                    "resolver": st.sampled_from(["SYSTEM", "HUMAN", "HYBRID"]),
+                    "outcome": st.sampled_from(["RESOLVED", "ESCALATED", "FAILED", "ABANDONED"]),
+                    "cost": st.floats(0, 2, allow_nan=False).map(lambda x: round(x, 4)),
+                    "human": st.sampled_from([0.0, 1.5, 12.0]),
+                    "passed": st.sampled_from([None, True, False]),
+                }
+            ),
+            max_size=2,
+        ),
+        "verdicts": st.lists(
+            st.tuples(
+                st.sampled_from(["CURRENT", "HISTORICAL"]),
+                st.booleans(),
+                st.integers(1, 29 * 60_000),
+            ),
+            max_size=2,
+        ),
+    }
+)
+
+
+def _events(cases: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    for n, case in enumerate(cases):
+        cid, loop = f"c{n}", case["loop"]
+        if case["has_input"]:
+            events.append(
+                (
+                    "inputs",
+                    {
+                        "event_id": f"i{n}",
+                        "case_id": cid,
+                        "loop": loop,
+                        "ts": T0 + case["input_at"],
+                        "source": "s",
+                        "category": case["category"],
+                    },
+                )
+            )
+        for k, res in enumerate(case["resolutions"]):
+            events.append(
+                (
+                    "resolutions",
+                    {
+                        "event_id": f"r{n}.{k}",
+                        "case_id": cid,
+                        "loop": loop,
+                        "ts": T0 + case["input_at"] + res["after"],
+                        "resolver": res["resolver"],
+                        "outcome": res["outcome"],
+                        "release": "r",
+                        "model_cost_usd": res["cost"],
+                        "other_cost_usd": 0.0,
+                        "human_minutes": res["human"],
+                        "eval_passed": res["passed"],
+                    },
+                )
+            )
+        for k, (suite, passed, at) in enumerate(case["verdicts"]):
+            events.append(
+                (
+                    "eval-results",
+                    {
+                        "event_id": f"v{n}.{k}",
+                        "eval_case_id": f"e{n}.{k}",
+                        "loop": loop,
+                        "ts": T0 + at,
+                        "release": "r",
+                        "suite": suite,
+                        "passed": passed,
+                        "evaluator": "j",
+                    },
+                )
+            )
+    return events
+
+
+def _reference(
+    events: list[tuple[str, dict[str, Any]]], loop: str, start: int, end: int
+) -> dict[str, Any]:
+    """Batch recomputation of one window (start, end] from deduplicated events."""
+    unique = {r["event_id"]: (t, r) for t, r in events}.values()
+    inputs = {r["case_id"]: r["ts"] for t, r in unique if t == "inputs"}
+    inside = [(t, r) for t, r in unique if r["loop"] == loop and start < r["ts"] <= end]
+    res = [r for t, r in inside if t == "resolutions"]
+    verdicts = [(r["suite"], r["passed"]) for t, r in inside if t == "eval-results"]
+    verdicts += [("CURRENT", r["eval_passed"]) for r in res if r["eval_passed"] is not None]
+    cats = np.array([r["category"] or "" for t, r in inside if t == "inputs"], dtype=object)
+    resolvers = np.array([r["resolver"] for r in res], dtype=object)
+    human = np.array([r["human_minutes"] for r in res], dtype=float)
+    cost = np.array([r["model_cost_usd"] + r["other_cost_usd"] for r in res], dtype=float)
+    lat = np.array(
+        [(r["ts"] - inputs[r["case_id"]]) / 1000 for r in res if r["case_id"] in inputs],
+        dtype=float,
+    )
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    def rate(suites: set[str]) -> float | None:
+        chosen = [p for s, p in verdicts if s in suites]
+        return ratio(sum(chosen), len(chosen))
+
+    n = len(res)
+    return {
+        "resolved": n,
+        "coverage": ratio(float(np.sum(resolvers == "SYSTEM")), n),
+        "assisted": ratio(float(np.sum(resolvers == "HYBRID")), n),
+        "quality": {
+            "current": rate({"CURRENT"}),
+            "historical": rate({"HISTORICAL"}),
+            "all": rate({"CURRENT", "HISTORICAL"}),
+        },
+        "latency": {
+            k: (float(np.quantile(lat, q, method="lower")) if lat.size else None)
+            for k, q in {"p50": 0.5, "p90": 0.9, "p99": 0.99}.items()
+        },
+        "cost": ratio(cost.sum() + human.sum() / 60 * RATES.get(loop, 0.0), n),
+        "toil": human.sum() / 60,
+        "uncovered": ratio(float(np.sum(cats != "")), float(np.sum(cats != ""))),
+    }
+
+
+def _check(window: dict[str, Any], ref: dict[str, Any]) -> None:
+    assert window["resolved"] == ref["resolved"]
+    assert window["coverage"] == ref["coverage"]
+    assert window["assisted"] == ref["assisted"]
+    assert window["quality"] == ref["quality"]
+    assert window["uncovered_ratio"] == ref["uncovered"]  # no eval cases: all uncovered
+    assert window["toil_hours"] == pytest.approx(ref["toil"], rel=1e-9, abs=1e-12)
+    if ref["cost"] is None:
+        assert window["cost_per_resolution_usd"] is None
+    else:
+        assert window["cost_per_resolution_usd"] == pytest.approx(ref["cost"], rel=1e-9, abs=1e-12)
+    for key, expected in ref["latency"].items():
+        got = window["latency_seconds"][key]
+        if expected is None:
+            assert got is None
+        else:
+            assert abs(got - expected) <= RELATIVE_ACCURACY * expected + 1e-9
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cases=st.lists(case_st, max_size=40),
+    order_seed=st.integers(0, 2**32 - 1),
+    duplicates=st.integers(0, 10),
+)
+def test_replay_equals_batch_recomputation(
+    cases: list[dict[str, Any]], order_seed: int, duplicates: int
+) -> None:
+    events = _events(cases)
+    shuffler = random.Random(order_seed)
+    stream = events + [shuffler.choice(events) for _ in range(duplicates if events else 0)]
+    shuffler.shuffle(stream)  # out of order either way, copies anywhere
+    processor = Processor(CoreConfig(hourly_rates=RATES))
+    for topic, record in stream:
+        processor.process(topic, record)
+    snapshot = processor.snapshot(AS_OF)
+    for loop in LOOPS:
+        if loop not in snapshot["loops"]:
+            assert not any(r["loop"] == loop for _, r in events)
+            continue
+        windows = snapshot["loops"][loop]["windows"]
+        _check(windows["5m"], _reference(events, loop, AS_OF - 5 * MINUTE, AS_OF))
+        _check(windows["1h"], _reference(events, loop, AS_OF - 60 * MINUTE, AS_OF))
+
+
+@given(
+    st.lists(st.floats(0, 1e5, allow_nan=False), min_size=1, max_size=300),
+    st.sampled_from([0.0, 0.25, 0.5, 0.9, 0.99, 1.0]),
+)
+def test_sketch_matches_ddsketch_and_its_bound(values: list[float], q: float) -> None:
+    ours, theirs = LatencySketch(), DDSketch(RELATIVE_ACCURACY)
+    for value in values:
+        ours.add(value)
+        theirs.add(value)
+    got = ours.quantile(q)
+    assert got == pytest.approx(theirs.get_quantile_value(q), rel=1e-12, abs=1e-12)
+    exact = float(np.quantile(np.array(values), q, method="lower"))
+    assert got is not None and abs(got - exact) <= RELATIVE_ACCURACY * exact + 1e-9
+
+
+@given(st.lists(st.integers(0, 20 * 24 * 3600), min_size=1, max_size=200))
+def test_rollup_into_coarser_tiers_loses_no_event(offsets_s: list[int]) -> None:
+    series = BucketSeries(default_tiers(10_000))
+    for offset in sorted(offsets_s):
+        ts = T0 + offset * 1000
+        bucket = series.bucket(ts)
+        if bucket is not None:
+            bucket.resolutions[("SYSTEM", "RESOLVED")] += 1
+        series.advance(ts)
+    kept = sum(a.resolved for tier in series.buckets for a in tier.values())
+    horizon = T0 + max(offsets_s) * 1000 - 15 * 24 * 3600 * 1000
+    # Everything newer than the coarsest retention (plus one coarse bucket of slack) is kept.
+    assert kept >= sum(1 for o in offsets_s if T0 + o * 1000 > horizon + 5 * MINUTE)
+    assert kept <= len(offsets_s)
+
+
+def test_aggregate_json_round_trip() -> None:
+    agg = Aggregate()
+    agg.resolutions[("HYBRID", "FAILED")] += 2
+    agg.verdicts[("HISTORICAL", False)] += 1
+    agg.cost_usd, agg.human_minutes = 1.25, 3.0
+    agg.latency.add(4.2)
+    agg.inputs["x"] += 5
+    assert Aggregate.from_json(json.loads(json.dumps(agg.to_json()))) == agg
+
+
+def test_replay_cli_prints_the_processor_snapshot(tmp_path: Path) -> None:
+    events = _events(
+        [
+            {
+                "loop": "alpha",
+                "input_at": 1000,
+                "category": "a",
+                "has_input": True,
+                "resolutions": [
+                    {
+                        "after": 4000,
+                        "resolver": "SYSTEM",
+                        "outcome": "RESOLVED",
+                        "cost": 0.5,
+                        "human": 0.0,
+                        "passed": True,
+                    }
+                ],
+                "verdicts": [],
+            }
+        ]
+    )
+    path = tmp_path / "events.jsonl"
+    lines = [json.dumps({"topic": t, "record": r}) for t, r in events]
+    lines.insert(1, "{not json")
+    lines.append(json.dumps({"topic": "outputs", "record": {}}))
+    lines.append(json.dumps({"topic": "inputs", "record": {**events[0][1], "ts": "soon"}}))
+    path.write_text("\n".join(lines) + "\n")
+    processor = Processor()
+    report = replay([path], processor)
+    assert report.statuses == {"ok": 2}
+    assert [m.split(": ")[0] for m in report.rejected] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    assert "unknown topic 'outputs'" in report.rejected[1]
+    window = processor.snapshot()["loops"]["alpha"]["windows"]["5m"]
+    assert window["resolved"] == 1 and window["coverage"] == 1.0
