@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.processor import CoreConfig, Processor
 
+Event = tuple[str, dict[str, Any]]
 T0 = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)
 S = 1000
 
