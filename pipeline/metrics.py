@@ -2,12 +2,90 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "PipelineMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "PipelineMetrics", "SnapshotCollector"]
+
+#: Histogram buckets for case latency: from sub-second AI answers to a day of human work.
+LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 86400)
+
+
+class SnapshotCollector(Collector):
+    """Gauges of the five numbers, read from the latest snapshot at scrape time.
+
+    A ratio with no denominator is null in the snapshot and absent here, never 0.
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] = {"loops": {}}
+        self.unresolved: dict[str, int] = {}
+
+    def update(self, snapshot: dict[str, Any], unresolved: dict[str, int]) -> None:
+        self.snapshot, self.unresolved = snapshot, unresolved
+
+    def collect(self) -> Iterator[Metric]:
+        lw = ["loop", "window"]
+        coverage = GaugeMetricFamily(
+            "loopline_coverage_ratio", "Resolved by the system alone / all resolved.", labels=lw
+        )
+        assisted = GaugeMetricFamily(
+            "loopline_assisted_ratio", "Resolved by HYBRID (assisted) / all resolved.", labels=lw
+        )
+        passes = GaugeMetricFamily(
+            "loopline_eval_pass_rate",
+            "Eval verdicts passed / all.",
+            labels=["loop", "suite", "window"],
+        )
+        latency = GaugeMetricFamily(
+            "loopline_latency_quantile_seconds",
+            "Resolution latency quantiles (DDSketch, 1 % relative error).",
+            labels=["loop", "window", "quantile"],
+        )
+        cost = GaugeMetricFamily(
+            "loopline_cost_per_resolution_usd",
+            "Model, other and priced human cost / resolved cases.",
+            labels=lw,
+        )
+        toil = GaugeMetricFamily("loopline_toil_hours", "Human hours in the window.", labels=lw)
+        uncovered = GaugeMetricFamily(
+            "loopline_uncovered_input_ratio",
+            "Inputs whose category no eval case has / categorised inputs.",
+            labels=lw,
+        )
+        for loop, data in self.snapshot["loops"].items():
+            for window, numbers in data["windows"].items():
+                _add(coverage, [loop, window], numbers["coverage"])
+                _add(assisted, [loop, window], numbers["assisted"])
+                for suite, value in numbers["quality"].items():
+                    _add(passes, [loop, suite, window], value)
+                for name, value in numbers["latency_seconds"].items():
+                    _add(latency, [loop, window, QUANTILE_LABELS[name]], value)
+                _add(cost, [loop, window], numbers["cost_per_resolution_usd"])
+                _add(toil, [loop, window], numbers["toil_hours"])
+                _add(uncovered, [loop, window], numbers["uncovered_ratio"])
+        unresolved = GaugeMetricFamily(
+            "loopline_unresolved_cases",
+            "Cases with an input and no resolution past the loop's SLA.",
+            labels=["loop"],
+        )
+        for loop, count in self.unresolved.items():
+            unresolved.add_metric([loop], count)
+        yield from (coverage, assisted, passes, latency, cost, toil, uncovered, unresolved)
+
+
+QUANTILE_LABELS = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
+
+
+def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
+    if value is not None:
+        family.add_metric(labels, value)
 
 
 @dataclass(frozen=True)
@@ -15,10 +93,16 @@ class PipelineMetrics:
     registry: CollectorRegistry
     events: Counter
     dead_letters: Counter
+    resolutions: Counter
+    eval_verdicts: Counter
+    latency: Histogram
+    numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> PipelineMetrics:
         reg = registry if registry is not None else CollectorRegistry()
+        numbers = SnapshotCollector()
+        reg.register(numbers)
         return cls(
             registry=reg,
             events=Counter(
@@ -33,6 +117,26 @@ class PipelineMetrics:
                 ["topic", "reason"],
                 registry=reg,
             ),
+            resolutions=Counter(
+                "loopline_resolutions",
+                "Resolution events counted (deduplicated), by resolver and outcome.",
+                ["loop", "resolver", "outcome"],
+                registry=reg,
+            ),
+            eval_verdicts=Counter(
+                "loopline_eval_verdicts",
+                "Eval verdicts counted (eval results and online verdicts), by suite.",
+                ["loop", "suite", "passed"],
+                registry=reg,
+            ),
+            latency=Histogram(
+                "loopline_resolution_latency_seconds",
+                "Seconds from a case's first input to its resolution.",
+                ["loop"],
+                buckets=LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            numbers=numbers,
         )
 
     def exposition(self) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ class CoreConfig:
     default_sla_ms: int = HOUR
     sla_ms: Mapping[str, int] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)
+    max_loops: int = 50  # loops beyond this many fold into "other" (bounded label values)
 
     def sla(self, loop: str) -> int:
         return self.sla_ms.get(loop, self.default_sla_ms)
@@ -58,8 +59,13 @@ class _Case:
 class Processor:
     """Feed records with ``process``; read numbers with ``snapshot``."""
 
-    def __init__(self, config: CoreConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: CoreConfig | None = None,
+        on_latency: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.config = config or CoreConfig()
+        self._on_latency = on_latency
         self.tiers = default_tiers(self.config.bucket_ms)
         self.watermark_ms = 0
         self._next_sweep_ms = 0
@@ -86,7 +92,7 @@ class Processor:
         event_id = str(record["event_id"])
         if event_id in self._seen:
             return "duplicate"
-        loop = str(record["loop"])
+        loop = self.loop_label(str(record["loop"]))
         series = self.series.get(loop)
         if series is None:
             series = self.series[loop] = BucketSeries(self.tiers)
@@ -116,6 +122,12 @@ class Processor:
                 self.advance(ts)
         return "ok"
 
+    def loop_label(self, loop: str) -> str:
+        """The loop's own name, or "other" once max_loops distinct loops have been seen."""
+        if loop in self.series or len(self.series) < self.config.max_loops:
+            return loop
+        return "other"
+
     def _input(self, loop: str, case_id: str, ts: int) -> None:
         case = self._cases.get(case_id)
         if case is None:
@@ -143,7 +155,10 @@ class Processor:
         bucket = self.series[loop].bucket(resolved_ms)
         if bucket is not None:
             # A resolution stamped before its input (clock skew) counts as zero latency.
-            bucket.latency.add(max(latency_ms, 0) / 1000.0)
+            seconds = max(latency_ms, 0) / 1000.0
+            bucket.latency.add(seconds)
+            if self._on_latency is not None:
+                self._on_latency(loop, seconds)
 
     def _eval_case(self, record: Mapping[str, Any]) -> None:
         eval_case_id = str(record["eval_case_id"])
@@ -151,9 +166,10 @@ class Processor:
         if old is not None and old[1]:
             self._covered[(old[0], old[1])] -= 1
         category = record.get("category")
-        self._eval_cases[eval_case_id] = (str(record["loop"]), category)
+        loop = self.loop_label(str(record["loop"]))
+        self._eval_cases[eval_case_id] = (loop, category)
         if category:
-            self._covered[(str(record["loop"]), category)] += 1
+            self._covered[(loop, category)] += 1
 
     # -- time -------------------------------------------------------------------------------
 

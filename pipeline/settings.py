@@ -6,7 +6,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.processor import CoreConfig
 
 
 class SettingsError(ValueError):
@@ -37,6 +40,20 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
 
+def _per_loop(raw: str) -> dict[str, float]:
+    """``refunds=45,kyc-review=60`` -> {"refunds": 45.0, "kyc-review": 60.0}."""
+    values: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        loop, sep, number = item.partition("=")
+        if not sep or not loop.strip():
+            raise ValueError(f"expected loop=number pairs separated by commas, got {item!r}")
+        value = float(number)
+        if value < 0:
+            raise ValueError(f"{loop.strip()}: must not be negative")
+        values[loop.strip()] = value
+    return values
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "partitions": _positive_int,
     "replication_factor": _positive_int,
@@ -44,6 +61,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "topic_prefix": _prefix,
     "data_dir": _path,
     "kafka_home": _path,
+    "bucket_seconds": _positive_int,
+    "snapshot_interval_seconds": float,
+    "dedupe_horizon_seconds": _positive_int,
+    "allowed_lateness_seconds": _positive_int,
+    "sla_seconds": _positive_int,
+    "loop_sla_seconds": _per_loop,
+    "hourly_rates": _per_loop,
 }
 
 
@@ -61,6 +85,13 @@ class Settings:
     data_dir: Path = Path(".loopline")
     kafka_home: Path = field(default_factory=lambda: Path.home() / ".cache/loopline/kafka")
     log_level: str = "info"
+    bucket_seconds: int = 10
+    snapshot_interval_seconds: float = 5.0
+    dedupe_horizon_seconds: int = 3600
+    allowed_lateness_seconds: int = 3600
+    sla_seconds: int = 3600
+    loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
+    hourly_rates: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -78,6 +109,19 @@ class Settings:
                 raise SettingsError(f"{var}={source[var]!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def core_config(self) -> CoreConfig:
+        """The pure core's configuration (pipeline.processor) from these settings."""
+        from pipeline.processor import CoreConfig
+
+        return CoreConfig(
+            bucket_ms=self.bucket_seconds * 1000,
+            dedupe_horizon_ms=self.dedupe_horizon_seconds * 1000,
+            allowed_lateness_ms=self.allowed_lateness_seconds * 1000,
+            default_sla_ms=self.sla_seconds * 1000,
+            sla_ms={loop: int(s * 1000) for loop, s in self.loop_sla_seconds.items()},
+            hourly_rates=dict(self.hourly_rates),
+        )
 
     def topic(self, name: str) -> str:
         """The full Kafka topic name of a logical topic such as ``inputs``."""

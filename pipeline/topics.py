@@ -25,6 +25,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("eval-results", "EvalResult"),
     TopicSpec("eval-cases", "EvalCase", compacted=True),
     TopicSpec("dlq", "DeadLetter"),
+    TopicSpec("metrics", "MetricSnapshot"),
 )
 
 #: Topics that services publish to and the worker consumes, by logical name.
@@ -41,6 +42,8 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
         return str(record["eval_case_id"]).encode()
     if topic in ("inputs", "resolutions"):
         return str(record["case_id"]).encode()
+    if topic == "metrics":
+        return str(record["loop"]).encode()
     return None
 
 

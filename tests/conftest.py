@@ -60,6 +60,7 @@ def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Setting
             "app_id": f"loopline-{tag}",
             "data_dir": tmp_path / "data",
             "web_port": free_port(),
+            "snapshot_interval_seconds": 1.0,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
@@ -77,6 +78,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "LOOPLINE_DATA_DIR": str(settings.data_dir),
             "LOOPLINE_WEB_PORT": str(settings.web_port),
             "LOOPLINE_PARTITIONS": str(settings.partitions),
+            "LOOPLINE_SNAPSHOT_INTERVAL_SECONDS": str(settings.snapshot_interval_seconds),
+            "LOOPLINE_HOURLY_RATES": ",".join(f"{k}={v}" for k, v in settings.hourly_rates.items()),
         }
     )
     return env

@@ -79,6 +79,14 @@ RECORDS: dict[str, dict[str, Any]] = {
         "expected": "refund",
         "notes": "ok",
     },
+    "MetricSnapshot": {
+        "event_id": "loopline@w1:refunds:1795600000000",
+        "ts": TS,
+        "loop": "refunds",
+        "producer": "loopline@w1",
+        "unresolved_cases": 3,
+        "windows_json": '{"5m": {"resolved": 0}}',
+    },
     "DeadLetter": {
         "event_id": "loopline.inputs:0:7",
         "source_topic": "loopline.inputs",

@@ -1,0 +1,122 @@
+"""The worker's live numbers on the real broker equal replay of the same events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from pipeline.codec import Codec
+from pipeline.generator import Scenario, TrafficGenerator
+from pipeline.metrics import QUANTILE_LABELS
+from pipeline.processor import Processor
+from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS
+from tests.agents.test_ingest import _publish
+from tests.conftest import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.broker
+START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+
+
+def _gauge(worker: WorkerProcess, name: str, **labels: str) -> float | None:
+    from pipeline.metrics import parse_exposition
+
+    samples = parse_exposition(worker.metrics_text() or "")
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None
+
+
+async def _snapshots(settings: Settings) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        settings.topic("metrics"),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    codec, out = Codec.load(), []
+    try:
+        for messages in (await consumer.getmany(timeout_ms=3000)).values():
+            out.extend(codec.decode(m.value, "MetricSnapshot").record for m in messages)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def test_one_worker_exports_the_replay_numbers(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    settings = make_settings(hourly_rates={"refunds": 30.0})
+    events = list(islice(TrafficGenerator(11, START, 20.0, Scenario(cost_spike_at=60)), 4000))
+    # A few redelivered copies: the worker must count them once, as replay does.
+    events += events[100:110]
+    expected = asyncio.run(_publish(settings, events))
+    replayed = Processor(settings.core_config())
+    for topic, record in events:
+        replayed.process(topic, record)
+    snapshot = replayed.snapshot()
+
+    worker = start_worker(settings)
+    wait_for(
+        lambda: all(
+            worker.processed(t) + worker.processed(t, "duplicate") >= expected[t]
+            for t in SOURCE_TOPICS
+        ),
+        120,
+        "all events processed",
+    )
+    assert sum(worker.processed(t, "duplicate") for t in SOURCE_TOPICS) == 10
+    loops = snapshot["loops"]
+    wait_for(
+        lambda: (
+            _gauge(worker, "loopline_coverage_ratio", loop="refunds", window="1h")
+            == loops["refunds"]["windows"]["1h"]["coverage"]
+        ),
+        30,
+        "the worker's snapshot to catch up",
+    )
+    for loop, data in loops.items():
+        for window, numbers in data["windows"].items():
+            lw = {"loop": loop, "window": window}
+            assert _gauge(worker, "loopline_coverage_ratio", **lw) == numbers["coverage"]
+            assert _gauge(worker, "loopline_assisted_ratio", **lw) == numbers["assisted"]
+            for suite, value in numbers["quality"].items():
+                assert _gauge(worker, "loopline_eval_pass_rate", suite=suite, **lw) == value
+            for key, value in numbers["latency_seconds"].items():
+                assert (
+                    _gauge(
+                        worker,
+                        "loopline_latency_quantile_seconds",
+                        quantile=QUANTILE_LABELS[key],
+                        **lw,
+                    )
+                    == value
+                )
+            assert _gauge(worker, "loopline_cost_per_resolution_usd", **lw) == pytest.approx(
+                numbers["cost_per_resolution_usd"], rel=1e-9
+            )
+            assert _gauge(worker, "loopline_toil_hours", **lw) == pytest.approx(
+                numbers["toil_hours"], rel=1e-9
+            )
+            assert (
+                _gauge(worker, "loopline_uncovered_input_ratio", **lw) == numbers["uncovered_ratio"]
+            )
+    # Raw-fact counters agree with the replay's 7d window (it holds every event).
+    for loop, data in loops.items():
+        resolved = worker.metric("loopline_resolutions_total", loop=loop)
+        assert resolved == data["windows"]["7d"]["resolved"]
+    histogram_count = worker.metric("loopline_resolution_latency_seconds_count")
+    assert histogram_count == sum(
+        1
+        for t, r in {r["event_id"]: (t, r) for t, r in events}.values()
+        if t == "resolutions"
+        and any(t2 == "inputs" and r2["case_id"] == r["case_id"] for t2, r2 in events)
+    )
+    published = asyncio.run(_snapshots(settings))
+    assert {s["loop"] for s in published} == set(loops)
