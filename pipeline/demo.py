@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -41,6 +42,51 @@ def _processed(text: str | None, settings: Settings) -> dict[str, tuple[float, f
         )
         for name in SOURCE_TOPICS
     }
+
+
+def numbers_table(text: str | None, window: str = "1h") -> str:
+    """A compact table of the five numbers per loop from a worker's /metrics."""
+    samples = parse_exposition(text or "")
+
+    def get(name: str, loop: str, **labels: str) -> float | None:
+        wanted = {"loop": loop, **labels}.items()
+        found = [v for (n, ls), v in samples.items() if n == name and set(wanted) <= ls]
+        return found[0] if found else None
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    loops = sorted({dict(ls)["loop"] for (n, ls) in samples if n == "loopline_toil_hours"})
+    header = (
+        f"{'loop (' + window + ')':<22}{'coverage':>9}{'assisted':>9}{'quality':>9}"
+        f"{'p50 s':>8}{'p99 s':>8}{'$/case':>9}{'toil h':>8}{'unresolved':>11}"
+    )
+    rows = [header]
+    for loop in loops:
+        w = {"window": window}
+        rows.append(
+            f"{loop:<22}"
+            f"{fmt(get('loopline_coverage_ratio', loop, **w), '.1%'):>9}"
+            f"{fmt(get('loopline_assisted_ratio', loop, **w), '.1%'):>9}"
+            f"{fmt(get('loopline_eval_pass_rate', loop, suite='all', **w), '.1%'):>9}"
+            f"{fmt(get('loopline_latency_quantile_seconds', loop, quantile='0.5', **w), '.1f'):>8}"
+            f"{fmt(get('loopline_latency_quantile_seconds', loop, quantile='0.99', **w), '.0f'):>8}"
+            f"{fmt(get('loopline_cost_per_resolution_usd', loop, **w), '.4f'):>9}"
+            f"{fmt(get('loopline_toil_hours', loop, **w), '.1f'):>8}"
+            f"{fmt(get('loopline_unresolved_cases', loop), '.0f'):>11}"
+        )
+    return "\n".join(rows)
+
+
+async def _publish_and_show(
+    settings: Settings, events: TrafficGenerator, limits: Limits, url: str, echo: Echo
+) -> Counter[str]:
+    publishing = asyncio.create_task(publish_traffic(settings, events, limits, echo))
+    while not publishing.done():
+        await asyncio.wait({publishing}, timeout=5)
+        text = await asyncio.to_thread(fetch_metrics, url)
+        echo("\n" + numbers_table(text) + "\n")
+    return publishing.result()
 
 
 def run_demo(
@@ -88,6 +134,8 @@ def run_demo(
         for name in SOURCE_TOPICS:
             ok, dead = processed[name]
             echo(f"{settings.topic(name):<28}{published[name]:>12,}{int(ok):>12,}{int(dead):>15,}")
+        time.sleep(settings.snapshot_interval_seconds + 1)  # one more snapshot after the last event
+        echo("\n" + numbers_table(fetch_metrics(url)))
     finally:
         worker.terminate()
         try:
