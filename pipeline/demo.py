@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pipeline.generator import EVENTS_PER_CASE, TrafficGenerator
+from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.settings import Settings
@@ -117,11 +117,17 @@ def run_demo(
             time.sleep(0.5)
         echo(f"generating {rate:,.0f} events/s for {duration:,.0f}s ...")
         events = TrafficGenerator(
-            seed=int(time.time()), start=datetime.now(UTC), cases_per_second=rate / EVENTS_PER_CASE
+            seed=int(time.time()),
+            start=datetime.now(UTC),
+            cases_per_second=rate / EVENTS_PER_CASE,
+            scenario=Scenario(cost_spike_at=duration / 2),
         )
-        published = asyncio.run(
-            publish_traffic(settings, events, Limits(duration=duration, rate=rate), echo)
+        echo(
+            f"scenario: model cost spikes 5x after {duration / 2:.0f}s; human time is priced "
+            "at 0 USD/h until LOOPLINE_HOURLY_RATES is set (e.g. refunds=45,kyc-review=60)"
         )
+        limits = Limits(duration=duration, rate=rate)
+        published = asyncio.run(_publish_and_show(settings, events, limits, url, echo))
         deadline = time.monotonic() + 60
         processed = _processed(fetch_metrics(url), settings)
         while any(sum(processed[t]) < published[t] for t in SOURCE_TOPICS):
