@@ -18,8 +18,8 @@ demo: install
 	$(BIN)/loopline demo
 
 lint: install
-	$(BIN)/ruff check $(PACKAGES) tests
-	$(BIN)/ruff format --check $(PACKAGES) tests
+	$(BIN)/ruff check $(PACKAGES) tests bench
+	$(BIN)/ruff format --check $(PACKAGES) tests bench
 
 typecheck: install
 	$(BIN)/mypy

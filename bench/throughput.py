@@ -1,0 +1,212 @@
+"""Throughput benchmark: the loopline worker vs. raw aiokafka + decode of the same topic.
+
+Publishes N generated events once, then measures in the same run:
+  (a) baseline: aiokafka getmany over every partition + the codec's decode, until all N are read;
+  (b) a `loopline worker` process computing the five numbers until it has processed all N;
+and prints events/s of each, the ratio b/a, the worker's peak RSS (and RSS samples, to see
+whether memory stays flat), and p99 freshness: publish one resolution -> visible on /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.codec import Codec
+from pipeline.demo import fetch_metrics
+from pipeline.generator import TrafficGenerator
+from pipeline.kafka_local import LocalBroker
+from pipeline.metrics import parse_exposition, sample_sum
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS, ensure_topics
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def publish(settings: Settings, count: int) -> None:
+    await ensure_topics(settings)
+    events = TrafficGenerator(1, datetime(2026, 11, 25, tzinfo=UTC), cases_per_second=200.0)
+    started = time.monotonic()
+    async with Publisher(settings) as publisher:
+        for n, (topic, record) in enumerate(islice(events, count), 1):
+            await publisher.publish(topic, record)
+            if n % 100_000 == 0:
+                log(f"published {n:,} ({n / (time.monotonic() - started):,.0f}/s)")
+
+
+async def baseline(settings: Settings, count: int) -> float:
+    codec = Codec.load()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    await consumer.start()
+    parts = [
+        TopicPartition(settings.topic(t), p)
+        for t in SOURCE_TOPICS
+        for p in range(settings.partitions)
+    ]
+    consumer.assign(parts)
+    await consumer.seek_to_beginning(*parts)
+    seen, started = 0, time.monotonic()
+    try:
+        while seen < count:
+            for messages in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
+                for message in messages:
+                    codec.decode(message.value)
+                seen += len(messages)
+    finally:
+        await consumer.stop()
+    return count / (time.monotonic() - started)
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def processed(url: str) -> float:
+    samples = parse_exposition(fetch_metrics(url) or "")
+    return sum(
+        sample_sum(samples, "loopline_events_total", status=s)
+        for s in ("ok", "duplicate", "too_late", "dead_letter")
+    )
+
+
+async def freshness(settings: Settings, url: str, probes: int) -> list[float]:
+    delays = []
+    async with Publisher(settings) as publisher:
+        for n in range(probes):
+            record = {
+                "event_id": f"probe-{uuid.uuid4()}",
+                "case_id": f"probe-{n}",
+                "loop": "bench-probe",
+                "ts": datetime.now(UTC),
+                "resolver": "SYSTEM",
+                "outcome": "RESOLVED",
+                "release": "bench",
+            }
+            before = sample_sum(
+                parse_exposition(fetch_metrics(url) or ""),
+                "loopline_resolutions_total",
+                loop="bench-probe",
+            )
+            started = time.monotonic()
+            await publisher.publish("resolutions", record)
+            await publisher.flush()
+            while (
+                sample_sum(
+                    parse_exposition(await asyncio.to_thread(fetch_metrics, url) or ""),
+                    "loopline_resolutions_total",
+                    loop="bench-probe",
+                )
+                <= before
+            ):
+                await asyncio.sleep(0.01)
+            delays.append(time.monotonic() - started)
+    return delays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--port", type=int, default=39092, help="local broker port")
+    parser.add_argument("--probes", type=int, default=50)
+    args = parser.parse_args()
+
+    base = Settings.from_env()
+    broker = LocalBroker(base.kafka_home, args.port)
+    started_broker = not broker.status().running
+    broker.up(echo=log)
+    tag = uuid.uuid4().hex[:8]
+    data_dir = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
+    settings = Settings(
+        bootstrap_servers=broker.bootstrap,
+        topic_prefix=f"bench{tag}.",
+        app_id=f"bench-{tag}",
+        data_dir=data_dir,
+        web_port=6099,
+    )
+    try:
+        log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
+        asyncio.run(publish(settings, args.events))
+        log("baseline: aiokafka getmany + decode ...")
+        base_rate = asyncio.run(baseline(settings, args.events))
+        log(f"baseline: {base_rate:,.0f} events/s")
+
+        env = dict(
+            os.environ,
+            LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+            LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
+            LOOPLINE_APP_ID=settings.app_id,
+            LOOPLINE_DATA_DIR=str(data_dir),
+            LOOPLINE_WEB_PORT=str(settings.web_port),
+            LOOPLINE_LOG_LEVEL="warning",
+        )
+        url = f"http://127.0.0.1:{settings.web_port}/metrics"
+        with (data_dir / "worker.log").open("wb") as worker_log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker"],
+                env=env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            while processed(url) == 0:
+                if worker.poll() is not None:
+                    raise SystemExit(f"worker exited; see {data_dir / 'worker.log'}")
+                time.sleep(0.05)
+            first = time.monotonic()
+            samples: list[int] = []
+            last_report = first
+            while (done := processed(url)) < args.events:
+                time.sleep(0.2)
+                if time.monotonic() - last_report > 5:
+                    last_report = time.monotonic()
+                    samples.append(rss_kib(worker.pid, "VmRSS"))
+                    log(f"worker: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB")
+            worker_rate = args.events / (time.monotonic() - first)
+            peak = rss_kib(worker.pid, "VmHWM")
+            log("freshness probes ...")
+            delays = sorted(asyncio.run(freshness(settings, url, args.probes)))
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+        p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
+        result = {
+            "events": args.events,
+            "baseline_events_per_s": round(base_rate),
+            "worker_events_per_s": round(worker_rate),
+            "ratio": round(worker_rate / base_rate, 3),
+            "worker_peak_rss_mib": round(peak / 1024, 1),
+            "worker_rss_samples_mib": [round(s / 1024) for s in samples],
+            "freshness_p50_s": round(statistics.median(delays), 3),
+            "freshness_p99_s": round(p99, 3),
+        }
+        print(json.dumps(result))
+    finally:
+        if started_broker:
+            broker.down()
+
+
+if __name__ == "__main__":
+    main()
