@@ -113,15 +113,16 @@ async def freshness(settings: Settings, url: str, probes: int) -> list[float]:
             started = time.monotonic()
             await publisher.publish("resolutions", record)
             await publisher.flush()
-            while (
-                sample_sum(
-                    parse_exposition(await asyncio.to_thread(fetch_metrics, url) or ""),
-                    "loopline_resolutions_total",
-                    loop="bench-probe",
+            for _ in range(6000):  # poll /metrics for up to a minute
+                text = await asyncio.to_thread(fetch_metrics, url)
+                seen = sample_sum(
+                    parse_exposition(text or ""), "loopline_resolutions_total", loop="bench-probe"
                 )
-                <= before
-            ):
+                if seen > before:
+                    break
                 await asyncio.sleep(0.01)
+            else:
+                raise SystemExit("a probe did not show up on /metrics within a minute")
             delays.append(time.monotonic() - started)
     return delays
 
