@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -12,9 +13,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
+from pipeline.codec import Codec
 from pipeline.demo import fetch_metrics
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
@@ -35,6 +39,28 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(every)
+
+
+async def consume(
+    settings: Settings, topic: str, count: int
+) -> list[tuple[bytes | None, dict[str, Any]]]:
+    """Read at least ``count`` records of a loopline topic from the start (60 s at most)."""
+    consumer = AIOKafkaConsumer(
+        settings.topic(topic),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    codec, out = Codec.load(), []
+    try:
+        async with asyncio.timeout(60):
+            while len(out) < count:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    out.extend((m.key, codec.decode(m.value).record) for m in messages)
+    finally:
+        await consumer.stop()
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,16 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from itertools import islice
-from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from pipeline.codec import Codec
 from pipeline.generator import Scenario, TrafficGenerator
 from pipeline.metrics import QUANTILE_LABELS
 from pipeline.processor import Processor
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
 from tests.agents.test_ingest import _publish
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import WorkerProcess, consume, wait_for
 
 pytestmark = pytest.mark.broker
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -31,22 +28,6 @@ def _gauge(worker: WorkerProcess, name: str, **labels: str) -> float | None:
     found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
     assert len(found) <= 1, (name, labels, found)
     return found[0] if found else None
-
-
-async def _snapshots(settings: Settings) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(
-        settings.topic("metrics"),
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    codec, out = Codec.load(), []
-    try:
-        for messages in (await consumer.getmany(timeout_ms=3000)).values():
-            out.extend(codec.decode(m.value, "MetricSnapshot").record for m in messages)
-    finally:
-        await consumer.stop()
-    return out
 
 
 def test_one_worker_exports_the_replay_numbers(
@@ -118,5 +99,5 @@ def test_one_worker_exports_the_replay_numbers(
         if t == "resolutions"
         and any(t2 == "inputs" and r2["case_id"] == r["case_id"] for t2, r2 in events)
     )
-    published = asyncio.run(_snapshots(settings))
+    published = [r for _, r in asyncio.run(consume(settings, "metrics", len(loops)))]
     assert {s["loop"] for s in published} == set(loops)

@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from pipeline.codec import Codec
 from pipeline.generator import TrafficGenerator
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS, ensure_topics
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import WorkerProcess, consume, wait_for
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 pytestmark = pytest.mark.broker
@@ -83,27 +83,6 @@ async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) ->
         await producer.stop()
 
 
-async def _read_dlq(settings: Settings, count: int) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(
-        settings.topic("dlq"),
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    codec = Codec.load()
-    records: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(60):
-            while len(records) < count:
-                batch = await consumer.getmany(timeout_ms=1000)
-                for messages in batch.values():
-                    records.extend(codec.decode(m.value, "DeadLetter").record for m in messages)
-    finally:
-        await consumer.stop()
-    return records
-
-
 def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
     make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
@@ -137,7 +116,7 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
         == 1
     )
 
-    letters = {d["source_topic"]: d for d in asyncio.run(_read_dlq(settings, 2))}
+    letters = {d["source_topic"]: d for _, d in asyncio.run(consume(settings, "dlq", 2))}
     header = letters[settings.topic("inputs")]
     assert (header["source_partition"], header["source_offset"]) == (0, bad_offset)
     assert header["event_id"] == f"{settings.topic('inputs')}:0:{bad_offset}"

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.codec import Codec
 from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
 from pipeline.publisher import InvalidEvent, Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
+from tests.conftest import consume
 
 pytestmark = pytest.mark.broker
 TS = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -27,26 +26,6 @@ async def _end_offsets(settings: Settings, topic: str) -> int:
         return sum((await consumer.end_offsets(parts)).values())
     finally:
         await consumer.stop()
-
-
-async def _read(
-    settings: Settings, topic: str, count: int
-) -> list[tuple[bytes, dict[str, object]]]:
-    consumer = AIOKafkaConsumer(
-        settings.topic(topic),
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    codec, out = Codec.load(), []
-    try:
-        async with asyncio.timeout(30):
-            while len(out) < count:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    out.extend((m.key, codec.decode(m.value).record) for m in messages)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def test_invalid_event_in_a_batch_sends_nothing(
@@ -87,8 +66,8 @@ async def test_typed_events_are_keyed_by_case_id_and_flushed_on_close(
                 model_cost_usd=0.02,
             )
         )
-    ((key_in, rec_in),) = await _read(settings, "inputs", 1)
-    ((key_res, rec_res),) = await _read(settings, "resolutions", 1)
+    ((key_in, rec_in),) = await consume(settings, "inputs", 1)
+    ((key_res, rec_res),) = await consume(settings, "resolutions", 1)
     assert key_in == key_res == b"case-1"
     assert rec_in["category"] == "late" and rec_in["tokens"] == 12 and rec_in["ts"] == TS
     assert rec_res["resolver"] == "SYSTEM" and rec_res["model_cost_usd"] == 0.02
