@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
@@ -133,7 +134,7 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
 
     settings = _settings(ctx)
     if web_port is not None:
-        settings = Settings.from_env(web_port=web_port)
+        settings = dataclasses.replace(settings, web_port=web_port)
     run_worker(settings)
 
 
