@@ -12,7 +12,7 @@ import faust
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter
 from pipeline.metrics import PipelineMetrics
-from pipeline.processor import Processor, to_ms
+from pipeline.processor import Processor, verdicts_of
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
 
@@ -56,14 +56,8 @@ def register(app: faust.App, settings: Settings, codec: Codec, metrics: Pipeline
         loop = processor.loop_label(str(record["loop"]))
         if topic == "resolutions":
             metrics.resolutions.labels(loop, record["resolver"], record["outcome"]).inc()
-            if record.get("eval_passed") is not None:
-                metrics.eval_verdicts.labels(
-                    loop, "current", str(record["eval_passed"]).lower()
-                ).inc()
-        elif topic == "eval-results":
-            metrics.eval_verdicts.labels(
-                loop, str(record["suite"]).lower(), str(record["passed"]).lower()
-            ).inc()
+        for suite, passed in verdicts_of(topic, record):
+            metrics.eval_verdicts.labels(loop, suite.lower(), str(passed).lower()).inc()
 
     @app.agent(source, name="loopline.ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
@@ -72,7 +66,6 @@ def register(app: faust.App, settings: Settings, codec: Codec, metrics: Pipeline
             topic = logical[message.topic]
             try:
                 record = codec.decode(message.value, expected=RECORD_OF[topic]).record
-                record["ts"] = to_ms(record["ts"])
                 status = processor.process(topic, record)
                 if status == "ok":
                     count_facts(topic, record)
@@ -89,10 +82,10 @@ def register(app: faust.App, settings: Settings, codec: Codec, metrics: Pipeline
     async def publish_numbers() -> None:
         if not processor.series:
             return
-        snapshot = processor.snapshot()
+        as_of = processor.default_as_of()
+        snapshot = processor.snapshot(as_of)
         unresolved = processor.unresolved()
         metrics.numbers.update(snapshot, unresolved)
-        as_of = to_ms(snapshot["as_of"])
         for loop, data in snapshot["loops"].items():
             record = {
                 "event_id": f"{producer_id}:{loop}:{as_of}",

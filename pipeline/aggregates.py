@@ -14,7 +14,6 @@ from typing import Any
 
 from pipeline.sketch import LatencySketch
 
-RESOLVERS = ("SYSTEM", "HUMAN", "HYBRID")
 SUITES = ("CURRENT", "HISTORICAL")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 

@@ -29,11 +29,6 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _bootstrap_port(settings: Settings) -> int:
-    first = settings.bootstrap_servers.split(",")[0]
-    return int(first.rsplit(":", 1)[1]) if ":" in first else 9092
-
-
 @click.group()
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -51,7 +46,7 @@ def kafka() -> None:
 
 def _broker(ctx: click.Context, port: int | None, home: Path | None) -> LocalBroker:
     settings = _settings(ctx)
-    return LocalBroker(home or settings.kafka_home, port or _bootstrap_port(settings))
+    return LocalBroker(home or settings.kafka_home, port or settings.bootstrap_port)
 
 
 _port_opt = click.option(
@@ -250,13 +245,31 @@ def generate(
     default=None,
     help="Snapshot time (ISO-8601 or epoch ms); default: the end of the last event.",
 )
-@click.option("--bucket-seconds", type=click.IntRange(min=1), default=10, show_default=True)
-def replay_cmd(files: tuple[Path, ...], as_of: str | None, bucket_seconds: int) -> None:
-    """Run the five-numbers processing over JSON Lines / Avro files and print the snapshot."""
-    from pipeline.processor import CoreConfig, Processor, to_ms
+@click.option(
+    "--bucket-seconds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Bucket size (default: LOOPLINE_BUCKET_SECONDS, 10).",
+)
+@click.pass_context
+def replay_cmd(
+    ctx: click.Context, files: tuple[Path, ...], as_of: str | None, bucket_seconds: int | None
+) -> None:
+    """Run the five-numbers processing over JSON Lines / Avro files and print the snapshot.
+
+    It uses the workers' configuration (LOOPLINE_HOURLY_RATES, SLAs, horizons), so replay and
+    the live numbers agree.
+    """
+    from pipeline.processor import Processor, to_ms
     from pipeline.replay import replay
 
-    processor = Processor(CoreConfig(bucket_ms=bucket_seconds * 1000))
+    settings = _settings(ctx)
+    if bucket_seconds is not None:
+        settings = dataclasses.replace(settings, bucket_seconds=bucket_seconds)
+    try:
+        processor = Processor(settings.core_config())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bucket-seconds") from None
     try:
         as_of_ms = None if as_of is None else to_ms(int(as_of) if as_of.isdigit() else as_of)
     except ValueError as exc:

@@ -92,8 +92,7 @@ async def _publish_and_show(
 def run_demo(
     settings: Settings, duration: float, rate: float, keep_kafka: bool, echo: Echo
 ) -> None:
-    port = int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
-    broker = LocalBroker(settings.kafka_home, port)
+    broker = LocalBroker(settings.kafka_home, settings.bootstrap_port)
     started_broker = not broker.status().running
     echo(broker.up(echo=echo).describe())
     created = asyncio.run(ensure_topics(settings))

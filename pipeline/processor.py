@@ -32,6 +32,16 @@ class CoreConfig:
         return self.sla_ms.get(loop, self.default_sla_ms)
 
 
+def verdicts_of(topic: str, record: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The (suite, passed) verdicts an event carries: an eval result's own, or a resolution's
+    online verdict, which counts in the CURRENT suite."""
+    if topic == "eval-results":
+        return [(str(record["suite"]), bool(record["passed"]))]
+    if topic == "resolutions" and record.get("eval_passed") is not None:
+        return [("CURRENT", bool(record["eval_passed"]))]
+    return []
+
+
 def to_ms(value: Any) -> int:
     """Event time in epoch milliseconds from an aware datetime, epoch ms or ISO-8601 text."""
     if isinstance(value, datetime):
@@ -109,13 +119,10 @@ class Processor:
             bucket.cost_usd += float(record.get("model_cost_usd") or 0.0)
             bucket.cost_usd += float(record.get("other_cost_usd") or 0.0)
             bucket.human_minutes += float(record.get("human_minutes") or 0.0)
-            if record.get("eval_passed") is not None:
-                bucket.verdicts[("CURRENT", bool(record["eval_passed"]))] += 1
             self._resolution(loop, str(record["case_id"]), ts)
-        elif topic == "eval-results":
-            bucket.verdicts[(str(record["suite"]), bool(record["passed"]))] += 1
-        else:
+        elif topic != "eval-results":
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
+        bucket.verdicts.update(verdicts_of(topic, record))
         if ts > self.watermark_ms:
             self.watermark_ms = ts
             if ts >= self._next_sweep_ms:  # expire state once per bucket of event time

@@ -23,6 +23,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -62,7 +69,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": _path,
     "kafka_home": _path,
     "bucket_seconds": _positive_int,
-    "snapshot_interval_seconds": float,
+    "snapshot_interval_seconds": _positive_float,
     "dedupe_horizon_seconds": _positive_int,
     "allowed_lateness_seconds": _positive_int,
     "sla_seconds": _positive_int,
@@ -109,6 +116,12 @@ class Settings:
                 raise SettingsError(f"{var}={source[var]!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def bootstrap_port(self) -> int:
+        """The port of the first bootstrap server (the local broker's port), 9092 if none."""
+        first = self.bootstrap_servers.split(",")[0]
+        return int(first.rsplit(":", 1)[1]) if ":" in first else 9092
 
     def core_config(self) -> CoreConfig:
         """The pure core's configuration (pipeline.processor) from these settings."""

@@ -279,3 +279,44 @@ def test_replay_cli_prints_the_processor_snapshot(tmp_path: Path) -> None:
     assert "unknown topic 'outputs'" in report.rejected[1]
     window = processor.snapshot()["loops"]["alpha"]["windows"]["5m"]
     assert window["resolved"] == 1 and window["coverage"] == 1.0
+
+
+def test_replay_cli_uses_the_workers_configuration(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    events = _events(
+        [
+            {
+                "loop": "alpha",
+                "input_at": 1000,
+                "category": "a",
+                "has_input": True,
+                "resolutions": [
+                    {
+                        "after": 4000,
+                        "resolver": "HUMAN",
+                        "outcome": "RESOLVED",
+                        "cost": 0.5,
+                        "human": 12.0,
+                        "passed": None,
+                    }
+                ],
+                "verdicts": [],
+            }
+        ]
+    )
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps({"topic": t, "record": r}) + "\n" for t, r in events))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "replay", str(path)],
+        env={**os.environ, "LOOPLINE_HOURLY_RATES": "alpha=40"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    window = json.loads(result.stdout)["loops"]["alpha"]["windows"]["5m"]
+    # 0.5 USD of model cost + 12 min at 40 USD/h (8 USD), one resolution.
+    assert window["cost_per_resolution_usd"] == pytest.approx(8.5)

@@ -33,6 +33,8 @@ def test_defaults_and_environment_values() -> None:
         ("LOOPLINE_PARTITIONS", "0", "must be a positive integer"),
         ("LOOPLINE_WEB_PORT", "70000", "must be a TCP port"),
         ("LOOPLINE_TOPIC_PREFIX", "a/b", "may hold only letters"),
+        ("LOOPLINE_SNAPSHOT_INTERVAL_SECONDS", "0", "must be a positive number"),
+        ("LOOPLINE_HOURLY_RATES", "refunds", "expected loop=number pairs"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
