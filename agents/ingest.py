@@ -1,40 +1,47 @@
-"""Consume the source topics, decode every record, feed the five-numbers core, dead-letter
-what fails, and publish the numbers (gauges on /metrics, snapshots on loopline.metrics)."""
+"""Stage 1: consume the source topics, decode every record, dead-letter what fails, and turn
+each partition's events into partial aggregates for stage 2 (agents/loops.py).
+
+Events are taken in batches; each batch of a partition is applied to its PartitionCore, the
+partials are sent to the repartition topic keyed by loop, and the changed state is
+checkpointed to the table's changelog (pipeline.checkpoint), marker last. After a crash the
+state restores to the last marker and the events after it are applied again, exactly once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, cast
 
 import faust
 
+from agents.state import CheckpointedPartitions, state_table
 from pipeline.codec import Codec, CodecError
+from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter
 from pipeline.metrics import PipelineMetrics
-from pipeline.processor import Processor, verdicts_of
+from pipeline.partition import PartitionCore
+from pipeline.processor import partition_key
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
 
 log = logging.getLogger(__name__)
 
+BATCH_EVENTS = 2000
+BATCH_SECONDS = 0.2
 
-def register(app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics) -> Any:
-    source = app.topic(
-        *(settings.topic(name) for name in SOURCE_TOPICS),
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    dlq = app.topic(settings.topic("dlq"), key_serializer="raw", value_serializer="raw")
-    snapshots = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw")
-    logical = {settings.topic(name): name for name in SOURCE_TOPICS}
-    processor = Processor(
-        settings.core_config(),
-        on_latency=lambda loop, seconds: metrics.latency.labels(loop).observe(seconds),
-    )
-    producer_id = f"{settings.app_id}@{settings.web_host}:{settings.web_port}"
 
-    async def send_dead_letter(message: Any, reason: str, error: str) -> None:
+class DeadLetters:
+    """Send a message that cannot be processed to the DLQ with its reason, durably."""
+
+    def __init__(self, app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics):
+        self.topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_serializer="raw")
+        self.codec = codec
+        self.metrics = metrics
+
+    async def send(self, message: Any, reason: str, error: str) -> None:
         record = dead_letter(
             topic=message.topic,
             partition=message.partition,
@@ -44,57 +51,76 @@ def register(app: faust.App, settings: Settings, codec: Codec, metrics: Pipeline
             reason=reason,
             error=error,
         )
-        delivery = await dlq.send(value=codec.encode("DeadLetter", record))
+        delivery = await self.topic.send(value=self.codec.encode("DeadLetter", record))
         await delivery  # durable before this offset can be committed: nothing lost
-        metrics.dead_letters.labels(message.topic, reason).inc()
-        metrics.events.labels(message.topic, "dead_letter").inc()
+        self.metrics.dead_letters.labels(message.topic, reason).inc()
+        self.metrics.events.labels(message.topic, "dead_letter").inc()
         log.warning(
             "dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, error
         )
 
-    def count_facts(topic: str, record: dict[str, Any]) -> None:
-        loop = processor.loop_label(str(record["loop"]))
+
+def register(
+    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
+) -> Any:
+    source = app.topic(
+        *(settings.topic(name) for name in SOURCE_TOPICS),
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    dead_letters = DeadLetters(app, settings, codec, metrics)
+    logical = {settings.topic(name): name for name in SOURCE_TOPICS}
+    config = settings.core_config()
+
+    def observe(loop: str, seconds: float) -> None:
+        metrics.latency.labels(loop).observe(seconds)
+
+    def build(partition: int, records: Mapping[str, Any]) -> PartitionCore:
+        return PartitionCore.from_records(config, partition, records, on_latency=observe)
+
+    states = CheckpointedPartitions(state_table(app, "partition-state", settings.partitions), build)
+
+    def count_facts(topic: str, record: Mapping[str, Any]) -> None:
+        loop = config.loop_label(str(record["loop"]))
         if topic == "resolutions":
             metrics.resolutions.labels(loop, record["resolver"], record["outcome"]).inc()
         for suite, passed in verdicts_of(topic, record):
             metrics.eval_verdicts.labels(loop, suite.lower(), str(passed).lower()).inc()
 
+    async def apply(core: PartitionCore, message: Any) -> None:
+        topic = logical[message.topic]
+        try:
+            record = codec.decode(message.value, expected=RECORD_OF[topic]).record
+            status = core.process(topic, partition_key(topic, record), record)
+        except CodecError as exc:
+            await dead_letters.send(message, exc.reason, str(exc))
+            return
+        except Exception as exc:  # a worker never dies on one message
+            log.exception("processing failed")
+            await dead_letters.send(message, "processing_error", f"{type(exc).__name__}: {exc}")
+            return
+        if status == "ok":
+            count_facts(topic, record)
+        metrics.events.labels(message.topic, status).inc()
+
     @app.agent(source, name="loopline.ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            message = event.message
-            topic = logical[message.topic]
-            try:
-                record = codec.decode(message.value, expected=RECORD_OF[topic]).record
-                status = processor.process(topic, record)
-                if status == "ok":
-                    count_facts(topic, record)
-            except CodecError as exc:
-                await send_dead_letter(message, exc.reason, str(exc))
-                continue
-            except Exception as exc:  # a worker never dies on one message
-                log.exception("processing failed")
-                await send_dead_letter(message, "processing_error", f"{type(exc).__name__}: {exc}")
-                continue
-            metrics.events.labels(message.topic, status).inc()
+        async for events in cast(faust.Stream[bytes], stream).take_events(
+            BATCH_EVENTS, within=BATCH_SECONDS
+        ):
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for event in events:
+                by_partition[event.message.partition].append(event.message)
+            for partition, messages in by_partition.items():
+                core, checkpoint = states.get(partition)
+                offsets: dict[str, int] = {}
+                for message in messages:
+                    offsets[message.topic] = message.offset + 1
+                    if not checkpoint.applied(message.topic, message.offset):
+                        await apply(core, message)
+                for change in core.drain():
+                    value = json.dumps(change.to_json(), separators=(",", ":")).encode()
+                    await partials.send(key=change.loop.encode(), value=value)
+                states.commit(partition, core.changed_records(), offsets)
 
-    @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
-    async def publish_numbers() -> None:
-        if not processor.series:
-            return
-        as_of = processor.default_as_of()
-        snapshot = processor.snapshot(as_of)
-        unresolved = processor.unresolved()
-        metrics.numbers.update(snapshot, unresolved)
-        for loop, data in snapshot["loops"].items():
-            record = {
-                "event_id": f"{producer_id}:{loop}:{as_of}",
-                "ts": as_of,
-                "loop": loop,
-                "producer": producer_id,
-                "unresolved_cases": unresolved.get(loop, 0),
-                "windows_json": json.dumps(data["windows"], separators=(",", ":")),
-            }
-            await snapshots.send(key=loop.encode(), value=codec.encode("MetricSnapshot", record))
-
-    return ingest
+    return states

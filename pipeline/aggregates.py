@@ -22,18 +22,25 @@ QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 class Aggregate:
     resolutions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (resolver, outcome)
     verdicts: Counter[tuple[str, bool]] = field(default_factory=Counter)  # (suite, passed)
-    cost_usd: float = 0.0  # model + other cost of the resolutions
-    human_minutes: float = 0.0
+    # Money and human time are summed as integers (nano-USD, micro-minutes): integer sums do
+    # not depend on the order of merging, so partials from any number of partitions and
+    # workers, merged in any order, give exactly the same numbers as one pass over the events.
+    cost_nano_usd: int = 0  # model + other cost of the resolutions
+    human_micro_minutes: int = 0
     latency: LatencySketch = field(default_factory=LatencySketch)
     inputs: Counter[str] = field(default_factory=Counter)  # by category; "" = no category
+    # Cases whose first input lies in this bucket and that have no resolution yet: kept per
+    # bucket so that "unresolved past SLA" is a merge over buckets like everything else.
+    unresolved: int = 0
 
     def merge(self, other: Aggregate) -> None:
         self.resolutions.update(other.resolutions)
         self.verdicts.update(other.verdicts)
-        self.cost_usd += other.cost_usd
-        self.human_minutes += other.human_minutes
+        self.cost_nano_usd += other.cost_nano_usd
+        self.human_micro_minutes += other.human_micro_minutes
         self.latency.merge(other.latency)
         self.inputs.update(other.inputs)
+        self.unresolved += other.unresolved
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregate]) -> Aggregate:
@@ -46,10 +53,11 @@ class Aggregate:
         return {
             "resolutions": [[r, o, n] for (r, o), n in self.resolutions.items()],
             "verdicts": [[s, p, n] for (s, p), n in self.verdicts.items()],
-            "cost_usd": self.cost_usd,
-            "human_minutes": self.human_minutes,
+            "cost_nano_usd": self.cost_nano_usd,
+            "human_micro_minutes": self.human_micro_minutes,
             "latency": self.latency.to_json(),
             "inputs": dict(self.inputs),
+            "unresolved": self.unresolved,
         }
 
     @classmethod
@@ -57,11 +65,26 @@ class Aggregate:
         return cls(
             Counter({(r, o): n for r, o, n in data["resolutions"]}),
             Counter({(s, bool(p)): n for s, p, n in data["verdicts"]}),
-            float(data["cost_usd"]),
-            float(data["human_minutes"]),
+            int(data["cost_nano_usd"]),
+            int(data["human_micro_minutes"]),
             LatencySketch.from_json(data["latency"]),
             Counter(data["inputs"]),
+            int(data.get("unresolved", 0)),
         )
+
+    def add_cost(self, usd: float) -> None:
+        self.cost_nano_usd += round(usd * 1e9)
+
+    def add_human_minutes(self, minutes: float) -> None:
+        self.human_micro_minutes += round(minutes * 1e6)
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nano_usd / 1e9
+
+    @property
+    def human_minutes(self) -> float:
+        return self.human_micro_minutes / 1e6
 
     # -- the five numbers -------------------------------------------------------------------
 

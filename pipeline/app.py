@@ -9,6 +9,7 @@ import faust
 from pipeline.codec import Codec
 from pipeline.metrics import CONTENT_TYPE_LATEST, PipelineMetrics
 from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -17,7 +18,8 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
 
 def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> faust.App:
     """A Faust app with loopline's agents registered and /metrics served on its web port."""
-    from agents import ingest  # agents import pipeline, so they are wired in here, not at import
+    # agents import pipeline, so they are wired in here, not at import
+    from agents import ingest, loops
 
     app = faust.App(
         settings.app_id,
@@ -39,5 +41,15 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    ingest.register(app, settings, codec, metrics)
+    partials = app.topic(settings.topic("partials"), key_serializer="raw", value_serializer="raw")
+    stage1 = ingest.register(app, settings, codec, metrics, partials)
+    stage2 = loops.register(app, settings, codec, metrics, partials)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        # State of a partition that moved away is rebuilt from its changelog if it comes back.
+        stage2.revoke({tp.partition for tp in revoked if tp.topic == settings.topic("partials")})
+        sources = {settings.topic(name) for name in SOURCE_TOPICS}
+        stage1.revoke({tp.partition for tp in revoked if tp.topic in sources})
+
     return app

@@ -260,7 +260,8 @@ def replay_cmd(
     It uses the workers' configuration (LOOPLINE_HOURLY_RATES, SLAs, horizons), so replay and
     the live numbers agree.
     """
-    from pipeline.processor import Processor, to_ms
+    from pipeline.core import to_ms
+    from pipeline.processor import Processor
     from pipeline.replay import replay
 
     settings = _settings(ctx)

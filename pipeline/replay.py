@@ -12,7 +12,8 @@ from typing import Any
 import fastavro
 
 from pipeline.codec import Codec, CodecError
-from pipeline.processor import Processor, to_ms
+from pipeline.core import to_ms
+from pipeline.processor import Processor
 from pipeline.topics import RECORD_OF
 
 TOPIC_OF = {record: topic for topic, record in RECORD_OF.items()}

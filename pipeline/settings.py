@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.processor import CoreConfig
+    from pipeline.core import CoreConfig
 
 
 class SettingsError(ValueError):
@@ -125,7 +125,7 @@ class Settings:
 
     def core_config(self) -> CoreConfig:
         """The pure core's configuration (pipeline.processor) from these settings."""
-        from pipeline.processor import CoreConfig
+        from pipeline.core import CoreConfig
 
         return CoreConfig(
             bucket_ms=self.bucket_seconds * 1000,

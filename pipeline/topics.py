@@ -17,6 +17,7 @@ class TopicSpec:
     name: str
     record: str
     compacted: bool = False
+    internal: bool = False  # the engine's own (stage 1 -> stage 2), not part of the contract
 
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -26,12 +27,13 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("eval-cases", "EvalCase", compacted=True),
     TopicSpec("dlq", "DeadLetter"),
     TopicSpec("metrics", "MetricSnapshot"),
+    TopicSpec("partials", "", internal=True),
 )
 
 #: Topics that services publish to and the worker consumes, by logical name.
-SOURCE_TOPICS = ("inputs", "resolutions", "eval-results")
+SOURCE_TOPICS = ("inputs", "resolutions", "eval-results", "eval-cases")
 
-RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS}
+RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS if not t.internal}
 
 
 def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:

@@ -54,15 +54,18 @@ class BucketSeries:
         self.buckets: list[dict[int, Aggregate]] = [{} for _ in tiers]
         # Tier i holds the buckets ending after floor[i]; older time lives in coarser tiers.
         self.floor: list[float] = [float("-inf")] * len(tiers)
+        self.changed: set[tuple[int, int]] = set()  # (tier, bucket index) touched, for persistence
 
     def bucket(self, ts_ms: int) -> Aggregate | None:
         """The aggregate holding ts, created on demand; None when ts is past all retention."""
-        for tier, buckets, floor in zip(self.tiers, self.buckets, self.floor, strict=True):
-            if ts_ms > floor:
+        for i, tier in enumerate(self.tiers):
+            if ts_ms > self.floor[i]:
+                buckets = self.buckets[i]
                 key = (ts_ms - 1) // tier.size_ms
                 found = buckets.get(key)
                 if found is None:
                     found = buckets[key] = Aggregate()
+                self.changed.add((i, key))
                 return found
         return None
 
@@ -78,9 +81,11 @@ class BucketSeries:
             buckets = self.buckets[i]
             for key in [k for k in buckets if (k + 1) * tier.size_ms <= new_floor]:
                 aggregate = buckets.pop(key)
+                self.changed.add((i, key))
                 if nxt is not None:
                     coarse = ((key + 1) * tier.size_ms - 1) // nxt.size_ms
                     self.buckets[i + 1].setdefault(coarse, Aggregate()).merge(aggregate)
+                    self.changed.add((i + 1, coarse))
 
     def align(self, ts_ms: int) -> int:
         """ts rounded up to the bucket grid of the tier that holds it."""

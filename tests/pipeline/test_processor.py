@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.processor import CoreConfig, Processor
+from pipeline.core import CoreConfig
+from pipeline.processor import Processor
 
 Event = tuple[str, dict[str, Any]]
 T0 = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.aggregates import Aggregate
-from pipeline.processor import CoreConfig, Processor
+from pipeline.core import CoreConfig
+from pipeline.processor import Processor
 from pipeline.replay import replay
 from pipeline.sketch import RELATIVE_ACCURACY, LatencySketch
 from pipeline.windows import MINUTE, BucketSeries, default_tiers
@@ -238,7 +239,8 @@ def test_aggregate_json_round_trip() -> None:
     agg = Aggregate()
     agg.resolutions[("HYBRID", "FAILED")] += 2
     agg.verdicts[("HISTORICAL", False)] += 1
-    agg.cost_usd, agg.human_minutes = 1.25, 3.0
+    agg.add_cost(1.25)
+    agg.add_human_minutes(3.0)
     agg.latency.add(4.2)
     agg.inputs["x"] += 5
     assert Aggregate.from_json(json.loads(json.dumps(agg.to_json()))) == agg

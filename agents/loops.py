@@ -1,0 +1,90 @@
+"""Stage 2: merge the partials of every partition into each loop's global numbers, and publish
+them (gauges on /metrics, MetricSnapshot records on loopline.metrics).
+
+The repartition topic is keyed by loop, so each loop is merged by exactly one worker and every
+number it exports is global: no two workers export the same loop, and Prometheus sees each
+loop's gauges once. State is checkpointed like stage 1's (pipeline.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, cast
+
+import faust
+
+from agents.ingest import BATCH_EVENTS, BATCH_SECONDS, DeadLetters
+from agents.state import CheckpointedPartitions, state_table
+from pipeline.codec import Codec
+from pipeline.loopview import LoopView, iso, partial_from_json
+from pipeline.metrics import PipelineMetrics
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register(
+    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
+) -> Any:
+    dead_letters = DeadLetters(app, settings, codec, metrics)
+    snapshots = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw")
+    config = settings.core_config()
+    producer_id = f"{settings.app_id}@{settings.web_host}:{settings.web_port}"
+
+    def build(partition: int, records: Mapping[str, Any]) -> LoopView:
+        return LoopView.from_records(config, records.items())
+
+    views = CheckpointedPartitions(state_table(app, "loop-state", settings.partitions), build)
+
+    @app.agent(partials, name="loopline.loops")
+    async def merge(stream: faust.StreamT[bytes]) -> None:
+        async for events in cast(faust.Stream[bytes], stream).take_events(
+            BATCH_EVENTS, within=BATCH_SECONDS
+        ):
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for event in events:
+                by_partition[event.message.partition].append(event.message)
+            for partition, messages in by_partition.items():
+                view, checkpoint = views.get(partition)
+                offsets: dict[str, int] = {}
+                for message in messages:
+                    offsets[message.topic] = message.offset + 1
+                    if checkpoint.applied(message.topic, message.offset):
+                        continue
+                    try:
+                        view.apply(partial_from_json(json.loads(message.value)))
+                    except Exception as exc:  # never stop merging over one bad partial
+                        log.exception("bad partial")
+                        reason = "processing_error"
+                        await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
+                views.commit(partition, view.changed_records(), offsets)
+
+    @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
+    async def publish_numbers() -> None:
+        combined: dict[str, Any] = {}
+        unresolved: dict[str, int] = {}
+        as_of = 0
+        for view in views.cores():
+            view_as_of = view.default_as_of()
+            snapshot = view.snapshot(view_as_of)
+            counts = view.unresolved(view_as_of)
+            as_of = max(as_of, view_as_of)
+            combined.update(snapshot["loops"])
+            unresolved.update(counts)
+            for loop, data in snapshot["loops"].items():
+                record = {
+                    "event_id": f"{producer_id}:{loop}:{view_as_of}",
+                    "ts": view_as_of,
+                    "loop": loop,
+                    "producer": producer_id,
+                    "unresolved_cases": counts.get(loop, 0),
+                    "windows_json": json.dumps(data["windows"], separators=(",", ":")),
+                }
+                value = codec.encode("MetricSnapshot", record)
+                await snapshots.send(key=loop.encode(), value=value)
+        metrics.numbers.update({"as_of": iso(as_of), "loops": combined}, unresolved)
+
+    return views

@@ -1,0 +1,62 @@
+"""The rules both stages of the pure core share: configuration, event time, verdicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pipeline.windows import HOUR
+
+OTHER_LOOP = "other"
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    bucket_ms: int = 10_000
+    dedupe_horizon_ms: int = HOUR
+    allowed_lateness_ms: int = HOUR
+    default_sla_ms: int = HOUR
+    sla_ms: Mapping[str, int] = field(default_factory=dict)
+    hourly_rates: Mapping[str, float] = field(default_factory=dict)
+    # When set, events of any other loop count under "other" (bounded label values). A fixed
+    # list rather than "the first N seen" so every partition and worker folds the same loops.
+    loops: frozenset[str] = frozenset()
+
+    def sla(self, loop: str) -> int:
+        return self.sla_ms.get(loop, self.default_sla_ms)
+
+    def loop_label(self, loop: str) -> str:
+        return loop if not self.loops or loop in self.loops else OTHER_LOOP
+
+    @property
+    def case_horizon_ms(self) -> int:
+        """How long after its last event a case (and a partial bucket) is kept: twice the
+        longest of allowed lateness and SLA, so late events and overdue cases are still seen."""
+        return 2 * max(self.allowed_lateness_ms, self.default_sla_ms, *self.sla_ms.values())
+
+
+def verdicts_of(topic: str, record: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The (suite, passed) verdicts an event carries: an eval result's own, or a resolution's
+    online verdict, which counts in the CURRENT suite."""
+    if topic == "eval-results":
+        return [(str(record["suite"]), bool(record["passed"]))]
+    if topic == "resolutions" and record.get("eval_passed") is not None:
+        return [("CURRENT", bool(record["eval_passed"]))]
+    return []
+
+
+def to_ms(value: Any) -> int:
+    """Event time in epoch milliseconds from an aware datetime, epoch ms or ISO-8601 text."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: event times must carry a timezone")
+        return round(value.timestamp() * 1000)
+    if isinstance(value, bool):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    raise ValueError(f"not a timestamp: {value!r}")

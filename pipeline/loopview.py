@@ -1,0 +1,226 @@
+"""Stage 2 of the five numbers: the global view of a loop, merged from every partition's partials.
+
+Stage 1 (pipeline.partition) sends, per partition and loop, the latest cumulative aggregate of
+each bucket it changed, and its watermark. Here the latest partial of each (partition, bucket)
+replaces the one before (so a partial seen twice counts once), windows merge the open partials
+of all partitions with the closed buckets, and a bucket is closed (folded into the tiered
+BucketSeries) once its partition's watermark is past the horizon after which stage 1 never
+changes it again. Every loop lives in exactly one LoopView, so the numbers it exports are global.
+No Kafka here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.aggregates import Aggregate, delta
+from pipeline.core import CoreConfig
+from pipeline.partition import EvalCaseChange, Partial
+from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
+
+
+class LoopState:
+    """One loop's partials, closed buckets and eval cases."""
+
+    def __init__(self, config: CoreConfig, loop: str) -> None:
+        self.config = config
+        self.loop = loop
+        self.open: dict[tuple[int, int], Aggregate] = {}  # (partition, bucket index)
+        self.marks: dict[int, int] = {}  # partition -> its watermark
+        self.series = BucketSeries(default_tiers(config.bucket_ms))
+        self.eval_cases: dict[str, str | None] = {}  # eval case id -> category
+        self.changed: set[tuple[Any, ...]] = set()
+
+    @property
+    def watermark_ms(self) -> int:
+        return max(self.marks.values(), default=0)
+
+    def apply(self, partial: Partial) -> None:
+        closed = self._closed_below(partial.partition)
+        for index, aggregate in partial.buckets.items():
+            if index < closed:
+                continue  # already folded: a partition replaying after a crash resends it
+            self.open[(partial.partition, index)] = aggregate
+            self.changed.add(("o", partial.partition, index))
+        if partial.watermark_ms > self.marks.get(partial.partition, 0):
+            self.marks[partial.partition] = partial.watermark_ms
+            self.changed.add(("m", partial.partition))
+            self._close(partial.partition)
+
+    def _closed_below(self, partition: int) -> int:
+        """Buckets of the partition with a smaller index never change again (stage 1 drops
+        them at the same watermark)."""
+        mark = self.marks.get(partition)
+        if mark is None:
+            return -(2**62)
+        return (mark - self.config.case_horizon_ms) // self.config.bucket_ms
+
+    def _close(self, partition: int) -> None:
+        size = self.config.bucket_ms
+        last = self._closed_below(partition)
+        for key in [k for k in self.open if k[0] == partition and k[1] < last]:
+            aggregate = self.open.pop(key)
+            self.changed.add(("o", *key))
+            target = self.series.bucket((key[1] + 1) * size)
+            if target is not None:  # None: older than every tier keeps
+                target.merge(aggregate)
+        self.series.advance(self.watermark_ms)
+        self.changed.add(("f",))
+
+    def eval_case(self, change: EvalCaseChange) -> None:
+        self.eval_cases[change.eval_case_id] = change.category
+        self.changed.add(("e", change.eval_case_id))
+
+    def covered(self) -> set[str]:
+        return {category for category in self.eval_cases.values() if category}
+
+    def window(self, as_of_ms: int, length_ms: int) -> Aggregate:
+        total = self.series.window(as_of_ms, length_ms)
+        size = self.config.bucket_ms
+        start = as_of_ms - length_ms
+        for (_, index), aggregate in self.open.items():
+            if index * size >= start and (index + 1) * size <= as_of_ms:
+                total.merge(aggregate)
+        return total
+
+    def numbers(self, as_of_ms: int) -> dict[str, Any]:
+        rate = self.config.hourly_rates.get(self.loop, 0.0)
+        covered = self.covered()
+        week_ago = self.series.align(as_of_ms - WEEK)
+        windows: dict[str, Any] = {}
+        for name, length in WINDOWS.items():
+            now = self.window(as_of_ms, length).numbers(rate, covered)
+            before = self.window(week_ago, length).numbers(rate, covered)
+            windows[name] = {**now, "wow_delta": delta(now, before)}
+        return {"windows": windows}
+
+    def unresolved(self, as_of_ms: int) -> int:
+        """Cases whose first input is at least the loop's SLA old (at bucket granularity) and
+        that have no resolution, among those stage 1 still tracks (within the case horizon)."""
+        size = self.config.bucket_ms
+        due = as_of_ms - self.config.sla(self.loop)
+        oldest = as_of_ms - self.config.case_horizon_ms
+        return sum(
+            a.unresolved
+            for (_, index), a in self.open.items()
+            if oldest < (index + 1) * size <= due
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def changed_records(self) -> dict[str, Any]:
+        records: dict[str, Any] = {}
+        for change in self.changed:
+            kind = change[0]
+            value: Any
+            if kind == "o":
+                found = self.open.get((change[1], change[2]))
+                value = None if found is None else found.to_json()
+            elif kind == "m":
+                value = self.marks[change[1]]
+            elif kind == "e":
+                value = {"category": self.eval_cases[change[1]]}
+            else:
+                value = [f if f != float("-inf") else None for f in self.series.floor]
+            records[_key(kind, self.loop, *change[1:])] = value
+        for tier, index in self.series.changed:
+            found = self.series.buckets[tier].get(index)
+            records[_key("s", self.loop, tier, index)] = None if found is None else found.to_json()
+        self.changed = set()
+        self.series.changed = set()
+        return records
+
+    def restore(self, kind: str, parts: list[Any], value: Any) -> None:
+        if kind == "o":
+            self.open[(parts[0], parts[1])] = Aggregate.from_json(value)
+        elif kind == "m":
+            self.marks[parts[0]] = int(value)
+        elif kind == "e":
+            self.eval_cases[parts[0]] = value["category"]
+        elif kind == "s":
+            self.series.buckets[parts[0]][parts[1]] = Aggregate.from_json(value)
+        elif kind == "f":
+            self.series.floor = [float("-inf") if f is None else f for f in value]
+
+
+def _key(kind: str, loop: str, *parts: Any) -> str:
+    return json.dumps([kind, loop, *parts], separators=(",", ":"))
+
+
+class LoopView:
+    """The loops one stage-2 partition owns (in replay: all of them)."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.loops: dict[str, LoopState] = {}
+
+    def _loop(self, loop: str) -> LoopState:
+        state = self.loops.get(loop)
+        if state is None:
+            state = self.loops[loop] = LoopState(self.config, loop)
+        return state
+
+    def apply(self, message: Partial | EvalCaseChange) -> None:
+        if isinstance(message, Partial):
+            self._loop(message.loop).apply(message)
+        else:
+            self._loop(message.loop).eval_case(message)
+
+    @property
+    def watermark_ms(self) -> int:
+        return max((s.watermark_ms for s in self.loops.values()), default=0)
+
+    def default_as_of(self) -> int:
+        return align_up(self.watermark_ms, self.config.bucket_ms)
+
+    def snapshot(self, as_of_ms: int | None = None) -> dict[str, Any]:
+        """DESIGN.md's snapshot JSON (plus week-over-week deltas per window)."""
+        as_of = align_up(
+            self.default_as_of() if as_of_ms is None else as_of_ms, self.config.bucket_ms
+        )
+        loops = {
+            loop: state.numbers(as_of)
+            for loop, state in sorted(self.loops.items())
+            if state.marks  # a loop known only from eval cases has no numbers yet
+        }
+        return {"as_of": iso(as_of), "loops": loops}
+
+    def unresolved(self, as_of_ms: int | None = None) -> dict[str, int]:
+        as_of = align_up(
+            self.default_as_of() if as_of_ms is None else as_of_ms, self.config.bucket_ms
+        )
+        return {loop: s.unresolved(as_of) for loop, s in sorted(self.loops.items()) if s.marks}
+
+    def changed_records(self) -> dict[str, Any]:
+        records: dict[str, Any] = {}
+        for state in self.loops.values():
+            records.update(state.changed_records())
+        return records
+
+    @classmethod
+    def from_records(cls, config: CoreConfig, records: Iterable[tuple[str, Any]]) -> LoopView:
+        view = cls(config)
+        for key, value in records:
+            kind, loop, *parts = json.loads(key)
+            view._loop(loop).restore(kind, parts, value)
+        return view
+
+
+def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange:
+    """The stage-1 message JSON back into a Partial or an EvalCaseChange."""
+    if data["kind"] == "eval_case":
+        return EvalCaseChange(str(data["loop"]), str(data["id"]), data["category"])
+    return Partial(
+        int(data["p"]),
+        str(data["loop"]),
+        int(data["wm"]),
+        {int(k): Aggregate.from_json(a) for k, a in data["buckets"]},
+    )
+
+
+def iso(ms: int) -> str:
+    text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")

@@ -1,0 +1,304 @@
+"""Stage 1 of the five numbers: everything one source partition can compute on its own.
+
+Inputs, resolutions and eval results are co-partitioned by case_id, so one partition sees every
+event of its cases: it deduplicates event ids, joins inputs with resolutions (either order),
+and adds each event to a per-(loop, bucket) partial Aggregate. Partials are cumulative: stage 2
+(pipeline.loopview) keeps the latest partial of each (partition, loop, bucket) and merges them
+across partitions, so replacing an old partial with a newer one is idempotent.
+
+State is a handful of small records (cases, partial buckets, the watermark) with dirty tracking,
+so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.aggregates import Aggregate
+from pipeline.core import CoreConfig, to_ms, verdicts_of
+
+WATERMARK_KEY = "w"
+
+
+@dataclass
+class Case:
+    """What one partition key (a case_id, or an eval case id for eval results) remembers."""
+
+    loop: str
+    input_ms: int | None = None
+    pending: list[int] = field(default_factory=list)  # resolution times awaiting the input
+    resolved: bool = False
+    touched_ms: int = 0
+    seen: dict[str, int] = field(default_factory=dict)  # event id -> event time, for dedupe
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "l": self.loop,
+            "i": self.input_ms,
+            "q": self.pending,
+            "r": self.resolved,
+            "t": self.touched_ms,
+            "s": self.seen,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Case:
+        return cls(data["l"], data["i"], list(data["q"]), data["r"], data["t"], dict(data["s"]))
+
+
+@dataclass(frozen=True)
+class Partial:
+    """The latest cumulative aggregates of some buckets of one loop in one partition."""
+
+    partition: int
+    loop: str
+    watermark_ms: int
+    buckets: Mapping[int, Aggregate]  # bucket index -> aggregate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "partial",
+            "p": self.partition,
+            "loop": self.loop,
+            "wm": self.watermark_ms,
+            "buckets": [[k, a.to_json()] for k, a in self.buckets.items()],
+        }
+
+
+@dataclass(frozen=True)
+class EvalCaseChange:
+    """An eval case as stage 2 needs it (the covered categories of its loop)."""
+
+    loop: str
+    eval_case_id: str
+    category: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "eval_case",
+            "loop": self.loop,
+            "id": self.eval_case_id,
+            "category": self.category,
+        }
+
+
+class PartitionCore:
+    """Feed records with ``process``; collect what stage 2 needs with ``drain``."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        partition: int = 0,
+        on_latency: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.partition = partition
+        self.on_latency = on_latency  # e.g. a Prometheus histogram's observe, per loop
+        self.watermark_ms = 0
+        self.cases: dict[str, Case] = {}
+        self.buckets: dict[tuple[str, int], Aggregate] = {}
+        self._expiry: list[tuple[int, str]] = []  # (touched_ms, key), stale entries allowed
+        self._with_pending: set[str] = set()
+        self._next_sweep_ms = 0
+        self._changed_cases: set[str] = set()
+        self._changed_buckets: set[tuple[str, int]] = set()  # for persistence
+        self._unsent: set[tuple[str, int]] = set()  # for stage 2
+        self._final: dict[tuple[str, int], Aggregate] = {}  # closed before being sent
+        self.known_loops: set[str] = set()  # every loop this partition has had buckets of
+        self._eval_cases: list[EvalCaseChange] = []
+        self._watermark_changed = False
+        self.horizon_ms = config.case_horizon_ms
+
+    # -- input ------------------------------------------------------------------------------
+
+    def process(self, topic: str, key: str, record: Mapping[str, Any]) -> str:
+        """Apply one record of a source topic; returns ok, duplicate or too_late."""
+        ts = to_ms(record["ts"])
+        loop = self.config.loop_label(str(record["loop"]))
+        if topic == "eval-cases":
+            self._eval_cases.append(
+                EvalCaseChange(loop, str(record["eval_case_id"]), record.get("category"))
+            )
+            return "ok"
+        if ts <= self.watermark_ms - self.config.allowed_lateness_ms:
+            return "too_late"
+        case = self.cases.get(key)
+        event_id = str(record["event_id"])
+        if case is not None:
+            first = case.seen.get(event_id)
+            if first is not None and first >= self.watermark_ms - self.config.dedupe_horizon_ms:
+                return "duplicate"
+        else:
+            case = self.cases[key] = Case(loop)
+        case.seen[event_id] = ts
+        if ts > case.touched_ms:
+            case.touched_ms = ts
+            heapq.heappush(self._expiry, (ts, key))
+        self._changed_cases.add(key)
+        bucket = self._bucket(loop, ts)
+        if topic == "inputs":
+            bucket.inputs[record.get("category") or ""] += 1
+            self._input(loop, key, case, ts)
+        elif topic == "resolutions":
+            bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
+            bucket.add_cost(float(record.get("model_cost_usd") or 0.0))
+            bucket.add_cost(float(record.get("other_cost_usd") or 0.0))
+            bucket.add_human_minutes(float(record.get("human_minutes") or 0.0))
+            self._resolution(loop, key, case, ts)
+        elif topic != "eval-results":
+            raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
+        bucket.verdicts.update(verdicts_of(topic, record))
+        if ts > self.watermark_ms:
+            self.watermark_ms = ts
+            self._watermark_changed = True
+            if ts >= self._next_sweep_ms:  # expire state once per bucket of event time
+                self.advance(ts)
+        return "ok"
+
+    def _bucket(self, loop: str, ts_ms: int) -> Aggregate:
+        key = (loop, (ts_ms - 1) // self.config.bucket_ms)
+        found = self.buckets.get(key)
+        if found is None:
+            found = self.buckets[key] = Aggregate()
+            self.known_loops.add(loop)
+        self._changed_buckets.add(key)
+        self._unsent.add(key)
+        return found
+
+    def _existing_bucket(self, loop: str, ts_ms: int) -> Aggregate | None:
+        key = (loop, (ts_ms - 1) // self.config.bucket_ms)
+        found = self.buckets.get(key)
+        if found is not None:
+            self._changed_buckets.add(key)
+            self._unsent.add(key)
+        return found
+
+    def _input(self, loop: str, key: str, case: Case, ts: int) -> None:
+        if case.input_ms is not None:
+            return  # latency is measured against the case's first input
+        case.input_ms = ts
+        if not case.resolved:
+            self._bucket(loop, ts).unresolved += 1
+        for resolved_ms in case.pending:
+            self._latency(loop, resolved_ms, resolved_ms - ts)
+        case.pending.clear()
+        self._with_pending.discard(key)
+
+    def _resolution(self, loop: str, key: str, case: Case, ts: int) -> None:
+        if case.input_ms is not None and not case.resolved:
+            bucket = self._existing_bucket(loop, case.input_ms)
+            if bucket is not None:
+                bucket.unresolved -= 1
+        case.resolved = True
+        if case.input_ms is None:
+            case.pending.append(ts)
+            self._with_pending.add(key)
+        else:
+            self._latency(loop, ts, ts - case.input_ms)
+
+    def _latency(self, loop: str, resolved_ms: int, latency_ms: int) -> None:
+        bucket = self._existing_bucket(loop, resolved_ms)
+        if bucket is not None:
+            # A resolution stamped before its input (clock skew) counts as zero latency.
+            seconds = max(latency_ms, 0) / 1000.0
+            bucket.latency.add(seconds)
+            if self.on_latency is not None:
+                self.on_latency(loop, seconds)
+
+    # -- time -------------------------------------------------------------------------------
+
+    def advance(self, watermark_ms: int) -> None:
+        """Move event time forward: drop unjoined resolutions past the allowed lateness, and
+        cases and buckets past the horizon (they can no longer change)."""
+        if watermark_ms > self.watermark_ms:
+            self.watermark_ms = watermark_ms
+            self._watermark_changed = True
+        bucket_ms = self.config.bucket_ms
+        self._next_sweep_ms = -(-(self.watermark_ms + 1) // bucket_ms) * bucket_ms
+        lateness = self.watermark_ms - self.config.allowed_lateness_ms
+        for key in [k for k in self._with_pending if self.cases[k].touched_ms < lateness]:
+            case = self.cases[key]
+            case.pending = [t for t in case.pending if t > lateness]
+            if not case.pending:
+                self._with_pending.discard(key)
+            self._changed_cases.add(key)
+        horizon = self.watermark_ms - self.horizon_ms
+        while self._expiry and self._expiry[0][0] <= horizon:
+            touched, key = heapq.heappop(self._expiry)
+            expired = self.cases.get(key)
+            if expired is not None and expired.touched_ms == touched:
+                del self.cases[key]
+                self._with_pending.discard(key)
+                self._changed_cases.add(key)
+        last_closed = horizon // bucket_ms  # buckets ending at or before the horizon
+        for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
+            aggregate = self.buckets.pop(bucket_key)
+            self._changed_buckets.add(bucket_key)
+            if bucket_key in self._unsent:
+                self._final[bucket_key] = aggregate
+
+    # -- output -----------------------------------------------------------------------------
+
+    def drain(self) -> Iterator[Partial | EvalCaseChange]:
+        """What changed since the last drain, for stage 2: one Partial per loop whose buckets
+        (or whose partition's watermark) moved, and the eval cases seen."""
+        yield from self._eval_cases
+        self._eval_cases = []
+        by_loop: dict[str, dict[int, Aggregate]] = {}
+        for loop, index in self._unsent:
+            aggregate = self.buckets.get((loop, index)) or self._final[(loop, index)]
+            by_loop.setdefault(loop, {})[index] = aggregate
+        if self._watermark_changed:
+            for loop in self.known_loops:
+                by_loop.setdefault(loop, {})
+        for loop in sorted(by_loop):
+            yield Partial(self.partition, loop, self.watermark_ms, by_loop[loop])
+        self._unsent, self._final = set(), {}
+        self._watermark_changed = False
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def changed_records(self) -> dict[str, Any]:
+        """Record key -> JSON value (None = deleted) of everything changed since the last call."""
+        records: dict[str, Any] = {}
+        for loop, index in self._changed_buckets:
+            aggregate = self.buckets.get((loop, index))
+            records[f"b/{loop}/{index}"] = None if aggregate is None else aggregate.to_json()
+        for key in self._changed_cases:
+            case = self.cases.get(key)
+            records[f"c/{key}"] = None if case is None else case.to_json()
+        records[WATERMARK_KEY] = {"wm": self.watermark_ms, "loops": sorted(self.known_loops)}
+        self._changed_buckets = set()
+        self._changed_cases = set()
+        return records
+
+    @classmethod
+    def from_records(
+        cls,
+        config: CoreConfig,
+        partition: int,
+        records: Mapping[str, Any],
+        on_latency: Callable[[str, float], None] | None = None,
+    ) -> PartitionCore:
+        """Rebuild the state that ``changed_records`` wrote (resume comes from the snapshot)."""
+        core = cls(config, partition, on_latency)
+        for key, value in records.items():
+            if key == WATERMARK_KEY:
+                core.watermark_ms = int(value["wm"])
+                core.known_loops.update(value["loops"])
+            elif key.startswith("b/"):
+                loop, _, index = key[2:].rpartition("/")
+                core.buckets[(loop, int(index))] = Aggregate.from_json(value)
+                core.known_loops.add(loop)
+            elif key.startswith("c/"):
+                case = core.cases[key[2:]] = Case.from_json(value)
+                core._expiry.append((case.touched_ms, key[2:]))
+                if case.pending:
+                    core._with_pending.add(key[2:])
+        heapq.heapify(core._expiry)
+        bucket_ms = config.bucket_ms
+        core._next_sweep_ms = -(-(core.watermark_ms + 1) // bucket_ms) * bucket_ms
+        return core
