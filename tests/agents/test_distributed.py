@@ -1,0 +1,142 @@
+"""Exact across partitions and workers, and across a SIGKILL: on the real broker, the snapshots
+the workers publish equal replay of the same events, number for number."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from pipeline.codec import Codec
+from pipeline.generator import Scenario, TrafficGenerator
+from pipeline.processor import Processor
+from pipeline.settings import Settings
+from tests.agents.test_five_numbers_live import _gauge
+from tests.agents.test_ingest import _publish
+from tests.conftest import WorkerProcess, free_port, wait_for
+
+pytestmark = pytest.mark.broker
+START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+Events = list[tuple[str, dict[str, Any]]]
+
+
+def _traffic(seed: int, count: int) -> Events:
+    scenario = Scenario(cost_spike_at=60, latency_regression_at=30)
+    events = list(islice(TrafficGenerator(seed, START, 20.0, scenario), count))
+    return events + events[200:215]  # redelivered copies count once
+
+
+async def _latest_snapshots(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The newest MetricSnapshot of each loop on loopline.metrics."""
+    consumer = AIOKafkaConsumer(
+        settings.topic("metrics"),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    codec, latest = Codec.load(), {}
+    try:
+        ends: dict[Any, int] = {}
+        async with asyncio.timeout(30):
+            while True:
+                for messages in (await consumer.getmany(timeout_ms=300)).values():
+                    for m in messages:
+                        record = codec.decode(m.value).record
+                        latest[record["loop"]] = record
+                tps = list(consumer.assignment())
+                if tps and not ends:
+                    ends = await consumer.end_offsets(tps)
+                if ends and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                    break
+    finally:
+        await consumer.stop()
+    return latest
+
+
+def _mismatch(settings: Settings, events: Events) -> str | None:
+    """None when every loop's latest published snapshot equals replay at the same as_of."""
+    published = asyncio.run(_latest_snapshots(settings))
+    replayed = Processor(settings.core_config())
+    for topic, record in events:
+        replayed.process(topic, record)
+    loops = replayed.snapshot()["loops"]
+    if set(published) != set(loops):
+        return f"loops {sorted(published)} != {sorted(loops)}"
+    for loop, record in published.items():
+        as_of = int(record["ts"].timestamp() * 1000)
+        expected = replayed.snapshot(as_of)["loops"][loop]["windows"]
+        if json.loads(record["windows_json"]) != expected:
+            return f"{loop} as of {record['ts']}: windows differ"
+        if record["unresolved_cases"] != replayed.unresolved(as_of)[loop]:
+            return f"{loop}: unresolved {record['unresolved_cases']}"
+    return None
+
+
+def _wait_exact(settings: Settings, events: Events, workers: list[WorkerProcess]) -> None:
+    state: dict[str, str | None] = {"last": "nothing read yet"}
+
+    def exact() -> bool:
+        assert not any(w.exited() for w in workers), [w.log_tail() for w in workers]
+        state["last"] = _mismatch(settings, events)
+        return state["last"] is None
+
+    try:
+        wait_for(exact, 180, "published snapshots equal to replay", every=2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last difference: {state['last']}") from None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_and_two_workers_publish_the_replay_snapshot(
+    workers: int,
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = make_settings(hourly_rates={"refunds": 30.0})
+    events = _traffic(21, 4000)
+    asyncio.run(_publish(settings, events))
+    running = [start_worker(settings)]
+    for _ in range(workers - 1):
+        running.append(start_worker(dataclasses.replace(settings, web_port=free_port())))
+    _wait_exact(settings, events, running)
+    # /metrics: each loop's gauges come from exactly one worker, with the replay's values.
+    replayed = Processor(settings.core_config())
+    for topic, record in events:
+        replayed.process(topic, record)
+    published = asyncio.run(_latest_snapshots(settings))
+    for loop, record in published.items():
+        window = json.loads(record["windows_json"])["1h"]
+        values = [_gauge(w, "loopline_coverage_ratio", loop=loop, window="1h") for w in running]
+        assert [v for v in values if v is not None] == [window["coverage"]], (loop, values)
+    if workers == 2:
+        exporting = [
+            w
+            for w in running
+            if _gauge(w, "loopline_toil_hours", window="7d", loop="refunds") is not None
+        ]
+        assert len(exporting) == 1
+
+
+def test_a_worker_killed_midway_recovers_without_counting_twice(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = make_settings()
+    events = _traffic(33, 12_000)
+    first, second = events[:6000], events[6000:]
+    asyncio.run(_publish(settings, first))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    worker.stop(signal.SIGKILL)
+    asyncio.run(_publish(settings, second))
+    restarted = start_worker(settings)
+    _wait_exact(settings, events, [restarted])
