@@ -37,7 +37,7 @@ def register(
     def build(partition: int, records: Mapping[str, Any]) -> LoopView:
         return LoopView.from_records(config, records.items())
 
-    views = CheckpointedPartitions(state_table(app, "loop-state", settings.partitions), build)
+    views = CheckpointedPartitions(app, state_table(app, "loop-state", settings.partitions), build)
 
     @app.agent(partials, name="loopline.loops")
     async def merge(stream: faust.StreamT[bytes]) -> None:
@@ -60,7 +60,7 @@ def register(
                         log.exception("bad partial")
                         reason = "processing_error"
                         await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
-                views.commit(partition, view.changed_records(), offsets)
+                await views.commit(partition, view.changed_records(), offsets)
 
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def publish_numbers() -> None:

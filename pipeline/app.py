@@ -34,6 +34,9 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         web_port=settings.web_port,
         web_host=settings.web_host,
         consumer_auto_offset_reset="earliest",
+        # Larger fetches and stream buffers: the agents take events in batches of thousands.
+        broker_max_poll_records=5000,
+        stream_buffer_maxsize=20000,
         autodiscover=False,
     )
 
