@@ -132,6 +132,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--port", type=int, default=39092, help="local broker port")
     parser.add_argument("--probes", type=int, default=50)
+    parser.add_argument(
+        "--lateness-seconds",
+        type=int,
+        default=None,
+        help="the worker's allowed lateness and SLA (state is kept for twice this much event "
+        "time; the default 1 h is longer than the events span, so state grows throughout)",
+    )
     args = parser.parse_args()
 
     base = Settings.from_env()
@@ -163,6 +170,9 @@ def main() -> None:
             LOOPLINE_WEB_PORT=str(settings.web_port),
             LOOPLINE_LOG_LEVEL="warning",
         )
+        if args.lateness_seconds:
+            env["LOOPLINE_ALLOWED_LATENESS_SECONDS"] = str(args.lateness_seconds)
+            env["LOOPLINE_SLA_SECONDS"] = str(args.lateness_seconds)
         url = f"http://127.0.0.1:{settings.web_port}/metrics"
         with (data_dir / "worker.log").open("wb") as worker_log:
             worker = subprocess.Popen(

@@ -43,6 +43,11 @@ def _prefix(raw: str) -> str:
     return raw
 
 
+def _names(raw: str) -> frozenset[str]:
+    """``refunds,kyc-review`` -> frozenset({"refunds", "kyc-review"})."""
+    return frozenset(filter(None, (part.strip() for part in raw.split(","))))
+
+
 def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -75,6 +80,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "sla_seconds": _positive_int,
     "loop_sla_seconds": _per_loop,
     "hourly_rates": _per_loop,
+    "loops": _names,
 }
 
 
@@ -99,6 +105,7 @@ class Settings:
     sla_seconds: int = 3600
     loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)
+    loops: frozenset[str] = frozenset()  # when set, any other loop is counted as "other"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -134,6 +141,7 @@ class Settings:
             default_sla_ms=self.sla_seconds * 1000,
             sla_ms={loop: int(s * 1000) for loop, s in self.loop_sla_seconds.items()},
             hourly_rates=dict(self.hourly_rates),
+            loops=self.loops,
         )
 
     def topic(self, name: str) -> str:

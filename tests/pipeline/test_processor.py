@@ -194,3 +194,23 @@ def test_week_over_week_delta_compares_the_same_window_a_week_earlier() -> None:
     assert window["wow_delta"]["coverage"] == 0.5
     assert window["wow_delta"]["toil_hours"] == -1.0
     assert window["wow_delta"]["resolved"] == 1
+
+
+def test_only_configured_loops_keep_their_name() -> None:
+    proc = Processor(CoreConfig(loops=frozenset({"refunds"})))
+    proc.process(*_resolution("a", "c1", 5, "SYSTEM", "RESOLVED"))
+    for n, loop in enumerate(["kyc", "billing"]):
+        topic, record = _resolution(f"x{n}", f"d{n}", 6, "HUMAN", "RESOLVED")
+        proc.process(topic, {**record, "loop": loop})
+    loops = proc.snapshot(T0 + 10 * S)["loops"]
+    assert sorted(loops) == ["other", "refunds"]
+    assert loops["other"]["windows"]["5m"]["resolved"] == 2
+    assert loops["other"]["windows"]["5m"]["coverage"] == 0.0
+
+
+def test_late_events_past_the_allowed_lateness_are_refused() -> None:
+    proc = Processor(CoreConfig(allowed_lateness_ms=60 * S))
+    assert proc.process(*_resolution("a", "c1", 200, "SYSTEM", "RESOLVED")) == "ok"
+    assert proc.process(*_resolution("b", "c2", 141, "SYSTEM", "RESOLVED")) == "ok"  # 59 s late
+    assert proc.process(*_resolution("c", "c3", 140, "SYSTEM", "RESOLVED")) == "too_late"
+    assert proc.snapshot(T0 + 200 * S)["loops"]["refunds"]["windows"]["5m"]["resolved"] == 2

@@ -24,6 +24,8 @@ def test_defaults_and_environment_values() -> None:
     assert settings.partitions == 8
     assert settings.topic("inputs") == "prod.inputs"
     assert settings.data_dir == Path("/var/lib/loopline")
+    loops = Settings.from_env({"LOOPLINE_LOOPS": "refunds, kyc-review,"}).core_config().loops
+    assert loops == frozenset({"refunds", "kyc-review"})
 
 
 @pytest.mark.parametrize(
