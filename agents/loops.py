@@ -62,8 +62,20 @@ def register(
                         await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
                 await views.commit(partition, view.changed_records(), offsets)
 
+    partials_topic = partials.get_topic_name()
+
+    def load_assigned() -> None:
+        """Load every owned partition's view once recovery is done, so a restarted worker
+        exports its loops before any new partial arrives."""
+        if not cast(Any, app.tables).recovery.completed.is_set():
+            return
+        for tp in app.consumer.assignment():
+            if tp.topic == partials_topic:
+                views.get(tp.partition)
+
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def publish_numbers() -> None:
+        load_assigned()
         combined: dict[str, Any] = {}
         unresolved: dict[str, int] = {}
         as_of = 0

@@ -140,3 +140,16 @@ def test_a_worker_killed_midway_recovers_without_counting_twice(
     asyncio.run(_publish(settings, second))
     restarted = start_worker(settings)
     _wait_exact(settings, events, [restarted])
+    # Killed again with nothing new to read: the next process exports every loop all the same.
+    restarted.stop(signal.SIGKILL)
+    again = start_worker(settings)
+    published = asyncio.run(_latest_snapshots(settings))
+    wait_for(
+        lambda: all(
+            _gauge(again, "loopline_toil_hours", loop=loop, window="7d")
+            == pytest.approx(json.loads(record["windows_json"])["7d"]["toil_hours"])
+            for loop, record in published.items()
+        ),
+        180,  # the killed member holds its partitions until its session times out (60 s)
+        "the restarted worker's gauges without new traffic",
+    )
