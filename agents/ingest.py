@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import faust
 
-from agents.state import CheckpointedPartitions, state_table
+from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter
@@ -28,9 +28,6 @@ from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
 
 log = logging.getLogger(__name__)
-
-BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.2
 
 
 class DeadLetters:
@@ -128,12 +125,7 @@ def register(
 
     @app.agent(source, name="loopline.ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
-            BATCH_EVENTS, within=BATCH_SECONDS
-        ):
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in events:
-                by_partition[event.message.partition].append(event.message)
+        async for by_partition in batches_by_partition(stream):
             tally = Tally()
             for partition, messages in by_partition.items():
                 core, checkpoint = states.get(partition)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, cast
 
 import faust
 
-from agents.ingest import BATCH_EVENTS, BATCH_SECONDS, DeadLetters
-from agents.state import CheckpointedPartitions, state_table
+from agents.ingest import DeadLetters
+from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec
 from pipeline.loopview import LoopView, iso, partial_from_json
 from pipeline.metrics import PipelineMetrics
@@ -41,12 +40,7 @@ def register(
 
     @app.agent(partials, name="loopline.loops")
     async def merge(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
-            BATCH_EVENTS, within=BATCH_SECONDS
-        ):
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in events:
-                by_partition[event.message.partition].append(event.message)
+        async for by_partition in batches_by_partition(stream):
             for partition, messages in by_partition.items():
                 view, checkpoint = views.get(partition)
                 offsets: dict[str, int] = {}
