@@ -174,13 +174,16 @@ class LoopView:
         return max((s.watermark_ms for s in self.loops.values()), default=0)
 
     def default_as_of(self) -> int:
-        return align_up(self.watermark_ms, self.config.bucket_ms)
+        return self._as_of(None)
+
+    def _as_of(self, as_of_ms: int | None) -> int:
+        """The given time (default: the watermark) rounded up to the bucket grid."""
+        chosen = self.watermark_ms if as_of_ms is None else as_of_ms
+        return align_up(chosen, self.config.bucket_ms)
 
     def snapshot(self, as_of_ms: int | None = None) -> dict[str, Any]:
         """DESIGN.md's snapshot JSON (plus week-over-week deltas per window)."""
-        as_of = align_up(
-            self.default_as_of() if as_of_ms is None else as_of_ms, self.config.bucket_ms
-        )
+        as_of = self._as_of(as_of_ms)
         loops = {
             loop: state.numbers(as_of)
             for loop, state in sorted(self.loops.items())
@@ -189,9 +192,7 @@ class LoopView:
         return {"as_of": iso(as_of), "loops": loops}
 
     def unresolved(self, as_of_ms: int | None = None) -> dict[str, int]:
-        as_of = align_up(
-            self.default_as_of() if as_of_ms is None else as_of_ms, self.config.bucket_ms
-        )
+        as_of = self._as_of(as_of_ms)
         return {loop: s.unresolved(as_of) for loop, s in sorted(self.loops.items()) if s.marks}
 
     def changed_records(self) -> dict[str, Any]:

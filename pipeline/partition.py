@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.aggregates import Aggregate
 from pipeline.core import CoreConfig, to_ms, verdicts_of
+from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
 
@@ -217,7 +218,7 @@ class PartitionCore:
             self.watermark_ms = watermark_ms
             self._watermark_changed = True
         bucket_ms = self.config.bucket_ms
-        self._next_sweep_ms = -(-(self.watermark_ms + 1) // bucket_ms) * bucket_ms
+        self._next_sweep_ms = align_up(self.watermark_ms + 1, bucket_ms)
         lateness = self.watermark_ms - self.config.allowed_lateness_ms
         for key in [k for k in self._with_pending if self.cases[k].touched_ms < lateness]:
             case = self.cases[key]
@@ -299,6 +300,5 @@ class PartitionCore:
                 if case.pending:
                     core._with_pending.add(key[2:])
         heapq.heapify(core._expiry)
-        bucket_ms = config.bucket_ms
-        core._next_sweep_ms = -(-(core.watermark_ms + 1) // bucket_ms) * bucket_ms
+        core._next_sweep_ms = align_up(core.watermark_ms + 1, config.bucket_ms)
         return core
