@@ -298,5 +298,13 @@ def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool) -> 
         raise click.ClickException(str(exc)) from None
 
 
+def _register_archive_commands() -> None:
+    from sinks.archive.cli import register
+
+    register(main)
+
+
+_register_archive_commands()
+
 if __name__ == "__main__":
     main()

@@ -81,6 +81,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "loop_sla_seconds": _per_loop,
     "hourly_rates": _per_loop,
     "loops": _names,
+    "archive_path": _path,
+    "archive_batch_rows": _positive_int,
+    "archive_batch_seconds": _positive_float,
 }
 
 
@@ -106,6 +109,9 @@ class Settings:
     loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)
     loops: frozenset[str] = frozenset()  # when set, any other loop is counted as "other"
+    archive_path: Path | None = None  # the DuckDB archive; default <data_dir>/archive.duckdb
+    archive_batch_rows: int = 50_000
+    archive_batch_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -143,6 +149,10 @@ class Settings:
             hourly_rates=dict(self.hourly_rates),
             loops=self.loops,
         )
+
+    @property
+    def archive_file(self) -> Path:
+        return self.archive_path or self.data_dir / "archive.duckdb"
 
     def topic(self, name: str) -> str:
         """The full Kafka topic name of a logical topic such as ``inputs``."""

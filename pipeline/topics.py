@@ -27,6 +27,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("eval-cases", "EvalCase", compacted=True),
     TopicSpec("dlq", "DeadLetter"),
     TopicSpec("metrics", "MetricSnapshot"),
+    TopicSpec("alerts", "Alert"),
+    TopicSpec("eval-candidates", "EvalCandidate"),
+    TopicSpec("reviews", "ReviewDecision"),
     TopicSpec("partials", "", internal=True),
 )
 
@@ -34,6 +37,9 @@ TOPICS: tuple[TopicSpec, ...] = (
 SOURCE_TOPICS = ("inputs", "resolutions", "eval-results", "eval-cases")
 
 RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS if not t.internal}
+
+#: Every contract topic, by logical name: what the archive stores.
+CONTRACT_TOPICS = tuple(RECORD_OF)
 
 
 def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
@@ -46,6 +52,12 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
         return str(record["case_id"]).encode()
     if topic == "metrics":
         return str(record["loop"]).encode()
+    if topic == "alerts":
+        return str(record["fingerprint"]).encode()
+    if topic == "eval-candidates":
+        return str(record["case_id"]).encode()
+    if topic == "reviews":
+        return str(record["candidate_id"]).encode()
     return None
 
 

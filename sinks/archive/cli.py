@@ -1,0 +1,214 @@
+"""``loopline archive``, ``query``, ``report`` and ``gate``: the archive's command line edge."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import signal
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_db_opt = click.option(
+    "--db",
+    "db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The DuckDB archive (default: LOOPLINE_ARCHIVE_PATH, else <data_dir>/archive.duckdb).",
+)
+
+
+def _settings(ctx: click.Context, db: Path | None = None) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    if db is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, archive_path=db)
+    return settings
+
+
+def open_archive(settings: Settings) -> Any:
+    from pipeline.codec import Codec
+    from sinks.archive.store import Archive
+    from sinks.archive.tables import build_tables
+
+    return Archive(settings.archive_file, build_tables(Codec.load(), settings.hourly_rates))
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@click.group("archive")
+def archive_group() -> None:
+    """The DuckDB archive: run the sink, export Parquet."""
+
+
+@archive_group.command("run")
+@_db_opt
+@click.pass_context
+def archive_run(ctx: click.Context, db: Path | None) -> None:
+    """Archive every loopline topic into DuckDB until Ctrl-C (one sink per archive file)."""
+    from pipeline.topics import CONTRACT_TOPICS, ensure_topics
+    from sinks.archive.sink import ArchiveSink
+    from sinks.archive.store import ArchiveError
+    from sinks.base import BatchPolicy
+    from sinks.runner import SinkRunner
+
+    settings = _settings(ctx, db)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(message)s")
+    archive = open_archive(settings)
+    settings.archive_file.parent.mkdir(parents=True, exist_ok=True)
+    policy = BatchPolicy(settings.archive_batch_rows, settings.archive_batch_seconds)
+    sink = ArchiveSink(archive, archive.by_topic, policy)
+    runner = SinkRunner(
+        settings, sink, CONTRACT_TOPICS, f"{settings.app_id}-archive", report=click.echo
+    )
+
+    async def main() -> None:
+        await ensure_topics(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        click.echo(f"archiving {len(CONTRACT_TOPICS)} topics into {settings.archive_file}")
+        await runner.run(stop)
+
+    try:
+        archive.initialise()
+        asyncio.run(main())
+    except ArchiveError as exc:
+        raise _fail(exc) from None
+    written = ", ".join(f"{n:,} {t}" for t, n in sorted(sink.written.items()))
+    click.echo(
+        f"archive stopped: {written or 'no new rows'}; {sum(sink.skipped.values()):,} "
+        "copies already stored were skipped"
+    )
+
+
+@archive_group.command("export-parquet")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--table", "tables", multiple=True, help="Tables to export (default: all).")
+@_db_opt
+@click.pass_context
+def export_parquet(
+    ctx: click.Context, out_dir: Path, tables: tuple[str, ...], db: Path | None
+) -> None:
+    """Write tables as Parquet under OUT_DIR/<table>/loop=<loop>/day=<YYYY-MM-DD>/."""
+    from sinks.archive.export import export_parquet as export
+    from sinks.archive.store import ArchiveError
+
+    archive = open_archive(_settings(ctx, db))
+    try:
+        counts = export(archive, out_dir, tables or None)
+    except (ArchiveError, ValueError) as exc:
+        raise _fail(exc) from None
+    for table, n in counts.items():
+        click.echo(f"{table}: {n:,} rows -> {out_dir / table}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+@click.command("query")
+@click.argument("sql")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@_db_opt
+@click.pass_context
+def query(ctx: click.Context, sql: str, fmt: str, db: Path | None) -> None:
+    """Run SQL read-only against the archive (tables and v_* views; see the README)."""
+    from sinks.archive.store import ArchiveError
+
+    archive = open_archive(_settings(ctx, db))
+    try:
+        with archive.connect(read_only=True, wait_seconds=15.0) as con:
+            if fmt == "table":
+                relation = con.sql(sql)
+                if relation is None:
+                    return
+                relation.show(max_width=100_000, max_rows=10_000, max_col_width=80)
+                return
+            cursor = con.execute(sql)
+            names = [d[0] for d in cursor.description or []]
+            rows = cursor.fetchall()
+    except ArchiveError as exc:
+        raise _fail(exc) from None
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows([[_plain(v) for v in row] for row in rows])
+    else:
+        for row in rows:
+            click.echo(json.dumps({n: _plain(v) for n, v in zip(names, row, strict=True)}))
+
+
+@click.command("gate")
+@click.option("--loop", "loop_name", required=True, help="The loop the release serves.")
+@click.option("--release", required=True, help="The release to judge.")
+@click.option("--min-pass-rate", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option(
+    "--min-cases",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Distinct eval cases each suite needs.",
+)
+@_db_opt
+@click.pass_context
+def gate(
+    ctx: click.Context,
+    loop_name: str,
+    release: str,
+    min_pass_rate: float,
+    min_cases: int,
+    db: Path | None,
+) -> None:
+    """Exit 0 if RELEASE passes CURRENT and HISTORICAL evals, 1 if it fails, 2 if the archive
+    holds too little evidence; prints why."""
+    from sinks.archive.gate import GATE_QUERY, SuiteEvidence, evaluate_gate
+    from sinks.archive.store import ArchiveError
+
+    archive = open_archive(_settings(ctx, db))
+    try:
+        with archive.connect(read_only=True, wait_seconds=15.0) as con:
+            rows = con.execute(GATE_QUERY, [loop_name, release]).fetchall()
+    except ArchiveError as exc:
+        click.echo(f"gate: cannot read the archive: {exc}", err=True)
+        sys.exit(2)
+    evidence = {
+        row[0]: SuiteEvidence(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows
+    }
+    result = evaluate_gate(evidence, min_pass_rate, min_cases)
+    click.echo(f"{result.verdict}: release {release} of loop {loop_name}")
+    for reason in result.reasons:
+        click.echo(f"  {reason}")
+    sys.exit(result.code)
+
+
+def register(main: click.Group) -> None:
+    for command in (archive_group, query, gate):
+        main.add_command(command)

@@ -1,0 +1,173 @@
+"""The DuckDB archive file: schema, idempotent batch writes, read-only access, clear errors.
+
+DuckDB lets one process write a database file at a time, and a reader in another process
+cannot open it while a writer holds it. So the archive is opened only for the length of one
+batch write (or one query) and closed again: analysts can query while the sink runs, and a
+writer that finds the file locked gets ArchiveLocked and tries again later, losing nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from sinks.archive.tables import Table
+from sinks.archive.views import views_sql
+from sinks.base import SinkBackpressure
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveError(RuntimeError):
+    """The archive cannot be used (not a DuckDB file, a query failed, ...)."""
+
+
+class ArchiveLocked(SinkBackpressure):
+    """Another process holds the DuckDB file; try again shortly."""
+
+
+class ArchiveFull(SinkBackpressure):
+    """The file system refused to grow the DuckDB file (disk full, quota, file size limit)."""
+
+
+_FULL = (
+    "no space left on device",
+    "disk full",
+    "file too large",
+    "disk quota exceeded",
+    "could not write",
+    "could not fsync",
+    "could not truncate",
+    "could not extend",
+)
+
+
+def _classify(path: Path, exc: BaseException) -> BaseException:
+    text = str(exc)
+    lower = text.lower()
+    if "could not set lock" in lower or "conflicting lock" in lower:
+        holder = (
+            text.split("Conflicting lock is held in", 1)[-1].strip() if "held in" in text else ""
+        )
+        detail = f" (held by{holder.split('(', 1)[0] and ' ' + holder})" if holder else ""
+        return ArchiveLocked(f"archive {path} is locked by another process{detail}", 2.0)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ArchiveFull(f"archive {path}: the disk is full ({exc.strerror})", 10.0)
+    if isinstance(exc, duckdb.IOException | duckdb.FatalException) and any(
+        marker in lower for marker in _FULL
+    ):
+        return ArchiveFull(f"archive {path}: cannot write, the disk is probably full: {text}", 10.0)
+    return ArchiveError(f"archive {path}: {text}")
+
+
+class Archive:
+    """One DuckDB archive file and the tables it holds."""
+
+    def __init__(self, path: Path, tables: Mapping[str, Table]) -> None:
+        """``tables`` by contract topic, as sinks.archive.tables.build_tables gives them."""
+        self.path = Path(path)
+        self.by_topic = dict(tables)
+        self.tables = {t.name: t for t in tables.values()}
+        self._schema_ready = False
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        if read_only and not self.path.exists():
+            raise ArchiveError(f"archive {self.path} does not exist (has the sink run yet?)")
+        try:
+            con = duckdb.connect(str(self.path), read_only=read_only)
+            con.execute("SET TimeZone = 'UTC'")
+            return con
+        except (duckdb.Error, OSError) as exc:
+            raise _classify(self.path, exc) from exc
+
+    @contextmanager
+    def connect(
+        self, read_only: bool = False, wait_seconds: float = 0.0
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for one unit of work; DuckDB errors become Archive* errors. A locked
+        file is retried for up to ``wait_seconds`` (the sink holds it only while it flushes)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                con = self._open(read_only)
+                break
+            except ArchiveLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        try:
+            yield con
+        except (duckdb.Error, OSError) as exc:
+            raise _classify(self.path, exc) from exc
+        finally:
+            try:
+                con.close()
+            except duckdb.Error as exc:  # the checkpoint at close can hit a full disk too
+                log.warning("closing archive %s: %s", self.path, exc)
+
+    def ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create missing tables, add columns that newer schemas brought, (re)create views."""
+        for table in self.tables.values():
+            con.execute(table.ddl())
+            have = {
+                row[0]
+                for row in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                    [table.name],
+                ).fetchall()
+            }
+            for column in table.columns:
+                if column.name not in have:
+                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {column.sql}')
+        con.execute(views_sql())
+
+    def initialise(self) -> None:
+        with self.connect() as con:
+            self.ensure_schema(con)
+        self._schema_ready = True
+
+    def write(self, batch: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, int]:
+        """Insert every row in one transaction; rows whose key is already stored are skipped
+        (replaced, for tables that keep the latest version). Returns rows new per table."""
+        arrow = {name: self._arrow(self.tables[name], rows) for name, rows in batch.items()}
+        added: dict[str, int] = {}
+        with self.connect() as con:
+            if not self._schema_ready:
+                self.ensure_schema(con)
+                self._schema_ready = True
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for name, data in arrow.items():
+                    table = self.tables[name]
+                    before = self._count(con, name)
+                    verb = "INSERT OR REPLACE" if table.replace else "INSERT OR IGNORE"
+                    con.register("loopline_batch", data)
+                    con.execute(f"{verb} INTO {name} BY NAME SELECT * FROM loopline_batch")
+                    con.unregister("loopline_batch")
+                    added[name] = self._count(con, name) - before
+                con.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):  # already rolled back by a failed COMMIT
+                    con.execute("ROLLBACK")
+                raise
+        return added
+
+    @staticmethod
+    def _count(con: duckdb.DuckDBPyConnection, name: str) -> int:
+        row = con.execute(f"SELECT count(*) FROM {name}").fetchall()
+        return int(row[0][0])
+
+    @staticmethod
+    def _arrow(table: Table, rows: list[Mapping[str, Any]]) -> pa.Table:
+        """The batch as Arrow, one row per key (the last one wins, as on a compacted topic)."""
+        unique = {tuple(row[k] for k in table.key): row for row in rows}
+        return pa.Table.from_pylist(list(unique.values()), schema=table.arrow_schema)
