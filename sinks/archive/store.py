@@ -62,9 +62,7 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
         return ArchiveLocked(f"archive {path} is locked by another process{detail}", 2.0)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ArchiveFull(f"archive {path}: the disk is full ({exc.strerror})", 10.0)
-    if isinstance(exc, duckdb.IOException | duckdb.FatalException) and any(
-        marker in lower for marker in _FULL
-    ):
+    if isinstance(exc, duckdb.Error) and any(marker in lower for marker in _FULL):
         return ArchiveFull(f"archive {path}: cannot write, the disk is probably full: {text}", 10.0)
     return ArchiveError(f"archive {path}: {text}")
 

@@ -1,0 +1,202 @@
+"""The archive store and sink without Kafka: idempotent writes, flattening, lock and full disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.codec import Codec
+from sinks.archive.sink import ArchiveSink
+from sinks.archive.store import Archive, ArchiveLocked
+from sinks.archive.tables import build_tables, metric_rows
+from sinks.base import BatchPolicy
+from tests.sinks.factories import at, eval_case, input_event, resolution, snapshot
+
+
+def make_archive(path: Path, rates: dict[str, float] | None = None) -> Archive:
+    return Archive(path, build_tables(Codec.load(), rates))
+
+
+def make_sink(archive: Archive, rows: int = 1_000_000) -> ArchiveSink:
+    return ArchiveSink(archive, archive.by_topic, BatchPolicy(max_records=rows, max_seconds=3600))
+
+
+def fetch(archive: Archive, sql: str) -> list[tuple[Any, ...]]:
+    with archive.connect(read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_rows_equal_records_and_a_rewrite_adds_nothing(tmp_path: Path) -> None:
+    archive = make_archive(tmp_path / "a.duckdb", {"refunds": 30.0})
+    first = input_event("i1", "c1", at(0, 10), features={"amount": 3.5, "items": 2.0})
+    second = input_event("i2", "c2", at(1), channel=None, embedding=None, tokens=None)
+    res = resolution("r1", "c1", at(0, 70), human_minutes=6.0)
+    sink = make_sink(archive)
+    for offset, record in enumerate([first, second, first]):  # a redelivered copy in-batch
+        sink.add_record("inputs", record, "t.inputs", 0, offset)
+    sink.add_record("resolutions", res, "t.resolutions", 1, 41)
+    assert sink.flush() == {("t.inputs", 0): 3, ("t.resolutions", 1): 42}
+    assert sink.written == {"inputs": 2, "resolutions": 1}
+
+    rows = fetch(
+        archive,
+        "SELECT event_id, case_id, ts, channel, features, attributes, embedding, tokens "
+        "FROM inputs ORDER BY event_id",
+    )
+    assert rows == [
+        (
+            "i1",
+            "c1",
+            at(0, 10),
+            "email",
+            {"amount": 3.5, "items": 2.0},
+            {"tier": "pro"},
+            [0.5, 0.25],
+            42,
+        ),
+        ("i2", "c2", at(1), None, {"amount": 12.5}, {"tier": "pro"}, None, None),
+    ]
+    # The resolution keeps the hourly rate that priced its human minutes when archived.
+    assert fetch(archive, "SELECT event_id, human_minutes, hourly_rate_usd FROM resolutions") == [
+        ("r1", 6.0, 30.0)
+    ]
+
+    # A restart re-reads the same offsets: nothing new.
+    again = make_sink(make_archive(tmp_path / "a.duckdb"))
+    for offset, record in enumerate([first, second]):
+        again.add_record("inputs", record, "t.inputs", 0, offset)
+    again.flush()
+    assert again.written == {"inputs": 0} and again.skipped == {"inputs": 2}
+    assert fetch(archive, "SELECT count(*) FROM inputs") == [(2,)]
+
+
+def test_eval_cases_keep_the_latest_version(tmp_path: Path) -> None:
+    archive = make_archive(tmp_path / "a.duckdb")
+    sink = make_sink(archive)
+    sink.add_record("eval-cases", eval_case("e1", at(0), expected="refund"), "t.ec", 0, 0)
+    sink.flush()
+    sink.add_record("eval-cases", eval_case("e1", at(2), expected="deny"), "t.ec", 0, 1)
+    sink.flush()
+    assert fetch(archive, "SELECT eval_case_id, ts, expected FROM eval_cases") == [
+        ("e1", at(2), "deny")
+    ]
+
+
+def test_a_metric_snapshot_becomes_one_row_per_number() -> None:
+    drift = {"detected": True, "features": {"category": {"js": 0.3, "psi": 0.4, "drifted": True}}}
+    rows = list(metric_rows(snapshot(at(0), drift=drift)))
+    by_key = {(r["window"], r["metric"], r["labels"]): r["value"] for r in rows}
+    # 12 numbers in the 5m window, their 12 deltas, unresolved_cases, and 4 drift rows.
+    assert len(rows) == len(by_key) == 29
+    assert by_key[("5m", "coverage", "{}")] == 0.5
+    assert by_key[("5m", "quality", '{"suite":"historical"}')] is None
+    assert by_key[("5m", "latency_seconds", '{"quantile":"p99"}')] == 30.0
+    assert by_key[("5m", "coverage_wow_delta", "{}")] == -0.25
+    assert by_key[("5m", "quality_wow_delta", '{"suite":"all"}')] == 0.0
+    assert by_key[("", "unresolved_cases", "{}")] == 3.0
+    assert by_key[("", "drift_detected", "{}")] == 1.0
+    assert by_key[("", "drift_score", '{"feature":"category","method":"psi"}')] == 0.4
+    assert by_key[("", "drift_feature_drifted", '{"feature":"category"}')] == 1.0
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1])
+    print("locked", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_a_locked_archive_keeps_the_batch_until_it_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    archive = make_archive(path)
+    archive.initialise()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        sink = make_sink(archive)
+        sink.add_record("inputs", input_event("i1", "c1", at(0)), "t.inputs", 0, 7)
+        with pytest.raises(
+            ArchiveLocked, match=r"archive .*a\.duckdb is locked by another process"
+        ):
+            sink.flush()
+        assert sink.pending == 1  # nothing lost, nothing to commit yet
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert sink.flush() == {("t.inputs", 0): 8}
+    assert fetch(archive, "SELECT event_id FROM inputs") == [("i1",)]
+
+
+FULL_DISK = textwrap.dedent(
+    """
+    import json, os, subprocess, sys
+    from pathlib import Path
+    mount = Path(sys.argv[1])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    from tests.sinks.test_store import make_archive, make_sink
+    from tests.sinks.factories import at, input_event
+    from sinks.archive.store import ArchiveFull
+    archive = make_archive(mount / "a.duckdb")
+    archive.initialise()
+    filler = mount / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"],
+                   capture_output=True)  # fails when the disk is full, as intended
+    sink = make_sink(archive)
+    for i in range(20_000):
+        record = input_event(f"i{i}", f"c{i}", at(0, i), text="x" * 200)
+        sink.add_record("inputs", record, "t.inputs", 0, i)
+    out = {}
+    try:
+        sink.flush()
+        out["first"] = "written"
+    except ArchiveFull as exc:
+        out["first"] = str(exc)
+    out["pending"] = sink.pending
+    filler.unlink()
+    out["positions"] = {f"{t}:{p}": o for (t, p), o in sink.flush().items()}
+    with archive.connect(read_only=True) as con:
+        out["rows"] = con.execute("SELECT count(*) FROM inputs").fetchall()[0][0]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_full_disk_keeps_the_batch_until_there_is_room(tmp_path: Path) -> None:
+    """A real 24 MiB tmpfs, mounted in a private user and mount namespace, filled up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            sys.executable,
+            "-c",
+            FULL_DISK,
+            str(mount),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["first"].startswith("archive ") and "disk" in out["first"], out["first"]
+    assert out["pending"] == 20_000
+    assert out["positions"] == {"t.inputs:0": 20_000}
+    assert out["rows"] == 20_000
