@@ -120,6 +120,8 @@ class SinkRunner:
                 for messages in batches.values():
                     for message in messages:
                         await self._add(message)
+                        if self.sink.due() and time.monotonic() >= self._retry_at:
+                            await self._flush_and_commit()
                 if self.sink.due() and time.monotonic() >= self._retry_at:
                     await self._flush_and_commit()
                 if time.monotonic() - last_report >= self.report_every:

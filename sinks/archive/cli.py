@@ -63,7 +63,7 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
     from pipeline.topics import CONTRACT_TOPICS, ensure_topics
     from sinks.archive.sink import ArchiveSink
     from sinks.archive.store import ArchiveError
-    from sinks.base import BatchPolicy
+    from sinks.base import BatchPolicy, SinkBackpressure
     from sinks.runner import SinkRunner
 
     settings = _settings(ctx, db)
@@ -87,6 +87,9 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
 
     try:
         archive.initialise()
+    except SinkBackpressure as exc:  # the first flush sets the schema up once it can
+        click.echo(f"{exc}; the sink keeps retrying", err=True)
+    try:
         asyncio.run(main())
     except ArchiveError as exc:
         raise _fail(exc) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -55,10 +56,8 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
     text = str(exc)
     lower = text.lower()
     if "could not set lock" in lower or "conflicting lock" in lower:
-        holder = (
-            text.split("Conflicting lock is held in", 1)[-1].strip() if "held in" in text else ""
-        )
-        detail = f" (held by{holder.split('(', 1)[0] and ' ' + holder})" if holder else ""
+        holder = re.search(r"held in (.+?) \(PID (\d+)\)", text)
+        detail = f" ({holder.group(1)}, PID {holder.group(2)})" if holder else ""
         return ArchiveLocked(f"archive {path} is locked by another process{detail}", 2.0)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ArchiveFull(f"archive {path}: the disk is full ({exc.strerror})", 10.0)

@@ -1,0 +1,244 @@
+"""The archive sink against the real broker: rows equal the events, once, through redelivery,
+restart, SIGKILL mid-batch and a locked archive file."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from pipeline.generator import TrafficGenerator
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from sinks.archive.cli import open_archive
+from tests.conftest import consume, settings_env, wait_for
+from tests.sinks import factories as f
+from tests.sinks.test_store import HOLD_LOCK
+
+pytestmark = pytest.mark.broker
+START = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+
+
+@dataclass
+class ArchiveProcess:
+    """A ``loopline archive run`` subprocess writing to the settings' archive file."""
+
+    settings: Settings
+    log_path: Path
+    proc: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> ArchiveProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "archive", "run"],
+                env=settings_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=90)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_archive(tmp_path: Path) -> Iterator[Callable[[Settings], ArchiveProcess]]:
+    started: list[ArchiveProcess] = []
+
+    def start(settings: Settings) -> ArchiveProcess:
+        process = ArchiveProcess(settings, tmp_path / f"archive-{len(started)}.log").start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop(signal.SIGKILL)
+
+
+def _events(count: int, skip: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    generator = iter(TrafficGenerator(5, START))
+    return [next(generator) for _ in range(skip + count)][skip:]
+
+
+def _others() -> list[tuple[str, dict[str, Any]]]:
+    """One or two records of every topic the workers and the review page produce."""
+    return [
+        ("eval-cases", f.eval_case("e1", f.at(7))),
+        ("alerts", f.alert("FIRING", f.at(7, 60), f.at(7, 60))),
+        ("alerts", f.alert("RESOLVED", f.at(7, 600), f.at(7, 60))),
+        ("eval-candidates", f.candidate("k1", f.at(7))),
+        ("reviews", f.review("k1", "ACCEPTED", f.at(7, 30), eval_case_id="e1")),
+        ("metrics", f.snapshot(f.at(7))),
+    ]
+
+
+async def _publish(settings: Settings, events: list[tuple[str, dict[str, Any]]]) -> None:
+    await ensure_topics(settings)
+    async with Publisher(settings) as publisher:
+        for topic, record in events:
+            await publisher.publish(topic, record)
+
+
+async def _publish_raw(settings: Settings, topic: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic(topic), value)
+    finally:
+        await producer.stop()
+
+
+def _query(settings: Settings, sql: str) -> list[tuple[Any, ...]]:
+    with open_archive(settings).connect(read_only=True, wait_seconds=30) as con:
+        rows: list[tuple[Any, ...]] = con.execute(sql).fetchall()
+        return rows
+
+
+def _count(settings: Settings, table: str) -> int:
+    if not settings.archive_file.exists():
+        return 0
+    return int(_query(settings, f"SELECT count(*) FROM {table}")[0][0])
+
+
+def _ids(events: list[tuple[str, dict[str, Any]]], topic: str) -> set[str]:
+    return {r["event_id"] for t, r in events if t == topic}
+
+
+def _wait_rows(settings: Settings, expected: dict[str, int], process: ArchiveProcess) -> None:
+    wait_for(
+        lambda: all(_count(settings, t) >= n for t, n in expected.items()),
+        120,
+        f"archive rows {expected}; log:\n{process.log()[-2000:]}",
+        every=1.0,
+    )
+
+
+def test_rows_equal_the_events_once_through_redelivery_and_restart(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], ArchiveProcess],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=1500, archive_batch_seconds=0.5
+    )
+    first, second = _events(4000), _events(2000, skip=4000)
+    asyncio.run(_publish(settings, first + _others()))
+    asyncio.run(_publish_raw(settings, "alerts", b"not avro"))
+    archive = start_archive(settings)
+    expected = {
+        "inputs": len(_ids(first, "inputs")),
+        "resolutions": len(_ids(first, "resolutions")),
+        "eval_results": len(_ids(first, "eval-results")),
+    }
+    _wait_rows(settings, {**expected, "metric_snapshots": 25, "dead_letters": 1}, archive)
+
+    # Redelivered copies of everything, then new events; the sink restarts in between.
+    asyncio.run(_publish(settings, first[:1500]))
+    archive.stop()
+    assert archive.proc.returncode == 0, archive.log()[-2000:]
+    asyncio.run(_publish(settings, second + first[1500:]))
+    archive = start_archive(settings)
+    both = first + second
+    expected = {
+        t.replace("-", "_"): len(_ids(both, t)) for t in ("inputs", "resolutions", "eval-results")
+    }
+    _wait_rows(settings, expected, archive)
+    archive.stop()
+
+    for topic in ("inputs", "resolutions", "eval-results"):
+        table = topic.replace("-", "_")
+        assert _query(settings, f"SELECT count(*), count(DISTINCT event_id) FROM {table}") == [
+            (len(_ids(both, topic)), len(_ids(both, topic)))
+        ]
+    # Field by field, the archived inputs are the published ones.
+    published = sorted(
+        (r["event_id"], r["case_id"], r["loop"], r["ts"], r["category"], r["tokens"])
+        for t, r in both
+        if t == "inputs"
+    )
+    archived = _query(
+        settings,
+        "SELECT event_id, case_id, loop, epoch_ms(ts), category, tokens "
+        "FROM inputs ORDER BY event_id",
+    )
+    assert archived == published
+    assert _query(settings, "SELECT rule, state FROM alerts ORDER BY ts") == [
+        ("quality_floor", "FIRING"),
+        ("quality_floor", "RESOLVED"),
+    ]
+    assert _query(settings, "SELECT candidate_id, decision FROM reviews") == [("k1", "ACCEPTED")]
+    assert _query(settings, "SELECT source_topic, reason FROM dead_letters") == [
+        (settings.topic("alerts"), "bad_header")
+    ]
+    # The bad alert also went to the DLQ topic (no worker validates alerts).
+    dlq = asyncio.run(consume(settings, "dlq", 1))
+    assert [r["reason"] for _, r in dlq] == ["bad_header"]
+
+
+def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], ArchiveProcess],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
+    )
+    events = _events(20_000)
+    asyncio.run(_publish(settings, events))
+    total = len(_ids(events, "inputs"))
+    archive = start_archive(settings)
+    wait_for(lambda: _count(settings, "inputs") > 0, 120, f"first rows; {archive.log()[-1500:]}")
+    archive.stop(signal.SIGKILL)
+    at_kill = _count(settings, "inputs")
+    assert 0 < at_kill < total, "the kill should land while the sink is still writing"
+
+    archive = start_archive(settings)
+    _wait_rows(settings, {"inputs": total}, archive)
+    archive.stop()
+    assert _query(settings, "SELECT count(*), count(DISTINCT event_id) FROM inputs") == [
+        (total, total)
+    ]
+
+
+def test_a_locked_archive_is_retried_without_losing_records(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], ArchiveProcess],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=1000, archive_batch_seconds=0.2
+    )
+    open_archive(settings).initialise()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(settings.archive_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        events = _events(3000)
+        asyncio.run(_publish(settings, events))
+        archive = start_archive(settings)
+        wait_for(lambda: "retrying in" in archive.log(), 60, "a lock error from a flush")
+    finally:
+        holder.communicate("\n", timeout=30)
+    _wait_rows(settings, {"inputs": len(_ids(events, "inputs"))}, archive)
+    archive.stop()
+    assert "is locked by another process" in archive.log()
+    assert _count(settings, "inputs") == len(_ids(events, "inputs"))
