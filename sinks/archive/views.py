@@ -68,7 +68,10 @@ WITH first_input AS (SELECT case_id, min(ts) AS input_ts FROM inputs GROUP BY ca
 SELECT r.*,
        r.model_cost_usd + r.other_cost_usd
          + r.human_minutes / 60.0 * coalesce(r.hourly_rate_usd, 0.0) AS cost_usd,
-       greatest(epoch_ms(r.ts) - epoch_ms(f.input_ts), 0) / 1000.0 AS latency_seconds
+       -- greatest() skips NULLs, so a resolution without an input needs its own case
+       CASE WHEN f.input_ts IS NOT NULL
+            THEN greatest(epoch_ms(r.ts) - epoch_ms(f.input_ts), 0) / 1000.0 END
+         AS latency_seconds
 FROM resolutions r LEFT JOIN first_input f USING (case_id);
 
 CREATE OR REPLACE VIEW v_weekly_scorecard AS
