@@ -212,6 +212,37 @@ def gate(
     sys.exit(result.code)
 
 
+@click.command("report")
+@click.option("--week", required=True, help="ISO week, e.g. 2026-W47.")
+@click.option("--loop", "loop_name", default=None, help="One loop (default: every loop).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+)
+@_db_opt
+@click.pass_context
+def report(
+    ctx: click.Context, week: str, loop_name: str | None, output: Path, db: Path | None
+) -> None:
+    """Write the weekly scorecard as one self-contained HTML file."""
+    from sinks.archive.report import parse_week, render_report
+    from sinks.archive.store import ArchiveError
+
+    try:
+        parse_week(week)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--week") from None
+    try:
+        html = render_report(open_archive(_settings(ctx, db)), week, loop_name)
+    except ArchiveError as exc:
+        raise _fail(exc) from None
+    output.write_text(html, encoding="utf-8")
+    click.echo(f"wrote {output} ({len(html) / 1024:,.0f} KiB)")
+
+
 def register(main: click.Group) -> None:
-    for command in (archive_group, query, gate):
+    for command in (archive_group, query, gate, report):
         main.add_command(command)
