@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := pipeline agents sinks schemas
 TEST_KAFKA_PORT ?= 39092
 
-.PHONY: install demo test lint typecheck pytest kafka-up kafka-down clean
+.PHONY: install browser demo test lint typecheck pytest kafka-up kafka-down clean
 
 $(BIN)/loopline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(BIN)/loopline: pyproject.toml
 	touch $@
 
 install: $(BIN)/loopline
+
+# Debian's chromium, for the tests that open the report (and later the review page) in a real
+# browser through Playwright; installed with apt-get when missing (CI runs as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium (apt-get) for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: install
 	$(BIN)/loopline demo
@@ -26,7 +33,7 @@ typecheck: install
 
 # The tests start the real broker themselves (port $(TEST_KAFKA_PORT)); it is stopped
 # afterwards whether the tests pass or fail.
-pytest: install
+pytest: install browser
 	LOOPLINE_TEST_KAFKA_PORT=$(TEST_KAFKA_PORT) $(BIN)/pytest; status=$$?; \
 	$(BIN)/loopline kafka down --port $(TEST_KAFKA_PORT); exit $$status
 
