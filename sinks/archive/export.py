@@ -20,6 +20,7 @@ def export_parquet(
             f"unknown table(s) {', '.join(unknown)}; one of {', '.join(sorted(archive.tables))}"
         )
     counts: dict[str, int] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     with archive.connect(read_only=True, wait_seconds=15.0) as con:
         for name in names:
             has_loop = any(c.name == "loop" for c in archive.tables[name].columns)
