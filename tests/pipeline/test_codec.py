@@ -86,6 +86,55 @@ RECORDS: dict[str, dict[str, Any]] = {
         "producer": "loopline@w1",
         "unresolved_cases": 3,
         "windows_json": '{"5m": {"resolved": 0}}',
+        "drift_json": '{"detected": false, "features": {}}',
+    },
+    "Alert": {
+        "event_id": "quality_floor:refunds:FIRING:1795600000000",
+        "fingerprint": "quality_floor:refunds",
+        "rule": "quality_floor",
+        "loop": "refunds",
+        "severity": "CRITICAL",
+        "state": "FIRING",
+        "value": 0.7,
+        "threshold": 0.8,
+        "window": "1h",
+        "started_at": TS,
+        "ts": TS,
+        "summary": "quality 70% < 80%",
+        "runbook_url": "docs/runbooks/quality_floor.md",
+    },
+    "EvalCandidate": {
+        "candidate_id": "k-1",
+        "case_id": "c-1",
+        "loop": "refunds",
+        "ts": TS,
+        "reasons": ["failed_eval", "novel_category"],
+        "priority": 2.5,
+        "channel": "chat",
+        "category": "chargeback",
+        "language": "en",
+        "input_text": "refund please [email]",
+        "output": "denied",
+        "resolver": "SYSTEM",
+        "outcome": "FAILED",
+        "release": "2026.11.0",
+        "confidence": 0.4,
+        "cost_usd": 0.02,
+        "latency_seconds": 8.5,
+        "verdicts": {"CURRENT": False},
+        "drifted_features": ["category"],
+    },
+    "ReviewDecision": {
+        "event_id": "r-1",
+        "candidate_id": "k-1",
+        "loop": "refunds",
+        "reviewer": "ana",
+        "decision": "ACCEPTED",
+        "expected": "refund",
+        "suite": "CURRENT",
+        "eval_case_id": "ec-9",
+        "notes": None,
+        "ts": TS,
     },
     "DeadLetter": {
         "event_id": "loopline.inputs:0:7",
@@ -130,6 +179,13 @@ def test_round_trip_of_every_schema(codec: Codec, name: str) -> None:
 
 def test_every_schema_file_has_a_round_trip_case(codec: Codec) -> None:
     assert set(codec.names) == set(RECORDS)
+
+
+def test_a_metric_snapshot_from_the_first_schema_version_reads_with_no_drift(codec: Codec) -> None:
+    old = json.loads((default_schema_dir() / "history/MetricSnapshot/v1.avsc").read_text())
+    record = {k: v for k, v in RECORDS["MetricSnapshot"].items() if k != "drift_json"}
+    data = Codec([old]).encode("MetricSnapshot", record)
+    assert codec.decode(data, expected="MetricSnapshot").record == {**record, "drift_json": None}
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))

@@ -198,21 +198,25 @@ def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
     settings = make_settings(
         archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
     )
-    events = _events(20_000)
+    events = _events(30_000)
     asyncio.run(_publish(settings, events))
-    total = len(_ids(events, "inputs"))
+    tables = {"inputs": "inputs", "resolutions": "resolutions", "eval_results": "eval-results"}
+    expected = {table: len(_ids(events, topic)) for table, topic in tables.items()}
     archive = start_archive(settings)
-    wait_for(lambda: _count(settings, "inputs") > 0, 120, f"first rows; {archive.log()[-1500:]}")
+    # Kill right after the first batch is durable (the log says so; polling the archive itself
+    # would take its lock and slow the sink down).
+    wait_for(lambda: "archived a batch" in archive.log(), 120, "a first batch", every=0.02)
     archive.stop(signal.SIGKILL)
-    at_kill = _count(settings, "inputs")
-    assert 0 < at_kill < total, "the kill should land while the sink is still writing"
+    at_kill = sum(_count(settings, table) for table in tables)
+    assert 0 < at_kill < sum(expected.values()), "the kill should land while the sink writes"
 
     archive = start_archive(settings)
-    _wait_rows(settings, {"inputs": total}, archive)
+    _wait_rows(settings, expected, archive)
     archive.stop()
-    assert _query(settings, "SELECT count(*), count(DISTINCT event_id) FROM inputs") == [
-        (total, total)
-    ]
+    for table, n in expected.items():
+        assert _query(settings, f"SELECT count(*), count(DISTINCT event_id) FROM {table}") == [
+            (n, n)
+        ]
 
 
 def test_a_locked_archive_is_retried_without_losing_records(
