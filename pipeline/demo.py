@@ -1,4 +1,4 @@
-"""The local demo: a broker, the topics, a worker process and the generator, end to end."""
+"""The local demo: a broker, the topics, a worker, the archive sink and the generator."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.kafka_local import LocalBroker
@@ -78,6 +79,56 @@ def numbers_table(text: str | None, window: str = "1h") -> str:
     return "\n".join(rows)
 
 
+def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def archive_summary(settings: Settings) -> str:
+    """What the archive holds after the demo, and the commands to look further."""
+    from pipeline.codec import Codec
+    from sinks.archive.store import Archive, ArchiveError
+    from sinks.archive.tables import build_tables
+
+    archive = Archive(settings.archive_file, build_tables(Codec.load(), settings.hourly_rates))
+    try:
+        with archive.connect(read_only=True, wait_seconds=15) as con:
+            rows = con.execute(
+                "SELECT loop, week, resolved, coverage, quality_all, latency_p90_seconds "
+                "FROM v_weekly_scorecard ORDER BY week DESC, loop"
+            ).fetchall()
+    except ArchiveError as exc:
+        return f"archive: {exc}"
+    lines = [f"archive {settings.archive_file} (all demo runs so far), v_weekly_scorecard:"]
+    for loop, week, resolved, coverage, quality, p90 in rows:
+        lines.append(
+            f"  {week} {loop:<16} {resolved:>8,} resolved  coverage {coverage or 0:.1%}  "
+            f"quality {quality or 0:.1%}  latency p90 {p90 or 0:,.1f} s"
+        )
+    week = rows[0][1] if rows else datetime.now(UTC).strftime("%G-W%V")
+    lines += [
+        "look further:",
+        '  .venv/bin/loopline query "SELECT * FROM v_release_quality"',
+        f"  .venv/bin/loopline report --week {week} -o report.html",
+        "  .venv/bin/loopline gate --loop refunds --release 2026.11.0",
+    ]
+    return "\n".join(lines)
+
+
 async def _publish_and_show(
     settings: Settings, events: TrafficGenerator, limits: Limits, url: str, echo: Echo
 ) -> Counter[str]:
@@ -100,15 +151,14 @@ def run_demo(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     worker_log = settings.data_dir / "demo-worker.log"
     url = f"http://{settings.web_host}:{settings.web_port}/metrics"
-    with worker_log.open("ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ),
-        )
+    worker = _start(["worker"], worker_log)
+    archive_log = settings.data_dir / "demo-archive.log"
+    archive = _start(["archive", "run"], archive_log)
     try:
         echo(f"worker started (pid {worker.pid}, log {worker_log}); metrics at {url}")
+        echo(
+            f"archive sink started (pid {archive.pid}, log {archive_log}): {settings.archive_file}"
+        )
         deadline = time.monotonic() + 90
         while fetch_metrics(url) is None:
             if worker.poll() is not None or time.monotonic() > deadline:
@@ -141,12 +191,11 @@ def run_demo(
             echo(f"{settings.topic(name):<28}{published[name]:>12,}{int(ok):>12,}{int(dead):>15,}")
         time.sleep(settings.snapshot_interval_seconds + 1)  # one more snapshot after the last event
         echo("\n" + numbers_table(fetch_metrics(url)))
+        _stop(archive)  # a clean stop flushes its last batch
+        echo("\n" + archive_summary(settings))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for process in (worker, archive):
+            _stop(process)
         if started_broker and not keep_kafka:
             broker.down()
             echo("kafka stopped")

@@ -40,5 +40,5 @@ class ArchiveSink(BatchingSink):
         for table, rows in batch.items():
             self.written[table] += added[table]
             self.skipped[table] += len(rows) - added[table]
-        rows = sum(len(r) for r in batch.values())
-        log.info("archived a batch of %d rows (%d new)", rows, sum(added.values()))
+        size = sum(len(r) for r in batch.values())
+        log.info("archived a batch of %d rows (%d new)", size, sum(added.values()))
