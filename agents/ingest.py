@@ -20,7 +20,7 @@ import faust
 from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
-from pipeline.deadletter import dead_letter
+from pipeline.deadletter import dead_letter_of
 from pipeline.metrics import PipelineMetrics
 from pipeline.partition import PartitionCore
 from pipeline.processor import partition_key
@@ -39,15 +39,7 @@ class DeadLetters:
         self.metrics = metrics
 
     async def send(self, message: Any, reason: str, error: str) -> None:
-        record = dead_letter(
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            value=message.value,
-            reason=reason,
-            error=error,
-        )
+        record = dead_letter_of(message, reason, error)
         delivery = await self.topic.send(value=self.codec.encode("DeadLetter", record))
         await delivery  # durable before this offset can be committed: nothing lost
         self.metrics.dead_letters.labels(message.topic, reason).inc()

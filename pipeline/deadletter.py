@@ -29,3 +29,17 @@ def dead_letter(
         "error": error,
         "ts": now or datetime.now(UTC),
     }
+
+
+def dead_letter_of(message: Any, reason: str, error: str) -> dict[str, Any]:
+    """The DeadLetter record of a consumed Kafka message (anything with topic, partition,
+    offset, key and value)."""
+    return dead_letter(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        reason=reason,
+        error=error,
+    )

@@ -27,7 +27,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from pipeline.codec import Codec, CodecError
-from pipeline.deadletter import dead_letter
+from pipeline.deadletter import dead_letter_of
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
 from sinks.base import Positions, SinkBackpressure
@@ -153,15 +153,7 @@ class SinkRunner:
     async def _dead_letter(self, message: Any, topic: str, reason: str, error: str) -> None:
         """Archive the failure itself; publish it to the DLQ too unless a worker already does
         (source topics) or it came from the DLQ. Its id is the source position: one row."""
-        record = dead_letter(
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            value=message.value,
-            reason=reason,
-            error=error,
-        )
+        record = dead_letter_of(message, reason, error)
         self.progress.dead_letters += 1
         log.warning(
             "dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, error

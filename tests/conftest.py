@@ -115,21 +115,46 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @dataclass
-class WorkerProcess:
-    """A ``loopline worker`` subprocess and its /metrics."""
+class CliProcess:
+    """A ``loopline <args>`` subprocess with the settings' environment, logging to a file."""
 
     settings: Settings
     log_path: Path
+    args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] = field(init=False)
 
-    def start(self) -> WorkerProcess:
+    def launch(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker"],
+                [sys.executable, "-m", "pipeline.cli", *self.args],
                 env=settings_env(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.exited():
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=90)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+@dataclass
+class WorkerProcess(CliProcess):
+    """A ``loopline worker`` subprocess and its /metrics."""
+
+    args: tuple[str, ...] = ("worker",)
+
+    def start(self) -> WorkerProcess:
+        self.launch()
         wait_for(
             lambda: self.exited() or self.metrics_text() is not None,
             90,
@@ -137,9 +162,6 @@ class WorkerProcess:
         )
         assert not self.exited(), self.log_tail()
         return self
-
-    def exited(self) -> bool:
-        return self.proc.poll() is not None
 
     def metrics_text(self) -> str | None:
         return fetch_metrics(f"http://127.0.0.1:{self.settings.web_port}/metrics")
@@ -151,14 +173,6 @@ class WorkerProcess:
         return int(
             self.metric("loopline_events_total", topic=self.settings.topic(topic), status=status)
         )
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if not self.exited():
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture

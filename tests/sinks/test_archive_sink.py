@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from sinks.archive.cli import open_archive
-from tests.conftest import consume, settings_env, wait_for
+from tests.conftest import CliProcess, consume, wait_for
 from tests.sinks import factories as f
 from tests.sinks.test_store import HOLD_LOCK
 
@@ -29,39 +28,19 @@ pytestmark = pytest.mark.broker
 START = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
 
-@dataclass
-class ArchiveProcess:
+def archive_process(settings: Settings, log_path: Path) -> CliProcess:
     """A ``loopline archive run`` subprocess writing to the settings' archive file."""
-
-    settings: Settings
-    log_path: Path
-    proc: subprocess.Popen[bytes] = field(init=False)
-
-    def start(self) -> ArchiveProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "archive", "run"],
-                env=settings_env(self.settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=90)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    process = CliProcess(settings, log_path, ("archive", "run"))
+    process.launch()
+    return process
 
 
 @pytest.fixture
-def start_archive(tmp_path: Path) -> Iterator[Callable[[Settings], ArchiveProcess]]:
-    started: list[ArchiveProcess] = []
+def start_archive(tmp_path: Path) -> Iterator[Callable[[Settings], CliProcess]]:
+    started: list[CliProcess] = []
 
-    def start(settings: Settings) -> ArchiveProcess:
-        process = ArchiveProcess(settings, tmp_path / f"archive-{len(started)}.log").start()
+    def start(settings: Settings) -> CliProcess:
+        process = archive_process(settings, tmp_path / f"archive-{len(started)}.log")
         started.append(process)
         return process
 
@@ -119,7 +98,7 @@ def _ids(events: list[tuple[str, dict[str, Any]]], topic: str) -> set[str]:
     return {r["event_id"] for t, r in events if t == topic}
 
 
-def _wait_rows(settings: Settings, expected: dict[str, int], process: ArchiveProcess) -> None:
+def _wait_rows(settings: Settings, expected: dict[str, int], process: CliProcess) -> None:
     wait_for(
         lambda: all(_count(settings, t) >= n for t, n in expected.items()),
         120,
@@ -130,7 +109,7 @@ def _wait_rows(settings: Settings, expected: dict[str, int], process: ArchivePro
 
 def test_rows_equal_the_events_once_through_redelivery_and_restart(
     make_settings: Callable[..., Settings],
-    start_archive: Callable[[Settings], ArchiveProcess],
+    start_archive: Callable[[Settings], CliProcess],
     tmp_path: Path,
 ) -> None:
     settings = make_settings(
@@ -192,7 +171,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
 
 def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
     make_settings: Callable[..., Settings],
-    start_archive: Callable[[Settings], ArchiveProcess],
+    start_archive: Callable[[Settings], CliProcess],
     tmp_path: Path,
 ) -> None:
     settings = make_settings(
@@ -221,7 +200,7 @@ def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
 
 def test_a_locked_archive_is_retried_without_losing_records(
     make_settings: Callable[..., Settings],
-    start_archive: Callable[[Settings], ArchiveProcess],
+    start_archive: Callable[[Settings], CliProcess],
     tmp_path: Path,
 ) -> None:
     settings = make_settings(
