@@ -40,16 +40,9 @@ class ArchiveFull(SinkBackpressure):
     """The file system refused to grow the DuckDB file (disk full, quota, file size limit)."""
 
 
-_FULL = (
-    "no space left on device",
-    "disk full",
-    "file too large",
-    "disk quota exceeded",
-    "could not write",
-    "could not fsync",
-    "could not truncate",
-    "could not extend",
-)
+#: How the operating system's ENOSPC, EDQUOT and EFBIG read inside DuckDB's messages (a
+#: generic "could not write" may be a permission problem, which retrying does not fix).
+_FULL = ("no space left on device", "disk quota exceeded", "file too large")
 
 
 def _classify(path: Path, exc: BaseException) -> BaseException:
@@ -62,7 +55,7 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ArchiveFull(f"archive {path}: the disk is full ({exc.strerror})", 10.0)
     if isinstance(exc, duckdb.Error) and any(marker in lower for marker in _FULL):
-        return ArchiveFull(f"archive {path}: cannot write, the disk is probably full: {text}", 10.0)
+        return ArchiveFull(f"archive {path}: cannot write, the disk is full: {text}", 10.0)
     return ArchiveError(f"archive {path}: {text}")
 
 
