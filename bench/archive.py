@@ -17,15 +17,13 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from throughput import log, publish
+from throughput import bench_settings, log, publish
 
 from pipeline.codec import Codec
-from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
 from sinks.archive.sink import ArchiveSink
@@ -85,17 +83,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=39092, help="local broker port")
     args = parser.parse_args()
 
-    base = Settings.from_env()
-    broker = LocalBroker(base.kafka_home, args.port)
-    started_broker = not broker.status().running
-    broker.up(echo=log)
-    tag = uuid.uuid4().hex[:8]
     work = Path(tempfile.mkdtemp(prefix="loopline-bench-archive-"))
-    settings = Settings(
-        bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{tag}.", app_id=f"bench-{tag}"
-    )
-    tables = build_tables(Codec.load())
-    try:
+    with bench_settings(args.port) as settings:
+        tables = build_tables(Codec.load())
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         asyncio.run(publish(settings, args.events))
         log("sink: consume, decode, batch, INSERT OR IGNORE, commit ...")
@@ -123,9 +113,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        if started_broker:
-            broker.down()
 
 
 if __name__ == "__main__":

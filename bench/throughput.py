@@ -19,9 +19,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -37,6 +40,26 @@ from pipeline.topics import SOURCE_TOPICS, ensure_topics
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def bench_settings(port: int, **overrides: Any) -> Iterator[Settings]:
+    """Settings with a fresh topic prefix and app id on the local broker at ``port``; the broker
+    is started if it is down, and then stopped again afterwards."""
+    broker = LocalBroker(Settings.from_env().kafka_home, port)
+    started_broker = not broker.status().running
+    broker.up(echo=log)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        yield Settings(
+            bootstrap_servers=broker.bootstrap,
+            topic_prefix=f"bench{tag}.",
+            app_id=f"bench-{tag}",
+            **overrides,
+        )
+    finally:
+        if started_broker:
+            broker.down()
 
 
 async def publish(settings: Settings, count: int) -> None:
@@ -141,20 +164,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    base = Settings.from_env()
-    broker = LocalBroker(base.kafka_home, args.port)
-    started_broker = not broker.status().running
-    broker.up(echo=log)
-    tag = uuid.uuid4().hex[:8]
     data_dir = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
-    settings = Settings(
-        bootstrap_servers=broker.bootstrap,
-        topic_prefix=f"bench{tag}.",
-        app_id=f"bench-{tag}",
-        data_dir=data_dir,
-        web_port=6099,
-    )
-    try:
+    with bench_settings(args.port, data_dir=data_dir, web_port=6099) as settings:
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         asyncio.run(publish(settings, args.events))
         log("baseline: aiokafka getmany + decode ...")
@@ -214,9 +225,6 @@ def main() -> None:
             "freshness_p99_s": round(p99, 3),
         }
         print(json.dumps(result))
-    finally:
-        if started_broker:
-            broker.down()
 
 
 if __name__ == "__main__":
