@@ -73,3 +73,56 @@ class LatencySketch:
         return self.zero == other.zero and +self.bins == +other.bins
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class SignedSketch:
+    """The same mapping for values of any sign: a bin store per sign and a zero count, so
+    numeric input features (which may be negative) are summarised with the same 1 % bound."""
+
+    __slots__ = ("negative", "positive", "zero")
+
+    def __init__(
+        self,
+        positive: Counter[int] | None = None,
+        negative: Counter[int] | None = None,
+        zero: int = 0,
+    ) -> None:
+        self.positive: Counter[int] = positive if positive is not None else Counter()
+        self.negative: Counter[int] = negative if negative is not None else Counter()
+        self.zero = zero
+
+    def add(self, value: float, weight: int = 1) -> None:
+        if abs(value) < _MAPPING.min_possible:
+            self.zero += weight
+        elif value > 0:
+            self.positive[_MAPPING.key(value)] += weight
+        else:
+            self.negative[_MAPPING.key(-value)] += weight
+
+    def merge(self, other: SignedSketch) -> None:
+        self.positive.update(other.positive)
+        self.negative.update(other.negative)
+        self.zero += other.zero
+
+    def points(self) -> list[tuple[float, int]]:
+        """(representative value, count) of every bin: each value within 1 % of its bin's."""
+        found = [(-float(_MAPPING.value(k)), n) for k, n in self.negative.items()]
+        found += [(float(_MAPPING.value(k)), n) for k, n in self.positive.items()]
+        if self.zero:
+            found.append((0.0, self.zero))
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "p": {str(k): v for k, v in self.positive.items()},
+            "n": {str(k): v for k, v in self.negative.items()},
+            "z": self.zero,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SignedSketch:
+        return cls(
+            Counter({int(k): int(v) for k, v in data["p"].items()}),
+            Counter({int(k): int(v) for k, v in data["n"].items()}),
+            int(data["z"]),
+        )

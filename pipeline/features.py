@@ -1,0 +1,193 @@
+"""Mergeable summaries of input features, the raw material of drift against the eval set.
+
+DESIGN.md names the features: categorical channel, category, language and attributes.<key>;
+numeric tokens and features.<key>; the embedding. A FeatureStats holds, per feature, value
+counts (categorical), a NumericSummary (numeric) or the sum of unit vectors (embedding). Each
+part merges by addition, so the summary of a window is the same whichever buckets, partitions
+and workers its inputs went through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.sketch import SignedSketch
+
+CATEGORICAL = ("channel", "category", "language")
+#: Distinct values a NumericSummary keeps exactly; past that it becomes a sketch (1 % bound).
+EXACT_VALUES = 512
+
+
+@dataclass(frozen=True)
+class FeatureValues:
+    """The features of one input (or eval case), named as in metrics and snapshots."""
+
+    categorical: dict[str, str]
+    numeric: dict[str, float]
+    embedding: tuple[float, ...] | None
+
+
+def feature_values(record: Mapping[str, Any]) -> FeatureValues:
+    """Features of an InputEvent or EvalCase record (both carry the same input fields).
+    Missing values are left out; non-finite numbers too, since no distance is defined for them."""
+    categorical = {name: str(record[name]) for name in CATEGORICAL if record.get(name) is not None}
+    for key, value in (record.get("attributes") or {}).items():
+        categorical[f"attributes.{key}"] = str(value)
+    numeric: dict[str, float] = {}
+    if record.get("tokens") is not None:
+        numeric["tokens"] = float(record["tokens"])
+    for key, value in (record.get("features") or {}).items():
+        if value is not None and math.isfinite(value):
+            numeric[f"features.{key}"] = float(value)
+    embedding = record.get("embedding")
+    unit = _unit(embedding) if embedding else None
+    return FeatureValues(categorical, numeric, unit)
+
+
+def _unit(vector: Iterable[float]) -> tuple[float, ...] | None:
+    values = tuple(float(v) for v in vector)
+    norm = math.sqrt(sum(v * v for v in values))
+    if norm == 0 or not math.isfinite(norm):
+        return None
+    return tuple(v / norm for v in values)
+
+
+class NumericSummary:
+    """Exact value counts while at most EXACT_VALUES distinct values were seen, then a signed
+    DDSketch. Whether a merge is exact depends only on the union of the values, never on the
+    order of merging, so windows are reproducible."""
+
+    __slots__ = ("exact", "sketch")
+
+    def __init__(self, exact: Counter[float] | None = None, sketch: SignedSketch | None = None):
+        self.sketch = sketch
+        self.exact: Counter[float] | None = None
+        if sketch is None:
+            self.exact = exact if exact is not None else Counter()
+
+    @property
+    def is_exact(self) -> bool:
+        return self.sketch is None
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, n in self.points())
+
+    def add(self, value: float, weight: int = 1) -> None:
+        if self.exact is not None:
+            self.exact[value] += weight
+            if len(self.exact) > EXACT_VALUES:
+                self._to_sketch()
+        else:
+            assert self.sketch is not None
+            self.sketch.add(value, weight)
+
+    def _to_sketch(self) -> SignedSketch:
+        if self.sketch is None:
+            self.sketch = SignedSketch()
+            for value, weight in (self.exact or {}).items():
+                self.sketch.add(value, weight)
+            self.exact = None
+        return self.sketch
+
+    def merge(self, other: NumericSummary) -> None:
+        if self.exact is not None and other.exact is not None:
+            self.exact.update(other.exact)
+            if len(self.exact) > EXACT_VALUES:
+                self._to_sketch()
+        elif other.exact is not None:
+            sketch = self._to_sketch()
+            for value, weight in other.exact.items():
+                sketch.add(value, weight)
+        else:
+            assert other.sketch is not None
+            self._to_sketch().merge(other.sketch)
+
+    def points(self) -> list[tuple[float, int]]:
+        """(value, count) pairs: the values themselves, or sketch bins within 1 % of them."""
+        if self.exact is not None:
+            return list(self.exact.items())
+        assert self.sketch is not None
+        return self.sketch.points()
+
+    def to_json(self) -> dict[str, Any]:
+        if self.exact is not None:
+            return {"v": [[v, n] for v, n in self.exact.items()]}
+        assert self.sketch is not None
+        return {"s": self.sketch.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NumericSummary:
+        if "v" in data:
+            return cls(Counter({float(v): int(n) for v, n in data["v"]}))
+        return cls(sketch=SignedSketch.from_json(data["s"]))
+
+
+@dataclass
+class FeatureStats:
+    """Per feature: categorical value counts, numeric summaries, embedding sums by dimension."""
+
+    categorical: dict[str, Counter[str]] = field(default_factory=dict)
+    numeric: dict[str, NumericSummary] = field(default_factory=dict)
+    embedding: dict[int, tuple[list[float], int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.categorical or self.numeric or self.embedding)
+
+    def add(self, values: FeatureValues) -> None:
+        for name, value in values.categorical.items():
+            counts = self.categorical.get(name)
+            if counts is None:
+                counts = self.categorical[name] = Counter()
+            counts[value] += 1
+        for name, number in values.numeric.items():
+            summary = self.numeric.get(name)
+            if summary is None:
+                summary = self.numeric[name] = NumericSummary()
+            summary.add(number)
+        if values.embedding is not None:
+            self._add_embedding(list(values.embedding), 1)
+
+    def _add_embedding(self, vector: list[float], count: int) -> None:
+        found = self.embedding.get(len(vector))
+        if found is None:
+            self.embedding[len(vector)] = (vector, count)
+        else:
+            total, n = found
+            self.embedding[len(vector)] = ([a + b for a, b in zip(total, vector, strict=True)], n + count)
+
+    def merge(self, other: FeatureStats) -> None:
+        for name, counts in other.categorical.items():
+            mine = self.categorical.get(name)
+            if mine is None:
+                self.categorical[name] = Counter(counts)
+            else:
+                mine.update(counts)
+        for name, summary in other.numeric.items():
+            found = self.numeric.get(name)
+            if found is None:
+                found = self.numeric[name] = NumericSummary()
+            found.merge(summary)
+        for vector, count in other.embedding.values():
+            self._add_embedding(list(vector), count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "c": {name: dict(counts) for name, counts in self.categorical.items()},
+            "n": {name: summary.to_json() for name, summary in self.numeric.items()},
+            "e": [[vector, count] for vector, count in self.embedding.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> FeatureStats:
+        if not data:
+            return cls()
+        return cls(
+            {name: Counter(counts) for name, counts in data["c"].items()},
+            {name: NumericSummary.from_json(s) for name, s in data["n"].items()},
+            {len(vector): (list(vector), int(count)) for vector, count in data["e"]},
+        )

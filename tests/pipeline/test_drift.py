@@ -1,0 +1,158 @@
+"""Drift scores against scipy/numpy references computed here on the same data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cosine, jensenshannon
+from scipy.stats import ks_2samp, wasserstein_distance
+
+from pipeline.drift import PSI_EPSILON, Baseline, DriftConfig, evaluate, feature_scores
+from pipeline.features import EXACT_VALUES, FeatureStats, FeatureValues, feature_values
+
+
+def _psi_reference(window: np.ndarray, baseline: np.ndarray) -> float:
+    w = np.clip(window, PSI_EPSILON, None)
+    b = np.clip(baseline, PSI_EPSILON, None)
+    return float(np.sum((w - b) * np.log(w / b)))
+
+
+def _decile_props(values: np.ndarray, baseline: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Bins (-inf, d1], (d1, d2], ..., (d9, inf) by counting explicitly, not with searchsorted.
+    edges = sorted(set(np.quantile(baseline, np.linspace(0.1, 0.9, 9)).tolist()))
+
+    def props(xs: np.ndarray) -> np.ndarray:
+        counts = np.zeros(len(edges) + 1)
+        for x in xs:
+            counts[sum(1 for e in edges if x > e)] += 1
+        return counts / len(xs)
+
+    return props(values), props(baseline)
+
+
+def _stats(records: list[dict[str, object]]) -> FeatureStats:
+    stats = FeatureStats()
+    for record in records:
+        stats.add(feature_values(record))
+    return stats
+
+
+def _baseline(records: list[dict[str, object]]) -> Baseline:
+    return Baseline(feature_values(r) for r in records)
+
+
+def test_categorical_scores_match_scipy_and_the_psi_formula() -> None:
+    rng = np.random.default_rng(1)
+    cats = ["a", "b", "c", "d"]
+    base = rng.choice(cats, size=400, p=[0.4, 0.3, 0.2, 0.1])
+    now = rng.choice(cats + ["e"], size=300, p=[0.1, 0.2, 0.2, 0.2, 0.3])  # "e" is new
+    scores = feature_scores(
+        _stats([{"category": c} for c in now]), _baseline([{"category": c} for c in base]), 1
+    )
+    p = np.array([np.mean(now == c) for c in cats + ["e"]])
+    q = np.array([np.mean(base == c) for c in cats + ["e"]])
+    assert scores["category"]["js"] == pytest.approx(jensenshannon(p, q, base=2), abs=1e-6)
+    assert scores["category"]["psi"] == pytest.approx(_psi_reference(p, q), abs=1e-6)
+    assert set(scores["category"]) == {"js", "psi"}
+
+
+def test_numeric_scores_exact_while_values_fit_the_exact_summary() -> None:
+    rng = np.random.default_rng(2)
+    base = np.round(rng.normal(50, 10, 300), 1)
+    now = np.round(rng.normal(58, 12, 250), 1)
+    stats = _stats([{"features": {"x": float(v)}} for v in now])
+    assert stats.numeric["features.x"].is_exact
+    scores = feature_scores(stats, _baseline([{"features": {"x": float(v)}} for v in base]), 1)
+    got = scores["features.x"]
+    assert got["wasserstein"] == pytest.approx(
+        wasserstein_distance(now, base) / np.std(base), abs=1e-6
+    )
+    assert got["ks"] == pytest.approx(ks_2samp(now, base).statistic, abs=1e-6)
+    assert got["psi"] == pytest.approx(_psi_reference(*_decile_props(now, base)), abs=1e-6)
+
+
+def test_numeric_scores_within_the_sketch_bound_past_the_exact_summary() -> None:
+    # 20,000 continuous values (> EXACT_VALUES distinct) are sketched: every value moves by at
+    # most 1 %, so the normalised Wasserstein moves by at most 1 % of E|x| / std, KS and PSI by
+    # at most the mass that lies within 1 % of a bin edge or baseline point (small here).
+    rng = np.random.default_rng(3)
+    base = rng.lognormal(4.0, 0.5, 1000)
+    now = rng.lognormal(4.3, 0.6, 20_000)
+    stats = _stats([{"tokens": float(v)} for v in now])
+    assert not stats.numeric["tokens"].is_exact and len(set(now)) > EXACT_VALUES
+    got = feature_scores(stats, _baseline([{"tokens": float(v)} for v in base]), 1)["tokens"]
+    bound = 0.01 * np.mean(np.abs(now)) / np.std(base)
+    assert abs(got["wasserstein"] - wasserstein_distance(now, base) / np.std(base)) <= bound
+    assert got["ks"] == pytest.approx(ks_2samp(now, base).statistic, abs=0.01)
+    assert got["psi"] == pytest.approx(_psi_reference(*_decile_props(now, base)), rel=0.05)
+
+
+def test_embedding_distance_is_one_minus_cosine_of_mean_unit_vectors() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.normal(0, 1, (200, 6)) + 1.0
+    now = rng.normal(0, 1, (150, 6)) + np.array([1, 1, 1, -1, -1, 0.5])
+    stats = _stats([{"embedding": v.tolist()} for v in now])
+    scores = feature_scores(stats, _baseline([{"embedding": v.tolist()} for v in base]), 1)
+
+    def mean_unit(vectors: np.ndarray) -> np.ndarray:
+        return np.mean(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), axis=0)
+
+    expected = cosine(mean_unit(now), mean_unit(base))
+    assert scores["embedding"]["embedding"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_merged_partials_give_the_scores_of_one_pass() -> None:
+    rng = np.random.default_rng(5)
+    records = [
+        {"channel": str(rng.choice(["chat", "web"])), "tokens": int(rng.integers(10, 900))}
+        for _ in range(3000)
+    ]
+    whole = _stats(records)
+    parts = [_stats(records[i::3]) for i in range(3)]
+    merged = FeatureStats()
+    for part in reversed(parts):
+        merged.merge(FeatureStats.from_json(part.to_json()))
+    baseline = _baseline(records[:500])
+    assert feature_scores(merged, baseline, 1) == feature_scores(whole, baseline, 1)
+
+
+def test_min_samples_and_drift_share_decide_detection() -> None:
+    base = [{"channel": "chat", "language": "en", "tokens": t} for t in range(100, 300)]
+    # channel and tokens drift, language does not: 2 of 3 features.
+    now = [{"channel": "web", "language": "en", "tokens": t} for t in range(500, 700)]
+    stats, baseline = _stats(now), _baseline(base)
+    result = evaluate(stats, baseline, DriftConfig(min_samples=200, drift_share=0.5))
+    assert result["detected"] is True
+    assert {n: f["drifted"] for n, f in result["features"].items()} == {
+        "channel": True,
+        "language": False,
+        "tokens": True,
+    }
+    assert evaluate(stats, baseline, DriftConfig(min_samples=200, drift_share=0.7))["detected"] is False
+    # Below min_samples nothing is evaluated, so nothing drifts.
+    assert evaluate(stats, baseline, DriftConfig(min_samples=201)) == {
+        "detected": False,
+        "features": {},
+    }
+    # A per-feature threshold above the channel's scores takes it out of the drifted share.
+    lenient = DriftConfig(min_samples=1, feature_thresholds={"channel": {"js": 2.0, "psi": 99.0}})
+    assert evaluate(stats, baseline, lenient)["features"]["channel"]["drifted"] is False
+
+
+def test_feature_names_follow_the_design() -> None:
+    values = feature_values(
+        {
+            "channel": "chat",
+            "category": None,
+            "language": "de",
+            "attributes": {"tier": "pro"},
+            "features": {"v": 1.5, "bad": float("nan")},
+            "tokens": 12,
+            "embedding": [3.0, 4.0],
+        }
+    )
+    assert values == FeatureValues(
+        {"channel": "chat", "language": "de", "attributes.tier": "pro"},
+        {"tokens": 12.0, "features.v": 1.5},
+        (0.6, 0.8),
+    )
