@@ -12,7 +12,8 @@ from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sketch import LatencySketch
+from pipeline.features import FeatureStats
+from pipeline.sketch import LatencySketch, add_counts
 
 SUITES = ("CURRENT", "HISTORICAL")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
@@ -32,21 +33,30 @@ class Aggregate:
     # Cases whose first input lies in this bucket and that have no resolution yet: kept per
     # bucket so that "unresolved past SLA" is a merge over buckets like everything else.
     unresolved: int = 0
+    # Input features for drift; kept only in the fine buckets (pipeline.windows drops them
+    # when rolling up), since drift windows are at most two hours long.
+    features: FeatureStats = field(default_factory=FeatureStats)
+    events: int = 0  # source records counted (not duplicates), for the dead-letter rate
+    dead_letters: int = 0
 
-    def merge(self, other: Aggregate) -> None:
-        self.resolutions.update(other.resolutions)
-        self.verdicts.update(other.verdicts)
+    def merge(self, other: Aggregate, features: bool = True) -> None:
+        add_counts(self.resolutions, other.resolutions)
+        add_counts(self.verdicts, other.verdicts)
         self.cost_nano_usd += other.cost_nano_usd
         self.human_micro_minutes += other.human_micro_minutes
         self.latency.merge(other.latency)
-        self.inputs.update(other.inputs)
+        add_counts(self.inputs, other.inputs)
         self.unresolved += other.unresolved
+        self.events += other.events
+        self.dead_letters += other.dead_letters
+        if features and other.features:
+            self.features.merge(other.features)
 
     @classmethod
-    def merged(cls, parts: Iterable[Aggregate]) -> Aggregate:
+    def merged(cls, parts: Iterable[Aggregate], features: bool = True) -> Aggregate:
         total = cls()
         for part in parts:
-            total.merge(part)
+            total.merge(part, features)
         return total
 
     def to_json(self) -> dict[str, Any]:
@@ -58,6 +68,9 @@ class Aggregate:
             "latency": self.latency.to_json(),
             "inputs": dict(self.inputs),
             "unresolved": self.unresolved,
+            "ev": self.events,
+            "dl": self.dead_letters,
+            "f": self.features.to_json() if self.features else None,
         }
 
     @classmethod
@@ -70,6 +83,9 @@ class Aggregate:
             LatencySketch.from_json(data["latency"]),
             Counter(data["inputs"]),
             int(data.get("unresolved", 0)),
+            FeatureStats.from_json(data.get("f")),
+            int(data.get("ev", 0)),
+            int(data.get("dl", 0)),
         )
 
     def add_cost(self, usd: float) -> None:
@@ -102,12 +118,12 @@ class Aggregate:
         uncovered = sum(n for c, n in self.inputs.items() if c and c not in covered)
         return {
             "resolved": resolved,
-            "coverage": _ratio(self._by_resolver("SYSTEM"), resolved),
+            "coverage": self.coverage(),
             "assisted": _ratio(self._by_resolver("HYBRID"), resolved),
             "quality": {
-                "current": self._pass_rate(("CURRENT",)),
-                "historical": self._pass_rate(("HISTORICAL",)),
-                "all": self._pass_rate(SUITES),
+                "current": self.pass_rate(("CURRENT",)),
+                "historical": self.pass_rate(("HISTORICAL",)),
+                "all": self.pass_rate(SUITES),
             },
             "latency_seconds": {k: self.latency.quantile(q) for k, q in QUANTILES.items()},
             "cost_per_resolution_usd": _ratio(
@@ -117,10 +133,15 @@ class Aggregate:
             "uncovered_ratio": _ratio(uncovered, categorised),
         }
 
-    def _pass_rate(self, suites: tuple[str, ...]) -> float | None:
+    def coverage(self) -> float | None:
+        return _ratio(self._by_resolver("SYSTEM"), self.resolved)
+
+    def verdict_count(self, suites: tuple[str, ...]) -> int:
+        return sum(n for (s, _), n in self.verdicts.items() if s in suites)
+
+    def pass_rate(self, suites: tuple[str, ...]) -> float | None:
         passed = sum(n for (s, p), n in self.verdicts.items() if s in suites and p)
-        total = sum(n for (s, _), n in self.verdicts.items() if s in suites)
-        return _ratio(passed, total)
+        return _ratio(passed, self.verdict_count(suites))
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

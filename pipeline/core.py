@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pipeline.rules import AlertRules
 from pipeline.windows import HOUR
 
 OTHER_LOOP = "other"
@@ -23,6 +24,9 @@ class CoreConfig:
     # When set, events of any other loop count under "other" (bounded label values). A fixed
     # list rather than "the first N seen" so every partition and worker folds the same loops.
     loops: frozenset[str] = frozenset()
+    # Alert rules, drift settings and the evaluation interval (pipeline.rules): all defaults
+    # unless a rules file is configured.
+    rules: AlertRules = field(default_factory=AlertRules.default)
 
     def sla(self, loop: str) -> int:
         return self.sla_ms.get(loop, self.default_sla_ms)

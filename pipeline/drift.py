@@ -82,9 +82,7 @@ class Baseline:
 # -- scores -----------------------------------------------------------------------------------
 
 
-def _proportions(
-    window: Mapping[str, int], baseline: Mapping[str, int]
-) -> tuple[Floats, Floats]:
+def _proportions(window: Mapping[str, int], baseline: Mapping[str, int]) -> tuple[Floats, Floats]:
     keys = sorted(set(window) | set(baseline))
     w = np.array([window.get(k, 0) for k in keys], dtype=float)
     b = np.array([baseline.get(k, 0) for k in keys], dtype=float)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sketch import SignedSketch
+from pipeline.sketch import SignedSketch, add_counts
 
 CATEGORICAL = ("channel", "category", "language")
 #: Distinct values a NumericSummary keeps exactly; past that it becomes a sketch (1 % bound).
@@ -29,6 +29,19 @@ class FeatureValues:
     categorical: dict[str, str]
     numeric: dict[str, float]
     embedding: tuple[float, ...] | None
+
+
+def values_to_json(values: FeatureValues) -> dict[str, Any]:
+    return {"c": values.categorical, "n": values.numeric, "e": values.embedding}
+
+
+def values_from_json(data: Mapping[str, Any] | None) -> FeatureValues:
+    if not data:
+        return FeatureValues({}, {}, None)
+    embedding = data.get("e")
+    return FeatureValues(
+        dict(data["c"]), dict(data["n"]), None if embedding is None else tuple(embedding)
+    )
 
 
 def feature_values(record: Mapping[str, Any]) -> FeatureValues:
@@ -61,13 +74,16 @@ class NumericSummary:
     DDSketch. Whether a merge is exact depends only on the union of the values, never on the
     order of merging, so windows are reproducible."""
 
-    __slots__ = ("exact", "sketch")
+    __slots__ = ("_sketched", "exact", "sketch")
 
     def __init__(self, exact: Counter[float] | None = None, sketch: SignedSketch | None = None):
         self.sketch = sketch
         self.exact: Counter[float] | None = None
         if sketch is None:
             self.exact = exact if exact is not None else Counter()
+        # The exact values as a sketch, kept once computed: a closed bucket is merged into a
+        # sketched window at every evaluation, and mapping its values costs a log each.
+        self._sketched: SignedSketch | None = None
 
     @property
     def is_exact(self) -> bool:
@@ -79,6 +95,7 @@ class NumericSummary:
 
     def add(self, value: float, weight: int = 1) -> None:
         if self.exact is not None:
+            self._sketched = None
             self.exact[value] += weight
             if len(self.exact) > EXACT_VALUES:
                 self._to_sketch()
@@ -88,21 +105,29 @@ class NumericSummary:
 
     def _to_sketch(self) -> SignedSketch:
         if self.sketch is None:
-            self.sketch = SignedSketch()
-            for value, weight in (self.exact or {}).items():
-                self.sketch.add(value, weight)
-            self.exact = None
+            fresh = SignedSketch()
+            fresh.merge(self.sketched())
+            self.sketch, self.exact, self._sketched = fresh, None, None
         return self.sketch
+
+    def sketched(self) -> SignedSketch:
+        """This summary's values as a sketch (the sketch itself once past EXACT_VALUES)."""
+        if self.sketch is not None:
+            return self.sketch
+        if self._sketched is None:
+            self._sketched = SignedSketch()
+            for value, weight in (self.exact or {}).items():
+                self._sketched.add(value, weight)
+        return self._sketched
 
     def merge(self, other: NumericSummary) -> None:
         if self.exact is not None and other.exact is not None:
-            self.exact.update(other.exact)
+            self._sketched = None
+            add_counts(self.exact, other.exact)
             if len(self.exact) > EXACT_VALUES:
                 self._to_sketch()
         elif other.exact is not None:
-            sketch = self._to_sketch()
-            for value, weight in other.exact.items():
-                sketch.add(value, weight)
+            self._to_sketch().merge(other.sketched())
         else:
             assert other.sketch is not None
             self._to_sketch().merge(other.sketch)
@@ -113,6 +138,13 @@ class NumericSummary:
             return list(self.exact.items())
         assert self.sketch is not None
         return self.sketch.points()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NumericSummary):
+            return NotImplemented
+        return sorted(self.points()) == sorted(other.points())
+
+    __hash__ = None  # type: ignore[assignment]
 
     def to_json(self) -> dict[str, Any]:
         if self.exact is not None:
@@ -158,7 +190,10 @@ class FeatureStats:
             self.embedding[len(vector)] = (vector, count)
         else:
             total, n = found
-            self.embedding[len(vector)] = ([a + b for a, b in zip(total, vector, strict=True)], n + count)
+            self.embedding[len(vector)] = (
+                [a + b for a, b in zip(total, vector, strict=True)],
+                n + count,
+            )
 
     def merge(self, other: FeatureStats) -> None:
         for name, counts in other.categorical.items():
@@ -166,7 +201,7 @@ class FeatureStats:
             if mine is None:
                 self.categorical[name] = Counter(counts)
             else:
-                mine.update(counts)
+                add_counts(mine, counts)
         for name, summary in other.numeric.items():
             found = self.numeric.get(name)
             if found is None:

@@ -24,6 +24,7 @@ class Scenario:
     """Onsets in seconds of event time after the start; None switches a scenario off."""
 
     drift_at: float | None = None
+    drift_end_at: float | None = None  # the inputs return to the baseline's distribution
     cost_spike_at: float | None = None
     latency_regression_at: float | None = None
     quality_drop_at: float | None = None
@@ -66,6 +67,11 @@ LOOPS: tuple[LoopProfile, ...] = (
 
 CHANNELS = {"email": 0.35, "chat": 0.4, "phone": 0.1, "web": 0.15}
 LANGUAGES = {"en": 0.6, "de": 0.15, "fr": 0.15, "es": 0.1}
+# After the drift onset (a launch in a new market, say): other channels and languages, longer
+# requests, larger orders, new categories; tiers, regions and account ages stay as they were,
+# so 6 of the 9 features drift.
+DRIFTED_CHANNELS = {"email": 0.1, "chat": 0.2, "phone": 0.3, "web": 0.4}
+DRIFTED_LANGUAGES = {"en": 0.25, "de": 0.05, "fr": 0.1, "es": 0.6}
 TIERS = {"free": 0.6, "pro": 0.3, "enterprise": 0.1}
 REGIONS = {"eu": 0.4, "us": 0.45, "apac": 0.15}
 # Median seconds from input to resolution by resolver, and lognormal spread.
@@ -101,6 +107,48 @@ def _lognormal(rng: random.Random, median: float, sigma: float) -> float:
 def _centroid(category: str) -> list[float]:
     seeded = random.Random(f"centroid:{category}")
     return [seeded.uniform(-1.0, 1.0) for _ in range(EMBEDDING_DIM)]
+
+
+def input_fields(rng: random.Random, loop: LoopProfile, drifted: bool) -> dict[str, Any]:
+    """The input side of a case (InputEvent and EvalCase share it), before or after drift."""
+    category = _pick(rng, loop.drifted_categories if drifted else loop.categories)
+    tokens = max(16, int(_lognormal(rng, 400.0 * (1.7 if drifted else 1.0), 0.5)))
+    order_value = _lognormal(rng, 60.0 * (1.8 if drifted else 1.0), 0.6)
+    return {
+        "channel": _pick(rng, DRIFTED_CHANNELS if drifted else CHANNELS),
+        "category": category,
+        "language": _pick(rng, DRIFTED_LANGUAGES if drifted else LANGUAGES),
+        "features": {
+            "order_value_usd": round(order_value, 2),
+            "account_age_days": round(rng.expovariate(1 / 400.0), 1),
+        },
+        "attributes": {"tier": _pick(rng, TIERS), "region": _pick(rng, REGIONS)},
+        "text": f"{category.replace('_', ' ')} request, order {rng.randrange(10**6):06d}",
+        "embedding": [round(c + rng.gauss(0.0, 0.15), 4) for c in _centroid(category)],
+        "tokens": tokens,
+    }
+
+
+def eval_set(
+    seed: int, ts: datetime, per_loop: int = 1000, loops: tuple[LoopProfile, ...] = LOOPS
+) -> Iterator[dict[str, Any]]:
+    """EvalCase records drawn from the traffic's own (undrifted) input distribution: the eval
+    set a team would have curated from past cases, the baseline that drift is measured from."""
+    rng = random.Random(f"eval-set:{seed}")
+    ts_ms = int(ts.timestamp() * MS)
+    for loop in loops:
+        for i in range(per_loop):
+            yield {
+                "eval_case_id": f"{loop.name}-{i:05d}",
+                "loop": loop.name,
+                "ts": ts_ms,
+                "suite": "CURRENT",
+                "origin": "IMPORTED",
+                "case_id": None,
+                "expected": "RESOLVED",
+                "notes": None,
+                **input_fields(rng, loop, drifted=False),
+            }
 
 
 class TrafficGenerator:
@@ -151,34 +199,23 @@ class TrafficGenerator:
         loop = self._loops[
             rng.choices(range(len(self._loops)), weights=[p.share for p in self._loops])[0]
         ]
-        drifted = self._after(sc.drift_at, ts_ms)
-        category = _pick(rng, loop.drifted_categories if drifted else loop.categories)
         case_id = self._id()
-        tokens = max(16, int(_lognormal(rng, 400.0, 0.5)))
-        order_value = _lognormal(rng, 60.0 * (1.8 if drifted else 1.0), 0.6)
+        event_id = self._id()
+        drifted = self._after(sc.drift_at, ts_ms) and not self._after(sc.drift_end_at, ts_ms)
+        fields = input_fields(rng, loop, drifted)
         self._push(
             ts_ms,
             "inputs",
             {
-                "event_id": self._id(),
+                "event_id": event_id,
                 "case_id": case_id,
                 "loop": loop.name,
                 "ts": ts_ms,
                 "source": f"{loop.name}-api",
-                "channel": _pick(rng, CHANNELS),
-                "category": category,
-                "language": _pick(rng, LANGUAGES),
-                "features": {
-                    "order_value_usd": round(order_value, 2),
-                    "account_age_days": round(rng.expovariate(1 / 400.0), 1),
-                },
-                "attributes": {"tier": _pick(rng, TIERS), "region": _pick(rng, REGIONS)},
-                "text": f"{category.replace('_', ' ')} request, order {rng.randrange(10**6):06d}",
-                "embedding": [round(c + rng.gauss(0.0, 0.15), 4) for c in _centroid(category)],
-                "tokens": tokens,
+                **fields,
             },
         )
-        self._resolve(loop, case_id, ts_ms, tokens)
+        self._resolve(loop, case_id, ts_ms, fields["tokens"])
 
     def _resolve(self, loop: LoopProfile, case_id: str, input_ms: int, tokens: int) -> None:
         rng, sc = self._rng, self._scenario

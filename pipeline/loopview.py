@@ -17,13 +17,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.aggregates import Aggregate, delta
+from pipeline.alerts import AlertEngine, Facts, readings
 from pipeline.core import CoreConfig
+from pipeline.drift import Baseline, evaluate, no_drift
+from pipeline.features import FeatureValues, values_from_json, values_to_json
+from pipeline.featurewindow import FeatureWindow
 from pipeline.partition import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
 
 
 class LoopState:
-    """One loop's partials, closed buckets and eval cases."""
+    """One loop's partials, closed buckets, eval cases (its drift baseline) and alerts."""
 
     def __init__(self, config: CoreConfig, loop: str) -> None:
         self.config = config
@@ -31,7 +35,13 @@ class LoopState:
         self.open: dict[tuple[int, int], Aggregate] = {}  # (partition, bucket index)
         self.marks: dict[int, int] = {}  # partition -> its watermark
         self.series = BucketSeries(default_tiers(config.bucket_ms))
-        self.eval_cases: dict[str, str | None] = {}  # eval case id -> category
+        self.eval_cases: dict[
+            str, tuple[str | None, FeatureValues]
+        ] = {}  # id -> category, features
+        self._baseline: Baseline | None = None  # rebuilt when an eval case changes
+        self.alerts = AlertEngine(loop, config.rules)
+        self.features = FeatureWindow(config.bucket_ms)
+        self.evaluated_ms = 0  # event time of the last alert evaluation
         self.changed: set[tuple[Any, ...]] = set()
 
     @property
@@ -45,6 +55,7 @@ class LoopState:
                 continue  # already folded: a partition replaying after a crash resends it
             self.open[(partial.partition, index)] = aggregate
             self.changed.add(("o", partial.partition, index))
+            self.features.touch(index)
         if partial.watermark_ms > self.marks.get(partial.partition, 0):
             self.marks[partial.partition] = partial.watermark_ms
             self.changed.add(("m", partial.partition))
@@ -71,20 +82,78 @@ class LoopState:
         self.changed.add(("f",))
 
     def eval_case(self, change: EvalCaseChange) -> None:
-        self.eval_cases[change.eval_case_id] = change.category
+        self.eval_cases[change.eval_case_id] = (change.category, change.features)
+        self._baseline = None
         self.changed.add(("e", change.eval_case_id))
 
     def covered(self) -> set[str]:
-        return {category for category in self.eval_cases.values() if category}
+        return {category for category, _ in self.eval_cases.values() if category}
 
-    def window(self, as_of_ms: int, length_ms: int) -> Aggregate:
-        total = self.series.window(as_of_ms, length_ms)
+    @property
+    def baseline(self) -> Baseline:
+        if self._baseline is None:
+            self._baseline = Baseline(features for _, features in self.eval_cases.values())
+        return self._baseline
+
+    def window(self, as_of_ms: int, length_ms: int, features: bool = False) -> Aggregate:
+        total = self.series.window(as_of_ms, length_ms, features)
         size = self.config.bucket_ms
         start = as_of_ms - length_ms
         for (_, index), aggregate in self.open.items():
             if index * size >= start and (index + 1) * size <= as_of_ms:
-                total.merge(aggregate)
+                total.merge(aggregate, features)
         return total
+
+    def drift(self, as_of_ms: int) -> dict[str, Any]:
+        """The drift section of the snapshot: the drift window's inputs against the baseline."""
+        if not self.eval_cases:
+            return no_drift()
+        config = self.config.rules.drift
+        # Closing a bucket moves it from the open partials to the series without changing the
+        # union of the two, so the feature cache stays valid across closes.
+        buckets = [(index, a) for (_, index), a in self.open.items()]
+        first = (as_of_ms - config.window_ms) // self.config.bucket_ms
+        tier = self.series.buckets[0]
+        buckets += [
+            (i, tier[i]) for i in range(first, as_of_ms // self.config.bucket_ms) if i in tier
+        ]
+        stats = self.features.merged(buckets, as_of_ms, config.window_ms)
+        return evaluate(stats, self.baseline, config)
+
+    def evaluate(self, as_of_ms: int | None = None) -> list[dict[str, Any]]:
+        """Evaluate the alert rules at the last evaluation_interval boundary of event time (at
+        or before ``as_of_ms``, default the watermark) if it is newer than the last evaluation;
+        returns the Alert records to publish."""
+        interval = self.config.rules.evaluation_interval_ms
+        as_of = (self.watermark_ms if as_of_ms is None else as_of_ms) // interval * interval
+        if as_of <= self.evaluated_ms:
+            return []
+        self.evaluated_ms = as_of
+        self.changed.add(("t",))
+        rules = self.config.rules.for_loop(self.loop)
+        windows = {
+            rule.window
+            for rule in (
+                rules.quality_floor,
+                rules.latency_slo,
+                rules.cost_budget,
+                rules.coverage_drop,
+                rules.toil_rise,
+                rules.dead_letter_rate,
+            )
+        }
+        week_ago = self.series.align(as_of - WEEK)
+        facts = Facts(
+            loop=self.loop,
+            as_of_ms=as_of,
+            now={w: self.window(as_of, WINDOWS[w]) for w in windows},
+            week_ago={w: self.window(week_ago, WINDOWS[w]) for w in windows},
+            hourly_rate=self.config.hourly_rates.get(self.loop, 0.0),
+            drift=self.drift(as_of),
+            drift_share=self.config.rules.drift.drift_share,
+            unresolved=self.unresolved(as_of),
+        )
+        return self.alerts.step(as_of, readings(facts, rules))
 
     def numbers(self, as_of_ms: int) -> dict[str, Any]:
         rate = self.config.hourly_rates.get(self.loop, 0.0)
@@ -95,7 +164,7 @@ class LoopState:
             now = self.window(as_of_ms, length).numbers(rate, covered)
             before = self.window(week_ago, length).numbers(rate, covered)
             windows[name] = {**now, "wow_delta": delta(now, before)}
-        return {"windows": windows}
+        return {"windows": windows, "drift": self.drift(as_of_ms)}
 
     def unresolved(self, as_of_ms: int) -> int:
         """Cases whose first input is at least the loop's SLA old (at bucket granularity) and
@@ -122,13 +191,18 @@ class LoopState:
             elif kind == "m":
                 value = self.marks[change[1]]
             elif kind == "e":
-                value = {"category": self.eval_cases[change[1]]}
+                category, features = self.eval_cases[change[1]]
+                value = {"category": category, "f": values_to_json(features)}
+            elif kind == "t":
+                value = self.evaluated_ms
             else:
                 value = [f if f != float("-inf") else None for f in self.series.floor]
             records[_key(kind, self.loop, *change[1:])] = value
         for tier, index in self.series.changed:
             found = self.series.buckets[tier].get(index)
             records[_key("s", self.loop, tier, index)] = None if found is None else found.to_json()
+        for fingerprint, episode in self.alerts.changed_records().items():
+            records[_key("a", self.loop, fingerprint)] = episode
         self.changed = set()
         self.series.changed = set()
         return records
@@ -139,7 +213,11 @@ class LoopState:
         elif kind == "m":
             self.marks[parts[0]] = int(value)
         elif kind == "e":
-            self.eval_cases[parts[0]] = value["category"]
+            self.eval_cases[parts[0]] = (value["category"], values_from_json(value.get("f")))
+        elif kind == "t":
+            self.evaluated_ms = int(value)
+        elif kind == "a":
+            self.alerts.restore(parts[0], value)
         elif kind == "s":
             self.series.buckets[parts[0]][parts[1]] = Aggregate.from_json(value)
         elif kind == "f":
@@ -191,6 +269,22 @@ class LoopView:
         }
         return {"as_of": iso(as_of), "loops": loops}
 
+    def evaluate(self, as_of_ms: int | None = None) -> list[dict[str, Any]]:
+        """Alert records of every loop whose evaluation time moved on (LoopState.evaluate)."""
+        records: list[dict[str, Any]] = []
+        for _, state in sorted(self.loops.items()):
+            if state.marks:
+                records.extend(state.evaluate(as_of_ms))
+        return records
+
+    def firing(self) -> dict[tuple[str, str, str], int]:
+        """Firing alert episodes by (rule, loop, severity)."""
+        return {
+            (rule, loop, severity): n
+            for loop, state in sorted(self.loops.items())
+            for (rule, severity), n in state.alerts.firing().items()
+        }
+
     def unresolved(self, as_of_ms: int | None = None) -> dict[str, int]:
         as_of = self._as_of(as_of_ms)
         return {loop: s.unresolved(as_of) for loop, s in sorted(self.loops.items()) if s.marks}
@@ -205,6 +299,8 @@ class LoopView:
     def from_records(cls, config: CoreConfig, records: Iterable[tuple[str, Any]]) -> LoopView:
         view = cls(config)
         for key, value in records:
+            if value is None:  # deleted
+                continue
             kind, loop, *parts = json.loads(key)
             view._loop(loop).restore(kind, parts, value)
         return view
@@ -213,7 +309,7 @@ class LoopView:
 def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange:
     """The stage-1 message JSON back into a Partial or an EvalCaseChange."""
     if data["kind"] == "eval_case":
-        return EvalCaseChange(str(data["loop"]), str(data["id"]), data["category"])
+        return EvalCaseChange.from_json(data)
     return Partial(
         int(data["p"]),
         str(data["loop"]),

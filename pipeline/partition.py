@@ -19,9 +19,12 @@ from typing import Any
 
 from pipeline.aggregates import Aggregate
 from pipeline.core import CoreConfig, to_ms, verdicts_of
+from pipeline.features import FeatureValues, feature_values, values_from_json, values_to_json
 from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
+#: Where dead letters whose loop cannot be read are counted.
+UNKNOWN_LOOP = "unknown"
 
 
 @dataclass
@@ -71,11 +74,12 @@ class Partial:
 
 @dataclass(frozen=True)
 class EvalCaseChange:
-    """An eval case as stage 2 needs it (the covered categories of its loop)."""
+    """An eval case as stage 2 needs it: its category (coverage) and features (baseline)."""
 
     loop: str
     eval_case_id: str
     category: str | None
+    features: FeatureValues = field(default_factory=lambda: FeatureValues({}, {}, None))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,7 +87,14 @@ class EvalCaseChange:
             "loop": self.loop,
             "id": self.eval_case_id,
             "category": self.category,
+            "f": values_to_json(self.features),
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalCaseChange:
+        return cls(
+            str(data["loop"]), str(data["id"]), data["category"], values_from_json(data.get("f"))
+        )
 
 
 class PartitionCore:
@@ -121,7 +132,12 @@ class PartitionCore:
         loop = self.config.loop_label(str(record["loop"]))
         if topic == "eval-cases":
             self._eval_cases.append(
-                EvalCaseChange(loop, str(record["eval_case_id"]), record.get("category"))
+                EvalCaseChange(
+                    loop,
+                    str(record["eval_case_id"]),
+                    record.get("category"),
+                    feature_values(record),
+                )
             )
             return "ok"
         if ts <= self.watermark_ms - self.config.allowed_lateness_ms:
@@ -140,8 +156,10 @@ class PartitionCore:
             heapq.heappush(self._expiry, (ts, key))
         self._changed_cases.add(key)
         bucket = self._bucket(loop, ts)
+        bucket.events += 1
         if topic == "inputs":
             bucket.inputs[record.get("category") or ""] += 1
+            bucket.features.add(feature_values(record))
             self._input(loop, key, case, ts)
         elif topic == "resolutions":
             bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
@@ -158,6 +176,14 @@ class PartitionCore:
             if ts >= self._next_sweep_ms:  # expire state once per bucket of event time
                 self.advance(ts)
         return "ok"
+
+    def dead_letter(self, loop: str | None, fallback_ms: int) -> None:
+        """Count a record that went to the dead-letter topic, at the partition's event time
+        (or at ``fallback_ms``, the message's own time, before any event), under its loop when
+        it could be read and under UNKNOWN_LOOP when not, for the dead-letter rate."""
+        ts = self.watermark_ms or fallback_ms
+        label = UNKNOWN_LOOP if loop is None else self.config.loop_label(loop)
+        self._bucket(label, max(ts, 1)).dead_letters += 1
 
     def _bucket(self, loop: str, ts_ms: int) -> Aggregate:
         key = (loop, (ts_ms - 1) // self.config.bucket_ms)

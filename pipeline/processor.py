@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.core import CoreConfig
+from pipeline.core import CoreConfig, to_ms
 from pipeline.loopview import LoopView
 from pipeline.partition import PartitionCore
 
@@ -29,16 +29,38 @@ def partition_key(topic: str, record: Mapping[str, Any]) -> str:
 
 
 class Processor:
-    """Feed records with ``process``; read numbers with ``snapshot`` and ``unresolved``."""
+    """Feed records with ``process``; read numbers with ``snapshot`` and ``unresolved``, and
+    the Alert records raised so far in ``alerts``. Alert rules are evaluated whenever event time
+    crosses an evaluation_interval boundary, with every earlier event applied."""
 
     def __init__(self, config: CoreConfig | None = None) -> None:
         self.config = config or CoreConfig()
         self.stage1 = PartitionCore(self.config)
         self.stage2 = LoopView(self.config)
         self._unsynced = 0
+        self.alerts: list[dict[str, Any]] = []
+        self.evaluations = 0
+        self._evaluated_ms = 0
+
+    @classmethod
+    def resumed(cls, stage1: PartitionCore, stage2: LoopView) -> Processor:
+        """A processor that goes on from restored state, as a restarted worker does."""
+        processor = cls(stage1.config)
+        processor.stage1, processor.stage2 = stage1, stage2
+        evaluated = [state.evaluated_ms for state in stage2.loops.values()]
+        processor._evaluated_ms = max(evaluated, default=0)
+        return processor
 
     def process(self, topic: str, record: Mapping[str, Any]) -> str:
         """Apply one record; returns its status: ok, duplicate or too_late."""
+        interval = self.config.rules.evaluation_interval_ms
+        boundary = to_ms(record["ts"]) // interval * interval
+        if boundary > self._evaluated_ms and topic != "eval-cases":
+            if self._evaluated_ms:  # nothing to evaluate before the first event
+                self._sync()
+                self.alerts.extend(self.stage2.evaluate(boundary))
+                self.evaluations += 1
+            self._evaluated_ms = boundary
         status = self.stage1.process(topic, partition_key(topic, record), record)
         self._unsynced += 1
         if self._unsynced >= SYNC_EVERY:
@@ -55,6 +77,10 @@ class Processor:
         """DESIGN.md's snapshot JSON (plus week-over-week deltas per window)."""
         self._sync()
         return self.stage2.snapshot(as_of_ms)
+
+    def dead_letter(self, loop: str | None, ts_ms: int) -> None:
+        """Count a rejected record (replay's dead letter) for the dead-letter rate."""
+        self.stage1.dead_letter(loop, ts_ms)
 
     def unresolved(self, as_of_ms: int | None = None) -> dict[str, int]:
         """Cases with an input and no resolution, past their loop's SLA, per loop."""

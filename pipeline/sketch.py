@@ -12,12 +12,23 @@ Quantiles follow ``ddsketch.DDSketch.get_quantile_value`` exactly (rank = q * (c
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from ddsketch.mapping import LogarithmicMapping
 
 RELATIVE_ACCURACY = 0.01
 _MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
+
+K = TypeVar("K")
+
+
+def add_counts(target: Counter[K], source: Mapping[K, int]) -> None:
+    """target += source, count by count: Counter.update does the same with a type check and
+    a method lookup per call, which shows when windows merge hundreds of buckets."""
+    get = target.get
+    for key, count in source.items():
+        target[key] = get(key, 0) + count
 
 
 class LatencySketch:
@@ -42,7 +53,7 @@ class LatencySketch:
             self.bins[_MAPPING.key(value)] += weight
 
     def merge(self, other: LatencySketch) -> None:
-        self.bins.update(other.bins)
+        add_counts(self.bins, other.bins)
         self.zero += other.zero
 
     def quantile(self, q: float) -> float | None:
@@ -100,8 +111,8 @@ class SignedSketch:
             self.negative[_MAPPING.key(-value)] += weight
 
     def merge(self, other: SignedSketch) -> None:
-        self.positive.update(other.positive)
-        self.negative.update(other.negative)
+        add_counts(self.positive, other.positive)
+        add_counts(self.negative, other.negative)
         self.zero += other.zero
 
     def points(self) -> list[tuple[float, int]]:

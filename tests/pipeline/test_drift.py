@@ -45,12 +45,12 @@ def test_categorical_scores_match_scipy_and_the_psi_formula() -> None:
     rng = np.random.default_rng(1)
     cats = ["a", "b", "c", "d"]
     base = rng.choice(cats, size=400, p=[0.4, 0.3, 0.2, 0.1])
-    now = rng.choice(cats + ["e"], size=300, p=[0.1, 0.2, 0.2, 0.2, 0.3])  # "e" is new
+    now = rng.choice([*cats, "e"], size=300, p=[0.1, 0.2, 0.2, 0.2, 0.3])  # "e" is new
     scores = feature_scores(
         _stats([{"category": c} for c in now]), _baseline([{"category": c} for c in base]), 1
     )
-    p = np.array([np.mean(now == c) for c in cats + ["e"]])
-    q = np.array([np.mean(base == c) for c in cats + ["e"]])
+    p = np.array([np.mean(now == c) for c in [*cats, "e"]])
+    q = np.array([np.mean(base == c) for c in [*cats, "e"]])
     assert scores["category"]["js"] == pytest.approx(jensenshannon(p, q, base=2), abs=1e-6)
     assert scores["category"]["psi"] == pytest.approx(_psi_reference(p, q), abs=1e-6)
     assert set(scores["category"]) == {"js", "psi"}
@@ -128,7 +128,8 @@ def test_min_samples_and_drift_share_decide_detection() -> None:
         "language": False,
         "tokens": True,
     }
-    assert evaluate(stats, baseline, DriftConfig(min_samples=200, drift_share=0.7))["detected"] is False
+    strict = DriftConfig(min_samples=200, drift_share=0.7)
+    assert evaluate(stats, baseline, strict)["detected"] is False
     # Below min_samples nothing is evaluated, so nothing drifts.
     assert evaluate(stats, baseline, DriftConfig(min_samples=201)) == {
         "detected": False,
