@@ -100,15 +100,20 @@ def register(
 
     async def apply(core: PartitionCore, message: Any, tally: Tally) -> None:
         topic = logical[message.topic]
+        record: Any = None
         try:
             record = codec.decode(message.value, expected=RECORD_OF[topic]).record
             status = core.process(topic, partition_key(topic, record), record)
-        except CodecError as exc:
-            await dead_letters.send(message, exc.reason, str(exc))
-            return
         except Exception as exc:  # a worker never dies on one message
-            log.exception("processing failed")
-            await dead_letters.send(message, "processing_error", f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, CodecError):
+                reason, error = exc.reason, str(exc)
+            else:
+                log.exception("processing failed")
+                reason, error = "processing_error", f"{type(exc).__name__}: {exc}"
+            await dead_letters.send(message, reason, error)
+            # Counted for the dead-letter rate, under its loop when it could be read.
+            loop = record.get("loop") if isinstance(record, dict) else None
+            core.dead_letter(loop, int(message.timestamp * 1000))
             return
         tally.add(message.topic, topic, status, record)
 

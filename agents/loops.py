@@ -30,6 +30,7 @@ def register(
 ) -> Any:
     dead_letters = DeadLetters(app, settings, codec, metrics)
     snapshots = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw")
+    alerts = app.topic(settings.topic("alerts"), key_serializer="raw", value_serializer="raw")
     config = settings.core_config()
     producer_id = f"{settings.app_id}@{settings.web_host}:{settings.web_port}"
 
@@ -54,6 +55,15 @@ def register(
                         log.exception("bad partial")
                         reason = "processing_error"
                         await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
+                # Alerts are durable before the checkpoint that records their episode state;
+                # after a crash in between, the same records (same event_id) are sent again.
+                for alert in view.evaluate():
+                    log.info(
+                        "alert %s %s: %s", alert["state"], alert["fingerprint"], alert["summary"]
+                    )
+                    value = codec.encode("Alert", alert)
+                    delivery = await alerts.send(key=alert["fingerprint"].encode(), value=value)
+                    await delivery  # durable before the checkpoint that records the episode
                 await views.commit(partition, view.changed_records(), offsets)
 
     partials_topic = partials.get_topic_name()
@@ -72,6 +82,7 @@ def register(
         load_assigned()
         combined: dict[str, Any] = {}
         unresolved: dict[str, int] = {}
+        firing: dict[tuple[str, str, str], int] = {}
         as_of = 0
         for view in views.cores():
             view_as_of = view.default_as_of()
@@ -80,6 +91,7 @@ def register(
             as_of = max(as_of, view_as_of)
             combined.update(snapshot["loops"])
             unresolved.update(counts)
+            firing.update(view.firing())
             for loop, data in snapshot["loops"].items():
                 record = {
                     "event_id": f"{producer_id}:{loop}:{view_as_of}",
@@ -88,9 +100,10 @@ def register(
                     "producer": producer_id,
                     "unresolved_cases": counts.get(loop, 0),
                     "windows_json": json.dumps(data["windows"], separators=(",", ":")),
+                    "drift_json": json.dumps(data["drift"], separators=(",", ":")),
                 }
                 value = codec.encode("MetricSnapshot", record)
                 await snapshots.send(key=loop.encode(), value=value)
-        metrics.numbers.update({"as_of": iso(as_of), "loops": combined}, unresolved)
+        metrics.numbers.update({"as_of": iso(as_of), "loops": combined}, unresolved, firing)
 
     return views

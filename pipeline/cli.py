@@ -12,8 +12,10 @@ from typing import Any
 
 import click
 
+from pipeline.core import CoreConfig
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.kafka_local import BrokerError, LocalBroker
+from pipeline.rules import RulesError
 from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, publish_traffic, write_jsonl
@@ -130,7 +132,15 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
     settings = _settings(ctx)
     if web_port is not None:
         settings = dataclasses.replace(settings, web_port=web_port)
+    _core_config(settings)  # a bad rules file stops the worker here, with the reason
     run_worker(settings)
+
+
+def _core_config(settings: Settings) -> CoreConfig:
+    try:
+        return settings.core_config()
+    except RulesError as exc:
+        raise click.ClickException(f"LOOPLINE_RULES: {exc}") from None
 
 
 def _parse_start(value: str | None) -> datetime:
@@ -251,9 +261,19 @@ def generate(
     default=None,
     help="Bucket size (default: LOOPLINE_BUCKET_SECONDS, 10).",
 )
+@click.option(
+    "--alerts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the Alert records the rules raised (JSON Lines; - for stdout).",
+)
 @click.pass_context
 def replay_cmd(
-    ctx: click.Context, files: tuple[Path, ...], as_of: str | None, bucket_seconds: int | None
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    as_of: str | None,
+    bucket_seconds: int | None,
+    alerts: Path | None,
 ) -> None:
     """Run the five-numbers processing over JSON Lines / Avro files and print the snapshot.
 
@@ -267,8 +287,9 @@ def replay_cmd(
     settings = _settings(ctx)
     if bucket_seconds is not None:
         settings = dataclasses.replace(settings, bucket_seconds=bucket_seconds)
+    config = _core_config(settings)
     try:
-        processor = Processor(settings.core_config())
+        processor = Processor(config)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--bucket-seconds") from None
     try:
@@ -277,8 +298,69 @@ def replay_cmd(
         raise click.BadParameter(str(exc), param_hint="--as-of") from None
     report = replay(list(files), processor, reject=lambda m: _err(f"rejected {m}"))
     click.echo(json.dumps(processor.snapshot(as_of_ms), indent=2))
+    if alerts is not None:
+        with click.open_file(str(alerts), "w") as out:
+            for record in processor.alerts:
+                out.write(json.dumps(record, separators=(",", ":")) + "\n")
     counts = ", ".join(f"{n:,} {s}" for s, n in sorted(report.statuses.items()))
-    _err(f"replay: {counts or 'no events'}; {len(report.rejected):,} rejected")
+    _err(
+        f"replay: {counts or 'no events'}; {len(report.rejected):,} rejected; "
+        f"{processor.evaluations:,} alert evaluations, {len(processor.alerts):,} alert records"
+    )
+
+
+@main.group("evalset")
+def evalset() -> None:
+    """The eval set on loopline.eval-cases (the drift baseline): import and export."""
+
+
+@evalset.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def evalset_import(ctx: click.Context, file: Path) -> None:
+    """Publish the eval cases of a JSON Lines or Parquet FILE (one EvalCase a row).
+
+    Every row is validated; a bad row is reported with its line (or row) number and the good
+    rows are still imported. Missing suite / origin / ts default to CURRENT / IMPORTED / now.
+    Exits with status 2 when some rows were rejected.
+    """
+    from pipeline.evalset import import_eval_cases
+
+    settings = _settings(ctx)
+
+    async def run() -> Any:
+        await ensure_topics(settings)
+        return await import_eval_cases(settings, file, _err)
+
+    report = asyncio.run(run())
+    _err(
+        f"evalset import: {report.imported:,} eval cases imported, "
+        f"{len(report.rejected):,} rejected"
+    )
+    if report.rejected:
+        ctx.exit(2)
+
+
+@evalset.command("export")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write here (.parquet for Parquet, else JSON Lines); default: stdout.",
+)
+@click.pass_context
+def evalset_export(ctx: click.Context, output: Path | None) -> None:
+    """Write the current eval set (the latest record of every eval_case_id) out."""
+    from pipeline.evalset import read_eval_set, write_eval_set
+
+    cases = asyncio.run(read_eval_set(_settings(ctx)))
+    if output is not None and output.suffix == ".parquet":
+        write_eval_set(cases, output, parquet=True)
+    else:
+        with click.open_file(str(output or "-"), "w") as out:
+            write_eval_set(cases, out, parquet=False)
+    _err(f"evalset export: {len(cases):,} eval cases")
 
 
 @main.command("demo")

@@ -278,12 +278,20 @@ class LoopView:
         return records
 
     def firing(self) -> dict[tuple[str, str, str], int]:
-        """Firing alert episodes by (rule, loop, severity)."""
-        return {
-            (rule, loop, severity): n
-            for loop, state in sorted(self.loops.items())
-            for (rule, severity), n in state.alerts.firing().items()
-        }
+        """Firing alert episodes by (rule, loop, severity), with a 0 for every enabled rule
+        of every loop, so that a dashboard sees the rule before it first fires."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for loop, state in sorted(self.loops.items()):
+            if not state.marks:
+                continue
+            rules = self.config.rules.for_loop(loop)
+            for name in type(rules).model_fields:
+                rule = getattr(rules, name)
+                if rule.enabled:
+                    counts[(name, loop, rule.severity)] = 0
+            for (rule_name, severity), n in state.alerts.firing().items():
+                counts[(rule_name, loop, severity)] = n
+        return counts
 
     def unresolved(self, as_of_ms: int | None = None) -> dict[str, int]:
         as_of = self._as_of(as_of_ms)

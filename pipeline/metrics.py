@@ -26,9 +26,16 @@ class SnapshotCollector(Collector):
     def __init__(self) -> None:
         self.snapshot: dict[str, Any] = {"loops": {}}
         self.unresolved: dict[str, int] = {}
+        self.firing: dict[tuple[str, str, str], int] = {}
 
-    def update(self, snapshot: dict[str, Any], unresolved: dict[str, int]) -> None:
+    def update(
+        self,
+        snapshot: dict[str, Any],
+        unresolved: dict[str, int],
+        firing: dict[tuple[str, str, str], int] | None = None,
+    ) -> None:
         self.snapshot, self.unresolved = snapshot, unresolved
+        self.firing = firing or {}
 
     def collect(self) -> Iterator[Metric]:
         lw = ["loop", "window"]
@@ -78,6 +85,37 @@ class SnapshotCollector(Collector):
         for loop, count in self.unresolved.items():
             unresolved.add_metric([loop], count)
         yield from (coverage, assisted, passes, latency, cost, toil, uncovered, unresolved)
+        yield from self._drift()
+        firing = GaugeMetricFamily(
+            "loopline_alerts_firing",
+            "Alert episodes firing now (0 for a rule that is watched and quiet).",
+            labels=["rule", "loop", "severity"],
+        )
+        for labels, n in sorted(self.firing.items()):
+            firing.add_metric(list(labels), n)
+        yield firing
+
+    def _drift(self) -> Iterator[Metric]:
+        score = GaugeMetricFamily(
+            "loopline_drift_score",
+            "Drift of the drift window's inputs from the eval baseline, per feature and method.",
+            labels=["loop", "feature", "method"],
+        )
+        detected = GaugeMetricFamily(
+            "loopline_drift_detected",
+            "1 when the drifted share of features passes drift_share, else 0.",
+            labels=["loop"],
+        )
+        for loop, data in self.snapshot["loops"].items():
+            drift = data.get("drift")
+            if drift is None:
+                continue
+            detected.add_metric([loop], 1.0 if drift["detected"] else 0.0)
+            for feature, scores in drift["features"].items():
+                for method, value in scores.items():
+                    if method != "drifted":
+                        score.add_metric([loop, feature, method], value)
+        yield from (score, detected)
 
 
 QUANTILE_LABELS = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}

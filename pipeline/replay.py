@@ -70,10 +70,13 @@ def replay(
     codec = codec or Codec.load()
     report = ReplayReport()
 
-    def rejected(message: str) -> None:
+    def rejected(message: str, record: Any = None) -> None:
+        """Report it, and count it as the workers count a dead letter (dead-letter rate)."""
         report.rejected.append(message)
         if reject:
             reject(message)
+        loop = record.get("loop") if isinstance(record, dict) else None
+        processor.dead_letter(loop if isinstance(loop, str) else None, 1)
 
     for path in paths:
         for topic, record, where in read_events(path):
@@ -81,13 +84,15 @@ def replay(
                 rejected(where)
                 continue
             if topic not in REPLAYABLE:
-                rejected(f"{where}: unknown topic {topic!r}; one of {', '.join(REPLAYABLE)}")
+                rejected(
+                    f"{where}: unknown topic {topic!r}; one of {', '.join(REPLAYABLE)}", record
+                )
                 continue
             try:
                 normalised = {**record, "ts": to_ms(record.get("ts"))}
                 codec.validate(RECORD_OF[topic], normalised)
             except (CodecError, ValueError, TypeError, AttributeError) as exc:
-                rejected(f"{where}: {exc}")
+                rejected(f"{where}: {exc}", record)
                 continue
             report.statuses[processor.process(topic, normalised)] += 1
     return report

@@ -84,6 +84,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "archive_path": _path,
     "archive_batch_rows": _positive_int,
     "archive_batch_seconds": _positive_float,
+    "rules": _path,
 }
 
 
@@ -112,6 +113,7 @@ class Settings:
     archive_path: Path | None = None  # the DuckDB archive; default <data_dir>/archive.duckdb
     archive_batch_rows: int = 50_000
     archive_batch_seconds: float = 5.0
+    rules: Path | None = None  # alert rules and drift settings (TOML); None = the defaults
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -137,8 +139,10 @@ class Settings:
         return int(first.rsplit(":", 1)[1]) if ":" in first else 9092
 
     def core_config(self) -> CoreConfig:
-        """The pure core's configuration (pipeline.processor) from these settings."""
+        """The pure core's configuration (pipeline.processor) from these settings; raises
+        pipeline.rules.RulesError when the rules file cannot be used."""
         from pipeline.core import CoreConfig
+        from pipeline.rules import AlertRules
 
         return CoreConfig(
             bucket_ms=self.bucket_seconds * 1000,
@@ -148,6 +152,7 @@ class Settings:
             sla_ms={loop: int(s * 1000) for loop, s in self.loop_sla_seconds.items()},
             hourly_rates=dict(self.hourly_rates),
             loops=self.loops,
+            rules=AlertRules.load(self.rules),
         )
 
     @property

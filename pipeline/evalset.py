@@ -1,0 +1,178 @@
+"""The eval set as a stream: import eval cases into loopline.eval-cases, export them back out.
+
+loopline.eval-cases is compacted and keyed by eval_case_id, so the topic is the eval set: the
+latest record of each id. Import validates every row against the EvalCase schema and reports
+each bad one with its line (JSON Lines) or row (Parquet) number, while the good rows are still
+published; export reads the topic from its beginning to its current end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.codec import Codec, CodecError
+from pipeline.core import to_ms
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+
+#: Defaults for columns an eval set file may leave out.
+DEFAULTS: Mapping[str, Any] = {"suite": "CURRENT", "origin": "IMPORTED"}
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    rejected: list[str] = field(default_factory=list)  # "file:line: reason"
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(position, row) of a JSON Lines or Parquet file; a row that is not JSON is a str."""
+    with path.open("rb") as head:
+        magic = head.read(4)
+    if magic == b"PAR1":
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:row {number}", row
+        return
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{number}", f"not JSON ({exc.msg})"
+
+
+def normalise(row: Any, now_ms: int) -> dict[str, Any]:
+    """An EvalCase record from a file row: defaults filled in, ts in epoch ms, Parquet maps
+    (lists of pairs) made dicts. Raises ValueError naming what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(row if isinstance(row, str) else "expected a JSON object")
+    record = {**DEFAULTS, **{k: v for k, v in row.items() if v is not None}}
+    for name in ("features", "attributes"):
+        value = record.get(name, {})
+        record[name] = dict(value) if isinstance(value, list) else value
+    record["ts"] = now_ms if record.get("ts") is None else to_ms(record["ts"])
+    return record
+
+
+def read_eval_cases(
+    path: Path, codec: Codec, now_ms: int
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(position, record, None) for a valid row, (position, None, reason) for a bad one."""
+    for where, row in _rows(path):
+        try:
+            record = normalise(row, now_ms)
+            codec.validate("EvalCase", record)
+        except (CodecError, ValueError, TypeError) as exc:
+            yield where, None, str(exc)
+            continue
+        yield where, record, None
+
+
+async def import_eval_cases(
+    settings: Settings, path: Path, progress: Callable[[str], None] | None = None
+) -> ImportReport:
+    codec = Codec.load()
+    report = ImportReport()
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    async with Publisher(settings, codec) as publisher:
+        for where, record, error in read_eval_cases(path, codec, now_ms):
+            if record is None:
+                report.rejected.append(f"{where}: {error}")
+                if progress:
+                    progress(f"rejected {where}: {error}")
+                continue
+            await publisher.publish("eval-cases", record)
+            report.imported += 1
+            if progress and report.imported % 10_000 == 0:
+                progress(f"evalset import: {report.imported:,} eval cases sent")
+    return report
+
+
+async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
+    """The eval set: the latest record of every eval_case_id on the topic, by loop and id."""
+    codec = Codec.load()
+    topic = settings.topic("eval-cases")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():  # fetches every topic's metadata
+            return []  # no eval set published yet
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        latest: dict[str, dict[str, Any] | None] = {}
+        remaining = {tp for tp in partitions if end[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            for messages in batches.values():
+                for message in messages:
+                    key = message.key.decode() if message.key else None
+                    if message.value is None:  # a tombstone removes the case
+                        if key is not None:
+                            latest[key] = None
+                        continue
+                    record = codec.decode(message.value, expected="EvalCase").record
+                    latest[str(record["eval_case_id"])] = record
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    cases = [r for r in latest.values() if r is not None]
+    return sorted(cases, key=lambda r: (str(r["loop"]), str(r["eval_case_id"])))
+
+
+def write_eval_set(cases: list[dict[str, Any]], out: Any, parquet: bool) -> None:
+    """JSON Lines (ts as ISO-8601) to a text stream, or Parquet to a path."""
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{**c, "ts": _as_datetime(c["ts"])} for c in cases]
+        pq.write_table(pa.Table.from_pylist(rows, schema=_parquet_schema(pa)), out)
+        return
+    for case in cases:
+        ts = _as_datetime(case["ts"]).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        out.write(json.dumps({**case, "ts": ts}, separators=(",", ":")) + "\n")
+
+
+def _as_datetime(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromtimestamp(value / 1000, UTC)
+
+
+def _parquet_schema(pa: Any) -> Any:
+    text = pa.string()
+    return pa.schema(
+        [
+            ("eval_case_id", text),
+            ("loop", text),
+            ("ts", pa.timestamp("ms", tz="UTC")),
+            ("suite", text),
+            ("origin", text),
+            ("case_id", text),
+            ("channel", text),
+            ("category", text),
+            ("language", text),
+            ("features", pa.map_(text, pa.float64())),
+            ("attributes", pa.map_(text, text)),
+            ("text", text),
+            ("embedding", pa.list_(pa.float32())),
+            ("tokens", pa.int64()),
+            ("expected", text),
+            ("notes", text),
+        ]
+    )
