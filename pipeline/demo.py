@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
+from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator, eval_set
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.settings import Settings
@@ -61,6 +61,7 @@ def numbers_table(text: str | None, window: str = "1h") -> str:
     header = (
         f"{'loop (' + window + ')':<22}{'coverage':>9}{'assisted':>9}{'quality':>9}"
         f"{'p50 s':>8}{'p99 s':>8}{'$/case':>9}{'toil h':>8}{'unresolved':>11}"
+        f"{'uncovered':>10}{'drift':>7}{'alerts':>7}"
     )
     rows = [header]
     for loop in loops:
@@ -75,8 +76,23 @@ def numbers_table(text: str | None, window: str = "1h") -> str:
             f"{fmt(get('loopline_cost_per_resolution_usd', loop, **w), '.4f'):>9}"
             f"{fmt(get('loopline_toil_hours', loop, **w), '.1f'):>8}"
             f"{fmt(get('loopline_unresolved_cases', loop), '.0f'):>11}"
+            f"{fmt(get('loopline_uncovered_input_ratio', loop, **w), '.1%'):>10}"
+            f"{_yes_no(get('loopline_drift_detected', loop)):>7}"
+            f"{sample_sum(samples, 'loopline_alerts_firing', loop=loop):>7.0f}"
         )
     return "\n".join(rows)
+
+
+def _yes_no(value: float | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+async def publish_eval_set(settings: Settings, start: datetime, per_loop: int = 1000) -> int:
+    """The generator's eval set (the drift baseline) onto loopline.eval-cases."""
+    from pipeline.publisher import Publisher
+
+    async with Publisher(settings) as publisher:
+        return await publisher.publish_many("eval-cases", eval_set(1, start, per_loop))
 
 
 def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -164,16 +180,20 @@ def run_demo(
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start; see {worker_log}")
             time.sleep(0.5)
+        now = datetime.now(UTC)
+        cases = asyncio.run(publish_eval_set(settings, now))
+        echo(f"eval set: {cases:,} eval cases on {settings.topic('eval-cases')} (the baseline)")
         echo(f"generating {rate:,.0f} events/s for {duration:,.0f}s ...")
         events = TrafficGenerator(
             seed=int(time.time()),
-            start=datetime.now(UTC),
+            start=now,
             cases_per_second=rate / EVENTS_PER_CASE,
-            scenario=Scenario(cost_spike_at=duration / 2),
+            scenario=Scenario(cost_spike_at=duration / 2, drift_at=duration / 2),
         )
         echo(
-            f"scenario: model cost spikes 5x after {duration / 2:.0f}s; human time is priced "
-            "at 0 USD/h until LOOPLINE_HOURLY_RATES is set (e.g. refunds=45,kyc-review=60)"
+            f"scenario: after {duration / 2:.0f}s model cost spikes 5x and the inputs drift "
+            "(new categories, channels, languages, longer requests, larger orders); human time "
+            "is priced at 0 USD/h until LOOPLINE_HOURLY_RATES is set (e.g. refunds=45)"
         )
         limits = Limits(duration=duration, rate=rate)
         published = asyncio.run(_publish_and_show(settings, events, limits, url, echo))

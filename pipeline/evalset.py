@@ -8,6 +8,7 @@ published; export reads the topic from its beginning to its current end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -104,14 +105,13 @@ async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     codec = Codec.load()
     topic = settings.topic("eval-cases")
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+        topic, bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
     )
     await consumer.start()
     try:
-        if topic not in await consumer.topics():  # fetches every topic's metadata
+        partitions = await assigned(consumer, topic)
+        if not partitions:
             return []  # no eval set published yet
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         latest: dict[str, dict[str, Any] | None] = {}
@@ -134,6 +134,17 @@ async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
         await consumer.stop()
     cases = [r for r in latest.values() if r is not None]
     return sorted(cases, key=lambda r: (str(r["loop"]), str(r["eval_case_id"])))
+
+
+async def assigned(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions a group-less consumer subscribed to ``topic`` was given (all of them),
+    or none when the topic does not exist."""
+    if topic not in await consumer.topics():
+        return []
+    async with asyncio.timeout(30):
+        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no event for it
+            await asyncio.sleep(0.05)
+    return sorted(consumer.assignment())
 
 
 def write_eval_set(cases: list[dict[str, Any]], out: Any, parquet: bool) -> None:

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.codec import Codec
 from pipeline.demo import fetch_metrics
+from pipeline.evalset import assigned
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.settings import Settings
@@ -58,6 +59,27 @@ async def consume(
             while len(out) < count:
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
                     out.extend((m.key, codec.decode(m.value).record) for m in messages)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, Any]]]:
+    """Every record a loopline topic holds now, from its beginning to its current end."""
+    consumer = AIOKafkaConsumer(settings.topic(topic), bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    codec, out = Codec.load(), []
+    try:
+        parts = await assigned(consumer, settings.topic(topic))
+        if not parts:
+            return []
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        async with asyncio.timeout(60):
+            for tp in parts:
+                while await consumer.position(tp) < end[tp]:
+                    for messages in (await consumer.getmany(tp, timeout_ms=500)).values():
+                        out.extend((m.key, codec.decode(m.value).record) for m in messages)
     finally:
         await consumer.stop()
     return out
@@ -111,6 +133,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "LOOPLINE_ARCHIVE_BATCH_SECONDS": str(settings.archive_batch_seconds),
         }
     )
+    if settings.rules is not None:
+        env["LOOPLINE_RULES"] = str(settings.rules)
     return env
 
 

@@ -1,0 +1,180 @@
+"""Drift and alerts on the real broker: the eval set as a stream, the baseline moving while
+the worker runs, and an alert episode that survives a SIGKILL without firing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.generator import LOOPS, Scenario, TrafficGenerator, eval_set, input_fields
+from pipeline.processor import Processor
+from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS
+from tests.agents.test_ingest import _publish
+from tests.conftest import WorkerProcess, read_topic, settings_env, wait_for
+
+pytestmark = pytest.mark.broker
+START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+REFUNDS = (LOOPS[1],)
+
+
+def _gauge(worker: WorkerProcess, name: str, **labels: str) -> float | None:
+    from pipeline.metrics import parse_exposition
+
+    samples = parse_exposition(worker.metrics_text() or "")
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    return found[0] if found else None
+
+
+def _loopline(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _chargeback_cases(count: int) -> list[dict[str, Any]]:
+    """Eval cases for the category the drifted traffic brings and the eval set lacks."""
+    rng, cases = random.Random(5), []
+    while len(cases) < count:
+        fields = input_fields(rng, LOOPS[1], drifted=True)
+        if fields["category"] == "chargeback":
+            cases.append({"eval_case_id": f"reviewed-{len(cases)}", "loop": "refunds", **fields})
+    return cases
+
+
+def test_new_eval_cases_move_the_baseline_while_the_worker_runs(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings()
+    baseline = [("eval-cases", r) for r in eval_set(1, START, 300, loops=REFUNDS)]
+    traffic = list(islice(TrafficGenerator(3, START, 5.0, Scenario(drift_at=0), REFUNDS), 1500))
+    expected = asyncio.run(_publish(settings, baseline + traffic))
+    replayed = Processor(settings.core_config())
+    for topic, record in baseline + traffic:
+        replayed.process(topic, record)
+    drift = replayed.snapshot()["loops"]["refunds"]["drift"]
+    assert drift["detected"] is True
+
+    worker = start_worker(settings)
+    wait_for(
+        lambda: all(worker.processed(t) >= expected[t] for t in SOURCE_TOPICS),
+        120,
+        f"all events processed (log {worker.log_path})",
+    )
+    js = {"loop": "refunds", "feature": "category", "method": "js"}
+    wait_for(
+        lambda: _gauge(worker, "loopline_drift_score", **js) == drift["features"]["category"]["js"],
+        30,
+        "the worker's drift scores to equal replay's",
+    )
+    for feature, scores in drift["features"].items():
+        for method, value in scores.items():
+            if method != "drifted":
+                labels = {"loop": "refunds", "feature": feature, "method": method}
+                assert _gauge(worker, "loopline_drift_score", **labels) == pytest.approx(value)
+    assert _gauge(worker, "loopline_drift_detected", loop="refunds") == 1.0
+    uncovered_before = _gauge(worker, "loopline_uncovered_input_ratio", loop="refunds", window="1h")
+    js_before = _gauge(worker, "loopline_drift_score", **js)
+    assert uncovered_before is not None and uncovered_before > 0.5  # chargeback is ~60 %
+    assert js_before is not None
+
+    # Reviewers' new eval cases for the uncovered category, imported with the CLI; one bad row.
+    new_cases = _chargeback_cases(200)
+    path = tmp_path / "reviewed.jsonl"
+    lines = [json.dumps(c) for c in new_cases]
+    lines.insert(3, json.dumps({"eval_case_id": "broken", "loop": "refunds", "suite": "NEXT"}))
+    path.write_text("\n".join(lines) + "\n")
+    began = time.monotonic()
+    imported = _loopline(settings, "evalset", "import", str(path))
+    assert imported.returncode == 2, imported.stderr
+    assert f"{path}:4:" in imported.stderr and "suite" in imported.stderr
+    assert "200 eval cases imported, 1 rejected" in imported.stderr
+
+    def moved() -> bool:
+        uncovered = _gauge(worker, "loopline_uncovered_input_ratio", loop="refunds", window="1h")
+        return uncovered == 0 and (_gauge(worker, "loopline_drift_score", **js) or 1) < js_before
+
+    wait_for(moved, 60, "uncovered_ratio and the category's drift score to fall")
+    print(f"baseline moved {time.monotonic() - began:.1f}s after the import")
+    assert not worker.exited()  # never restarted
+
+    # The eval set round-trips through export, as JSON Lines and as Parquet.
+    exported = _loopline(settings, "evalset", "export")
+    assert exported.returncode == 0, exported.stderr
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert len(rows) == 500 and Counter(r["origin"] for r in rows) == {"IMPORTED": 500}
+    parquet = tmp_path / "evalset.parquet"
+    assert _loopline(settings, "evalset", "export", "-o", str(parquet)).returncode == 0
+    assert pq.read_table(parquet).num_rows == 500
+    reimported = _loopline(settings, "evalset", "import", str(parquet))
+    assert reimported.returncode == 0, reimported.stderr
+    assert "500 eval cases imported, 0 rejected" in reimported.stderr
+
+
+def test_an_alert_episode_survives_a_sigkill_without_a_second_firing(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[defaults.drift]\nconsecutive = 2\n")
+    settings = make_settings(rules=rules)
+    baseline = [("eval-cases", r) for r in eval_set(1, START, 500, loops=REFUNDS)]
+    events = TrafficGenerator(4, START, 5.0, Scenario(drift_at=0), REFUNDS)
+    first = list(islice(events, 7000))  # about 10 minutes of event time
+    second = list(islice(events, 7000))
+    expected = asyncio.run(_publish(settings, baseline + first))
+    worker = start_worker(settings)
+
+    def firing() -> list[dict[str, Any]]:
+        records = [r for _, r in asyncio.run(read_topic(settings, "alerts"))]
+        return [r for r in records if r["fingerprint"] == "drift/refunds"]
+
+    wait_for(lambda: bool(firing()), 120, f"a drift alert (log {worker.log_path})")
+    wait_for(
+        lambda: all(worker.processed(t) >= expected[t] for t in SOURCE_TOPICS),
+        120,
+        "the first part processed",
+    )
+    time.sleep(3)  # past the checkpoint of the batch that fired
+    worker.stop(signal.SIGKILL)
+
+    asyncio.run(_publish(settings, second))
+    restarted = start_worker(settings)
+    wait_for(
+        lambda: _gauge(restarted, "loopline_alerts_firing", rule="drift", loop="refunds") == 1.0,
+        120,
+        "the restarted worker to report the episode still firing",
+    )
+    rest = Counter(topic for topic, _ in second)
+    wait_for(
+        lambda: all(restarted.processed(t) >= rest[t] for t in SOURCE_TOPICS),
+        120,
+        "the restarted worker to process the second part",
+    )
+    assert _gauge(restarted, "loopline_drift_detected", loop="refunds") == 1.0
+    time.sleep(3)  # a few more evaluations, which must not fire the episode again
+    records = [r for _, r in asyncio.run(read_topic(settings, "alerts"))]
+    drift = [r for r in records if r["fingerprint"] == "drift/refunds"]
+    assert [r["state"] for r in drift] == ["FIRING"], drift
+    assert len({r["event_id"] for r in records}) == len(records)
