@@ -113,10 +113,22 @@ def test_one_and_two_workers_publish_the_replay_snapshot(
     for topic, record in events:
         replayed.process(topic, record)
     published = asyncio.run(_latest_snapshots(settings))
-    for loop, record in published.items():
-        window = json.loads(record["windows_json"])["1h"]
-        values = [_gauge(w, "loopline_coverage_ratio", loop=loop, window="1h") for w in running]
-        assert [v for v in values if v is not None] == [window["coverage"]], (loop, values)
+    seen: dict[str, list[float | None]] = {}
+
+    def exported_once() -> bool:
+        # Right after a rebalance a loop's new owner may still be loading it: wait for that.
+        for loop, record in published.items():
+            window = json.loads(record["windows_json"])["1h"]
+            values = [_gauge(w, "loopline_coverage_ratio", loop=loop, window="1h") for w in running]
+            seen[loop] = values
+            if [v for v in values if v is not None] != [window["coverage"]]:
+                return False
+        return True
+
+    try:
+        wait_for(exported_once, 60, "each loop's gauges from exactly one worker")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
     if workers == 2:
         exporting = [
             w

@@ -143,8 +143,12 @@ def test_an_alert_episode_survives_a_sigkill_without_a_second_firing(
     events = TrafficGenerator(4, START, 5.0, Scenario(drift_at=0), REFUNDS)
     first = list(islice(events, 7000))  # about 10 minutes of event time
     second = list(islice(events, 7000))
-    expected = asyncio.run(_publish(settings, baseline + first))
+    # The eval set is there before the traffic, as in production: alerts are evaluated as event
+    # time passes, so a baseline that arrived after all the traffic would be seen by none.
     worker = start_worker(settings)
+    asyncio.run(_publish(settings, baseline))
+    wait_for(lambda: worker.processed("eval-cases") >= 500, 60, "the eval set processed")
+    expected = asyncio.run(_publish(settings, first))
 
     def firing() -> list[dict[str, Any]]:
         records = [r for _, r in asyncio.run(read_topic(settings, "alerts"))]
