@@ -31,6 +31,9 @@ def register(
     dead_letters = DeadLetters(app, settings, codec, metrics)
     snapshots = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw")
     alerts = app.topic(settings.topic("alerts"), key_serializer="raw", value_serializer="raw")
+    candidates = app.topic(
+        settings.topic("eval-candidates"), key_serializer="raw", value_serializer="raw"
+    )
     config = settings.core_config()
     producer_id = f"{settings.app_id}@{settings.web_host}:{settings.web_port}"
 
@@ -64,6 +67,14 @@ def register(
                     value = codec.encode("Alert", alert)
                     delivery = await alerts.send(key=alert["fingerprint"].encode(), value=value)
                     await delivery  # durable before the checkpoint that records the episode
+                # Candidates likewise; the sampler's state (picked cases) is in the checkpoint.
+                for candidate in view.candidates:
+                    value = codec.encode("EvalCandidate", candidate)
+                    delivery = await candidates.send(key=candidate["case_id"].encode(), value=value)
+                    await delivery
+                    for reason in candidate["reasons"]:
+                        metrics.eval_candidates.labels(candidate["loop"], reason).inc()
+                view.candidates = []
                 await views.commit(partition, view.changed_records(), offsets)
 
     partials_topic = partials.get_topic_name()

@@ -109,6 +109,66 @@ def _centroid(category: str) -> list[float]:
     return [seeded.uniform(-1.0, 1.0) for _ in range(EMBEDDING_DIM)]
 
 
+# Request texts: a few phrasings per category, an order number, and now and then the personal
+# data that candidates must not carry out of the pipeline (pipeline.redact).
+PHRASES = (
+    "please help with my {c} issue",
+    "{c} again, second time this week",
+    "urgent: {c}",
+    "question about {c} on my account",
+    "need a refund because of {c}",
+    "is there an update on the {c} case",
+)
+CONTACTS = (
+    "",
+    "",
+    "",
+    " - reach me at {name}.{n}@example.com",
+    " - call +49 30 {n} 55",
+    " - card 4111 1111 1111 {n4}",
+)
+
+
+ITEMS = (
+    "blender",
+    "jacket",
+    "phone case",
+    "lamp",
+    "sofa",
+    "headphones",
+    "kettle",
+    "backpack",
+    "monitor",
+    "printer",
+    "sneakers",
+    "desk",
+    "camera",
+    "watch",
+    "router",
+    "mattress",
+    "stroller",
+    "guitar",
+    "drill",
+    "vacuum",
+    "tent",
+    "scooter",
+    "coffee maker",
+    "keyboard",
+)
+ADJECTIVES = ("red", "large", "refurbished", "gift", "second", "new", "spare", "bundle")
+
+
+def _text(rng: random.Random, category: str) -> str:
+    phrase = rng.choice(PHRASES).format(c=category.replace("_", " "))
+    phrase += f" ({rng.choice(ADJECTIVES)} {rng.choice(ITEMS)})"
+    contact = rng.choice(CONTACTS).format(
+        name=rng.choice(("jane", "omar", "li", "ana")),
+        n=rng.randrange(10**6),
+        n4=f"{rng.randrange(10**4):04d}",
+    )
+    return f"{phrase}, order {rng.randrange(10**6):06d}{contact}"
+
+
 def input_fields(rng: random.Random, loop: LoopProfile, drifted: bool) -> dict[str, Any]:
     """The input side of a case (InputEvent and EvalCase share it), before or after drift."""
     category = _pick(rng, loop.drifted_categories if drifted else loop.categories)
@@ -123,7 +183,7 @@ def input_fields(rng: random.Random, loop: LoopProfile, drifted: bool) -> dict[s
             "account_age_days": round(rng.expovariate(1 / 400.0), 1),
         },
         "attributes": {"tier": _pick(rng, TIERS), "region": _pick(rng, REGIONS)},
-        "text": f"{category.replace('_', ' ')} request, order {rng.randrange(10**6):06d}",
+        "text": _text(rng, category),
         "embedding": [round(c + rng.gauss(0.0, 0.15), 4) for c in _centroid(category)],
         "tokens": tokens,
     }

@@ -16,8 +16,17 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from pipeline.aggregates import Aggregate, delta
 from pipeline.alerts import AlertEngine, Facts, readings
+from pipeline.candidates import (
+    CandidateSampler,
+    CaseProposal,
+    LoopContext,
+    context_from_json,
+    context_to_json,
+)
 from pipeline.core import CoreConfig
 from pipeline.drift import Baseline, evaluate, no_drift
 from pipeline.features import FeatureValues, values_from_json, values_to_json
@@ -40,6 +49,9 @@ class LoopState:
         ] = {}  # id -> category, features
         self._baseline: Baseline | None = None  # rebuilt when an eval case changes
         self.alerts = AlertEngine(loop, config.rules)
+        self.sampler = CandidateSampler(loop, config.rules.candidates)
+        # The drift, outlier thresholds of the last evaluation that candidates are judged by.
+        self.candidate_context: dict[str, Any] = {"rare": {}, "cost": None, "latency": None}
         self.features = FeatureWindow(config.bucket_ms)
         self.evaluated_ms = 0  # event time of the last alert evaluation
         self.changed: set[tuple[Any, ...]] = set()
@@ -153,7 +165,42 @@ class LoopState:
             drift_share=self.config.rules.drift.drift_share,
             unresolved=self.unresolved(as_of),
         )
+        self._judge_candidates_by(facts.drift, as_of)
         return self.alerts.step(as_of, readings(facts, rules))
+
+    def _judge_candidates_by(self, drift: Mapping[str, Any], as_of_ms: int) -> None:
+        baseline = self.baseline
+        usual: dict[str, frozenset[str] | tuple[float, float]] = {}
+        for feature, scores in drift["features"].items():
+            if not scores["drifted"]:
+                continue
+            if feature in baseline.categorical:
+                counts = baseline.categorical[feature]
+                total = sum(counts.values())
+                usual[feature] = frozenset(v for v, n in counts.items() if n >= 0.05 * total)
+            elif feature in baseline.numeric:
+                low, high = np.quantile(baseline.numeric[feature], [0.05, 0.95])
+                usual[feature] = (float(low), float(high))
+        hour = self.window(as_of_ms, WINDOWS["1h"])
+        factor = self.config.rules.candidates.cost_outlier_factor
+        mean_cost = hour.cost_usd / hour.resolved if hour.resolved >= 100 else None
+        enough = hour.latency.count >= 100
+        context = LoopContext(
+            frozenset(),
+            usual,
+            None if mean_cost is None else factor * mean_cost,
+            hour.latency.quantile(0.99) if enough else None,
+        )
+        self.candidate_context = context_to_json(context)
+        self.changed.add(("x",))
+
+    def offer(self, proposal: CaseProposal) -> dict[str, Any] | None:
+        """The EvalCandidate record if the case is picked (pipeline.candidates)."""
+        context = context_from_json(self.candidate_context, frozenset(self.covered()))
+        record = self.sampler.offer(proposal, context)
+        if record is not None:
+            self.changed.add(("k",))
+        return record
 
     def numbers(self, as_of_ms: int) -> dict[str, Any]:
         rate = self.config.hourly_rates.get(self.loop, 0.0)
@@ -195,6 +242,10 @@ class LoopState:
                 value = {"category": category, "f": values_to_json(features)}
             elif kind == "t":
                 value = self.evaluated_ms
+            elif kind == "x":
+                value = self.candidate_context
+            elif kind == "k":
+                value = self.sampler.to_json()
             else:
                 value = [f if f != float("-inf") else None for f in self.series.floor]
             records[_key(kind, self.loop, *change[1:])] = value
@@ -216,6 +267,10 @@ class LoopState:
             self.eval_cases[parts[0]] = (value["category"], values_from_json(value.get("f")))
         elif kind == "t":
             self.evaluated_ms = int(value)
+        elif kind == "x":
+            self.candidate_context = value
+        elif kind == "k":
+            self.sampler.restore(value)
         elif kind == "a":
             self.alerts.restore(parts[0], value)
         elif kind == "s":
@@ -234,6 +289,7 @@ class LoopView:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         self.loops: dict[str, LoopState] = {}
+        self.candidates: list[dict[str, Any]] = []  # EvalCandidate records not yet taken
 
     def _loop(self, loop: str) -> LoopState:
         state = self.loops.get(loop)
@@ -241,11 +297,15 @@ class LoopView:
             state = self.loops[loop] = LoopState(self.config, loop)
         return state
 
-    def apply(self, message: Partial | EvalCaseChange) -> None:
+    def apply(self, message: Partial | EvalCaseChange | CaseProposal) -> None:
         if isinstance(message, Partial):
             self._loop(message.loop).apply(message)
-        else:
+        elif isinstance(message, EvalCaseChange):
             self._loop(message.loop).eval_case(message)
+        else:
+            record = self._loop(message.loop).offer(message)
+            if record is not None:
+                self.candidates.append(record)
 
     @property
     def watermark_ms(self) -> int:
@@ -314,10 +374,12 @@ class LoopView:
         return view
 
 
-def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange:
-    """The stage-1 message JSON back into a Partial or an EvalCaseChange."""
+def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange | CaseProposal:
+    """A stage-1 message's JSON back into a Partial, an EvalCaseChange or a CaseProposal."""
     if data["kind"] == "eval_case":
         return EvalCaseChange.from_json(data)
+    if data["kind"] == "case":
+        return CaseProposal.from_json(data)
     return Partial(
         int(data["p"]),
         str(data["loop"]),

@@ -134,6 +134,7 @@ class PipelineMetrics:
     resolutions: Counter
     eval_verdicts: Counter
     latency: Histogram
+    eval_candidates: Counter
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
 
     @classmethod
@@ -172,6 +173,12 @@ class PipelineMetrics:
                 "Seconds from a case's first input to its resolution.",
                 ["loop"],
                 buckets=LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            eval_candidates=Counter(
+                "loopline_eval_candidates",
+                "Resolved cases sampled for review, by reason (a case counts for each reason).",
+                ["loop", "reason"],
                 registry=reg,
             ),
             numbers=numbers,

@@ -18,11 +18,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.aggregates import Aggregate
+from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
 from pipeline.core import CoreConfig, to_ms, verdicts_of
 from pipeline.features import FeatureValues, feature_values, values_from_json, values_to_json
 from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
+#: The input fields an eval candidate (and the eval case it may become) keeps.
+INPUT_FIELDS = (
+    "channel",
+    "category",
+    "language",
+    "text",
+    "tokens",
+    "features",
+    "attributes",
+    "embedding",
+)
+TEXT_LIMIT = 2000  # characters of input text and output kept per case
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
 
@@ -37,6 +50,10 @@ class Case:
     resolved: bool = False
     touched_ms: int = 0
     seen: dict[str, int] = field(default_factory=dict)  # event id -> event time, for dedupe
+    # What an eval candidate shows of the case: its input, last resolution and verdicts.
+    inp: dict[str, Any] | None = None
+    res: dict[str, Any] | None = None
+    verdicts: dict[str, bool] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,11 +63,24 @@ class Case:
             "r": self.resolved,
             "t": self.touched_ms,
             "s": self.seen,
+            "in": self.inp,
+            "re": self.res,
+            "v": self.verdicts,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Case:
-        return cls(data["l"], data["i"], list(data["q"]), data["r"], data["t"], dict(data["s"]))
+        return cls(
+            data["l"],
+            data["i"],
+            list(data["q"]),
+            data["r"],
+            data["t"],
+            dict(data["s"]),
+            data.get("in"),
+            data.get("re"),
+            dict(data.get("v") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +151,7 @@ class PartitionCore:
         self._final: dict[tuple[str, int], Aggregate] = {}  # closed before being sent
         self.known_loops: set[str] = set()  # every loop this partition has had buckets of
         self._eval_cases: list[EvalCaseChange] = []
+        self._proposals: list[CaseProposal] = []
         self._watermark_changed = False
         self.horizon_ms = config.case_horizon_ms
 
@@ -170,12 +201,64 @@ class PartitionCore:
         elif topic != "eval-results":
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
         bucket.verdicts.update(verdicts_of(topic, record))
+        self._remember(topic, key, case, record, ts)
         if ts > self.watermark_ms:
             self.watermark_ms = ts
             self._watermark_changed = True
             if ts >= self._next_sweep_ms:  # expire state once per bucket of event time
                 self.advance(ts)
         return "ok"
+
+    # -- eval candidates --------------------------------------------------------------------
+
+    def _remember(
+        self, topic: str, key: str, case: Case, record: Mapping[str, Any], ts: int
+    ) -> None:
+        """Keep what a candidate shows of the case, and propose the case to stage 2 when it
+        is resolved, has its input, and may be a candidate (pipeline.candidates)."""
+        if topic == "inputs":
+            if case.inp is not None:
+                return
+            case.inp = {k: record.get(k) for k in INPUT_FIELDS}
+            if case.inp.get("text"):
+                case.inp["text"] = str(case.inp["text"])[:TEXT_LIMIT]
+        elif topic == "resolutions":
+            cost = float(record.get("model_cost_usd") or 0.0) + float(
+                record.get("other_cost_usd") or 0.0
+            )
+            output = record.get("output")
+            case.res = {
+                "resolver": str(record["resolver"]),
+                "outcome": str(record["outcome"]),
+                "release": record.get("release"),
+                "confidence": record.get("confidence"),
+                "cost_usd": round(cost, 9),
+                "output": None if output is None else str(output)[:TEXT_LIMIT],
+                "ts": ts,
+            }
+            if record.get("eval_passed") is not None:
+                case.verdicts["online"] = bool(record["eval_passed"])
+        elif record.get("case_id") is not None:  # an eval result of a production case
+            case.verdicts[str(record.get("evaluator") or record["suite"])] = bool(record["passed"])
+            if record["passed"]:
+                return  # a passed verdict is no new reason
+        else:
+            return
+        if case.inp is None or case.res is None or case.input_ms is None:
+            return
+        proposal = CaseProposal(
+            key,
+            case.loop,
+            int(case.res["ts"]),
+            case.inp,
+            {k: v for k, v in case.res.items() if k != "ts"},
+            max(int(case.res["ts"]) - case.input_ms, 0) / 1000.0,
+            dict(case.verdicts),
+        )
+        candidates = self.config.rules.candidates
+        reasons = intrinsic_reasons(proposal, candidates.confidence_floor)
+        if considered(proposal, [*reasons, *EXTRINSIC], candidates):
+            self._proposals.append(proposal)
 
     def dead_letter(self, loop: str | None, fallback_ms: int) -> None:
         """Count a record that went to the dead-letter topic, at the partition's event time
@@ -269,9 +352,10 @@ class PartitionCore:
 
     # -- output -----------------------------------------------------------------------------
 
-    def drain(self) -> Iterator[Partial | EvalCaseChange]:
-        """What changed since the last drain, for stage 2: one Partial per loop whose buckets
-        (or whose partition's watermark) moved, and the eval cases seen."""
+    def drain(self) -> Iterator[Partial | EvalCaseChange | CaseProposal]:
+        """What changed since the last drain, for stage 2: the eval cases seen, one Partial
+        per loop whose buckets (or whose partition's watermark) moved, the cases proposed as
+        eval candidates."""
         yield from self._eval_cases
         self._eval_cases = []
         by_loop: dict[str, dict[int, Aggregate]] = {}
@@ -285,6 +369,8 @@ class PartitionCore:
             yield Partial(self.partition, loop, self.watermark_ms, by_loop[loop])
         self._unsent, self._final = set(), {}
         self._watermark_changed = False
+        yield from self._proposals
+        self._proposals = []
 
     # -- persistence ------------------------------------------------------------------------
 

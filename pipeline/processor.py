@@ -39,6 +39,7 @@ class Processor:
         self.stage2 = LoopView(self.config)
         self._unsynced = 0
         self.alerts: list[dict[str, Any]] = []
+        self.candidates: list[dict[str, Any]] = []  # EvalCandidate records, in order
         self.evaluations = 0
         self._evaluated_ms = 0
 
@@ -70,6 +71,8 @@ class Processor:
     def _sync(self) -> None:
         for message in self.stage1.drain():
             self.stage2.apply(message)
+        self.candidates.extend(self.stage2.candidates)
+        self.stage2.candidates = []
         self.stage1.changed_records()  # nothing persists here; keep the change sets small
         self._unsynced = 0
 

@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from pipeline.candidates import DEFAULT_SAMPLE_RATES, CandidateConfig
 from pipeline.drift import DEFAULT_THRESHOLDS, DriftConfig
+from pipeline.redact import Redactor
 from pipeline.windows import HOUR
 
 DEFAULT_RUNBOOK_BASE = "https://github.com/loopline/loopline/blob/main/deploy/runbooks"
@@ -48,6 +50,16 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Window = Literal["5m", "1h", "24h", "7d"]
 Severity = Literal["INFO", "WARNING", "CRITICAL"]
 Method = Literal["js", "psi", "wasserstein", "ks", "embedding"]
+Reason = Literal[
+    "failed_eval",
+    "failed",
+    "escalated",
+    "low_confidence",
+    "novel_category",
+    "drifted_feature",
+    "cost_outlier",
+    "latency_outlier",
+]
 
 
 class _Model(BaseModel):
@@ -154,10 +166,41 @@ class DriftSection(_Model):
         )
 
 
+class CandidatesSection(_Model):
+    """Eval-candidate sampling (pipeline.candidates) and redaction."""
+
+    salt: str = "loopline"
+    daily_budget: int = Field(200, ge=0)
+    stratum_daily_cap: int = Field(25, ge=0)
+    confidence_floor: Ratio = 0.6
+    cost_outlier_factor: float = Field(5.0, gt=0)
+    sample_rates: dict[Reason, Ratio] = Field(default_factory=dict)  # over the defaults
+    redact_patterns: list[str] = Field(default_factory=list)  # regexes, besides the defaults
+
+    def config(self) -> CandidateConfig:
+        try:
+            Redactor(self.redact_patterns)
+        except ValueError as exc:
+            raise RulesError(f"candidates.redact_patterns: {exc}") from None
+        return CandidateConfig(
+            salt=self.salt,
+            daily_budget=self.daily_budget,
+            stratum_daily_cap=self.stratum_daily_cap,
+            confidence_floor=self.confidence_floor,
+            cost_outlier_factor=self.cost_outlier_factor,
+            sample_rates={
+                **DEFAULT_SAMPLE_RATES,
+                **{str(k): v for k, v in self.sample_rates.items()},
+            },
+            redact_patterns=tuple(self.redact_patterns),
+        )
+
+
 class RulesFile(_Model):
     evaluation_interval_ms: Duration = Field(60_000, alias="evaluation_interval")
     runbook_base_url: str = DEFAULT_RUNBOOK_BASE
     drift: DriftSection = DriftSection()
+    candidates: CandidatesSection = CandidatesSection()
     defaults: dict[str, Any] = Field(default_factory=dict)
     loops: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -169,6 +212,7 @@ class AlertRules:
         self.evaluation_interval_ms = parsed.evaluation_interval_ms
         self.runbook_base_url = parsed.runbook_base_url.rstrip("/")
         self.drift: DriftConfig = parsed.drift.config()
+        self.candidates: CandidateConfig = parsed.candidates.config()
         self._per_loop = dict(per_loop)
         self._default = default
 
@@ -198,7 +242,10 @@ class AlertRules:
             raise RulesError(f"{source}: drift.window: at most 2h (the fine buckets' retention)")
         if parsed.evaluation_interval_ms <= 0:
             raise RulesError(f"{source}: evaluation_interval: must be positive")
-        return cls(parsed, per_loop, default)
+        try:
+            return cls(parsed, per_loop, default)
+        except RulesError as exc:
+            raise RulesError(f"{source}: {exc}") from None
 
     @classmethod
     def default(cls) -> AlertRules:

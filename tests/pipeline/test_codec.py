@@ -123,6 +123,10 @@ RECORDS: dict[str, dict[str, Any]] = {
         "latency_seconds": 8.5,
         "verdicts": {"CURRENT": False},
         "drifted_features": ["category"],
+        "features": {"order_value_usd": 59.9},
+        "attributes": {"tier": "pro"},
+        "tokens": 420,
+        "embedding": [0.5, -0.25],
     },
     "ReviewDecision": {
         "event_id": "r-1",

@@ -1,0 +1,305 @@
+"""Which resolved cases become eval candidates: reasons, deterministic sampling, budgets.
+
+A resolved case is a candidate for one or more reasons: a failed eval verdict, an escalation or
+failure after a system attempt, confidence under the loop's floor (intrinsic: stage 1 sees them
+on the case), an input in a category no eval case covers or on a drifted feature, a cost or
+latency outlier for its loop (extrinsic: they need the loop's eval set, drift and windows, so
+stage 2 decides them). Sampling is deterministic: a case is considered when the hash of its
+case_id and a salt falls under its reasons' sample rate, so a restart or a replay picks the same
+cases; then daily budgets apply per loop and per stratum (reason, category), near-duplicates
+(same normalised text) are suppressed, and a case is never queued twice. No Kafka here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.redact import Redactor
+from pipeline.windows import DAY
+
+INTRINSIC = ("failed_eval", "failed", "escalated", "low_confidence")
+EXTRINSIC = ("novel_category", "drifted_feature", "cost_outlier", "latency_outlier")
+REASONS = INTRINSIC + EXTRINSIC
+#: How bad a reason is, for the priority (severity x novelty).
+SEVERITY: Mapping[str, float] = {
+    "failed_eval": 1.0,
+    "failed": 1.0,
+    "escalated": 0.8,
+    "novel_category": 0.7,
+    "low_confidence": 0.6,
+    "drifted_feature": 0.5,
+    "cost_outlier": 0.5,
+    "latency_outlier": 0.5,
+}
+#: Share of the cases with a reason that are considered (by hash): every likely failure, a
+#: quarter of the cases that are only unusual.
+DEFAULT_SAMPLE_RATES: Mapping[str, float] = {
+    **dict.fromkeys(INTRINSIC, 1.0),
+    **dict.fromkeys(EXTRINSIC, 0.25),
+}
+#: How long picked case ids and text fingerprints are remembered (never queued twice).
+MEMORY_DAYS = 8
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    salt: str = "loopline"
+    daily_budget: int = 200  # candidates per loop and day
+    stratum_daily_cap: int = 25  # per (reason, category) and day
+    confidence_floor: float = 0.6
+    cost_outlier_factor: float = 5.0  # x the loop's mean cost per resolution (1h window)
+    sample_rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLE_RATES))
+    redact_patterns: tuple[str, ...] = ()
+
+    def redactor(self) -> Redactor:
+        return Redactor(self.redact_patterns)
+
+
+def unit_hash(case_id: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the case and the salt: the sampling coin, deterministic."""
+    digest = hashlib.blake2b(f"{salt}:{case_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+_NOT_WORDS = re.compile(r"[^a-z]+")
+
+
+def text_fingerprint(text: str | None) -> str | None:
+    """Lower case, digits and punctuation dropped, words in order: near-duplicates (the same
+    text with other numbers, ids or spacing) share it."""
+    if not text:
+        return None
+    words = _NOT_WORDS.sub(" ", text.lower()).split()
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).hexdigest() if words else None
+
+
+@dataclass(frozen=True)
+class CaseProposal:
+    """A resolved case as stage 1 saw it: its input, its resolution and its verdicts."""
+
+    case_id: str
+    loop: str
+    ts_ms: int  # the resolution's event time
+    input: Mapping[str, Any]  # InputEvent's input-side fields
+    resolution: Mapping[str, Any]  # resolver, outcome, release, confidence, cost_usd, output
+    latency_seconds: float | None
+    verdicts: Mapping[str, bool]  # suite or evaluator -> passed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "case",
+            "case_id": self.case_id,
+            "loop": self.loop,
+            "ts": self.ts_ms,
+            "input": dict(self.input),
+            "resolution": dict(self.resolution),
+            "latency": self.latency_seconds,
+            "verdicts": dict(self.verdicts),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CaseProposal:
+        return cls(
+            str(data["case_id"]),
+            str(data["loop"]),
+            int(data["ts"]),
+            data["input"],
+            data["resolution"],
+            data["latency"],
+            data["verdicts"],
+        )
+
+
+def intrinsic_reasons(proposal: CaseProposal, confidence_floor: float) -> list[str]:
+    found = []
+    if any(passed is False for passed in proposal.verdicts.values()):
+        found.append("failed_eval")
+    res = proposal.resolution
+    system_attempt = res.get("resolver") in ("SYSTEM", "HYBRID")
+    if system_attempt and res.get("outcome") == "FAILED":
+        found.append("failed")
+    if system_attempt and res.get("outcome") == "ESCALATED":
+        found.append("escalated")
+    confidence = res.get("confidence")
+    if confidence is not None and confidence < confidence_floor:
+        found.append("low_confidence")
+    return found
+
+
+def considered(proposal: CaseProposal, reasons: list[str], config: CandidateConfig) -> bool:
+    """The deterministic coin: under the highest sample rate of the case's reasons."""
+    if not reasons:
+        return False
+    rate = max(config.sample_rates.get(r, 0.0) for r in reasons)
+    return unit_hash(proposal.case_id, config.salt) < rate
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What stage 2 knows of a loop when it judges a case's extrinsic reasons."""
+
+    covered: frozenset[str]  # categories the eval set has
+    # Per drifted feature, its usual values in the baseline: the categories with at least 5 %
+    # of the eval set, or the 5th-95th percentile range; a case outside them is on the drift.
+    usual_values: Mapping[str, frozenset[str] | tuple[float, float]]
+    cost_threshold_usd: float | None
+    latency_threshold_seconds: float | None
+
+
+def context_to_json(context: LoopContext) -> dict[str, Any]:
+    return {
+        "rare": {
+            k: {"n": list(v)} if isinstance(v, tuple) else {"c": sorted(v)}
+            for k, v in context.usual_values.items()
+        },
+        "cost": context.cost_threshold_usd,
+        "latency": context.latency_threshold_seconds,
+    }
+
+
+def context_from_json(data: Mapping[str, Any], covered: frozenset[str]) -> LoopContext:
+    rare: dict[str, frozenset[str] | tuple[float, float]] = {
+        k: (float(v["n"][0]), float(v["n"][1])) if "n" in v else frozenset(v["c"])
+        for k, v in data["rare"].items()
+    }
+    return LoopContext(covered, rare, data["cost"], data["latency"])
+
+
+def extrinsic_reasons(proposal: CaseProposal, context: LoopContext) -> tuple[list[str], list[str]]:
+    """(reasons, drifted features the case is on)."""
+    found = []
+    category = proposal.input.get("category")
+    if category and category not in context.covered:
+        found.append("novel_category")
+    on_drifted = []
+    for feature, rare in sorted(context.usual_values.items()):
+        value = _feature_value(proposal.input, feature)
+        if value is None:
+            continue
+        if isinstance(rare, tuple):
+            low, high = rare
+            if isinstance(value, float) and not low <= value <= high:
+                on_drifted.append(feature)
+        elif str(value) not in rare:
+            on_drifted.append(feature)
+    if on_drifted:
+        found.append("drifted_feature")
+    if _above(proposal.resolution.get("cost_usd"), context.cost_threshold_usd):
+        found.append("cost_outlier")
+    if _above(proposal.latency_seconds, context.latency_threshold_seconds):
+        found.append("latency_outlier")
+    return found, on_drifted
+
+
+def _above(value: float | None, threshold: float | None) -> bool:
+    return value is not None and threshold is not None and value > threshold
+
+
+def _feature_value(fields: Mapping[str, Any], feature: str) -> Any:
+    if feature.startswith("attributes."):
+        return (fields.get("attributes") or {}).get(feature[len("attributes.") :])
+    if feature.startswith("features."):
+        found = (fields.get("features") or {}).get(feature[len("features.") :])
+        return None if found is None else float(found)
+    if feature == "tokens":
+        return None if fields.get("tokens") is None else float(fields["tokens"])
+    return fields.get(feature)
+
+
+class CandidateSampler:
+    """One loop's picks: daily counts per stratum, picked cases and text fingerprints."""
+
+    def __init__(self, loop: str, config: CandidateConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self.redact = config.redactor()
+        self.counts: dict[int, Counter[str]] = {}  # day -> stratum ("reason/category") -> n
+        self.picked: dict[str, int] = {}  # case_id -> day
+        self.fingerprints: dict[str, int] = {}  # text fingerprint -> day
+        self.changed = False
+
+    def offer(self, proposal: CaseProposal, context: LoopContext) -> dict[str, Any] | None:
+        """The EvalCandidate record when the case is picked, else None."""
+        if proposal.case_id in self.picked:
+            return None
+        reasons = intrinsic_reasons(proposal, self.config.confidence_floor)
+        extrinsic, on_drifted = extrinsic_reasons(proposal, context)
+        reasons += extrinsic
+        if not considered(proposal, reasons, self.config):
+            return None
+        day = proposal.ts_ms // DAY
+        counts = self.counts.setdefault(day, Counter())
+        if sum(counts.values()) >= self.config.daily_budget:
+            return None
+        primary = max(reasons, key=lambda r: (SEVERITY[r], r))
+        stratum = f"{primary}/{proposal.input.get('category') or ''}"
+        if counts[stratum] >= self.config.stratum_daily_cap:
+            return None
+        # On the redacted text: texts that differ only in personal data are near-duplicates.
+        fingerprint = text_fingerprint(self.redact(proposal.input.get("text")))
+        if fingerprint is not None and fingerprint in self.fingerprints:
+            return None
+        counts[stratum] += 1
+        self.picked[proposal.case_id] = day
+        if fingerprint is not None:
+            self.fingerprints[fingerprint] = day
+        self._forget_before(day - MEMORY_DAYS)
+        self.changed = True
+        return self._record(proposal, reasons, on_drifted)
+
+    def _forget_before(self, day: int) -> None:
+        for old in [d for d in self.counts if d < day]:
+            del self.counts[old]
+        self.picked = {k: d for k, d in self.picked.items() if d >= day}
+        self.fingerprints = {k: d for k, d in self.fingerprints.items() if d >= day}
+
+    def _record(
+        self, proposal: CaseProposal, reasons: list[str], on_drifted: list[str]
+    ) -> dict[str, Any]:
+        fields, res = proposal.input, proposal.resolution
+        severity = max(SEVERITY[r] for r in reasons)
+        novelty = 1.0 + 0.5 * ("novel_category" in reasons) + 0.25 * len(on_drifted)
+        return {
+            "candidate_id": f"cand-{proposal.case_id}",
+            "case_id": proposal.case_id,
+            "loop": self.loop,
+            "ts": proposal.ts_ms,
+            "reasons": reasons,
+            "priority": round(severity * novelty, 6),
+            "channel": fields.get("channel"),
+            "category": fields.get("category"),
+            "language": fields.get("language"),
+            "input_text": self.redact(fields.get("text")),
+            "output": self.redact(res.get("output")),
+            "resolver": res.get("resolver"),
+            "outcome": res.get("outcome"),
+            "release": res.get("release"),
+            "confidence": res.get("confidence"),
+            "cost_usd": res.get("cost_usd"),
+            "latency_seconds": proposal.latency_seconds,
+            "verdicts": dict(proposal.verdicts),
+            "drifted_features": on_drifted,
+            "features": dict(fields.get("features") or {}),
+            "attributes": dict(fields.get("attributes") or {}),
+            "tokens": fields.get("tokens"),
+            "embedding": fields.get("embedding"),
+        }
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": {str(d): dict(c) for d, c in self.counts.items()},
+            "picked": self.picked,
+            "fingerprints": self.fingerprints,
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        self.counts = {int(d): Counter(c) for d, c in data["counts"].items()}
+        self.picked = dict(data["picked"])
+        self.fingerprints = dict(data["fingerprints"])

@@ -1,0 +1,146 @@
+"""Eval candidates: reasons, deterministic sampling under budgets, near-duplicates, redaction."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.candidates import (
+    REASONS,
+    SEVERITY,
+    CandidateConfig,
+    CandidateSampler,
+    CaseProposal,
+    LoopContext,
+    text_fingerprint,
+)
+from pipeline.generator import Scenario
+from pipeline.loopview import LoopView
+from pipeline.processor import Processor
+from pipeline.redact import DEFAULT_PATTERNS, Redactor
+from pipeline.windows import DAY
+from tests.pipeline.test_alerts import START, START_MS, config, replay, stationary, traffic
+
+EVERYTHING = Scenario(drift_at=3600, cost_spike_at=2 * 3600, quality_drop_at=3 * 3600)
+
+
+def _events(hours: float = 4.0) -> list[tuple[str, dict[str, Any]]]:
+    return list(stationary(hours, EVERYTHING))
+
+
+def _rules(budget: int, cap: int) -> dict[str, Any]:
+    return {"candidates": {"daily_budget": budget, "stratum_daily_cap": cap}}
+
+
+def _primary(candidate: dict[str, Any]) -> str:
+    reason = max(candidate["reasons"], key=lambda r: (SEVERITY[r], r))
+    return f"{reason}/{candidate['category'] or ''}"
+
+
+def test_every_reason_is_reachable_and_no_case_is_queued_twice() -> None:
+    processor = replay(iter(_events()), config(_rules(10_000, 10_000)))
+    found = Counter(r for c in processor.candidates for r in c["reasons"])
+    assert set(found) == set(REASONS), found
+    case_ids = [c["case_id"] for c in processor.candidates]
+    assert len(case_ids) == len(set(case_ids))
+    # Near-duplicates (same text but for numbers) are suppressed within a loop.
+    prints = [text_fingerprint(c["input_text"]) for c in processor.candidates]
+    assert len(prints) == len(set(prints))
+
+
+def test_budgets_hold_per_day_and_stratum() -> None:
+    # Two days of traffic, so the daily budget resets once.
+    events = list(traffic(START - timedelta(hours=20), 24.0, Scenario(drift_at=19 * 3600)))
+    processor = replay(iter(events), config(_rules(12, 3)))
+    per_day = Counter(c["ts"] // DAY for c in processor.candidates)
+    assert len(per_day) == 2 and max(per_day.values()) == 12
+    per_stratum = Counter((c["ts"] // DAY, _primary(c)) for c in processor.candidates)
+    assert max(per_stratum.values()) == 3
+
+
+def test_the_same_events_give_the_same_picks_in_replay_and_across_a_restart() -> None:
+    events = _events(3.0)
+    first = replay(iter(events), config(_rules(60, 6)))
+    second = replay(iter(events), config(_rules(60, 6)))
+    days = {c["ts"] // DAY for c in first.candidates}
+    assert first.candidates == second.candidates and len(first.candidates) == 60 * len(days)
+
+    split = len(events) // 2
+    before = replay(iter(events[:split]), config(_rules(60, 6)))
+    restored = LoopView.from_records(before.config, before.stage2.changed_records().items())
+    after = Processor.resumed(before.stage1, restored)
+    for event in events[split:]:
+        after.process(*event)
+    after.snapshot()  # hands the last proposals over
+    assert before.candidates + after.candidates == first.candidates
+
+
+def _proposal(case_id: str, text: str, **resolution: Any) -> CaseProposal:
+    return CaseProposal(
+        case_id,
+        "refunds",
+        START_MS,
+        {"category": "late", "text": text},
+        {"resolver": "SYSTEM", "outcome": "FAILED", **resolution},
+        12.0,
+        {},
+    )
+
+
+def test_a_near_duplicate_text_is_not_queued_again() -> None:
+    sampler = CandidateSampler("refunds", CandidateConfig())
+    context = LoopContext(frozenset({"late"}), {}, None, None)
+    first = sampler.offer(_proposal("a", "Where is order 123?  Call me"), context)
+    assert first is not None and first["reasons"] == ["failed"]
+    assert sampler.offer(_proposal("b", "where is ORDER 987? call me!"), context) is None
+    assert sampler.offer(_proposal("c", "a different question"), context) is not None
+    assert sampler.offer(_proposal("a", "yet another text"), context) is None  # same case
+
+
+def test_candidates_leave_the_pipeline_redacted() -> None:
+    processor = replay(iter(_events(2.0)), config(_rules(10_000, 10_000)))
+    texts = [c["input_text"] for c in processor.candidates if c["input_text"]]
+    assert any("[EMAIL]" in t for t in texts) and any("[CARD]" in t for t in texts)
+    for _, pattern in DEFAULT_PATTERNS:
+        assert not any(re.search(pattern, t) for t in texts)
+
+
+_name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._", min_size=1, max_size=12)
+_email = st.builds(
+    lambda user, host, tld: f"{user}@{host}.{tld}",
+    _name.filter(lambda s: s[0].isalnum()),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=10),
+    st.sampled_from(["com", "org", "de", "co.uk"]),
+)
+_digits = st.integers(min_value=0, max_value=9)
+_card = st.lists(_digits, min_size=13, max_size=19).map(
+    lambda ds: " ".join("".join(map(str, ds[i : i + 4])) for i in range(0, len(ds), 4))
+)
+_phone = st.builds(
+    lambda cc, number: f"+{cc} {number}",
+    st.integers(min_value=1, max_value=99),
+    st.lists(_digits, min_size=8, max_size=11).map(lambda ds: "".join(map(str, ds))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(_email, _card, _phone), min_size=1, max_size=4),
+    st.lists(st.sampled_from(["please", "help", "order", "late", ":", "-", ","]), max_size=6),
+)
+def test_no_match_of_a_default_pattern_survives_redaction(pii: list[str], words: list[str]) -> None:
+    rng = random.Random(len(pii))
+    parts = words + pii
+    rng.shuffle(parts)
+    redacted = Redactor()(" ".join(parts))
+    assert redacted is not None
+    for _, pattern in DEFAULT_PATTERNS:
+        assert re.search(pattern, redacted) is None, (pattern, redacted)
+    for item in pii:
+        assert item not in redacted
