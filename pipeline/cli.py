@@ -363,6 +363,32 @@ def evalset_export(ctx: click.Context, output: Path | None) -> None:
     _err(f"evalset export: {len(cases):,} eval cases")
 
 
+@main.command("review")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="LOOPLINE_REVIEW_PORT (6070)."
+)
+@click.pass_context
+def review(ctx: click.Context, port: int | None) -> None:
+    """The reviewers' page: the eval-candidate queue, decisions to loopline.reviews.
+
+    Needs LOOPLINE_REVIEW_TOKEN (the login token; never printed). Sessions are signed with
+    LOOPLINE_REVIEW_SECRET, or a random key per process (then a restart logs everyone out).
+    """
+    import uvicorn
+
+    from pipeline.review.web import create_review_app
+
+    settings = _settings(ctx)
+    try:
+        app = create_review_app(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    asyncio.run(ensure_topics(settings))
+    chosen = port or settings.review_port
+    _err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
+    uvicorn.run(app, host=settings.web_host, port=chosen, log_level=settings.log_level)
+
+
 @main.command("demo")
 @click.option(
     "--duration", type=float, default=30.0, show_default=True, help="Seconds of generated traffic."

@@ -85,6 +85,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "archive_batch_rows": _positive_int,
     "archive_batch_seconds": _positive_float,
     "rules": _path,
+    "review_port": _port,
+    "review_claim_seconds": _positive_float,
 }
 
 
@@ -114,6 +116,10 @@ class Settings:
     archive_batch_rows: int = 50_000
     archive_batch_seconds: float = 5.0
     rules: Path | None = None  # alert rules and drift settings (TOML); None = the defaults
+    review_port: int = 6070
+    review_claim_seconds: float = 600.0
+    review_token: str | None = field(default=None, repr=False)  # secret: the page's login
+    review_secret: str | None = field(default=None, repr=False)  # secret: signs the sessions
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,0 +1,177 @@
+"""``loopline review``: the reviewers' page (Starlette), a thin edge over ReviewQueue.
+
+Login with a name and the token from LOOPLINE_REVIEW_TOKEN; the session is a signed cookie
+(itsdangerous, through Starlette's SessionMiddleware) holding the reviewer and a CSRF token that
+every form posts back. Opening a candidate claims it for LOOPLINE_REVIEW_CLAIM_SECONDS; the
+queue hides it from everyone else meanwhile.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from pipeline.review.feed import ReviewFeed
+from pipeline.review.queue import Filters, ReviewError, ReviewQueue
+from pipeline.settings import Settings
+
+PAGE_SIZE = 50
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def create_review_app(settings: Settings) -> Starlette:
+    if not settings.review_token:
+        raise ValueError("LOOPLINE_REVIEW_TOKEN is not set: the review page needs a login token")
+    token: str = settings.review_token
+    queue = ReviewQueue(claim_ms=int(settings.review_claim_seconds * 1000))
+    follow = ReviewFeed(settings, queue)
+
+    def reviewer_of(request: Request) -> str | None:
+        name = request.session.get("reviewer")
+        return str(name) if name else None
+
+    def login_required(handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            if reviewer_of(request) is None:
+                if request.method != "GET":
+                    return PlainTextResponse("log in first", status_code=403)
+                return RedirectResponse(f"/login?{urlencode({'next': request.url.path})}", 303)
+            return await handler(request)
+
+        return guarded
+
+    def csrf_ok(request: Request, form: Any) -> bool:
+        expected = str(request.session.get("csrf", ""))
+        return bool(expected) and hmac.compare_digest(expected, str(form.get("csrf", "")))
+
+    async def login_page(request: Request) -> Response:
+        if request.method == "GET":
+            return TEMPLATES.TemplateResponse(request, "login.html", {"error": None})
+        form = await request.form()
+        name = str(form.get("reviewer", "")).strip()
+        given = str(form.get("token", ""))
+        if not name or not hmac.compare_digest(given.encode(), token.encode()):
+            context = {"error": "Unknown token, or no name given."}
+            return TEMPLATES.TemplateResponse(request, "login.html", context, status_code=401)
+        request.session.clear()
+        request.session.update({"reviewer": name[:80], "csrf": secrets.token_urlsafe(24)})
+        target = str(request.query_params.get("next", "/"))
+        return RedirectResponse(target if target.startswith("/") else "/", 303)
+
+    async def logout(request: Request) -> Response:
+        request.session.clear()
+        return RedirectResponse("/login", 303)
+
+    @login_required
+    async def queue_page(request: Request) -> Response:
+        params = request.query_params
+        filters = Filters(params.get("loop"), params.get("reason"), params.get("category"))
+        reviewer = reviewer_of(request) or ""
+        pending = queue.pending(filters, reviewer, _now_ms())
+        page = max(int(params.get("page", "1") or 1), 1)
+        shown = pending[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        context = {
+            "reviewer": reviewer,
+            "rows": shown,
+            "total": len(pending),
+            "page": page,
+            "pages": max((len(pending) + PAGE_SIZE - 1) // PAGE_SIZE, 1),
+            "filters": filters,
+            "facets": queue.facets(),
+            "ready": follow.ready.is_set(),
+            "query": {k: v for k, v in params.items() if k != "page" and v},
+        }
+        return TEMPLATES.TemplateResponse(request, "queue.html", context)
+
+    @login_required
+    async def candidate_page(request: Request) -> Response:
+        candidate_id = request.path_params["candidate_id"]
+        reviewer = reviewer_of(request) or ""
+        try:
+            claim = queue.claim(candidate_id, reviewer, _now_ms())
+        except ReviewError as exc:
+            return TEMPLATES.TemplateResponse(
+                request, "message.html", {"message": str(exc)}, status_code=409
+            )
+        candidate = queue.candidates[candidate_id]
+        context = {
+            "reviewer": reviewer,
+            "c": candidate,
+            "claim_until": time.strftime("%H:%M:%S", time.gmtime(claim.expires_ms / 1000)),
+            "similar": queue.similar(candidate),
+            "csrf": request.session.get("csrf"),
+            "error": request.query_params.get("error"),
+        }
+        return TEMPLATES.TemplateResponse(request, "candidate.html", context)
+
+    @login_required
+    async def decide(request: Request) -> Response:
+        candidate_id = request.path_params["candidate_id"]
+        form = await request.form()
+        if not csrf_ok(request, form):
+            return PlainTextResponse("bad or missing CSRF token", status_code=403)
+        reviewer = reviewer_of(request) or ""
+        try:
+            decision, eval_case = queue.decide(
+                candidate_id,
+                reviewer,
+                str(form.get("decision", "")),
+                _now_ms(),
+                expected=str(form.get("expected", "")) or None,
+                suite=str(form.get("suite", "")) or None,
+                duplicate_of=str(form.get("duplicate_of", "")) or None,
+                notes=str(form.get("notes", "")).strip() or None,
+            )
+        except ReviewError as exc:
+            query = urlencode({"error": str(exc)})
+            return RedirectResponse(f"/candidates/{candidate_id}?{query}", 303)
+        await follow.publish_decision(decision, eval_case)
+        following = queue.pending(Filters(), reviewer, _now_ms())
+        target = f"/candidates/{following[0]['candidate_id']}" if following else "/"
+        return RedirectResponse(target, 303)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok" if follow.ready.is_set() else "loading", status_code=200)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await follow.start()
+        try:
+            yield
+        finally:
+            await follow.stop()
+
+    secret = settings.review_secret or secrets.token_urlsafe(32)
+    return Starlette(
+        routes=[
+            Route("/", queue_page),
+            Route("/login", login_page, methods=["GET", "POST"]),
+            Route("/logout", logout, methods=["POST", "GET"]),
+            Route("/candidates/{candidate_id}", candidate_page),
+            Route("/candidates/{candidate_id}/decide", decide, methods=["POST"]),
+            Route("/healthz", healthz),
+        ],
+        middleware=[
+            Middleware(SessionMiddleware, secret_key=secret, same_site="strict", max_age=12 * 3600)
+        ],
+        lifespan=lifespan,
+    )
