@@ -135,6 +135,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.rules is not None:
         env["LOOPLINE_RULES"] = str(settings.rules)
+    env["LOOPLINE_REVIEW_PORT"] = str(settings.review_port)
+    if settings.review_token is not None:
+        env["LOOPLINE_REVIEW_TOKEN"] = settings.review_token
     return env
 
 

@@ -28,11 +28,12 @@ class ReviewFeed:
         self.settings = settings
         self.queue = queue
         self.codec = Codec.load()
-        self.publisher = Publisher(settings, self.codec, linger_ms=0)
+        self.publisher: Publisher | None = None  # made in start(): it needs the running loop
         self.ready = asyncio.Event()  # set once the topics were read up to their end
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self.publisher = Publisher(self.settings, self.codec, linger_ms=0)
         await self.publisher.start()
         self._task = asyncio.create_task(self._follow())
 
@@ -41,12 +42,15 @@ class ReviewFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.publisher.close()
+        if self.publisher is not None:
+            await self.publisher.close()
 
     async def publish_decision(
         self, decision: dict[str, Any], eval_case: dict[str, Any] | None
     ) -> None:
         """Both records durable before the queue counts the decision (then the page moves on)."""
+        if self.publisher is None:
+            raise RuntimeError("the review feed is not started")
         await self.publisher.publish("reviews", decision)
         if eval_case is not None:
             await self.publisher.publish("eval-cases", eval_case)

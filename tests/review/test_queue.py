@@ -1,0 +1,115 @@
+"""The review queue: claims, decisions, duplicates, ordering and filters (no Kafka, no web)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from pipeline.review.queue import Filters, ReviewError, ReviewQueue
+from tests.sinks.factories import candidate, eval_case
+
+TS = datetime(2026, 11, 25, 12, tzinfo=UTC)
+MS = int(TS.timestamp() * 1000)
+
+
+def _queue(*records: dict[str, object]) -> ReviewQueue:
+    queue = ReviewQueue(claim_ms=60_000)
+    for record in records:
+        queue.add_candidate({**record, "ts": MS})
+    return queue
+
+
+def test_two_reviewers_never_hold_the_same_candidate() -> None:
+    queue = _queue(candidate("k1", TS, priority=2.0), candidate("k2", TS, priority=1.0))
+    queue.claim("k1", "ana", MS)
+    assert [c["candidate_id"] for c in queue.pending(Filters(), "omar", MS)] == ["k2"]
+    assert [c["candidate_id"] for c in queue.pending(Filters(), "ana", MS)] == ["k1", "k2"]
+    with pytest.raises(ReviewError, match="being reviewed by ana"):
+        queue.claim("k1", "omar", MS + 59_999)
+    with pytest.raises(ReviewError, match="being reviewed by ana"):
+        queue.decide("k1", "omar", "REJECTED", MS + 1)
+    # The claim expires after claim_ms: then the candidate is open again.
+    assert queue.claim("k1", "omar", MS + 60_000).reviewer == "omar"
+
+
+def test_a_decided_candidate_never_comes_back_and_a_case_is_queued_once() -> None:
+    queue = _queue(candidate("k1", TS), candidate("k2", TS))
+    queue.add_candidate({**candidate("k1", TS), "ts": MS})  # delivered again
+    assert len(queue.pending(Filters(), "ana", MS)) == 2
+    decision, created = queue.decide("k1", "ana", "REJECTED", MS, notes="fine as is")
+    assert created is None and decision["decision"] == "REJECTED" and decision["suite"] is None
+    queue.add_decision(decision)
+    queue.add_candidate({**candidate("k1", TS), "ts": MS})  # and again, after the decision
+    assert [c["candidate_id"] for c in queue.pending(Filters(), "ana", MS)] == ["k2"]
+    with pytest.raises(ReviewError, match="already decided"):
+        queue.claim("k1", "omar", MS)
+
+
+def test_accepting_makes_a_reviewed_eval_case_with_the_input_side() -> None:
+    queue = _queue(
+        candidate(
+            "k1",
+            TS,
+            input_text="where is my parcel",
+            channel="chat",
+            features={"order_value_usd": 80.0},
+            tokens=300,
+        )
+    )
+    with pytest.raises(ReviewError, match="expected outcome"):
+        queue.decide("k1", "ana", "ACCEPTED", MS)
+    decision, created = queue.decide("k1", "ana", "ACCEPTED", MS, expected=" RESOLVED ")
+    assert decision["expected"] == "RESOLVED" and decision["suite"] == "CURRENT"
+    assert created is not None
+    assert decision["eval_case_id"] == created["eval_case_id"] == "reviewed-case-k1"
+    assert (created["origin"], created["suite"], created["expected"]) == (
+        "REVIEWED",
+        "CURRENT",
+        "RESOLVED",
+    )
+    assert (created["text"], created["channel"], created["category"]) == (
+        "where is my parcel",
+        "chat",
+        "late",
+    )
+    assert created["features"] == {"order_value_usd": 80.0} and created["tokens"] == 300
+
+
+def test_duplicate_names_an_existing_eval_case_and_similar_ranks_by_category_then_words() -> None:
+    queue = _queue(candidate("k1", TS, input_text="parcel late again"))
+    for record in (
+        eval_case("e-other", TS, category="damaged", text="parcel late again"),
+        eval_case("e-close", TS, category="late", text="my parcel is late"),
+        eval_case("e-far", TS, category="late", text="refund please"),
+        eval_case("e-kyc", TS, loop="kyc-review", category="late", text="parcel late again"),
+    ):
+        queue.add_eval_case(record)
+    similar = [e["eval_case_id"] for e in queue.similar(queue.candidates["k1"])]
+    assert similar == ["e-close", "e-far", "e-other"]
+    with pytest.raises(ReviewError, match="names the eval case"):
+        queue.decide("k1", "ana", "DUPLICATE", MS, duplicate_of="nope")
+    decision, created = queue.decide("k1", "ana", "DUPLICATE", MS, duplicate_of="e-close")
+    assert created is None and decision["eval_case_id"] == "e-close"
+
+
+def test_the_queue_is_ordered_by_priority_and_filtered() -> None:
+    queue = _queue(
+        candidate("low", TS, priority=0.5, loop="kyc-review", category="crypto"),
+        candidate("high", TS, priority=1.5, reasons=["failed", "novel_category"]),
+        candidate("mid", TS, priority=1.0),
+    )
+    assert [c["candidate_id"] for c in queue.pending(Filters(), "ana", MS)] == [
+        "high",
+        "mid",
+        "low",
+    ]
+    assert [c["candidate_id"] for c in queue.pending(Filters(loop="kyc-review"), "a", MS)] == [
+        "low"
+    ]
+    assert [c["candidate_id"] for c in queue.pending(Filters(reason="failed"), "a", MS)] == ["high"]
+    assert [c["candidate_id"] for c in queue.pending(Filters(category="late"), "a", MS)] == [
+        "high",
+        "mid",
+    ]
+    assert queue.facets()["loop"] == ["kyc-review", "refunds"]

@@ -1,0 +1,184 @@
+"""The review page in a real browser (Debian's chromium through Playwright) on the real broker:
+login, filters, claims, accept and reject, and the decisions on loopline.reviews and
+loopline.eval-cases."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from tests.conftest import CliProcess, free_port, read_topic, wait_for
+from tests.sinks.factories import candidate, eval_case
+
+pytestmark = pytest.mark.broker
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TS = datetime(2026, 11, 25, 12, tzinfo=UTC)
+TOKEN = "s3cret-review-token"
+
+
+@dataclass
+class ReviewProcess(CliProcess):
+    args: tuple[str, ...] = ("review",)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.review_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return bool(response.read() == b"ok")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def start(self) -> ReviewProcess:
+        self.launch()
+        wait_for(lambda: self.exited() or self.ready(), 60, f"the review page ({self.log_path})")
+        assert not self.exited(), self.log_tail()
+        return self
+
+
+@pytest.fixture
+def start_review(tmp_path: Path) -> Iterator[Callable[[Settings], ReviewProcess]]:
+    started: list[ReviewProcess] = []
+
+    def start(settings: Settings) -> ReviewProcess:
+        process = ReviewProcess(settings, tmp_path / f"review-{len(started)}.log")
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop(signal.SIGTERM)
+
+
+def _seed() -> list[dict[str, object]]:
+    """1,000 queued candidates: 600 of refunds, 400 of kyc-review; the top two are known."""
+    rng = random.Random(9)
+    records = []
+    for i in range(998):
+        loop = "refunds" if i < 598 else "kyc-review"
+        reasons = rng.sample(["failed_eval", "escalated", "low_confidence", "novel_category"], 2)
+        records.append(
+            candidate(
+                f"k{i:04d}",
+                TS + timedelta(seconds=i),
+                loop=loop,
+                priority=round(rng.uniform(0.1, 1.0), 3),
+                reasons=reasons,
+                category=rng.choice(["late", "damaged", "chargeback"]),
+                input_text=f"request number {i} about an order",
+            )
+        )
+    records.append(
+        candidate(
+            "k-top",
+            TS,
+            priority=5.0,
+            reasons=["failed_eval", "novel_category"],
+            category="chargeback",
+            input_text="my bank charged me back for the parcel [EMAIL]",
+            output="refund declined",
+            features={"order_value_usd": 120.0},
+            tokens=480,
+        )
+    )
+    records.append(candidate("k-second", TS, priority=4.0, input_text="parcel came late"))
+    return records
+
+
+async def _publish(settings: Settings) -> None:
+    await ensure_topics(settings)
+    async with Publisher(settings) as publisher:
+        await publisher.publish_many("eval-candidates", _seed())
+        await publisher.publish(
+            "eval-cases", eval_case("imported-1", TS, category="chargeback", text="charged back")
+        )
+
+
+def _login(page: Page, url: str, name: str, token: str = TOKEN) -> None:
+    page.goto(f"{url}/login")
+    page.fill("input[name=reviewer]", name)
+    page.fill("input[name=token]", token)
+    page.click("button[type=submit]")
+
+
+def test_reviewers_log_in_filter_claim_accept_and_reject(
+    make_settings: Callable[..., Settings],
+    start_review: Callable[[Settings], ReviewProcess],
+) -> None:
+    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
+    settings = make_settings(review_token=TOKEN, review_port=free_port())
+    asyncio.run(_publish(settings))
+    review = start_review(settings)
+    url = review.url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        ana = browser.new_context().new_page()
+        # Without a login the page refuses: the queue redirects, a decision is forbidden.
+        ana.goto(f"{url}/")
+        assert ana.url.startswith(f"{url}/login")
+        refused = ana.request.post(
+            f"{url}/candidates/k-top/decide", form={"decision": "REJECTED", "csrf": "x"}
+        )
+        assert refused.status == 403
+        _login(ana, url, "ana", token="wrong")
+        expect(ana.get_by_role("alert")).to_contain_text("Unknown token")
+
+        _login(ana, url, "ana")
+        expect(ana.locator("h1")).to_contain_text("1000 open")
+        assert ana.locator("#queue tbody tr").count() == 50  # one page of 50
+        ana.select_option("select[name=loop]", "refunds")
+        expect(ana.locator("h1")).to_contain_text("600 open")
+        assert set(ana.locator("#queue tbody tr td:nth-child(2)").all_inner_texts()) == {"refunds"}
+
+        # The top row is k-top (priority 5): open it with the keyboard, accept it.
+        ana.keyboard.press("o")
+        expect(ana.locator("#input-text")).to_contain_text("charged me back")
+        expect(ana.locator("body")).to_contain_text("imported-1")  # a similar eval case
+        ana.fill("#expected", "ESCALATED to the payments team")
+        ana.locator("body").click(position={"x": 5, "y": 5})
+        ana.keyboard.press("a")
+        # Accepting moves on to the next candidate, k-second: reject it with "r".
+        expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+        ana.keyboard.press("r")
+        expect(ana.locator("#input-text")).to_be_visible()
+        third = ana.url.rsplit("/", 1)[-1]  # ana holds the third candidate now
+
+        # Another reviewer neither sees nor can open what ana holds.
+        omar = browser.new_context().new_page()
+        _login(omar, url, "omar")
+        expect(omar.locator("h1")).to_contain_text("997 open")
+        omar.goto(f"{url}/candidates/{third}")
+        expect(omar.get_by_role("alert")).to_contain_text("being reviewed by ana")
+        browser.close()
+
+    reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
+    assert [(r["candidate_id"], r["decision"], r["reviewer"]) for r in reviews] == [
+        ("k-top", "ACCEPTED", "ana"),
+        ("k-second", "REJECTED", "ana"),
+    ]
+    assert reviews[0]["expected"] == "ESCALATED to the payments team"
+    assert reviews[0]["suite"] == "CURRENT"
+    cases = {r["eval_case_id"]: r for _, r in asyncio.run(read_topic(settings, "eval-cases"))}
+    accepted = cases["reviewed-case-k-top"]
+    assert (accepted["origin"], accepted["suite"], accepted["category"]) == (
+        "REVIEWED",
+        "CURRENT",
+        "chargeback",
+    )
+    assert accepted["features"] == {"order_value_usd": 120.0} and accepted["tokens"] == 480
