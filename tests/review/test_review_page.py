@@ -7,13 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import signal
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
@@ -21,49 +16,14 @@ from playwright.sync_api import Page, expect, sync_playwright
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.conftest import CliProcess, free_port, read_topic, wait_for
+from tests.conftest import free_port, read_topic
+from tests.review.conftest import ReviewProcess
 from tests.sinks.factories import candidate, eval_case
 
 pytestmark = pytest.mark.broker
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TS = datetime(2026, 11, 25, 12, tzinfo=UTC)
 TOKEN = "s3cret-review-token"
-
-
-@dataclass
-class ReviewProcess(CliProcess):
-    args: tuple[str, ...] = ("review",)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.review_port}"
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                return bool(response.read() == b"ok")
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def start(self) -> ReviewProcess:
-        self.launch()
-        wait_for(lambda: self.exited() or self.ready(), 60, f"the review page ({self.log_path})")
-        assert not self.exited(), self.log_tail()
-        return self
-
-
-@pytest.fixture
-def start_review(tmp_path: Path) -> Iterator[Callable[[Settings], ReviewProcess]]:
-    started: list[ReviewProcess] = []
-
-    def start(settings: Settings) -> ReviewProcess:
-        process = ReviewProcess(settings, tmp_path / f"review-{len(started)}.log")
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        process.stop(signal.SIGTERM)
 
 
 def _seed() -> list[dict[str, object]]:

@@ -1,0 +1,51 @@
+"""Fixture factories of the review tests: ``loopline review`` processes."""
+
+from __future__ import annotations
+
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings
+from tests.conftest import CliProcess, wait_for
+
+
+@dataclass
+class ReviewProcess(CliProcess):
+    args: tuple[str, ...] = ("review",)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.review_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return bool(response.read() == b"ok")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def start(self) -> ReviewProcess:
+        self.launch()
+        wait_for(lambda: self.exited() or self.ready(), 60, f"the review page ({self.log_path})")
+        assert not self.exited(), self.log_tail()
+        return self
+
+
+@pytest.fixture
+def start_review(tmp_path: Path) -> Iterator[Callable[[Settings], ReviewProcess]]:
+    started: list[ReviewProcess] = []
+
+    def start(settings: Settings) -> ReviewProcess:
+        process = ReviewProcess(settings, tmp_path / f"review-{len(started)}.log")
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop(signal.SIGTERM)
