@@ -363,6 +363,25 @@ def evalset_export(ctx: click.Context, output: Path | None) -> None:
     _err(f"evalset export: {len(cases):,} eval cases")
 
 
+@evalset.command("age")
+@click.option(
+    "--current-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Age limit of the CURRENT suite (default: eval_set.current_days of LOOPLINE_RULES, 30).",
+)
+@click.pass_context
+def evalset_age(ctx: click.Context, current_days: int | None) -> None:
+    """Move CURRENT eval cases older than the limit to the HISTORICAL suite (run it daily)."""
+    from pipeline.evalset import age_eval_set
+
+    settings = _settings(ctx)
+    days = current_days or _core_config(settings).rules.current_days
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    moved = asyncio.run(age_eval_set(settings, now_ms, days))
+    _err(f"evalset age: {moved:,} eval cases older than {days} days moved to HISTORICAL")
+
+
 @main.command("review")
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="LOOPLINE_REVIEW_PORT (6070)."

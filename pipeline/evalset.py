@@ -100,6 +100,29 @@ async def import_eval_cases(
     return report
 
 
+def aged(cases: list[dict[str, Any]], now_ms: int, current_days: int) -> list[dict[str, Any]]:
+    """The CURRENT eval cases older than ``current_days``, moved to the HISTORICAL suite: the
+    regression suite grows as cases age out of the current one."""
+    cutoff = now_ms - current_days * 86_400_000
+    return [
+        {**case, "suite": "HISTORICAL"}
+        for case in cases
+        if case["suite"] == "CURRENT" and _as_ms(case["ts"]) < cutoff
+    ]
+
+
+def _as_ms(value: Any) -> int:
+    return to_ms(value) if isinstance(value, datetime) else int(value)
+
+
+async def age_eval_set(settings: Settings, now_ms: int, current_days: int) -> int:
+    """Publish the aged cases again (same id, suite HISTORICAL); returns how many."""
+    moved = aged(await read_eval_set(settings), now_ms, current_days)
+    async with Publisher(settings) as publisher:
+        await publisher.publish_many("eval-cases", [{**c, "ts": _as_ms(c["ts"])} for c in moved])
+    return len(moved)
+
+
 async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     """The eval set: the latest record of every eval_case_id on the topic, by loop and id."""
     codec = Codec.load()

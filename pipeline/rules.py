@@ -196,11 +196,16 @@ class CandidatesSection(_Model):
         )
 
 
+class EvalSetSection(_Model):
+    current_days: int = Field(30, ge=1)  # CURRENT eval cases older than this turn HISTORICAL
+
+
 class RulesFile(_Model):
     evaluation_interval_ms: Duration = Field(60_000, alias="evaluation_interval")
     runbook_base_url: str = DEFAULT_RUNBOOK_BASE
     drift: DriftSection = DriftSection()
     candidates: CandidatesSection = CandidatesSection()
+    eval_set: EvalSetSection = EvalSetSection()
     defaults: dict[str, Any] = Field(default_factory=dict)
     loops: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -213,6 +218,7 @@ class AlertRules:
         self.runbook_base_url = parsed.runbook_base_url.rstrip("/")
         self.drift: DriftConfig = parsed.drift.config()
         self.candidates: CandidateConfig = parsed.candidates.config()
+        self.current_days = parsed.eval_set.current_days
         self._per_loop = dict(per_loop)
         self._default = default
 

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,8 @@ def test_new_eval_cases_move_the_baseline_while_the_worker_runs(
     tmp_path: Path,
 ) -> None:
     settings = make_settings()
-    baseline = [("eval-cases", r) for r in eval_set(1, START, 300, loops=REFUNDS)]
+    curated = START - timedelta(days=2)  # the eval set is older than the traffic
+    baseline = [("eval-cases", r) for r in eval_set(1, curated, 300, loops=REFUNDS)]
     traffic = list(islice(TrafficGenerator(3, START, 5.0, Scenario(drift_at=0), REFUNDS), 1500))
     expected = asyncio.run(_publish(settings, baseline + traffic))
     replayed = Processor(settings.core_config())
@@ -129,6 +130,15 @@ def test_new_eval_cases_move_the_baseline_while_the_worker_runs(
     reimported = _loopline(settings, "evalset", "import", str(parquet))
     assert reimported.returncode == 0, reimported.stderr
     assert "500 eval cases imported, 0 rejected" in reimported.stderr
+
+    # The 300 cases of the original set (curated days ago) age into HISTORICAL.
+    assert (
+        "300 eval cases older than 1 days"
+        in _loopline(settings, "evalset", "age", "--current-days", "1").stderr
+    )
+    exported = _loopline(settings, "evalset", "export")
+    suites = Counter(json.loads(line)["suite"] for line in exported.stdout.splitlines())
+    assert suites == {"HISTORICAL": 300, "CURRENT": 200}
 
 
 def test_an_alert_episode_survives_a_sigkill_without_a_second_firing(
