@@ -210,7 +210,15 @@ def run_demo(
             ok, dead = processed[name]
             echo(f"{settings.topic(name):<28}{published[name]:>12,}{int(ok):>12,}{int(dead):>15,}")
         time.sleep(settings.snapshot_interval_seconds + 1)  # one more snapshot after the last event
-        echo("\n" + numbers_table(fetch_metrics(url)))
+        text = fetch_metrics(url)
+        echo("\n" + numbers_table(text))
+        samples = parse_exposition(text or "")
+        candidates = sample_sum(samples, "loopline_eval_candidates_total")
+        echo(
+            f"\n{candidates:,.0f} eval candidates sampled to {settings.topic('eval-candidates')}; "
+            "review them (with --keep-kafka) in the page: "
+            "LOOPLINE_REVIEW_TOKEN=<choose one> .venv/bin/loopline review"
+        )
         _stop(archive)  # a clean stop flushes its last batch
         echo("\n" + archive_summary(settings))
     finally:

@@ -60,6 +60,16 @@ class LoopState:
     def watermark_ms(self) -> int:
         return max(self.marks.values(), default=0)
 
+    @property
+    def complete_ms(self) -> int:
+        """Event time that every active partition of the loop has passed: the lowest mark
+        among those within the allowed lateness of the highest (one further behind counts as
+        idle). Alert evaluations wait for it, so a partition racing ahead (a backlog read one
+        partition at a time) cannot evaluate a window that the others have not filled yet."""
+        top = self.watermark_ms
+        floor = top - self.config.allowed_lateness_ms
+        return min((m for m in self.marks.values() if m >= floor), default=top)
+
     def apply(self, partial: Partial) -> None:
         closed = self._closed_below(partial.partition)
         for index, aggregate in partial.buckets.items():
@@ -134,10 +144,10 @@ class LoopState:
 
     def evaluate(self, as_of_ms: int | None = None) -> list[dict[str, Any]]:
         """Evaluate the alert rules at the last evaluation_interval boundary of event time (at
-        or before ``as_of_ms``, default the watermark) if it is newer than the last evaluation;
-        returns the Alert records to publish."""
+        or before ``as_of_ms``, default ``complete_ms``) if it is newer than the last
+        evaluation; returns the Alert records to publish."""
         interval = self.config.rules.evaluation_interval_ms
-        as_of = (self.watermark_ms if as_of_ms is None else as_of_ms) // interval * interval
+        as_of = (self.complete_ms if as_of_ms is None else as_of_ms) // interval * interval
         if as_of <= self.evaluated_ms:
             return []
         self.evaluated_ms = as_of

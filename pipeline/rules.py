@@ -21,7 +21,7 @@ from pipeline.drift import DEFAULT_THRESHOLDS, DriftConfig
 from pipeline.redact import Redactor
 from pipeline.windows import HOUR
 
-DEFAULT_RUNBOOK_BASE = "https://github.com/loopline/loopline/blob/main/deploy/runbooks"
+DEFAULT_RUNBOOK_BASE = "https://github.com/loopline/loopline/blob/main/docs/runbooks"
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 

@@ -184,3 +184,18 @@ def test_rules_can_be_switched_off_per_loop() -> None:
     rules = {**TEST_RULES, "loops": {"refunds": {"cost_budget": {"enabled": False}}}}
     processor = replay(stationary(scenario=Scenario(cost_spike_at=ONSET_S)), config(rules))
     assert not [a for a in processor.alerts if a["rule"] == "cost_budget"]
+
+
+def test_evaluations_wait_for_every_active_partition() -> None:
+    from pipeline.loopview import LoopState
+    from pipeline.partition import Partial
+
+    state = LoopState(config(), "refunds")
+    state.apply(Partial(0, "refunds", START_MS + 10 * MIN, {}))
+    state.apply(Partial(1, "refunds", START_MS + 3 * MIN + 5_000, {}))
+    assert state.complete_ms == START_MS + 3 * MIN + 5_000
+    state.evaluate()
+    assert state.evaluated_ms == START_MS + 3 * MIN  # not 10 min: partition 1 is not there yet
+    # A partition more than the allowed lateness (1 h) behind counts as idle.
+    state.apply(Partial(0, "refunds", START_MS + 2 * 3600_000, {}))
+    assert state.complete_ms == START_MS + 2 * 3600_000
