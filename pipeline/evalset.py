@@ -128,7 +128,10 @@ async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     codec = Codec.load()
     topic = settings.topic("eval-cases")
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
     )
     await consumer.start()
     try:

@@ -66,7 +66,11 @@ async def consume(
 
 async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, Any]]]:
     """Every record a loopline topic holds now, from its beginning to its current end."""
-    consumer = AIOKafkaConsumer(settings.topic(topic), bootstrap_servers=settings.bootstrap_servers)
+    consumer = AIOKafkaConsumer(
+        settings.topic(topic),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
+    )
     await consumer.start()
     codec, out = Codec.load(), []
     try:

@@ -65,9 +65,16 @@ def test_a_failing_case_becomes_an_eval_case_and_moves_the_baseline(
     assert worker.metric("loopline_eval_candidates_total", reason="novel_category") > 0
     window = {"loop": "refunds", "window": "1h"}
     js = {"loop": "refunds", "feature": "category", "method": "js"}
-    uncovered = _gauge(worker, "loopline_uncovered_input_ratio", **window)
+    wait_for(
+        lambda: (
+            (_gauge(worker, "loopline_uncovered_input_ratio", **window) or 0) > 0.3
+            and _gauge(worker, "loopline_drift_score", **js) is not None
+        ),
+        30,
+        "the snapshot with the drifted traffic",
+    )
     score = _gauge(worker, "loopline_drift_score", **js)
-    assert uncovered is not None and uncovered > 0.3 and score is not None
+    assert score is not None
 
     review = start_review(settings)
     with sync_playwright() as p:
