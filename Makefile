@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := pipeline agents sinks schemas
 TEST_KAFKA_PORT ?= 39092
 
-.PHONY: install browser demo test lint typecheck pytest kafka-up kafka-down clean
+.PHONY: install tools demo test lint typecheck pytest kafka-up kafka-down clean
 
 $(BIN)/loopline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,14 @@ $(BIN)/loopline: pyproject.toml
 
 install: $(BIN)/loopline
 
-# Debian's chromium, for the tests that open the report (and later the review page) in a real
-# browser through Playwright; installed with apt-get when missing (CI runs as root).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-		echo "installing Debian's chromium (apt-get) for the browser tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Debian's chromium (the tests open the report and the review page in it through Playwright)
+# and Debian's prometheus (promtool tests the alert rules; a test runs a live Prometheus);
+# installed with apt-get when missing (CI runs as root).
+tools:
+	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium and prometheus (apt-get) for the tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium prometheus >/dev/null; }
 
 demo: install
 	$(BIN)/loopline demo
@@ -33,7 +35,7 @@ typecheck: install
 
 # The tests start the real broker themselves (port $(TEST_KAFKA_PORT)); it is stopped
 # afterwards whether the tests pass or fail.
-pytest: install browser
+pytest: install tools
 	LOOPLINE_TEST_KAFKA_PORT=$(TEST_KAFKA_PORT) $(BIN)/pytest; status=$$?; \
 	$(BIN)/loopline kafka down --port $(TEST_KAFKA_PORT); exit $$status
 

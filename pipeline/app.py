@@ -48,6 +48,19 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
 
+    @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
+    async def measure_lag() -> None:
+        """loopline_consumer_lag_messages for every partition this worker holds now."""
+        consumer: Any = app.consumer
+        lags = {}
+        for tp in consumer.assignment():
+            position = await consumer.position(tp)
+            if position is not None:
+                lags[(tp.topic, str(tp.partition))] = max(consumer.highwater(tp) - position, 0)
+        metrics.consumer_lag.clear()  # partitions that moved away are not this worker's lag
+        for labels, lag in lags.items():
+            metrics.consumer_lag.labels(*labels).set(lag)
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
         # State of a partition that moved away is rebuilt from its changelog if it comes back.

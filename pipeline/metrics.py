@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -135,6 +135,7 @@ class PipelineMetrics:
     eval_verdicts: Counter
     latency: Histogram
     eval_candidates: Counter
+    consumer_lag: Gauge
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
 
     @classmethod
@@ -179,6 +180,13 @@ class PipelineMetrics:
                 "loopline_eval_candidates",
                 "Resolved cases sampled for review, by reason (a case counts for each reason).",
                 ["loop", "reason"],
+                registry=reg,
+            ),
+            consumer_lag=Gauge(
+                "loopline_consumer_lag_messages",
+                "Messages on the partition past this worker's fetch position (high watermark - "
+                "position), per assigned partition of the topics it consumes.",
+                ["topic", "partition"],
                 registry=reg,
             ),
             numbers=numbers,

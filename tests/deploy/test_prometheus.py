@@ -1,0 +1,164 @@
+"""The shipped Prometheus config and rules: promtool checks and rule unit tests, runbook links,
+metric names that loopline really exports, and a live Prometheus scraping a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.metrics import PipelineMetrics
+from pipeline.settings import Settings
+from tests.agents.test_ingest import _publish
+from tests.conftest import WorkerProcess, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS_BIN = shutil.which("prometheus")
+METRIC = re.compile(r"\b(loopline_[a-z_]+)\b")
+
+
+def exported_names() -> set[str]:
+    """Every sample name a worker's /metrics can carry (families listed even when empty)."""
+    text = PipelineMetrics.create().exposition().decode()
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if kind == "histogram":
+                names.update(name + s for s in ("_bucket", "_count", "_sum"))
+            else:  # a counter's TYPE line already names it with _total
+                names.add(name)
+    return names
+
+
+def _rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS / "rules.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_promtool_passes_the_config_and_the_rule_unit_tests() -> None:
+    assert PROMTOOL, "Debian's prometheus package (promtool) is needed; make test installs it"
+    for args in (["check", "config", "prometheus.yml"], ["test", "rules", "rules_test.yml"]):
+        done = subprocess.run(
+            [PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_rule_has_a_runbook_page_and_only_exported_metrics() -> None:
+    known = exported_names() | {"up"}
+    tested = (PROMETHEUS / "rules_test.yml").read_text()
+    for rule in _rules():
+        url = rule["annotations"]["runbook_url"]
+        page = ROOT / "docs" / "runbooks" / url.rsplit("/", 1)[-1]
+        assert url.endswith(f"/docs/runbooks/{page.name}") and page.exists(), url
+        for name in METRIC.findall(rule["expr"]):
+            assert name in known, (rule["alert"], name)
+        assert f"alertname: {rule['alert']}" in tested, f"{rule['alert']} has no promtool test"
+
+
+def _api(url: str, path: str, **params: str) -> Any:
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{url}{path}{query}", timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.broker
+def test_a_live_prometheus_scrapes_a_worker_and_raises_an_alert(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    assert PROMETHEUS_BIN, "Debian's prometheus package is needed; make test installs it"
+    settings = make_settings()
+    # A case whose input is 90 minutes older than the newest event and that has no resolution:
+    # unresolved past the 1 h SLA, so LooplineUnresolved fires (it has no `for`).
+    start = datetime(2026, 11, 25, 9, tzinfo=UTC)
+    events = [
+        (
+            "inputs",
+            {
+                "event_id": f"e{i}",
+                "case_id": f"c{i}",
+                "loop": "refunds",
+                "source": "t",
+                "ts": start + timedelta(minutes=90 * i),
+            },
+        )
+        for i in range(2)
+    ]
+    asyncio.run(_publish(settings, events))
+    worker = start_worker(settings)
+    wait_for(
+        lambda: worker.metric("loopline_unresolved_cases", loop="refunds") == 1,
+        60,
+        "the worker's unresolved count",
+    )
+
+    # The shipped config and rules, with the worker as the static target instead of DNS.
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    job.pop("dns_sd_configs")
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{settings.web_port}"]}]
+    job["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(PROMETHEUS / "rules.yml")]
+    config.pop("alerting")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "prometheus.log").open("wb")
+    prometheus = subprocess.Popen(
+        [
+            PROMETHEUS_BIN,
+            f"--config.file={path}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def scraped() -> bool:
+            try:
+                found = _api(
+                    url, "/api/v1/query", query='loopline_unresolved_cases{loop="refunds"}'
+                )
+            except OSError:
+                return False
+            return bool(found["result"]) and found["result"][0]["value"][1] == "1"
+
+        wait_for(scraped, 60, f"Prometheus to scrape the worker ({tmp_path / 'prometheus.log'})")
+        up = _api(url, "/api/v1/query", query='up{job="loopline"}')["result"]
+        assert [r["value"][1] for r in up] == ["1"]
+        events_total = _api(url, "/api/v1/query", query="sum(loopline_events_total)")["result"]
+        assert float(events_total[0]["value"][1]) == 2
+
+        def firing() -> list[dict[str, Any]]:
+            alerts = _api(url, "/api/v1/alerts")["alerts"]
+            return [a for a in alerts if a["labels"]["alertname"] == "LooplineUnresolved"]
+
+        wait_for(lambda: bool(firing()), 30, "LooplineUnresolved in Prometheus")
+        [alert] = firing()
+        assert alert["state"] == "firing" and alert["labels"]["loop"] == "refunds"
+        assert alert["annotations"]["runbook_url"].endswith("/docs/runbooks/unresolved.md")
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
