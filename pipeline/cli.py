@@ -414,13 +414,24 @@ def review(ctx: click.Context, port: int | None) -> None:
 )
 @click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
 @click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
+@click.option(
+    "--stay", is_flag=True, help="After the traffic, keep everything running until Ctrl-C."
+)
 @click.pass_context
-def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool) -> None:
-    """The local demo: Kafka, topics, a worker and the generator; prints what was processed."""
+def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool, stay: bool) -> None:
+    """The local demo: Kafka, topics, a worker, the archive sink, the review page and the
+    generator (drift onset and cost spike half-way); Ctrl-C stops it all cleanly."""
     from pipeline.demo import run_demo
 
     try:
-        run_demo(_settings(ctx), duration=duration, rate=rate, keep_kafka=keep_kafka, echo=_err)
+        run_demo(
+            _settings(ctx),
+            duration=duration,
+            rate=rate,
+            keep_kafka=keep_kafka,
+            echo=_err,
+            stay=stay,
+        )
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None
 

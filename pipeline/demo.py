@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -95,14 +96,28 @@ async def publish_eval_set(settings: Settings, start: datetime, per_loop: int = 
         return await publisher.publish_many("eval-cases", eval_set(1, start, per_loop))
 
 
-def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _start(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ),
+            env={**os.environ, **(env or {})},
         )
+
+
+def review_token(settings: Settings) -> tuple[str, str]:
+    """(token, where to find it): LOOPLINE_REVIEW_TOKEN, else one made for the demo and kept in
+    <data_dir>/review-token, readable by you only. The token itself is never printed."""
+    if settings.review_token:
+        return settings.review_token, "LOOPLINE_REVIEW_TOKEN"
+    path = settings.data_dir / "review-token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(18))
+    return path.read_text().strip(), str(path)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -157,7 +172,22 @@ async def _publish_and_show(
 
 
 def run_demo(
-    settings: Settings, duration: float, rate: float, keep_kafka: bool, echo: Echo
+    settings: Settings,
+    duration: float,
+    rate: float,
+    keep_kafka: bool,
+    echo: Echo,
+    stay: bool = False,
+) -> None:
+    """Run it all; Ctrl-C at any point stops every process it started, cleanly."""
+    try:
+        _run_demo(settings, duration, rate, keep_kafka, echo, stay)
+    except KeyboardInterrupt:
+        echo("interrupted: everything the demo started is stopped")
+
+
+def _run_demo(
+    settings: Settings, duration: float, rate: float, keep_kafka: bool, echo: Echo, stay: bool
 ) -> None:
     broker = LocalBroker(settings.kafka_home, settings.bootstrap_port)
     started_broker = not broker.status().running
@@ -170,10 +200,18 @@ def run_demo(
     worker = _start(["worker"], worker_log)
     archive_log = settings.data_dir / "demo-archive.log"
     archive = _start(["archive", "run"], archive_log)
+    token, token_source = review_token(settings)
+    review_log = settings.data_dir / "demo-review.log"
+    review = _start(["review"], review_log, {"LOOPLINE_REVIEW_TOKEN": token})
+    review_url = f"http://{settings.web_host}:{settings.review_port}/"
     try:
         echo(f"worker started (pid {worker.pid}, log {worker_log}); metrics at {url}")
         echo(
             f"archive sink started (pid {archive.pid}, log {archive_log}): {settings.archive_file}"
+        )
+        echo(
+            f"review page started (pid {review.pid}, log {review_log}) at {review_url}: "
+            f"log in with any name and the token in {token_source}"
         )
         deadline = time.monotonic() + 90
         while fetch_metrics(url) is None:
@@ -216,13 +254,20 @@ def run_demo(
         candidates = sample_sum(samples, "loopline_eval_candidates_total")
         echo(
             f"\n{candidates:,.0f} eval candidates sampled to {settings.topic('eval-candidates')}; "
-            "review them (with --keep-kafka) in the page: "
-            "LOOPLINE_REVIEW_TOKEN=<choose one> .venv/bin/loopline review"
+            f"review them at {review_url} (token in {token_source})"
         )
+        if stay:
+            echo(
+                f"everything keeps running (metrics {url}, review {review_url}); "
+                "Ctrl-C stops it all"
+            )
+            while all(p.poll() is None for p in (worker, archive, review)):
+                time.sleep(1)
+            echo("a demo process exited; stopping the rest")
         _stop(archive)  # a clean stop flushes its last batch
         echo("\n" + archive_summary(settings))
     finally:
-        for process in (worker, archive):
+        for process in (worker, archive, review):
             _stop(process)
         if started_broker and not keep_kafka:
             broker.down()
