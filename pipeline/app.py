@@ -7,6 +7,7 @@ from typing import Any
 import faust
 
 from pipeline.codec import Codec
+from pipeline.kafka_security import faust_credentials
 from pipeline.metrics import CONTENT_TYPE_LATEST, PipelineMetrics
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
@@ -24,6 +25,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     app = faust.App(
         settings.app_id,
         broker=broker_urls(settings.bootstrap_servers),
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from aiokafka.errors import KafkaError
 
 from pipeline.core import CoreConfig
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
@@ -69,10 +70,16 @@ _home_opt = click.option(
 @kafka.command("up")
 @_port_opt
 @_home_opt
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Also listen with SASL (SCRAM-SHA-512, PLAIN) over TLS on port+2 (a certificate and a "
+    "client password are made for the broker). Choose it when the broker is first started.",
+)
 @click.pass_context
-def kafka_up(ctx: click.Context, port: int | None, home: Path | None) -> None:
+def kafka_up(ctx: click.Context, port: int | None, home: Path | None, secure: bool) -> None:
     """Start the broker (no-op when it is up) and wait until it answers."""
-    broker = _broker(ctx, port, home)
+    broker = dataclasses.replace(_broker(ctx, port, home), secure=secure)
     was_up = broker.status().running
     try:
         status = broker.up(echo=_err)
@@ -80,6 +87,12 @@ def kafka_up(ctx: click.Context, port: int | None, home: Path | None) -> None:
         raise click.ClickException(str(exc)) from None
     prefix = "already up: " if was_up else ""
     click.echo(prefix + status.describe())
+    if secure and broker.secure_env_path.exists():
+        click.echo(
+            f"SASL_SSL listener on {broker.host}:{broker.secure_port}; the client settings "
+            f"(password included) are in {broker.secure_env_path}: "
+            f"set -a; . {broker.secure_env_path}; set +a"
+        )
 
 
 @kafka.command("down")
@@ -113,7 +126,11 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 @click.pass_context
 def topics(ctx: click.Context) -> None:
     """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
-    created = asyncio.run(ensure_topics(_settings(ctx)))
+    settings = _settings(ctx)
+    try:
+        created = asyncio.run(ensure_topics(settings))
+    except KafkaError as exc:
+        raise click.ClickException(_kafka_failure(settings, exc)) from None
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
 
 
@@ -133,7 +150,19 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
     if web_port is not None:
         settings = dataclasses.replace(settings, web_port=web_port)
     _core_config(settings)  # a bad rules file stops the worker here, with the reason
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except KafkaError as exc:
+        raise click.ClickException(_kafka_failure(settings, exc)) from None
+
+
+def _kafka_failure(settings: Settings, exc: Exception) -> str:
+    """Why Kafka refused, without the password."""
+    who = f" as {settings.sasl_username}" if settings.sasl_username else ""
+    return (
+        f"cannot use Kafka at {settings.bootstrap_servers} "
+        f"({settings.security_protocol}{who}): {type(exc).__name__}: {exc}"
+    )
 
 
 def _core_config(settings: Settings) -> CoreConfig:

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
+from pipeline.kafka_security import client_options
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 
@@ -129,7 +130,7 @@ async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     topic = settings.topic("eval-cases")
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=settings.bootstrap_servers,
+        **client_options(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
     )

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -99,6 +100,136 @@ class LocalBroker:
     host: str = "127.0.0.1"
     heap: str = "768m"
     pom: Path = POM
+    # Also listen with SASL (SCRAM-SHA-512 and PLAIN) over TLS on port + 2, with a certificate
+    # and a client password made for this broker (see ``secure_env``).
+    secure: bool = False
+
+    @property
+    def secure_port(self) -> int:
+        return self.port + 2
+
+    @property
+    def secure_env_path(self) -> Path:
+        """LOOPLINE_* settings for a client of the secure listener (password included; 0600)."""
+        return self.instance_dir / "secure.env"
+
+    def secure_env(self) -> dict[str, str]:
+        values = {}
+        for line in self.secure_env_path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[key] = value
+        return values
+
+    def _tls(self) -> tuple[Path, str]:
+        """A self-signed certificate for 127.0.0.1/localhost (made once with the JDK's keytool);
+        its PEM is the CA file clients verify the broker with. Returns (keystore, password)."""
+        tls = self.instance_dir / "tls"
+        keystore, ca = tls / "broker.p12", tls / "ca.pem"
+        password_file = tls / "keystore.password"
+        if not keystore.exists():
+            tls.mkdir(parents=True, exist_ok=True)
+            password_file.touch(mode=0o600)
+            password_file.write_text(secrets.token_urlsafe(18))
+            password = password_file.read_text()
+            keytool = str(Path(_java()).parent / "keytool")
+            for args in (
+                [
+                    "-genkeypair",
+                    "-alias",
+                    "broker",
+                    "-keyalg",
+                    "RSA",
+                    "-keysize",
+                    "2048",
+                    "-validity",
+                    "3650",
+                    "-dname",
+                    "CN=localhost",
+                    "-ext",
+                    f"SAN=ip:{self.host},dns:localhost",
+                    "-storetype",
+                    "PKCS12",
+                    "-keystore",
+                    str(keystore),
+                    "-storepass",
+                    password,
+                    "-keypass",
+                    password,
+                ],
+                [
+                    "-exportcert",
+                    "-rfc",
+                    "-alias",
+                    "broker",
+                    "-keystore",
+                    str(keystore),
+                    "-storepass",
+                    password,
+                    "-file",
+                    str(ca),
+                ],
+            ):
+                done = subprocess.run([keytool, *args], capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise BrokerError(f"keytool failed: {done.stdout}{done.stderr}")
+        if not self.secure_env_path.exists():
+            self.secure_env_path.touch(mode=0o600)
+            self.secure_env_path.write_text(
+                "\n".join(
+                    [
+                        f"LOOPLINE_BOOTSTRAP_SERVERS={self.host}:{self.secure_port}",
+                        "LOOPLINE_SECURITY_PROTOCOL=SASL_SSL",
+                        "LOOPLINE_SASL_MECHANISM=SCRAM-SHA-512",
+                        "LOOPLINE_SASL_USERNAME=loopline",
+                        f"LOOPLINE_SASL_PASSWORD={secrets.token_urlsafe(18)}",
+                        f"LOOPLINE_SSL_CAFILE={ca}",
+                        "",
+                    ]
+                )
+            )
+        return keystore, password_file.read_text()
+
+    def _secure_lines(self) -> list[str]:
+        keystore, password = self._tls()
+        user = self.secure_env()
+        jaas_plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{user["LOOPLINE_SASL_USERNAME"]}="{user["LOOPLINE_SASL_PASSWORD"]}";'
+        )
+        return [
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            f"listener.name.sasl_ssl.plain.sasl.jaas.config={jaas_plain}",
+            f"ssl.keystore.location={keystore}",
+            "ssl.keystore.type=PKCS12",
+            f"ssl.keystore.password={password}",
+            f"ssl.key.password={password}",
+        ]
+
+    def _add_scram_user(self, libs: Path) -> None:
+        """The client's SCRAM credential, stored by the controller (through the plain listener)."""
+        user = self.secure_env()
+        done = subprocess.run(
+            self._java_cmd(
+                libs,
+                "kafka.admin.ConfigCommand",
+                "--bootstrap-server",
+                self.bootstrap,
+                "--alter",
+                "--entity-type",
+                "users",
+                "--entity-name",
+                user["LOOPLINE_SASL_USERNAME"],
+                "--add-config",
+                f"SCRAM-SHA-512=[iterations=4096,password={user['LOOPLINE_SASL_PASSWORD']}]",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BrokerError("could not create the SCRAM user (see the broker log)")
 
     @property
     def controller_port(self) -> int:
@@ -167,6 +298,7 @@ class LocalBroker:
 
     def _write_config(self) -> Path:
         self.instance_dir.mkdir(parents=True, exist_ok=True)
+        secure_listener = f",SASL_SSL://{self.host}:{self.secure_port}" if self.secure else ""
         (self.instance_dir / "log4j.properties").write_text(LOG4J)
         config = self.instance_dir / "server.properties"
         config.write_text(
@@ -176,10 +308,12 @@ class LocalBroker:
                     "node.id=1",
                     f"controller.quorum.voters=1@{self.host}:{self.controller_port}",
                     f"listeners=PLAINTEXT://{self.host}:{self.port},"
-                    f"CONTROLLER://{self.host}:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+                    f"CONTROLLER://{self.host}:{self.controller_port}" + secure_listener,
+                    f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}" + secure_listener,
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+                    + (",SASL_SSL:SASL_SSL" if self.secure else ""),
+                    *(self._secure_lines() if self.secure else []),
                     "inter.broker.listener.name=PLAINTEXT",
                     f"log.dirs={self.instance_dir / 'data'}",
                     # loopline creates its topics with the partition count it is configured
@@ -264,6 +398,8 @@ class LocalBroker:
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
             if _port_open(self.host, self.port) and asyncio.run(_metadata_ok(self.bootstrap)):
+                if self.secure:
+                    self._add_scram_user(libs)
                 return self.status()
             time.sleep(0.5)
         self.down()

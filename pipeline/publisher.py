@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from pipeline.codec import Codec, CodecError
 from pipeline.events import EvalResult, InputEvent, ResolutionEvent, _Event
+from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, key_of
 
@@ -47,7 +48,7 @@ class Publisher:
         self._settings = settings
         self._codec = codec or Codec.load()
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **client_options(settings),
             linger_ms=linger_ms,
             acks="all",
             enable_idempotence=True,

@@ -66,6 +66,16 @@ def _per_loop(raw: str) -> dict[str, float]:
     return values
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "partitions": _positive_int,
     "replication_factor": _positive_int,
@@ -87,6 +97,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rules": _path,
     "review_port": _port,
     "review_claim_seconds": _positive_float,
+    "security_protocol": _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": _choice("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
+    "ssl_cafile": _path,
 }
 
 
@@ -120,6 +133,12 @@ class Settings:
     review_claim_seconds: float = 600.0
     review_token: str | None = field(default=None, repr=False)  # secret: the page's login
     review_secret: str | None = field(default=None, repr=False)  # secret: signs the sessions
+    # Kafka connection security (pipeline.kafka_security), for every client alike.
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: str = "SCRAM-SHA-512"  # or SCRAM-SHA-256, PLAIN
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)  # secret
+    ssl_cafile: Path | None = None  # CA certificates (PEM) to verify the brokers; None = system
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -136,7 +155,21 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"{var}={source[var]!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        settings.check_security()
+        return settings
+
+    def check_security(self) -> None:
+        """SASL needs a username and a password; a CA file must exist."""
+        if self.security_protocol.startswith("SASL"):
+            for name in ("sasl_username", "sasl_password"):
+                if not getattr(self, name):
+                    raise SettingsError(
+                        f"LOOPLINE_SECURITY_PROTOCOL={self.security_protocol} needs "
+                        f"LOOPLINE_{name.upper()}"
+                    )
+        if self.ssl_cafile is not None and not self.ssl_cafile.is_file():
+            raise SettingsError(f"LOOPLINE_SSL_CAFILE={self.ssl_cafile}: no such file")
 
     @property
     def bootstrap_port(self) -> int:

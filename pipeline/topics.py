@@ -9,6 +9,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
 
 
@@ -64,9 +65,7 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
 async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
     """Create the missing loopline topics; returns the full names of those it created."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15000
-    )
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

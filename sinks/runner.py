@@ -28,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter_of
+from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
 from sinks.base import Positions, SinkBackpressure
@@ -103,14 +104,14 @@ class SinkRunner:
 
     async def run(self, stop: asyncio.Event) -> SinkProgress:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **client_options(self.settings),
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=5000,
         )
         self._consumer.subscribe(list(self.logical), listener=_Rebalance(self))
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers)
+        self._producer = AIOKafkaProducer(**client_options(self.settings))
         await self._producer.start()
         await self._consumer.start()
         last_report = time.monotonic()

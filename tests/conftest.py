@@ -140,6 +140,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if settings.rules is not None:
         env["LOOPLINE_RULES"] = str(settings.rules)
     env["LOOPLINE_REVIEW_PORT"] = str(settings.review_port)
+    if settings.security_protocol != "PLAINTEXT":
+        env["LOOPLINE_SECURITY_PROTOCOL"] = settings.security_protocol
+        env["LOOPLINE_SASL_MECHANISM"] = settings.sasl_mechanism
+        env["LOOPLINE_SASL_USERNAME"] = settings.sasl_username or ""
+        env["LOOPLINE_SASL_PASSWORD"] = settings.sasl_password or ""
+        env["LOOPLINE_SSL_CAFILE"] = str(settings.ssl_cafile or "")
     if settings.review_token is not None:
         env["LOOPLINE_REVIEW_TOKEN"] = settings.review_token
     return env

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
+from pipeline.kafka_security import client_options
 from pipeline.publisher import Publisher
 from pipeline.review.queue import ReviewQueue
 from pipeline.settings import Settings
@@ -63,7 +64,7 @@ class ReviewFeed:
         topics = {self.settings.topic(name): name for name in FOLLOWED}
         consumer = AIOKafkaConsumer(
             *topics,
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **client_options(self.settings),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
