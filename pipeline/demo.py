@@ -235,6 +235,7 @@ def _run_demo(
         )
         limits = Limits(duration=duration, rate=rate)
         published = asyncio.run(_publish_and_show(settings, events, limits, url, echo))
+        published["eval-cases"] += cases
         deadline = time.monotonic() + 60
         processed = _processed(fetch_metrics(url), settings)
         while any(sum(processed[t]) < published[t] for t in SOURCE_TOPICS):
@@ -251,10 +252,15 @@ def _run_demo(
         text = fetch_metrics(url)
         echo("\n" + numbers_table(text))
         samples = parse_exposition(text or "")
-        candidates = sample_sum(samples, "loopline_eval_candidates_total")
+        reasons: Counter[str] = Counter()
+        for (name, labels), value in samples.items():
+            if name == "loopline_eval_candidates_total":
+                reasons[dict(labels)["reason"]] += int(value)
+        listed = ", ".join(f"{r} {n:,}" for r, n in reasons.most_common()) or "none yet"
         echo(
-            f"\n{candidates:,.0f} eval candidates sampled to {settings.topic('eval-candidates')}; "
-            f"review them at {review_url} (token in {token_source})"
+            f"\neval candidates sampled to {settings.topic('eval-candidates')}, by reason (a "
+            f"case may have several): {listed}\nreview them at {review_url} "
+            f"(token in {token_source})"
         )
         if stay:
             echo(
