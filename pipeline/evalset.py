@@ -8,7 +8,6 @@ published; export reads the topic from its beginning to its current end.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,13 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
-from pipeline.kafka_security import client_options
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
+from pipeline.topics import read_to_end
 
 #: Defaults for columns an eval set file may leave out.
 DEFAULTS: Mapping[str, Any] = {"suite": "CURRENT", "origin": "IMPORTED"}
@@ -127,51 +124,16 @@ async def age_eval_set(settings: Settings, now_ms: int, current_days: int) -> in
 async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     """The eval set: the latest record of every eval_case_id on the topic, by loop and id."""
     codec = Codec.load()
-    topic = settings.topic("eval-cases")
-    consumer = AIOKafkaConsumer(
-        topic,
-        **client_options(settings),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
-    )
-    await consumer.start()
-    try:
-        partitions = await assigned(consumer, topic)
-        if not partitions:
-            return []  # no eval set published yet
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        latest: dict[str, dict[str, Any] | None] = {}
-        remaining = {tp for tp in partitions if end[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000)
-            for messages in batches.values():
-                for message in messages:
-                    key = message.key.decode() if message.key else None
-                    if message.value is None:  # a tombstone removes the case
-                        if key is not None:
-                            latest[key] = None
-                        continue
-                    record = codec.decode(message.value, expected="EvalCase").record
-                    latest[str(record["eval_case_id"])] = record
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
+    latest: dict[str, dict[str, Any] | None] = {}
+    for key, value in await read_to_end(settings, "eval-cases"):
+        if value is None:  # a tombstone removes the case
+            if key is not None:
+                latest[key.decode()] = None
+            continue
+        record = codec.decode(value, expected="EvalCase").record
+        latest[str(record["eval_case_id"])] = record
     cases = [r for r in latest.values() if r is not None]
     return sorted(cases, key=lambda r: (str(r["loop"]), str(r["eval_case_id"])))
-
-
-async def assigned(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The partitions a group-less consumer subscribed to ``topic`` was given (all of them),
-    or none when the topic does not exist."""
-    if topic not in await consumer.topics():
-        return []
-    async with asyncio.timeout(30):
-        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no event for it
-            await asyncio.sleep(0.05)
-    return sorted(consumer.assignment())
 
 
 def write_eval_set(cases: list[dict[str, Any]], out: Any, parquet: bool) -> None:

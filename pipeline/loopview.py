@@ -175,10 +175,13 @@ class LoopState:
             drift_share=self.config.rules.drift.drift_share,
             unresolved=self.unresolved(as_of),
         )
-        self._judge_candidates_by(facts.drift, as_of)
+        self._judge_candidates_by(facts)
         return self.alerts.step(as_of, readings(facts, rules))
 
-    def _judge_candidates_by(self, drift: Mapping[str, Any], as_of_ms: int) -> None:
+    def _judge_candidates_by(self, facts: Facts) -> None:
+        """The candidate context of this evaluation: usual values of the drifted features,
+        and the cost and latency outlier thresholds of the last hour."""
+        drift = facts.drift
         baseline = self.baseline
         usual: dict[str, frozenset[str] | tuple[float, float]] = {}
         for feature, scores in drift["features"].items():
@@ -191,7 +194,7 @@ class LoopState:
             elif feature in baseline.numeric:
                 low, high = np.quantile(baseline.numeric[feature], [0.05, 0.95])
                 usual[feature] = (float(low), float(high))
-        hour = self.window(as_of_ms, WINDOWS["1h"])
+        hour = facts.now.get("1h") or self.window(facts.as_of_ms, WINDOWS["1h"])
         factor = self.config.rules.candidates.cost_outlier_factor
         mean_cost = hour.cost_usd / hour.resolved if hour.resolved >= 100 else None
         enough = hour.latency.count >= 100

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -89,3 +91,41 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
         return [t.name for t in new]
     finally:
         await admin.close()
+
+
+async def read_to_end(settings: Settings, name: str) -> list[tuple[bytes | None, bytes | None]]:
+    """Every message (key, value) of a loopline topic, from its beginning to its end as of
+    now; [] when the topic does not exist."""
+    topic = settings.topic(name)
+    consumer = AIOKafkaConsumer(
+        topic,
+        **client_options(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
+    )
+    await consumer.start()
+    out: list[tuple[bytes | None, bytes | None]] = []
+    try:
+        partitions = await _assigned(consumer, topic)
+        if not partitions:
+            return []
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            while await consumer.position(tp) < end[tp]:
+                for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                    out.extend((m.key, m.value) for m in messages)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _assigned(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions a group-less consumer subscribed to ``topic`` was given (all of them),
+    or none when the topic does not exist."""
+    if topic not in await consumer.topics():
+        return []
+    async with asyncio.timeout(30):
+        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no event for it
+            await asyncio.sleep(0.05)
+    return sorted(consumer.assignment())

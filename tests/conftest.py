@@ -20,10 +20,10 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.codec import Codec
 from pipeline.demo import fetch_metrics
-from pipeline.evalset import assigned
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.settings import Settings
+from pipeline.topics import read_to_end
 
 TEST_KAFKA_PORT = int(os.environ.get("LOOPLINE_TEST_KAFKA_PORT", "39092"))
 
@@ -66,27 +66,12 @@ async def consume(
 
 async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, Any]]]:
     """Every record a loopline topic holds now, from its beginning to its current end."""
-    consumer = AIOKafkaConsumer(
-        settings.topic(topic),
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
-    )
-    await consumer.start()
-    codec, out = Codec.load(), []
-    try:
-        parts = await assigned(consumer, settings.topic(topic))
-        if not parts:
-            return []
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        async with asyncio.timeout(60):
-            for tp in parts:
-                while await consumer.position(tp) < end[tp]:
-                    for messages in (await consumer.getmany(tp, timeout_ms=500)).values():
-                        out.extend((m.key, codec.decode(m.value).record) for m in messages)
-    finally:
-        await consumer.stop()
-    return out
+    codec = Codec.load()
+    return [
+        (key, codec.decode(value).record)
+        for key, value in await read_to_end(settings, topic)
+        if value is not None
+    ]
 
 
 @pytest.fixture(scope="session")
