@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -164,10 +165,19 @@ async def _publish_and_show(
     settings: Settings, events: TrafficGenerator, limits: Limits, url: str, echo: Echo
 ) -> Counter[str]:
     publishing = asyncio.create_task(publish_traffic(settings, events, limits, echo))
-    while not publishing.done():
-        await asyncio.wait({publishing}, timeout=5)
-        text = await asyncio.to_thread(fetch_metrics, url)
-        echo("\n" + numbers_table(text) + "\n")
+    try:
+        while not publishing.done():
+            await asyncio.wait({publishing}, timeout=5)
+            text = await asyncio.to_thread(fetch_metrics, url)
+            echo("\n" + numbers_table(text) + "\n")
+    except asyncio.CancelledError:
+        # Ctrl-C: stop the generator and let its publisher close while the Kafka client's own
+        # tasks still run (asyncio.run cancels every task afterwards, and a producer whose
+        # sender task is cancelled first never finishes flushing).
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        raise
     return publishing.result()
 
 

@@ -34,6 +34,9 @@ from pipeline.featurewindow import FeatureWindow
 from pipeline.partition import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
 
+#: The most evaluation boundaries one call catches up on (after a gap, the latest ones).
+CATCH_UP = 60
+
 
 class LoopState:
     """One loop's partials, closed buckets, eval cases (its drift baseline) and alerts."""
@@ -143,15 +146,24 @@ class LoopState:
         return evaluate(stats, self.baseline, config)
 
     def evaluate(self, as_of_ms: int | None = None) -> list[dict[str, Any]]:
-        """Evaluate the alert rules at the last evaluation_interval boundary of event time (at
-        or before ``as_of_ms``, default ``complete_ms``) if it is newer than the last
-        evaluation; returns the Alert records to publish."""
+        """Evaluate the alert rules at every evaluation_interval boundary of event time passed
+        since the last evaluation, up to ``as_of_ms`` (default ``complete_ms``), as replay does:
+        a backlog read in large batches still gets one evaluation per interval (the last
+        CATCH_UP of them, after a long gap). Returns the Alert records to publish."""
         interval = self.config.rules.evaluation_interval_ms
-        as_of = (self.complete_ms if as_of_ms is None else as_of_ms) // interval * interval
-        if as_of <= self.evaluated_ms:
+        last = (self.complete_ms if as_of_ms is None else as_of_ms) // interval * interval
+        if last <= self.evaluated_ms:
             return []
-        self.evaluated_ms = as_of
+        first = last if not self.evaluated_ms else self.evaluated_ms + interval
+        first = max(first, last - (CATCH_UP - 1) * interval)
+        records: list[dict[str, Any]] = []
+        for boundary in range(first, last + 1, interval):
+            records.extend(self._evaluate_at(boundary))
+        self.evaluated_ms = last
         self.changed.add(("t",))
+        return records
+
+    def _evaluate_at(self, as_of: int) -> list[dict[str, Any]]:
         rules = self.config.rules.for_loop(self.loop)
         windows = {
             rule.window

@@ -54,11 +54,26 @@ def test_one_worker_exports_the_replay_numbers(
     )
     assert sum(worker.processed(t, "duplicate") for t in SOURCE_TOPICS) == 10
     loops = snapshot["loops"]
+
+    def caught_up() -> bool:
+        # Every loop's p50 over 5m (the most recent data) and 7d coverage (all of it) agree:
+        # the snapshot behind the gauges saw every partial.
+        return all(
+            _gauge(
+                worker,
+                "loopline_latency_quantile_seconds",
+                loop=loop,
+                window="5m",
+                quantile="0.5",
+            )
+            == data["windows"]["5m"]["latency_seconds"]["p50"]
+            and _gauge(worker, "loopline_coverage_ratio", loop=loop, window="7d")
+            == data["windows"]["7d"]["coverage"]
+            for loop, data in loops.items()
+        )
+
     wait_for(
-        lambda: (
-            _gauge(worker, "loopline_coverage_ratio", loop="refunds", window="1h")
-            == loops["refunds"]["windows"]["1h"]["coverage"]
-        ),
+        caught_up,
         30,
         "the worker's snapshot to catch up",
     )
