@@ -88,9 +88,26 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
                 if code not in (0, TopicAlreadyExistsError.errno):
                     detail = rest[0] if rest and rest[0] else f"error code {code}"
                     raise RuntimeError(f"cannot create topic {topic}: {detail}")
+            await _wait_for_leaders(admin, [t.name for t in new])
         return [t.name for t in new]
     finally:
         await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """Return once every partition of the new topics has a leader: a consumer that joins its
+    group before that is assigned nothing and waits for the next metadata refresh (minutes)."""
+    async with asyncio.timeout(60):
+        while True:
+            described = await admin.describe_topics(names)
+            if all(
+                t["error_code"] == 0
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in described
+            ):
+                return
+            await asyncio.sleep(0.2)
 
 
 async def read_to_end(settings: Settings, name: str) -> list[tuple[bytes | None, bytes | None]]:
