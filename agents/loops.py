@@ -90,6 +90,13 @@ def register(
 
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def publish_numbers() -> None:
+        # An exception escaping a Faust timer crashes the whole app: log it, try next time.
+        try:
+            await publish_snapshot()
+        except Exception:
+            log.exception("publishing the snapshot failed; trying again next interval")
+
+    async def publish_snapshot() -> None:
         load_assigned()
         combined: dict[str, Any] = {}
         unresolved: dict[str, int] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
@@ -11,6 +12,8 @@ from pipeline.kafka_security import faust_credentials
 from pipeline.metrics import CONTENT_TYPE_LATEST, PipelineMetrics
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
+
+log = logging.getLogger(__name__)
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -55,10 +58,15 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         """loopline_consumer_lag_messages for every partition this worker holds now."""
         consumer: Any = app.consumer
         lags = {}
-        for tp in consumer.assignment():
-            position = await consumer.position(tp)
-            if position is not None:
-                lags[(tp.topic, str(tp.partition))] = max(consumer.highwater(tp) - position, 0)
+        try:
+            for tp in consumer.assignment():
+                position = await consumer.position(tp)
+                highwater = consumer.highwater(tp)  # None until a fetch after an assignment
+                if position is not None and highwater is not None:
+                    lags[(tp.topic, str(tp.partition))] = max(highwater - position, 0)
+        except Exception:  # a metric must never stop the worker (a timer's error crashes Faust)
+            log.exception("measuring the consumer lag failed; trying again next interval")
+            return
         metrics.consumer_lag.clear()  # partitions that moved away are not this worker's lag
         for labels, lag in lags.items():
             metrics.consumer_lag.labels(*labels).set(lag)

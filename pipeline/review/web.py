@@ -75,7 +75,8 @@ def create_review_app(settings: Settings) -> Starlette:
         request.session.clear()
         request.session.update({"reviewer": name[:80], "csrf": secrets.token_urlsafe(24)})
         target = str(request.query_params.get("next", "/"))
-        return RedirectResponse(target if target.startswith("/") else "/", 303)
+        local = target.startswith("/") and not target.startswith(("//", "/\\"))
+        return RedirectResponse(target if local else "/", 303)  # never off-site
 
     async def logout(request: Request) -> Response:
         request.session.clear()
@@ -165,7 +166,7 @@ def create_review_app(settings: Settings) -> Starlette:
         routes=[
             Route("/", queue_page),
             Route("/login", login_page, methods=["GET", "POST"]),
-            Route("/logout", logout, methods=["POST", "GET"]),
+            Route("/logout", logout, methods=["POST"]),
             Route("/candidates/{candidate_id}", candidate_page),
             Route("/candidates/{candidate_id}/decide", decide, methods=["POST"]),
             Route("/healthz", healthz),

@@ -150,6 +150,10 @@ def test_a_live_prometheus_scrapes_a_worker_and_raises_an_alert(
         assert [r["value"][1] for r in up] == ["1"]
         events_total = _api(url, "/api/v1/query", query="sum(loopline_events_total)")["result"]
         assert float(events_total[0]["value"][1]) == 2
+        # The worker's consumer lag per partition it holds: all caught up here.
+        lag = 'sum by (topic) (loopline_consumer_lag_messages{topic=~".*inputs"})'
+        wait_for(lambda: bool(_api(url, "/api/v1/query", query=lag)["result"]), 30, "the lag")
+        assert _api(url, "/api/v1/query", query=lag)["result"][0]["value"][1] == "0"
 
         def firing() -> list[dict[str, Any]]:
             alerts = _api(url, "/api/v1/alerts")["alerts"]

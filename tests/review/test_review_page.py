@@ -70,8 +70,8 @@ async def _publish(settings: Settings) -> None:
         )
 
 
-def _login(page: Page, url: str, name: str, token: str = TOKEN) -> None:
-    page.goto(f"{url}/login")
+def _login(page: Page, url: str, name: str, token: str = TOKEN, then: str = "") -> None:
+    page.goto(f"{url}/login" + (f"?next={then}" if then else ""))
     page.fill("input[name=reviewer]", name)
     page.fill("input[name=token]", token)
     page.click("button[type=submit]")
@@ -99,7 +99,8 @@ def test_reviewers_log_in_filter_claim_accept_and_reject(
         _login(ana, url, "ana", token="wrong")
         expect(ana.get_by_role("alert")).to_contain_text("Unknown token")
 
-        _login(ana, url, "ana")
+        _login(ana, url, "ana", then="//example.com/phish")  # never redirected off-site
+        assert ana.url == f"{url}/"
         expect(ana.locator("h1")).to_contain_text("1000 open")
         assert ana.locator("#queue tbody tr").count() == 50  # one page of 50
         ana.select_option("select[name=loop]", "refunds")
