@@ -13,6 +13,7 @@ so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,10 @@ class Case:
     touched_ms: int = 0
     seen: dict[str, int] = field(default_factory=dict)  # event id -> event time, for dedupe
     # What an eval candidate shows of the case: its input, last resolution and verdicts.
-    inp: dict[str, Any] | None = None
-    res: dict[str, Any] | None = None
+    # The input side as compact JSON text: one string per case instead of a tree of dicts,
+    # which costs several times the memory over the hours a case is held.
+    inp: str | None = None
+    res: str | None = None  # the last resolution, compact JSON likewise
     verdicts: dict[str, bool] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -219,15 +222,16 @@ class PartitionCore:
         if topic == "inputs":
             if case.inp is not None:
                 return
-            case.inp = {k: record.get(k) for k in INPUT_FIELDS}
-            if case.inp.get("text"):
-                case.inp["text"] = str(case.inp["text"])[:TEXT_LIMIT]
+            fields = {k: record.get(k) for k in INPUT_FIELDS}
+            if fields.get("text"):
+                fields["text"] = str(fields["text"])[:TEXT_LIMIT]
+            case.inp = json.dumps(fields, separators=(",", ":"))
         elif topic == "resolutions":
             cost = float(record.get("model_cost_usd") or 0.0) + float(
                 record.get("other_cost_usd") or 0.0
             )
             output = record.get("output")
-            case.res = {
+            resolution = {
                 "resolver": str(record["resolver"]),
                 "outcome": str(record["outcome"]),
                 "release": record.get("release"),
@@ -236,6 +240,7 @@ class PartitionCore:
                 "output": None if output is None else str(output)[:TEXT_LIMIT],
                 "ts": ts,
             }
+            case.res = json.dumps(resolution, separators=(",", ":"))
             if record.get("eval_passed") is not None:
                 case.verdicts["online"] = bool(record["eval_passed"])
         elif record.get("case_id") is not None:  # an eval result of a production case
@@ -246,13 +251,15 @@ class PartitionCore:
             return
         if case.inp is None or case.res is None or case.input_ms is None:
             return
+        resolution = json.loads(case.res)
+        resolved_ms = int(resolution.pop("ts"))
         proposal = CaseProposal(
             key,
             case.loop,
-            int(case.res["ts"]),
-            case.inp,
-            {k: v for k, v in case.res.items() if k != "ts"},
-            max(int(case.res["ts"]) - case.input_ms, 0) / 1000.0,
+            resolved_ms,
+            json.loads(case.inp),
+            resolution,
+            max(resolved_ms - case.input_ms, 0) / 1000.0,
             dict(case.verdicts),
         )
         candidates = self.config.rules.candidates
