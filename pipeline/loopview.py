@@ -11,6 +11,7 @@ No Kafka here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -51,10 +52,12 @@ class LoopState:
             str, tuple[str | None, FeatureValues]
         ] = {}  # id -> category, features
         self._baseline: Baseline | None = None  # rebuilt when an eval case changes
+        self._covered: frozenset[str] | None = None  # likewise
         self.alerts = AlertEngine(loop, config.rules)
         self.sampler = CandidateSampler(loop, config.rules.candidates)
-        # The drift, outlier thresholds of the last evaluation that candidates are judged by.
-        self.candidate_context: dict[str, Any] = {"rare": {}, "cost": None, "latency": None}
+        # The drift, outlier thresholds of the last evaluation that candidates are judged by
+        # (its covered categories are filled in live, from the eval cases).
+        self.candidate_context = LoopContext(frozenset(), {}, None, None)
         self.features = FeatureWindow(config.bucket_ms)
         self.evaluated_ms = 0  # event time of the last alert evaluation
         self.changed: set[tuple[Any, ...]] = set()
@@ -108,11 +111,15 @@ class LoopState:
 
     def eval_case(self, change: EvalCaseChange) -> None:
         self.eval_cases[change.eval_case_id] = (change.category, change.features)
-        self._baseline = None
+        self._baseline = self._covered = None
         self.changed.add(("e", change.eval_case_id))
 
-    def covered(self) -> set[str]:
-        return {category for category, _ in self.eval_cases.values() if category}
+    def covered(self) -> frozenset[str]:
+        """The categories the loop's eval cases have (computed once per change of the set:
+        every candidate offer asks)."""
+        if self._covered is None:
+            self._covered = frozenset(c for c, _ in self.eval_cases.values() if c)
+        return self._covered
 
     @property
     def baseline(self) -> Baseline:
@@ -210,18 +217,17 @@ class LoopState:
         factor = self.config.rules.candidates.cost_outlier_factor
         mean_cost = hour.cost_usd / hour.resolved if hour.resolved >= 100 else None
         enough = hour.latency.count >= 100
-        context = LoopContext(
+        self.candidate_context = LoopContext(
             frozenset(),
             usual,
             None if mean_cost is None else factor * mean_cost,
             hour.latency.quantile(0.99) if enough else None,
         )
-        self.candidate_context = context_to_json(context)
         self.changed.add(("x",))
 
     def offer(self, proposal: CaseProposal) -> dict[str, Any] | None:
         """The EvalCandidate record if the case is picked (pipeline.candidates)."""
-        context = context_from_json(self.candidate_context, frozenset(self.covered()))
+        context = dataclasses.replace(self.candidate_context, covered=self.covered())
         record = self.sampler.offer(proposal, context)
         if record is not None:
             self.changed.add(("k",))
@@ -268,7 +274,7 @@ class LoopState:
             elif kind == "t":
                 value = self.evaluated_ms
             elif kind == "x":
-                value = self.candidate_context
+                value = context_to_json(self.candidate_context)
             elif kind == "k":
                 value = self.sampler.to_json()
             else:
@@ -293,7 +299,7 @@ class LoopState:
         elif kind == "t":
             self.evaluated_ms = int(value)
         elif kind == "x":
-            self.candidate_context = value
+            self.candidate_context = context_from_json(value, frozenset())
         elif kind == "k":
             self.sampler.restore(value)
         elif kind == "a":
