@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -145,6 +145,10 @@ class CliProcess:
     args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] = field(init=False)
 
+    def start(self) -> CliProcess:
+        self.launch()
+        return self
+
     def launch(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -197,16 +201,27 @@ class WorkerProcess(CliProcess):
         )
 
 
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
-    started: list[WorkerProcess] = []
+Process = TypeVar("Process", bound=CliProcess)
 
-    def start(settings: Settings) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
-        started.append(worker)
-        return worker.start()
+
+def process_factory(
+    tmp_path: Path, name: str, kind: Callable[[Settings, Path], Process], sig: int
+) -> Iterator[Callable[[Settings], Process]]:
+    """A fixture body: start processes of ``kind`` (each logging to tmp_path/<name>-N.log) and
+    stop every one still running with ``sig`` at teardown, also those that failed to start."""
+    started: list[Process] = []
+
+    def start(settings: Settings) -> Process:
+        process = kind(settings, tmp_path / f"{name}-{len(started)}.log")
+        started.append(process)
+        process.start()
+        return process
 
     yield start
-    for worker in started:
-        if not worker.exited():
-            worker.stop(signal.SIGKILL)
+    for process in started:
+        process.stop(sig)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    yield from process_factory(tmp_path, "worker", WorkerProcess, signal.SIGKILL)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.settings import Settings
-from tests.conftest import CliProcess, wait_for
+from tests.conftest import CliProcess, process_factory, wait_for
 
 
 @dataclass
@@ -39,13 +39,4 @@ class ReviewProcess(CliProcess):
 
 @pytest.fixture
 def start_review(tmp_path: Path) -> Iterator[Callable[[Settings], ReviewProcess]]:
-    started: list[ReviewProcess] = []
-
-    def start(settings: Settings) -> ReviewProcess:
-        process = ReviewProcess(settings, tmp_path / f"review-{len(started)}.log")
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        process.stop(signal.SIGTERM)
+    yield from process_factory(tmp_path, "review", ReviewProcess, signal.SIGTERM)

@@ -20,7 +20,7 @@ from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from sinks.archive.cli import open_archive
-from tests.conftest import CliProcess, consume, wait_for
+from tests.conftest import CliProcess, consume, process_factory, wait_for
 from tests.sinks import factories as f
 from tests.sinks.test_store import HOLD_LOCK
 
@@ -30,23 +30,12 @@ START = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
 def archive_process(settings: Settings, log_path: Path) -> CliProcess:
     """A ``loopline archive run`` subprocess writing to the settings' archive file."""
-    process = CliProcess(settings, log_path, ("archive", "run"))
-    process.launch()
-    return process
+    return CliProcess(settings, log_path, ("archive", "run"))
 
 
 @pytest.fixture
 def start_archive(tmp_path: Path) -> Iterator[Callable[[Settings], CliProcess]]:
-    started: list[CliProcess] = []
-
-    def start(settings: Settings) -> CliProcess:
-        process = archive_process(settings, tmp_path / f"archive-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop(signal.SIGKILL)
+    yield from process_factory(tmp_path, "archive", archive_process, signal.SIGKILL)
 
 
 def _events(count: int, skip: int = 0) -> list[tuple[str, dict[str, Any]]]:
