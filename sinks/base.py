@@ -1,7 +1,11 @@
 """The sink contract: ``add`` records, ``flush`` them in one durable write, then commit.
 
 Batching is done here once for every sink: a sink only says how to write a whole batch
-(``write``). ``flush`` returns the source positions that the batch covers, and the caller
+(``write``). Rows arrive one by one (``add``, as dicts) or many at once (``add_arrow``, an
+Arrow table decoded straight from a batch of messages); a batch keeps both, per table, in the
+order they arrived, so that "the last version wins" holds across them.
+
+``flush`` returns the source positions that the batch covers, and the caller
 commits those offsets only after ``flush`` returned, so a crash at any point loses nothing:
 what was not durable is consumed again, and the sinks are idempotent on the record's id.
 """
@@ -15,8 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
 #: (topic, partition) -> the next offset to consume, i.e. the offset to commit.
 Positions = dict[tuple[str, int], int]
+
+#: One table's part of a batch, in arrival order: runs of dict rows and Arrow tables.
+Segments = list[list[Mapping[str, Any]] | pa.Table]
+
+
+def segment_rows(segments: Segments) -> int:
+    return sum(len(s) if isinstance(s, list) else s.num_rows for s in segments)
 
 
 class SinkBackpressure(Exception):
@@ -39,12 +52,23 @@ class BatchPolicy:
     max_seconds: float = 5.0
 
 
+@dataclass
+class Batch:
+    """A batch taken out of a sink to be written: its rows per table and the positions that
+    become committable once it is durable."""
+
+    segments: dict[str, Segments]
+    positions: Positions
+    count: int
+    opened: float
+
+
 class BatchingSink(ABC):
     """Collects records per table with their source positions; ``write`` stores a batch."""
 
     def __init__(self, policy: BatchPolicy | None = None) -> None:
         self.policy = policy or BatchPolicy()
-        self._rows: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        self._segments: dict[str, Segments] = defaultdict(list)
         self._positions: Positions = {}
         self._count = 0
         self._opened = 0.0
@@ -55,9 +79,26 @@ class BatchingSink(ABC):
         """Buffer one row that came from ``topic[partition]@offset``."""
         if not self._count:
             self._opened = time.monotonic()
-        self._rows[table].append(row)
+        segments = self._segments[table]
+        run = segments[-1] if segments else None
+        if not isinstance(run, list):
+            run = []
+            segments.append(run)
+        run.append(row)
         self._positions[(topic, partition)] = offset + 1
         self._count += 1
+
+    def add_arrow(
+        self, table: str, rows: pa.Table, topic: str, partition: int, last_offset: int
+    ) -> None:
+        """Buffer the rows of many records of ``topic[partition]``, read up to ``last_offset``."""
+        if not rows.num_rows:
+            return
+        if not self._count:
+            self._opened = time.monotonic()
+        self._segments[table].append(rows)
+        self._positions[(topic, partition)] = last_offset + 1
+        self._count += rows.num_rows
 
     def advance(self, topic: str, partition: int, offset: int) -> None:
         """Mark a source record as handled without a row (it will be committed with the batch)."""
@@ -84,19 +125,45 @@ class BatchingSink(ABC):
         for key in partitions:
             self._positions.pop(key, None)
 
-    def flush(self) -> Positions:
-        """Write the batch durably; returns the positions to commit. On SinkBackpressure the
-        batch is kept as it was, to be flushed again."""
+    def take(self) -> Batch | None:
+        """Detach the pending batch (None when there is nothing to commit); new records start
+        a new one, so the taken batch can be written while consuming goes on."""
         if not self._positions:
-            return {}
-        if self._count:
-            self.write({table: rows for table, rows in self._rows.items() if rows})
-        positions = self._positions
-        self._rows = defaultdict(list)
+            return None
+        segments = {table: parts for table, parts in self._segments.items() if parts}
+        batch = Batch(segments, self._positions, self._count, self._opened)
+        self._segments = defaultdict(list)
         self._positions = {}
         self._count = 0
-        return positions
+        return batch
+
+    def restore(self, batch: Batch) -> None:
+        """Put back a taken batch that could not be written, ahead of what came since."""
+        for table, parts in batch.segments.items():
+            self._segments[table][:0] = parts
+        self._positions = {**batch.positions, **self._positions}
+        self._opened = min(self._opened, batch.opened) if self._count else batch.opened
+        self._count += batch.count
+
+    def write_batch(self, batch: Batch) -> Positions:
+        """Write a taken batch durably; returns the positions to commit."""
+        if batch.count:
+            self.write(batch.segments)
+        return batch.positions
+
+    def flush(self) -> Positions:
+        """Write the pending batch durably; returns the positions to commit. On
+        SinkBackpressure the batch is kept as it was, to be flushed again."""
+        batch = self.take()
+        if batch is None:
+            return {}
+        try:
+            return self.write_batch(batch)
+        except SinkBackpressure:
+            self.restore(batch)
+            raise
 
     @abstractmethod
-    def write(self, batch: Mapping[str, list[Mapping[str, Any]]]) -> None:
-        """Store every row of ``batch`` (table -> rows) in one atomic, idempotent write."""
+    def write(self, batch: Mapping[str, Segments]) -> None:
+        """Store every row of ``batch`` (table -> its segments) in one atomic, idempotent
+        write."""

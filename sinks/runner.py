@@ -4,13 +4,17 @@ A plain aiokafka consumer rather than a Faust agent, because a sink must decide 
 offset may be committed: after the batch holding that record is durable, never before.
 
 The commit sequence, in one place:
-  1. consume records and add them (or their dead letters) to the sink's batch;
-  2. when the batch is due (size or age), flush it: one atomic, idempotent write;
-  3. commit the batch's offsets.
+  1. consume records and add them (or their dead letters) to the sink's batch; a partition's
+     messages are decoded at once into Arrow when the sink takes them so (pipeline.arrowcodec),
+     else one by one;
+  2. when the batch is due (size or age), take it out of the sink and write it in a thread:
+     one atomic, idempotent write; consuming goes on into the next batch meanwhile, but that
+     one is not written before this one is done (one write in flight, batches in order);
+  3. when the write has returned, commit the batch's offsets.
 A crash before 3 replays records that may already be stored; the sink's idempotent write makes
-that harmless. When the destination pushes back (locked, disk full), the batch is kept, the
-partitions are paused (the consumer keeps polling so the group does not evict it), and the
-flush is retried with a growing pause.
+that harmless. When the destination pushes back (locked, disk full), the batch goes back ahead
+of the records read since, the partitions are paused (the consumer keeps polling so the group
+does not evict it), and the write is retried with a growing pause.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter_of
 from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
-from sinks.base import Positions, SinkBackpressure
+from sinks.base import Batch, Positions, SinkBackpressure
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,21 @@ class RecordSink(Protocol):
         self, topic: str, record: Mapping[str, Any], source: str, partition: int, offset: int
     ) -> None: ...
 
+    def columnar(self, topic: str) -> bool: ...
+
+    def add_records(
+        self, topic: str, records: pa.Table, source: str, partition: int, last_offset: int
+    ) -> None: ...
+
+    def advance(self, topic: str, partition: int, offset: int) -> None: ...
+
     def due(self) -> bool: ...
 
-    def flush(self) -> Positions: ...
+    def take(self) -> Batch | None: ...
+
+    def restore(self, batch: Batch) -> None: ...
+
+    def write_batch(self, batch: Batch) -> Positions: ...
 
     def drop(self, partitions: set[tuple[str, int]]) -> None: ...
 
@@ -91,6 +109,7 @@ class SinkRunner:
         self.settings = settings
         self.sink = sink
         self.codec = codec or Codec.load()
+        self.decoder = ArrowDecoder(self.codec)
         self.logical = {settings.topic(name): name for name in topics}
         self.group_id = group_id
         self.progress = SinkProgress()
@@ -100,6 +119,7 @@ class SinkRunner:
         self._producer: AIOKafkaProducer | None = None
         self._pause = 0.0  # seconds between flush attempts while the destination pushes back
         self._retry_at = 0.0
+        self._writing: tuple[Batch, asyncio.Task[Positions]] | None = None  # step 2 in flight
         self._next: dict[tuple[str, int], int] = {}
 
     async def run(self, stop: asyncio.Event) -> SinkProgress:
@@ -119,12 +139,10 @@ class SinkRunner:
             while not stop.is_set():
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=20_000)
                 for messages in batches.values():
-                    for message in messages:
-                        await self._add(message)
-                        if self.sink.due() and time.monotonic() >= self._retry_at:
-                            await self._flush_and_commit()
-                if self.sink.due() and time.monotonic() >= self._retry_at:
-                    await self._flush_and_commit()
+                    if messages:
+                        await self._add_partition(messages)
+                    await self._write_when_due()
+                await self._write_when_due()
                 if time.monotonic() - last_report >= self.report_every:
                     last_report = time.monotonic()
                     self.report(self._describe())
@@ -134,15 +152,58 @@ class SinkRunner:
             await self._producer.stop()
         return self.progress
 
-    async def _add(self, message: Any) -> None:
-        topic = self.logical[message.topic]
-        self.progress.consumed += 1
-        self._next[(message.topic, message.partition)] = message.offset + 1
-        try:
-            record = self.codec.decode(message.value, expected=RECORD_OF[topic]).record
-        except CodecError as exc:
-            await self._dead_letter(message, topic, exc.reason, str(exc))
+    async def _add_partition(self, messages: list[Any]) -> None:
+        """Add one partition's messages (consecutive offsets) to the sink."""
+        last = messages[-1]
+        topic = self.logical[last.topic]
+        self.progress.consumed += len(messages)
+        self._next[(last.topic, last.partition)] = last.offset + 1
+        if not self.sink.columnar(topic):
+            for message in messages:
+                await self._add(topic, message)
             return
+        decoded = await asyncio.to_thread(
+            self.decoder.decode, RECORD_OF[topic], [m.value for m in messages]
+        )
+        await self._add_decoded(topic, messages, decoded)
+        self.sink.advance(last.topic, last.partition, last.offset)
+
+    async def _add_decoded(self, topic: str, messages: list[Any], decoded: DecodedBatch) -> None:
+        """Hand the Arrow rows over in runs, and the one-by-one records and dead letters between
+        them, in offset order (a later version of a key must stay later)."""
+        singles: dict[int, Mapping[str, Any] | CodecError] = dict(decoded.records)
+        singles.update(decoded.errors)
+        start = row = 0  # the run of table rows waiting: messages[start:index], rows from row
+        for index in [*sorted(singles), len(messages)]:
+            if index > start and decoded.table is not None:
+                rows = decoded.table.slice(row, index - start)
+                await self._add_rows(topic, messages[start:index], rows)
+                row += index - start
+            if index < len(messages):
+                await self._add(topic, messages[index], singles[index])
+            start = index + 1
+
+    async def _add_rows(self, topic: str, messages: list[Any], rows: pa.Table) -> None:
+        last = messages[-1]
+        try:
+            self.sink.add_records(topic, rows, last.topic, last.partition, last.offset)
+        except Exception:  # find the odd record: one by one, each error is a dead letter
+            log.exception("archiving %d records of %s at once failed", len(messages), topic)
+            for message in messages:
+                await self._add(topic, message)
+
+    async def _add(
+        self, topic: str, message: Any, decoded: Mapping[str, Any] | CodecError | None = None
+    ) -> None:
+        if decoded is None:
+            try:
+                decoded = self.codec.decode(message.value, expected=RECORD_OF[topic]).record
+            except CodecError as exc:
+                decoded = exc
+        if isinstance(decoded, CodecError):
+            await self._dead_letter(message, topic, decoded.reason, str(decoded))
+            return
+        record = decoded
         try:
             self.sink.add_record(topic, record, message.topic, message.partition, message.offset)
         except Exception as exc:  # one odd record never stops the sink
@@ -164,11 +225,26 @@ class SinkRunner:
             await self._producer.send_and_wait(self.settings.topic("dlq"), value)
         self.sink.add_record("dlq", record, message.topic, message.partition, message.offset)
 
-    async def _flush_and_commit(self) -> bool:
-        """Steps 2 and 3; False when the destination pushed back (the batch is kept)."""
+    async def _write_when_due(self) -> None:
+        """Step 3 for a written batch as soon as its write is done; step 2 for the next batch
+        when it is due. One batch is written at a time (in a thread, while consuming goes on),
+        so batches reach the destination in order."""
+        if self._writing is not None and self._writing[1].done():
+            await self._settle_or_pause()
+        if self.sink.due() and time.monotonic() >= self._retry_at:
+            if not await self._settle_or_pause():
+                return
+            batch = self.sink.take()
+            if batch is not None:
+                write = asyncio.create_task(asyncio.to_thread(self.sink.write_batch, batch))
+                self._writing = (batch, write)
+
+    async def _settle_or_pause(self) -> bool:
+        """Settle the batch in flight; when the destination pushed back, keep it, pause the
+        partitions and retry later with a growing pause. False when it pushed back."""
         assert self._consumer is not None
         try:
-            await self._flush_and_commit_once()
+            await self._settle()
         except SinkBackpressure as exc:
             self.progress.backpressure += 1
             self._pause = min(max(exc.retry_after, 2 * self._pause), 60.0)
@@ -178,11 +254,26 @@ class SinkRunner:
                 "%s; keeping %d rows, retrying in %.0f s", exc, self.sink.pending, self._pause
             )
             return False
-        if self._pause:
-            log.info("archive writable again; resuming")
-        self._pause = self._retry_at = 0.0
-        self._consumer.resume(*self._consumer.paused())
         return True
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight, then commit its offsets (step 3). On SinkBackpressure
+        the batch goes back ahead of the pending records and the error is raised."""
+        if self._writing is None:
+            return
+        batch, write = self._writing
+        self._writing = None
+        try:
+            positions = await write
+        except SinkBackpressure:
+            self.sink.restore(batch)
+            raise
+        self.progress.flushes += 1
+        await self._commit(positions)
+        if self._pause and self._consumer is not None:
+            log.info("archive writable again; resuming")
+            self._consumer.resume(*self._consumer.paused())
+        self._pause = self._retry_at = 0.0
 
     async def _commit(self, positions: Positions) -> None:
         assert self._consumer is not None
@@ -203,24 +294,32 @@ class SinkRunner:
         self.progress.committed.update(positions)
 
     async def handover(self, revoked: set[tuple[str, int]]) -> None:
-        """Partitions are being taken away: flush and commit what was read from them, or forget
+        """Partitions are being taken away: write and commit what was read from them, or forget
         their positions if the destination pushes back (the new owner re-reads them)."""
         try:
-            await self._flush_and_commit_once()
+            await self._write_now()
         except SinkBackpressure:
             self.sink.drop(revoked)
 
-    async def _flush_and_commit_once(self) -> None:
-        positions = await asyncio.to_thread(self.sink.flush)
-        self.progress.flushes += 1
-        await self._commit(positions)
+    async def _write_now(self) -> None:
+        """Steps 2 and 3 for everything read so far, waiting for them (rebalance, shutdown).
+        Raises SinkBackpressure with the rows kept."""
+        await self._settle()
+        batch = self.sink.take()
+        if batch is None:
+            return
+        self._writing = (
+            batch,
+            asyncio.create_task(asyncio.to_thread(self.sink.write_batch, batch)),
+        )
+        await self._settle()
 
     async def _drain(self, stop_timeout: float) -> None:
         """On shutdown, flush the last batch, retrying for up to ``stop_timeout`` seconds."""
         deadline = time.monotonic() + stop_timeout
         while True:
             try:
-                await self._flush_and_commit_once()
+                await self._write_now()
                 return
             except SinkBackpressure as exc:
                 if time.monotonic() + exc.retry_after > deadline:

@@ -7,9 +7,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import pyarrow as pa
+
 from sinks.archive.store import Archive
 from sinks.archive.tables import Table
-from sinks.base import BatchingSink, BatchPolicy
+from sinks.base import BatchingSink, BatchPolicy, Segments, segment_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,21 @@ class ArchiveSink(BatchingSink):
             self.add(table.name, row, source, partition, offset)
         self.advance(source, partition, offset)  # also when a record yields no row
 
-    def write(self, batch: Mapping[str, list[Mapping[str, Any]]]) -> None:
+    def columnar(self, topic: str) -> bool:
+        return self.tables[topic].columnar
+
+    def add_records(
+        self, topic: str, records: pa.Table, source: str, partition: int, last_offset: int
+    ) -> None:
+        """Buffer many decoded records of ``topic`` (an Arrow table of the record's fields)
+        read from ``source[partition]`` up to ``last_offset``."""
+        table = self.tables[topic]
+        self.add_arrow(table.name, table.rows_of_batch(records), source, partition, last_offset)
+
+    def write(self, batch: Mapping[str, Segments]) -> None:
         added = self.archive.write(batch)
-        for table, rows in batch.items():
+        for table, segments in batch.items():
             self.written[table] += added[table]
-            self.skipped[table] += len(rows) - added[table]
-        size = sum(len(r) for r in batch.values())
+            self.skipped[table] += segment_rows(segments) - added[table]
+        size = sum(segment_rows(s) for s in batch.values())
         log.info("archived a batch of %d rows (%d new)", size, sum(added.values()))

@@ -16,14 +16,15 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sinks.archive.tables import Table
 from sinks.archive.views import views_sql
-from sinks.base import SinkBackpressure
+from sinks.base import Segments, SinkBackpressure
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Archive:
             self.ensure_schema(con)
         self._schema_ready = True
 
-    def write(self, batch: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, int]:
+    def write(self, batch: Mapping[str, Segments]) -> dict[str, int]:
         """Insert every row in one transaction; rows whose key is already stored are skipped
         (replaced, for tables that keep the latest version). Returns rows new per table."""
         arrow = {name: self._arrow(self.tables[name], rows) for name, rows in batch.items()}
@@ -157,7 +158,27 @@ class Archive:
         return int(row[0][0])
 
     @staticmethod
-    def _arrow(table: Table, rows: list[Mapping[str, Any]]) -> pa.Table:
-        """The batch as Arrow, one row per key (the last one wins, as on a compacted topic)."""
-        unique = {tuple(row[k] for k in table.key): row for row in rows}
-        return pa.Table.from_pylist(list(unique.values()), schema=table.arrow_schema)
+    def _arrow(table: Table, segments: Segments) -> pa.Table:
+        """The batch as one Arrow table, one row per key (the last one wins, as on a compacted
+        topic)."""
+        schema = table.arrow_schema
+        parts = [
+            pa.Table.from_pylist(part, schema=schema)
+            if isinstance(part, list)
+            else part.select(schema.names).cast(schema)
+            for part in segments
+        ]
+        return _last_per_key(pa.concat_tables(parts), table.key)
+
+
+def _last_per_key(data: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """Drop every row whose key appears again later in ``data``."""
+    if len(key) == 1:
+        distinct = pc.count_distinct(data.column(key[0])).as_py()
+    else:
+        distinct = data.group_by(list(key)).aggregate([]).num_rows
+    if distinct == data.num_rows:
+        return data
+    numbered = data.append_column("row_number", pa.array(np.arange(data.num_rows)))
+    last = numbered.group_by(list(key), use_threads=False).aggregate([("row_number", "max")])
+    return data.take(np.sort(last.column("row_number_max").to_numpy()))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.codec import Codec
 
@@ -35,6 +36,9 @@ class Table:
     key: tuple[str, ...]
     replace: bool = False  # True: a newer record with the same key replaces the row
     rows: Callable[[Mapping[str, Any]], Iterator[dict[str, Any]]] | None = None
+    #: ``rows`` for many records at once (an Arrow table of the record's fields); tables with
+    #: ``rows`` but no ``batch_rows`` take their records one by one
+    batch_rows: Callable[[pa.Table], pa.Table] | None = None
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -50,6 +54,14 @@ class Table:
             yield from self.rows(record)
         else:
             yield dict(record)
+
+    @property
+    def columnar(self) -> bool:
+        """True when decoded records can arrive as an Arrow table (``rows_of_batch``)."""
+        return self.rows is None or self.batch_rows is not None
+
+    def rows_of_batch(self, records: pa.Table) -> pa.Table:
+        return records if self.batch_rows is None else self.batch_rows(records)
 
 
 _TIMESTAMP = Column("", "TIMESTAMPTZ", pa.timestamp("ms", tz="UTC"))
@@ -160,6 +172,14 @@ def build_tables(codec: Codec, hourly_rates: Mapping[str, float] | None = None) 
     def priced(record: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         yield {**record, HOURLY_RATE.name: rates.get(record["loop"], 0.0)}
 
+    def priced_batch(records: pa.Table) -> pa.Table:
+        loops = pa.array(list(rates), pa.string())
+        known = pc.take(
+            pa.array(list(rates.values()), pa.float64()),
+            pc.index_in(records.column("loop"), value_set=loops),
+        )
+        return records.append_column(HOURLY_RATE.name, pc.fill_null(known, 0.0))
+
     def plain(name: str, topic: str, record: str, key: str, **kw: Any) -> Table:
         return Table(name, topic, columns_of(codec.schema(record)), (key,), **kw)
 
@@ -172,6 +192,7 @@ def build_tables(codec: Codec, hourly_rates: Mapping[str, float] | None = None) 
             (*resolutions.columns, HOURLY_RATE),
             ("event_id",),
             rows=priced,
+            batch_rows=priced_batch,
         ),
         plain("eval_results", "eval-results", "EvalResult", "event_id"),
         plain("eval_cases", "eval-cases", "EvalCase", "eval_case_id", replace=True),

@@ -1,0 +1,169 @@
+"""Batch decoding into Arrow: the same values as the per-record codec, and every bad record of a
+batch named exactly as the codec names it (the rest still decoded)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
+from pipeline.codec import Codec, CodecError, default_schema_dir
+from tests.pipeline.test_codec import RECORDS
+
+CODEC = Codec.load()
+DECODER = ArrowDecoder(CODEC)
+
+
+def _plain(value: Any) -> Any:
+    """Arrow's Python values in the codec's shapes (maps come as lists of pairs)."""
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return dict(value)
+    return value
+
+
+def _outcomes(batch: DecodedBatch, size: int) -> list[tuple[str, Any]]:
+    """Per message: ("row", record) from the table or one by one, or ("error", reason, text)."""
+    out: list[Any] = [None] * size
+    if batch.table is not None:
+        assert batch.table.num_rows == len(batch.table_index)
+        for index, row in zip(batch.table_index, batch.table.to_pylist(), strict=True):
+            out[index] = ("row", {k: _plain(v) for k, v in row.items()})
+    for index, record in batch.records:
+        assert out[index] is None
+        out[index] = ("row", record)
+    for index, error in batch.errors:
+        assert out[index] is None
+        out[index] = ("error", error.reason, str(error))
+    assert None not in out
+    return out
+
+
+def _reference(values: Sequence[bytes | None], expected: str) -> list[tuple[str, Any]]:
+    out: list[Any] = []
+    for value in values:
+        try:
+            out.append(("row", CODEC.decode(value, expected=expected).record))
+        except CodecError as exc:
+            out.append(("error", exc.reason, str(exc)))
+    return out
+
+
+def _variant(name: str, n: int) -> dict[str, Any]:
+    first = CODEC.schema(name)["fields"][0]["name"]
+    return {**RECORDS[name], first: f"{RECORDS[name][first]}-{n}"}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_every_record_type_decodes_in_one_table_to_the_codecs_values(name: str) -> None:
+    values = [CODEC.encode(name, _variant(name, n)) for n in range(5)]
+    batch = DECODER.decode(name, values)
+    assert batch.table is not None and batch.table_index == list(range(5))
+    assert not batch.records and not batch.errors
+    assert _outcomes(batch, 5) == _reference(values, name)
+
+
+def test_bad_records_are_named_as_the_codec_names_them_and_the_rest_decode() -> None:
+    good = [CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(6)]
+    values: list[bytes | None] = [
+        good[0],
+        b"not avro",  # bad_header
+        good[1][:20],  # truncated inside loop
+        CODEC.encode("EvalResult", RECORDS["EvalResult"]),  # wrong_record
+        good[2] + b"\x00\x02",  # two bytes after the record, mid-batch
+        None,  # a tombstone
+        good[3],
+        b"\xc3\x01" + bytes(8) + good[4][10:],  # unknown writer fingerprint
+        good[5] + b"\x00",  # one byte after the last record
+    ]
+    batch = DECODER.decode("InputEvent", values)
+    outcomes = _outcomes(batch, len(values))
+    assert outcomes == _reference(values, "InputEvent")
+    assert [o[1] if o[0] == "error" else "ok" for o in outcomes] == [
+        "ok",
+        "bad_header",
+        "truncated",
+        "wrong_record",
+        "bad_value",
+        "bad_header",
+        "ok",
+        "unknown_schema",
+        "bad_value",
+    ]
+
+
+def test_a_byte_moved_from_one_record_to_the_next_is_caught() -> None:
+    """Concatenated, the bodies read as valid records; only the check that each row starts
+    where its message starts sees that the first is cut short and the second starts wrong."""
+    a, b, c = (CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(3))
+    values = [a[:-1], b[:10] + a[-1:] + b[10:], c]
+    outcomes = _outcomes(DECODER.decode("InputEvent", values), 3)
+    assert outcomes == _reference(values, "InputEvent")
+    assert [o[0] for o in outcomes] == ["error", "error", "row"]
+
+
+def test_bad_headers_alone_keep_the_batch_in_one_table() -> None:
+    good = [CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(3)]
+    values = [good[0], b"junk", good[1], None, good[2]]
+    batch = DECODER.decode("InputEvent", values)
+    assert batch.table_index == [0, 2, 4] and batch.table is not None
+    assert [i for i, _ in batch.errors] == [1, 3]
+    assert _outcomes(batch, 5) == _reference(values, "InputEvent")
+
+
+def test_a_bad_enum_index_is_named_like_the_codec_does() -> None:
+    data = bytearray(CODEC.encode("EvalResult", RECORDS["EvalResult"]))
+    release = b"\x12" + b"2026.11.0"
+    at = data.index(release) + len(release)
+    data[at] = 0x0A  # suite index 5: no such symbol
+    values = [CODEC.encode("EvalResult", _variant("EvalResult", 1)), bytes(data)]
+    assert _outcomes(DECODER.decode("EvalResult", values), 2) == _reference(values, "EvalResult")
+
+
+def test_an_older_writer_goes_one_by_one_and_keeps_its_place() -> None:
+    old = json.loads((default_schema_dir() / "history/MetricSnapshot/v1.avsc").read_text())
+    record = {k: v for k, v in RECORDS["MetricSnapshot"].items() if k != "drift_json"}
+    values = [
+        CODEC.encode("MetricSnapshot", _variant("MetricSnapshot", 1)),
+        Codec([old]).encode("MetricSnapshot", record),
+        CODEC.encode("MetricSnapshot", _variant("MetricSnapshot", 2)),
+    ]
+    batch = DECODER.decode("MetricSnapshot", values)
+    assert batch.table_index == [0, 2]
+    assert batch.records == [(1, {**record, "drift_json": None})]
+    assert _outcomes(batch, 3) == _reference(values, "MetricSnapshot")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 10_000),
+            st.one_of(
+                st.just(("keep", 0, b"")),
+                st.tuples(st.just("cut"), st.integers(1, 60), st.just(b"")),
+                st.tuples(st.just("append"), st.just(0), st.binary(min_size=1, max_size=6)),
+            ),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_any_framing_damage_gives_exactly_the_codecs_outcome(
+    plan: list[tuple[int, tuple[str, int, bytes]]],
+) -> None:
+    """Records cut short or with bytes after them, anywhere in a batch: each one gets the
+    codec's own error and every other record its exact values (no garbage row, no hang)."""
+    values: list[bytes | None] = []
+    for n, (how, cut, extra) in plan:
+        data = CODEC.encode("InputEvent", _variant("InputEvent", n))
+        if how == "cut":
+            data = data[: max(len(data) - cut, 0)]
+        values.append(data + extra)
+    assert _outcomes(DECODER.decode("InputEvent", values), len(values)) == _reference(
+        values, "InputEvent"
+    )
