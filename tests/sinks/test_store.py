@@ -200,3 +200,22 @@ def test_a_full_disk_keeps_the_batch_until_there_is_room(tmp_path: Path) -> None
     assert out["pending"] == 20_000
     assert out["positions"] == {"t.inputs:0": 20_000}
     assert out["rows"] == 20_000
+
+
+def test_a_batch_put_back_after_a_failed_write_stays_ahead_of_newer_records(
+    tmp_path: Path,
+) -> None:
+    """The runner writes a taken batch while consuming goes on; when that write is pushed
+    back, the batch returns ahead of what came since, so the newer version still wins."""
+    archive = make_archive(tmp_path / "a.duckdb")
+    sink = make_sink(archive)
+    sink.add_record("eval-cases", eval_case("e1", at(0), expected="refund"), "t.ec", 0, 0)
+    taken = sink.take()
+    assert taken is not None and sink.pending == 0
+    sink.add_record("eval-cases", eval_case("e1", at(2), expected="deny"), "t.ec", 0, 1)
+    sink.add_record("inputs", input_event("i1", "c1", at(2)), "t.in", 3, 9)
+    sink.restore(taken)
+    assert sink.pending == 3
+    assert sink.flush() == {("t.ec", 0): 2, ("t.in", 3): 10}
+    assert fetch(archive, "SELECT eval_case_id, expected FROM eval_cases") == [("e1", "deny")]
+    assert fetch(archive, "SELECT event_id FROM inputs") == [("i1",)]
