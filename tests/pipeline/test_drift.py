@@ -8,7 +8,13 @@ from scipy.spatial.distance import cosine, jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
 from pipeline.drift import PSI_EPSILON, Baseline, DriftConfig, evaluate, feature_scores
-from pipeline.features import EXACT_VALUES, FeatureStats, FeatureValues, feature_values
+from pipeline.features import (
+    EXACT_VALUES,
+    FeatureStats,
+    FeatureValues,
+    NumericSummary,
+    feature_values,
+)
 
 
 def _psi_reference(window: np.ndarray, baseline: np.ndarray) -> float:
@@ -114,6 +120,21 @@ def test_merged_partials_give_the_scores_of_one_pass() -> None:
         merged.merge(FeatureStats.from_json(part.to_json()))
     baseline = _baseline(records[:500])
     assert feature_scores(merged, baseline, 1) == feature_scores(whole, baseline, 1)
+
+
+def test_a_numeric_summary_survives_json_and_a_change_after_it_is_encoded() -> None:
+    summary = NumericSummary()
+    for value in (1.5, 2.0, 1.5):
+        summary.add(value)
+    assert summary.to_json() == {"x": [1.5, 2.0], "n": [2, 1]}
+    summary.add(-3.0)  # the encoding is cached until the next change
+    assert summary.to_json() == {"x": [1.5, 2.0, -3.0], "n": [2, 1, 1]}
+    assert NumericSummary.from_json(summary.to_json()) == summary
+    # Checkpoints written before the flat encoding hold (value, count) pairs.
+    old = NumericSummary.from_json({"v": [[1.5, 2], [2.0, 1], [-3.0, 1]]})
+    assert old == summary
+    old.merge(summary)
+    assert old.points() == [(1.5, 4), (2.0, 2), (-3.0, 2)]
 
 
 def test_min_samples_and_drift_share_decide_detection() -> None:
