@@ -80,9 +80,11 @@ def register(
             self.resolutions: Counter[tuple[str, str, str]] = Counter()
             self.verdicts: Counter[tuple[str, str, str]] = Counter()
 
-        def add(self, full_topic: str, topic: str, status: str, record: Mapping[str, Any]) -> None:
+        def add(
+            self, full_topic: str, topic: str, status: str, record: Mapping[str, Any] | None
+        ) -> None:
             self.events[(full_topic, status)] += 1
-            if status != "ok":
+            if status != "ok" or record is None:
                 return
             loop = config.loop_label(str(record["loop"]))
             if topic == "resolutions":
@@ -102,8 +104,11 @@ def register(
         topic = logical[message.topic]
         record: Any = None
         try:
-            record = codec.decode(message.value, expected=RECORD_OF[topic]).record
-            status = core.process(topic, partition_key(topic, record), record)
+            if message.value is None and message.key and topic == "eval-cases":
+                status = core.delete_eval_case(bytes(message.key).decode())  # a tombstone
+            else:
+                record = codec.decode(message.value, expected=RECORD_OF[topic]).record
+                status = core.process(topic, partition_key(topic, record), record)
         except Exception as exc:  # a worker never dies on one message
             if isinstance(exc, CodecError):
                 reason, error = exc.reason, str(exc)

@@ -340,7 +340,7 @@ def replay_cmd(
 
 @main.group("evalset")
 def evalset() -> None:
-    """The eval set on loopline.eval-cases (the drift baseline): import and export."""
+    """The eval set on loopline.eval-cases (the drift baseline): import, export, delete, age."""
 
 
 @evalset.command("import")
@@ -390,6 +390,35 @@ def evalset_export(ctx: click.Context, output: Path | None) -> None:
         with click.open_file(str(output or "-"), "w") as out:
             write_eval_set(cases, out, parquet=False)
     _err(f"evalset export: {len(cases):,} eval cases")
+
+
+@evalset.command("delete")
+@click.argument("ids", nargs=-1)
+@click.option(
+    "--file",
+    "id_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Also delete the eval case ids in this file (one per line).",
+)
+@click.pass_context
+def evalset_delete(ctx: click.Context, ids: tuple[str, ...], id_file: Path | None) -> None:
+    """Delete eval cases by id (a tombstone each on the compacted topic).
+
+    The workers drop them from their loops' baselines and the archive drops their rows. Ids not
+    in the eval set are reported and the command exits with status 2; the others are deleted.
+    """
+    from pipeline.evalset import delete_eval_cases
+
+    wanted = [*ids, *(id_file.read_text().split() if id_file is not None else [])]
+    if not wanted:
+        raise click.UsageError("name the eval case ids to delete (arguments or --file)")
+    deleted, missing = asyncio.run(delete_eval_cases(_settings(ctx), wanted))
+    for eval_case_id in missing:
+        _err(f"evalset delete: {eval_case_id}: not in the eval set")
+    _err(f"evalset delete: {len(deleted):,} eval cases deleted, {len(missing):,} not found")
+    if missing:
+        ctx.exit(2)
 
 
 @evalset.command("age")

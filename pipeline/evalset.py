@@ -121,6 +121,17 @@ async def age_eval_set(settings: Settings, now_ms: int, current_days: int) -> in
     return len(moved)
 
 
+async def delete_eval_cases(settings: Settings, ids: list[str]) -> tuple[list[str], list[str]]:
+    """Publish a tombstone for every id that is in the eval set; returns (deleted, not
+    found). The workers drop deleted cases from their baselines; the archive drops the rows."""
+    present = {str(c["eval_case_id"]) for c in await read_eval_set(settings)}
+    deleted = [i for i in dict.fromkeys(ids) if i in present]
+    async with Publisher(settings) as publisher:
+        for eval_case_id in deleted:
+            await publisher.delete("eval-cases", eval_case_id)
+    return deleted, [i for i in dict.fromkeys(ids) if i not in present]
+
+
 async def read_eval_set(settings: Settings) -> list[dict[str, Any]]:
     """The eval set: the latest record of every eval_case_id on the topic, by loop and id."""
     codec = Codec.load()

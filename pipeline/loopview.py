@@ -110,7 +110,10 @@ class LoopState:
         self.changed.add(("f",))
 
     def eval_case(self, change: EvalCaseChange) -> None:
-        self.eval_cases[change.eval_case_id] = (change.category, change.features)
+        if change.deleted:
+            self.eval_cases.pop(change.eval_case_id, None)
+        else:
+            self.eval_cases[change.eval_case_id] = (change.category, change.features)
         self._baseline = self._covered = None
         self.changed.add(("e", change.eval_case_id))
 
@@ -269,8 +272,10 @@ class LoopState:
             elif kind == "m":
                 value = self.marks[change[1]]
             elif kind == "e":
-                category, features = self.eval_cases[change[1]]
-                value = {"category": category, "f": values_to_json(features)}
+                kept = self.eval_cases.get(change[1])
+                value = (
+                    None if kept is None else {"category": kept[0], "f": values_to_json(kept[1])}
+                )
             elif kind == "t":
                 value = self.evaluated_ms
             elif kind == "x":

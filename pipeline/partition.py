@@ -107,12 +107,14 @@ class Partial:
 
 @dataclass(frozen=True)
 class EvalCaseChange:
-    """An eval case as stage 2 needs it: its category (coverage) and features (baseline)."""
+    """An eval case as stage 2 needs it: its category (coverage) and features (baseline), or
+    its deletion (a tombstone on the compacted eval-cases topic)."""
 
     loop: str
     eval_case_id: str
     category: str | None
     features: FeatureValues = field(default_factory=lambda: FeatureValues({}, {}, None))
+    deleted: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,12 +123,17 @@ class EvalCaseChange:
             "id": self.eval_case_id,
             "category": self.category,
             "f": values_to_json(self.features),
+            "deleted": self.deleted,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvalCaseChange:
         return cls(
-            str(data["loop"]), str(data["id"]), data["category"], values_from_json(data.get("f"))
+            str(data["loop"]),
+            str(data["id"]),
+            data["category"],
+            values_from_json(data.get("f")),
+            bool(data.get("deleted", False)),
         )
 
 
@@ -154,6 +161,10 @@ class PartitionCore:
         self._final: dict[tuple[str, int], Aggregate] = {}  # closed before being sent
         self.known_loops: set[str] = set()  # every loop this partition has had buckets of
         self._eval_cases: list[EvalCaseChange] = []
+        # eval case id -> loop, for the eval cases of this partition: a tombstone carries only
+        # the id, and stage 2 needs the loop to drop the case from its baseline
+        self.eval_case_loops: dict[str, str] = {}
+        self._changed_eval_cases: set[str] = set()
         self._proposals: list[CaseProposal] = []
         self._watermark_changed = False
         self.horizon_ms = config.case_horizon_ms
@@ -165,14 +176,13 @@ class PartitionCore:
         ts = to_ms(record["ts"])
         loop = self.config.loop_label(str(record["loop"]))
         if topic == "eval-cases":
+            eval_case_id = str(record["eval_case_id"])
             self._eval_cases.append(
-                EvalCaseChange(
-                    loop,
-                    str(record["eval_case_id"]),
-                    record.get("category"),
-                    feature_values(record),
-                )
+                EvalCaseChange(loop, eval_case_id, record.get("category"), feature_values(record))
             )
+            if self.eval_case_loops.get(eval_case_id) != loop:
+                self.eval_case_loops[eval_case_id] = loop
+                self._changed_eval_cases.add(eval_case_id)
             return "ok"
         if ts <= self.watermark_ms - self.config.allowed_lateness_ms:
             return "too_late"
@@ -210,6 +220,15 @@ class PartitionCore:
             self._watermark_changed = True
             if ts >= self._next_sweep_ms:  # expire state once per bucket of event time
                 self.advance(ts)
+        return "ok"
+
+    def delete_eval_case(self, eval_case_id: str) -> str:
+        """Apply a tombstone of the eval-cases topic: stage 2 drops the case from its loop's
+        baseline. A tombstone of a case this partition never saw changes nothing."""
+        loop = self.eval_case_loops.pop(eval_case_id, None)
+        if loop is not None:
+            self._eval_cases.append(EvalCaseChange(loop, eval_case_id, None, deleted=True))
+            self._changed_eval_cases.add(eval_case_id)
         return "ok"
 
     # -- eval candidates --------------------------------------------------------------------
@@ -390,9 +409,12 @@ class PartitionCore:
         for key in self._changed_cases:
             case = self.cases.get(key)
             records[f"c/{key}"] = None if case is None else case.to_json()
+        for key in self._changed_eval_cases:
+            records[f"e/{key}"] = self.eval_case_loops.get(key)
         records[WATERMARK_KEY] = {"wm": self.watermark_ms, "loops": sorted(self.known_loops)}
         self._changed_buckets = set()
         self._changed_cases = set()
+        self._changed_eval_cases = set()
         return records
 
     @classmethod
@@ -418,6 +440,8 @@ class PartitionCore:
                 core._expiry.append((case.touched_ms, key[2:]))
                 if case.pending:
                     core._with_pending.add(key[2:])
+            elif key.startswith("e/") and value is not None:
+                core.eval_case_loops[key[2:]] = str(value)
         heapq.heapify(core._expiry)
         core._next_sweep_ms = align_up(core.watermark_ms + 1, config.bucket_ms)
         return core

@@ -68,6 +68,10 @@ class Processor:
             self._sync()
         return status
 
+    def delete_eval_case(self, eval_case_id: str) -> str:
+        """Apply a tombstone of the eval-cases topic: the case leaves its loop's baseline."""
+        return self.stage1.delete_eval_case(eval_case_id)
+
     def _sync(self) -> None:
         for message in self.stage1.drain():
             self.stage2.apply(message)

@@ -18,7 +18,7 @@ from pipeline.codec import Codec, CodecError
 from pipeline.events import EvalResult, InputEvent, ResolutionEvent, _Event
 from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
-from pipeline.topics import RECORD_OF, key_of
+from pipeline.topics import COMPACTED_TOPICS, RECORD_OF, key_of
 
 Event = Mapping[str, Any] | _Event
 
@@ -111,6 +111,12 @@ class Publisher:
             await self._send(topic, key, value)
         return len(encoded)
 
+    async def delete(self, topic: str, key: str) -> None:
+        """Publish a tombstone: on a compacted topic it deletes the record with this key."""
+        if topic not in COMPACTED_TOPICS:
+            raise ValueError(f"{topic!r} is not compacted; records there cannot be deleted")
+        await self._send(topic, key.encode(), None)
+
     async def publish_input(self, event: InputEvent | Mapping[str, Any]) -> None:
         await self.publish("inputs", event)
 
@@ -120,7 +126,7 @@ class Publisher:
     async def publish_eval_result(self, event: EvalResult | Mapping[str, Any]) -> None:
         await self.publish("eval-results", event)
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+    async def _send(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         if not self._started:
             raise RuntimeError("Publisher is not started: use 'async with Publisher(...)'")
         if len(self._pending) >= self._max_pending:

@@ -44,6 +44,9 @@ RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS if not t.intern
 #: Every contract topic, by logical name: what the archive stores.
 CONTRACT_TOPICS = tuple(RECORD_OF)
 
+#: Contract topics where a keyed message with no value (a tombstone) deletes that key's record.
+COMPACTED_TOPICS = frozenset(t.name for t in TOPICS if t.compacted and not t.internal)
+
 
 def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
     """The partitioning key DESIGN.md gives each topic (case_id keeps a case co-partitioned)."""

@@ -24,12 +24,26 @@ import pyarrow as pa
 #: (topic, partition) -> the next offset to consume, i.e. the offset to commit.
 Positions = dict[tuple[str, int], int]
 
-#: One table's part of a batch, in arrival order: runs of dict rows and Arrow tables.
-Segments = list[list[Mapping[str, Any]] | pa.Table]
+
+@dataclass
+class Deletion:
+    """Keys whose records were deleted (tombstones of a compacted topic), in their place among
+    the rows of a batch."""
+
+    keys: list[str]
+
+
+#: One table's part of a batch, in arrival order: runs of dict rows, Arrow tables, deletions.
+Segments = list[list[Mapping[str, Any]] | pa.Table | Deletion]
 
 
 def segment_rows(segments: Segments) -> int:
-    return sum(len(s) if isinstance(s, list) else s.num_rows for s in segments)
+    """The rows (not deletions) that ``segments`` hold."""
+    return sum(
+        len(s) if isinstance(s, list) else s.num_rows
+        for s in segments
+        if not isinstance(s, Deletion)
+    )
 
 
 class SinkBackpressure(Exception):
@@ -99,6 +113,20 @@ class BatchingSink(ABC):
         self._segments[table].append(rows)
         self._positions[(topic, partition)] = last_offset + 1
         self._count += rows.num_rows
+
+    def delete(self, table: str, key: str, topic: str, partition: int, offset: int) -> None:
+        """Buffer the deletion of ``table``'s record with this key (a tombstone read at
+        ``topic[partition]@offset``), after the rows that came before it."""
+        if not self._count:
+            self._opened = time.monotonic()
+        segments = self._segments[table]
+        last = segments[-1] if segments else None
+        if not isinstance(last, Deletion):
+            last = Deletion([])
+            segments.append(last)
+        last.keys.append(key)
+        self._positions[(topic, partition)] = offset + 1
+        self._count += 1
 
     def advance(self, topic: str, partition: int, offset: int) -> None:
         """Mark a source record as handled without a row (it will be committed with the batch)."""

@@ -36,7 +36,7 @@ from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter_of
 from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
-from pipeline.topics import RECORD_OF, SOURCE_TOPICS
+from pipeline.topics import COMPACTED_TOPICS, RECORD_OF, SOURCE_TOPICS
 from sinks.base import Batch, Positions, SinkBackpressure
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ class RecordSink(Protocol):
 
     def add_record(
         self, topic: str, record: Mapping[str, Any], source: str, partition: int, offset: int
+    ) -> None: ...
+
+    def delete_record(
+        self, topic: str, key: str, source: str, partition: int, offset: int
     ) -> None: ...
 
     def columnar(self, topic: str) -> bool: ...
@@ -195,6 +199,9 @@ class SinkRunner:
     async def _add(
         self, topic: str, message: Any, decoded: Mapping[str, Any] | CodecError | None = None
     ) -> None:
+        if message.value is None and message.key and topic in COMPACTED_TOPICS:
+            await self._delete(topic, message)
+            return
         if decoded is None:
             try:
                 decoded = self.codec.decode(message.value, expected=RECORD_OF[topic]).record
@@ -211,6 +218,15 @@ class SinkRunner:
             await self._dead_letter(
                 message, topic, "processing_error", f"{type(exc).__name__}: {exc}"
             )
+
+    async def _delete(self, topic: str, message: Any) -> None:
+        """A tombstone: the record with the message's key is deleted."""
+        try:
+            key = bytes(message.key).decode()
+        except UnicodeDecodeError as exc:
+            await self._dead_letter(message, topic, "bad_key", f"tombstone key is not UTF-8: {exc}")
+            return
+        self.sink.delete_record(topic, key, message.topic, message.partition, message.offset)
 
     async def _dead_letter(self, message: Any, topic: str, reason: str, error: str) -> None:
         """Archive the failure itself; publish it to the DLQ too unless a worker already does

@@ -37,6 +37,13 @@ class ArchiveSink(BatchingSink):
             self.add(table.name, row, source, partition, offset)
         self.advance(source, partition, offset)  # also when a record yields no row
 
+    def delete_record(self, topic: str, key: str, source: str, partition: int, offset: int) -> None:
+        """A tombstone of a compacted ``topic``: the row with this key goes."""
+        table = self.tables[topic]
+        if len(table.key) != 1:
+            raise ValueError(f"{table.name}: rows are not deleted by one key")
+        self.delete(table.name, key, source, partition, offset)
+
     def columnar(self, topic: str) -> bool:
         return self.tables[topic].columnar
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 
 from sinks.archive.tables import Table
 from sinks.archive.views import views_sql
-from sinks.base import Segments, SinkBackpressure
+from sinks.base import Deletion, Segments, SinkBackpressure
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,10 @@ class Archive:
         self._schema_ready = True
 
     def write(self, batch: Mapping[str, Segments]) -> dict[str, int]:
-        """Insert every row in one transaction; rows whose key is already stored are skipped
-        (replaced, for tables that keep the latest version). Returns rows new per table."""
-        arrow = {name: self._arrow(self.tables[name], rows) for name, rows in batch.items()}
+        """Insert every row and apply every deletion in one transaction, in batch order; rows
+        whose key is already stored are skipped (replaced, for tables that keep the latest
+        version). Returns the rows new per table."""
+        steps = {name: self._steps(self.tables[name], segments) for name, segments in batch.items()}
         added: dict[str, int] = {}
         with self.connect() as con:
             if not self._schema_ready:
@@ -137,14 +139,19 @@ class Archive:
                 self._schema_ready = True
             con.execute("BEGIN TRANSACTION")
             try:
-                for name, data in arrow.items():
+                for name, table_steps in steps.items():
                     table = self.tables[name]
-                    before = self._count(con, name)
-                    verb = "INSERT OR REPLACE" if table.replace else "INSERT OR IGNORE"
-                    con.register("loopline_batch", data)
-                    con.execute(f"{verb} INTO {name} BY NAME SELECT * FROM loopline_batch")
-                    con.unregister("loopline_batch")
-                    added[name] = self._count(con, name) - before
+                    added[name] = 0
+                    for step in table_steps:
+                        if isinstance(step, Deletion):
+                            self._delete(con, table, step)
+                            continue
+                        before = self._count(con, name)
+                        verb = "INSERT OR REPLACE" if table.replace else "INSERT OR IGNORE"
+                        con.register("loopline_batch", step)
+                        con.execute(f"{verb} INTO {name} BY NAME SELECT * FROM loopline_batch")
+                        con.unregister("loopline_batch")
+                        added[name] += self._count(con, name) - before
                 con.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(duckdb.Error):  # already rolled back by a failed COMMIT
@@ -152,14 +159,38 @@ class Archive:
                 raise
         return added
 
+    def _steps(self, table: Table, segments: Segments) -> list[pa.Table | Deletion]:
+        """Consecutive rows as one Arrow table each, with the deletions between them."""
+        steps: list[pa.Table | Deletion] = []
+        rows: list[list[Mapping[str, Any]] | pa.Table] = []
+        for part in [*segments, Deletion([])]:
+            if isinstance(part, Deletion):
+                if rows:
+                    steps.append(self._arrow(table, rows))
+                    rows = []
+                if part.keys:
+                    steps.append(part)
+            else:
+                rows.append(part)
+        return steps
+
+    @staticmethod
+    def _delete(con: duckdb.DuckDBPyConnection, table: Table, deletion: Deletion) -> None:
+        (key,) = table.key
+        con.register("loopline_deleted", pa.table({key: pa.array(deletion.keys, pa.string())}))
+        con.execute(
+            f'DELETE FROM {table.name} WHERE "{key}" IN (SELECT "{key}" FROM loopline_deleted)'
+        )
+        con.unregister("loopline_deleted")
+
     @staticmethod
     def _count(con: duckdb.DuckDBPyConnection, name: str) -> int:
         row = con.execute(f"SELECT count(*) FROM {name}").fetchall()
         return int(row[0][0])
 
     @staticmethod
-    def _arrow(table: Table, segments: Segments) -> pa.Table:
-        """The batch as one Arrow table, one row per key (the last one wins, as on a compacted
+    def _arrow(table: Table, segments: list[list[Mapping[str, Any]] | pa.Table]) -> pa.Table:
+        """Rows as one Arrow table, one row per key (the last one wins, as on a compacted
         topic)."""
         schema = table.arrow_schema
         parts = [

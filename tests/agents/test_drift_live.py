@@ -140,6 +140,28 @@ def test_new_eval_cases_move_the_baseline_while_the_worker_runs(
     suites = Counter(json.loads(line)["suite"] for line in exported.stdout.splitlines())
     assert suites == {"HISTORICAL": 300, "CURRENT": 200}
 
+    # Deleting the reviewers' cases (a tombstone each) takes them out of the baseline again.
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(c["eval_case_id"] for c in new_cases[1:]) + "\n")
+    first = new_cases[0]["eval_case_id"]
+    deleted = _loopline(settings, "evalset", "delete", first, "no-such-case", "--file", str(ids))
+    assert deleted.returncode == 2, deleted.stderr
+    assert "no-such-case: not in the eval set" in deleted.stderr
+    assert "200 eval cases deleted, 1 not found" in deleted.stderr
+    wait_for(
+        lambda: (
+            _gauge(worker, "loopline_uncovered_input_ratio", loop="refunds", window="1h")
+            == uncovered_before
+        ),
+        60,
+        "uncovered_ratio to return to its value before the reviewed cases",
+    )
+    exported = _loopline(settings, "evalset", "export")
+    assert Counter(json.loads(line)["suite"] for line in exported.stdout.splitlines()) == {
+        "HISTORICAL": 300
+    }
+    assert worker.processed("eval-cases") >= 1200 and not worker.exited()
+
 
 def test_an_alert_episode_survives_a_sigkill_without_a_second_firing(
     make_settings: Callable[..., Settings],

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.core import CoreConfig
+from pipeline.partition import EvalCaseChange, PartitionCore
 from pipeline.processor import Processor
 
 Event = tuple[str, dict[str, Any]]
@@ -214,3 +215,44 @@ def test_late_events_past_the_allowed_lateness_are_refused() -> None:
     assert proc.process(*_resolution("b", "c2", 141, "SYSTEM", "RESOLVED")) == "ok"  # 59 s late
     assert proc.process(*_resolution("c", "c3", 140, "SYSTEM", "RESOLVED")) == "too_late"
     assert proc.snapshot(T0 + 200 * S)["loops"]["refunds"]["windows"]["5m"]["resolved"] == 2
+
+
+def _eval_case(eval_case_id: str, category: str) -> tuple[str, dict[str, Any]]:
+    return "eval-cases", {
+        "eval_case_id": eval_case_id,
+        "loop": "refunds",
+        "ts": T0,
+        "suite": "CURRENT",
+        "origin": "IMPORTED",
+        "category": category,
+    }
+
+
+def test_a_deleted_eval_case_leaves_the_baseline(processor: Processor) -> None:
+    def uncovered() -> float | None:
+        window = processor.snapshot(T0 + 90 * S)["loops"]["refunds"]["windows"]["5m"]
+        return window["uncovered_ratio"]  # type: ignore[no-any-return]
+
+    # Inputs by category: late (c1), damaged (c2), late (c3).
+    processor.process(*_eval_case("ec-damaged", "damaged"))
+    assert uncovered() == 0.0
+    assert processor.delete_eval_case("ec-late") == "ok"
+    assert uncovered() == pytest.approx(2 / 3)  # both late inputs are uncovered again
+    assert processor.delete_eval_case("never-seen") == "ok"  # nothing to drop
+    assert uncovered() == pytest.approx(2 / 3)
+
+
+def test_a_tombstone_after_a_restart_still_finds_the_eval_cases_loop() -> None:
+    """Stage 1 checkpoints which loop each eval case belongs to: a tombstone carries only the
+    id, and the restarted partition must still tell that loop's stage 2 to drop the case."""
+    config = CoreConfig()
+    before = PartitionCore(config, partition=3)
+    topic, record = _eval_case("ec-1", "late")
+    before.process(topic, "ec-1", record)
+    list(before.drain())
+    after = PartitionCore.from_records(config, 3, before.changed_records())
+    assert after.delete_eval_case("ec-1") == "ok"
+    assert list(after.drain()) == [EvalCaseChange("refunds", "ec-1", None, deleted=True)]
+    assert after.changed_records()["e/ec-1"] is None  # the checkpoint forgets it too
+    after.delete_eval_case("ec-1")  # a second tombstone: nothing left to drop
+    assert list(after.drain()) == []

@@ -47,6 +47,7 @@ def _others() -> list[tuple[str, dict[str, Any]]]:
     """One or two records of every topic the workers and the review page produce."""
     return [
         ("eval-cases", f.eval_case("e1", f.at(7))),
+        ("eval-cases", f.eval_case("e2", f.at(7))),
         ("alerts", f.alert("FIRING", f.at(7, 60), f.at(7, 60))),
         ("alerts", f.alert("RESOLVED", f.at(7, 600), f.at(7, 60))),
         ("eval-candidates", f.candidate("k1", f.at(7))),
@@ -62,11 +63,13 @@ async def _publish(settings: Settings, events: list[tuple[str, dict[str, Any]]])
             await publisher.publish(topic, record)
 
 
-async def _publish_raw(settings: Settings, topic: str, value: bytes) -> None:
+async def _publish_raw(
+    settings: Settings, topic: str, value: bytes | None, key: bytes | None = None
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()
     try:
-        await producer.send_and_wait(settings.topic(topic), value)
+        await producer.send_and_wait(settings.topic(topic), value, key=key)
     finally:
         await producer.stop()
 
@@ -107,6 +110,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
     first, second = _events(4000), _events(2000, skip=4000)
     asyncio.run(_publish(settings, first + _others()))
     asyncio.run(_publish_raw(settings, "alerts", b"not avro"))
+    asyncio.run(_publish_raw(settings, "eval-cases", None, key=b"e2"))  # deletes e2
     archive = start_archive(settings)
     expected = {
         "inputs": len(_ids(first, "inputs")),
@@ -150,6 +154,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
         ("quality_floor", "RESOLVED"),
     ]
     assert _query(settings, "SELECT candidate_id, decision FROM reviews") == [("k1", "ACCEPTED")]
+    assert _query(settings, "SELECT eval_case_id FROM eval_cases") == [("e1",)]  # e2 deleted
     assert _query(settings, "SELECT source_topic, reason FROM dead_letters") == [
         (settings.topic("alerts"), "bad_header")
     ]

@@ -49,14 +49,17 @@ def test_a_partition_batch_keeps_offset_order_across_arrow_rows_and_single_recor
         codec.encode("EvalCase", eval_case("e1", at(2), expected="deny")),  # ... then newer
         b"\xc3\x01 no such writer",  # a dead letter between the runs
         codec.encode("EvalCase", eval_case("e3", at(3), expected="refund")),
+        None,  # a tombstone: e2 is deleted
     ]
-    messages = [Message("t.eval-cases", 0, 40 + i, v) for i, v in enumerate(values)]
+    messages = [
+        Message("t.eval-cases", 0, 40 + i, v, b"e2" if v is None else None)
+        for i, v in enumerate(values)
+    ]
     asyncio.run(runner._add_partition(messages))
-    assert runner.progress.consumed == 5 and runner.progress.dead_letters == 1
-    assert sink.flush() == {("t.eval-cases", 0): 45}
+    assert runner.progress.consumed == 6 and runner.progress.dead_letters == 1
+    assert sink.flush() == {("t.eval-cases", 0): 46}
     assert fetch(archive, "SELECT eval_case_id, expected FROM eval_cases ORDER BY 1") == [
         ("e1", "deny"),
-        ("e2", "refund"),
         ("e3", "refund"),
     ]
     assert fetch(archive, "SELECT event_id, reason FROM dead_letters") == [

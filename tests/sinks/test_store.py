@@ -219,3 +219,19 @@ def test_a_batch_put_back_after_a_failed_write_stays_ahead_of_newer_records(
     assert sink.flush() == {("t.ec", 0): 2, ("t.in", 3): 10}
     assert fetch(archive, "SELECT eval_case_id, expected FROM eval_cases") == [("e1", "deny")]
     assert fetch(archive, "SELECT event_id FROM inputs") == [("i1",)]
+
+
+def test_a_tombstone_deletes_the_row_in_its_place_among_the_batch(tmp_path: Path) -> None:
+    archive = make_archive(tmp_path / "a.duckdb")
+    sink = make_sink(archive)
+    sink.add_record("eval-cases", eval_case("e1", at(0)), "t.ec", 0, 0)
+    sink.add_record("eval-cases", eval_case("e2", at(0)), "t.ec", 0, 1)
+    sink.flush()
+    # In one batch: e1 deleted; e2 deleted then published again; e3 published then deleted.
+    sink.delete_record("eval-cases", "e1", "t.ec", 0, 2)
+    sink.delete_record("eval-cases", "e2", "t.ec", 0, 3)
+    sink.add_record("eval-cases", eval_case("e2", at(1), expected="deny"), "t.ec", 0, 4)
+    sink.add_record("eval-cases", eval_case("e3", at(1)), "t.ec", 0, 5)
+    sink.delete_record("eval-cases", "e3", "t.ec", 0, 6)
+    assert sink.flush() == {("t.ec", 0): 7}
+    assert fetch(archive, "SELECT eval_case_id, expected FROM eval_cases") == [("e2", "deny")]
