@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.metrics import PipelineMetrics
+from pipeline.rules import AlertRules
 from pipeline.settings import Settings
 from tests.agents.test_ingest import _publish
 from tests.conftest import WorkerProcess, free_port, wait_for
@@ -68,6 +69,75 @@ def test_every_rule_has_a_runbook_page_and_only_exported_metrics() -> None:
         for name in METRIC.findall(rule["expr"]):
             assert name in known, (rule["alert"], name)
         assert f"alertname: {rule['alert']}" in tested, f"{rule['alert']} has no promtool test"
+
+
+def _minutes(ms: int) -> str | None:
+    return None if ms == 0 else f"{ms // 60_000}m"
+
+
+def test_the_prometheus_rules_use_loopline_s_default_thresholds() -> None:
+    """deploy/prometheus/rules.yml restates the defaults of pipeline/rules.py in PromQL; this
+    fails when one side changes without the other."""
+    alerts = AlertRules.default()
+    rules = alerts.for_loop("any")
+    range_of = {"5m": "5m", "1h": "1h", "24h": "1d", "7d": "7d"}
+    quality = rules.quality_floor
+    assert quality.current == quality.historical and quality.all is None  # one floor in PromQL
+    drift_for = rules.drift.consecutive * alerts.evaluation_interval_ms
+    expected: dict[str, tuple[list[str], str | None]] = {
+        "LooplineQualityFloor": (
+            [
+                f") < {quality.current:g}",
+                f"[{range_of[quality.window]}]",
+                f">= {quality.min_samples}",
+            ],
+            _minutes(quality.for_ms),
+        ),
+        "LooplineLatencySLO": (
+            [
+                f"> {rules.latency_slo.p99_seconds:g}",
+                f"[{range_of[rules.latency_slo.window]}]",
+                f">= {rules.latency_slo.min_samples}",
+            ],
+            _minutes(rules.latency_slo.for_ms),
+        ),
+        "LooplineCostBudget": (
+            [
+                f"> {rules.cost_budget.max_usd:g}",
+                f'window="{rules.cost_budget.window}"',
+                f">= {rules.cost_budget.min_samples}",
+            ],
+            _minutes(rules.cost_budget.for_ms),
+        ),
+        "LooplineCoverageDrop": (
+            [
+                f"> {rules.coverage_drop.max_drop:g}",
+                f"[{range_of[rules.coverage_drop.window]}] offset 7d",
+                f">= {rules.coverage_drop.min_samples}",
+            ],
+            _minutes(rules.coverage_drop.for_ms),
+        ),
+        "LooplineToilRise": (
+            [f"- 1 > {rules.toil_rise.max_rise:g}", f'window="{rules.toil_rise.window}"'],
+            _minutes(rules.toil_rise.for_ms),
+        ),
+        "LooplineDrift": (["== 1"], _minutes(drift_for)),
+        "LooplineUnresolved": ([f"> {rules.unresolved.max_cases}"], _minutes(0)),
+        "LooplineDeadLetters": (
+            [
+                f"> {rules.dead_letter_rate.max_ratio:g}",
+                f"[{range_of[rules.dead_letter_rate.window]}]",
+                f">= {rules.dead_letter_rate.min_samples}",
+            ],
+            _minutes(rules.dead_letter_rate.for_ms),
+        ),
+    }
+    shipped = {rule["alert"]: rule for rule in _rules()}
+    for name, (fragments, for_) in expected.items():
+        rule = shipped[name]
+        for fragment in fragments:
+            assert fragment in rule["expr"], (name, fragment, rule["expr"])
+        assert rule.get("for") == for_, (name, rule.get("for"), for_)
 
 
 def _api(url: str, path: str, **params: str) -> Any:
