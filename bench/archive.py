@@ -89,7 +89,7 @@ def main() -> None:
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         asyncio.run(publish(settings, args.events))
         log("sink: consume, decode, batch, INSERT OR IGNORE, commit ...")
-        archive = Archive(work / "sink.duckdb", tables)
+        archive = Archive(work / "sink.duckdb", tables, settings.archive_hold_seconds)
         sink, sink_seconds = asyncio.run(run_sink(settings, archive, args.events))
         rows = sum(sink.written.values())
         log(f"sink: {rows:,} rows in {sink_seconds:,.1f} s")

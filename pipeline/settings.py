@@ -30,6 +30,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -94,6 +101,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "archive_path": _path,
     "archive_batch_rows": _positive_int,
     "archive_batch_seconds": _positive_float,
+    "archive_hold_seconds": _non_negative_float,
     "rules": _path,
     "review_port": _port,
     "review_claim_seconds": _positive_float,
@@ -128,6 +136,9 @@ class Settings:
     archive_path: Path | None = None  # the DuckDB archive; default <data_dir>/archive.duckdb
     archive_batch_rows: int = 50_000
     archive_batch_seconds: float = 5.0
+    # While batches follow each other (a backlog), the sink keeps the archive open for up to
+    # this long instead of closing it (and checkpointing) after every batch; 0 = close always
+    archive_hold_seconds: float = 10.0
     rules: Path | None = None  # alert rules and drift settings (TOML); None = the defaults
     review_port: int = 6070
     review_claim_seconds: float = 600.0

@@ -191,6 +191,15 @@ class BatchingSink(ABC):
             self.restore(batch)
             raise
 
+    def idle(self) -> None:
+        """Nothing is due and nothing is being written: a sink may release what it holds
+        between writes once it has been idle a while (the archive's open file)."""
+        return None
+
+    def close(self) -> None:
+        """The runner stops: release everything held between writes."""
+        return None
+
     @abstractmethod
     def write(self, batch: Mapping[str, Segments]) -> None:
         """Store every row of ``batch`` (table -> its segments) in one atomic, idempotent

@@ -66,6 +66,10 @@ class RecordSink(Protocol):
 
     def due(self) -> bool: ...
 
+    def idle(self) -> None: ...
+
+    def close(self) -> None: ...
+
     def take(self) -> Batch | None: ...
 
     def restore(self, batch: Batch) -> None: ...
@@ -147,11 +151,15 @@ class SinkRunner:
                         await self._add_partition(messages)
                     await self._write_when_due()
                 await self._write_when_due()
+                if self._writing is None and not self.sink.due():
+                    await asyncio.to_thread(self.sink.idle)
                 if time.monotonic() - last_report >= self.report_every:
                     last_report = time.monotonic()
                     self.report(self._describe())
             await self._drain(stop_timeout=30.0)
         finally:
+            if self._writing is None:
+                await asyncio.to_thread(self.sink.close)
             await self._consumer.stop()
             await self._producer.stop()
         return self.progress

@@ -43,7 +43,11 @@ def open_archive(settings: Settings) -> Any:
     from sinks.archive.store import Archive
     from sinks.archive.tables import build_tables
 
-    return Archive(settings.archive_file, build_tables(Codec.load(), settings.hourly_rates))
+    return Archive(
+        settings.archive_file,
+        build_tables(Codec.load(), settings.hourly_rates),
+        settings.archive_hold_seconds,
+    )
 
 
 def _fail(exc: Exception) -> click.ClickException:

@@ -44,6 +44,14 @@ class ArchiveSink(BatchingSink):
             raise ValueError(f"{table.name}: rows are not deleted by one key")
         self.delete(table.name, key, source, partition, offset)
 
+    def idle(self) -> None:
+        # Batches that follow each other keep the file open (a backlog); a second without a
+        # write closes it, so readers can open the file between the writes of live traffic.
+        self.archive.release(idle_for=1.0)
+
+    def close(self) -> None:
+        self.archive.release()
+
     def columnar(self, topic: str) -> bool:
         return self.tables[topic].columnar
 

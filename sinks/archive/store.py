@@ -30,6 +30,10 @@ from sinks.base import Deletion, Segments, SinkBackpressure
 log = logging.getLogger(__name__)
 
 
+#: After holding the file for ``hold_seconds``, the writer leaves it closed this long.
+READER_GAP_SECONDS = 0.5
+
+
 class ArchiveError(RuntimeError):
     """The archive cannot be used (not a DuckDB file, a query failed, ...)."""
 
@@ -64,12 +68,17 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
 class Archive:
     """One DuckDB archive file and the tables it holds."""
 
-    def __init__(self, path: Path, tables: Mapping[str, Table]) -> None:
-        """``tables`` by contract topic, as sinks.archive.tables.build_tables gives them."""
+    def __init__(self, path: Path, tables: Mapping[str, Table], hold_seconds: float = 0.0) -> None:
+        """``tables`` by contract topic, as sinks.archive.tables.build_tables gives them.
+        ``hold_seconds``: how long ``write`` may keep the file open for the next write."""
         self.path = Path(path)
         self.by_topic = dict(tables)
         self.tables = {t.name: t for t in tables.values()}
+        self.hold_seconds = hold_seconds
         self._schema_ready = False
+        self._held: duckdb.DuckDBPyConnection | None = None
+        self._held_since = 0.0
+        self._last_write = 0.0
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only and not self.path.exists():
@@ -122,6 +131,41 @@ class Archive:
                     con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {column.sql}')
         con.execute(views_sql())
 
+    @contextmanager
+    def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for one write. With ``hold_seconds``, it stays open for the writes
+        that follow within that time (closing checkpoints the file, which cost as much as the
+        inserts when batches follow each other); ``release`` closes it when the writer is
+        idle, so that readers get their turn."""
+        if self._held is not None and time.monotonic() - self._held_since >= self.hold_seconds:
+            self.release()
+            time.sleep(READER_GAP_SECONDS)  # a reader waiting for the file gets its turn
+        if self._held is None:
+            self._held = self._open(read_only=False)
+            self._held_since = time.monotonic()
+        try:
+            yield self._held
+        except (duckdb.Error, OSError) as exc:
+            self.release()
+            raise _classify(self.path, exc) from exc
+        except BaseException:
+            self.release()
+            raise
+        self._last_write = time.monotonic()
+        if not self.hold_seconds:
+            self.release()
+
+    def release(self, idle_for: float = 0.0) -> None:
+        """Close the writer's connection (this checkpoints the file), if one is held and no
+        write ended within the last ``idle_for`` seconds."""
+        if self._held is None or time.monotonic() - self._last_write < idle_for:
+            return
+        con, self._held = self._held, None
+        try:
+            con.close()
+        except duckdb.Error as exc:  # the checkpoint at close can hit a full disk too
+            log.warning("closing archive %s: %s", self.path, exc)
+
     def initialise(self) -> None:
         with self.connect() as con:
             self.ensure_schema(con)
@@ -133,7 +177,7 @@ class Archive:
         version). Returns the rows new per table."""
         steps = {name: self._steps(self.tables[name], segments) for name, segments in batch.items()}
         added: dict[str, int] = {}
-        with self.connect() as con:
+        with self._writer() as con:
             if not self._schema_ready:
                 self.ensure_schema(con)
                 self._schema_ready = True

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,44 @@ def test_a_tombstone_deletes_the_row_in_its_place_among_the_batch(tmp_path: Path
     sink.delete_record("eval-cases", "e3", "t.ec", 0, 6)
     assert sink.flush() == {("t.ec", 0): 7}
     assert fetch(archive, "SELECT eval_case_id, expected FROM eval_cases") == [("e2", "deny")]
+
+
+TRY_TO_READ = textwrap.dedent(
+    """
+    import duckdb, sys
+    try:
+        duckdb.connect(sys.argv[1], read_only=True).close()
+        print("opened")
+    except duckdb.Error:
+        print("locked")
+    """
+)
+
+
+def _reader_sees(path: Path) -> str:
+    """What a reader in another process gets when it opens the archive now."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRY_TO_READ, str(path)], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_batches_that_follow_each_other_keep_the_file_open_until_the_sink_is_idle(
+    tmp_path: Path,
+) -> None:
+    """Closing the file checkpoints it, which costs as much as the inserts, so a backlog is
+    written through one open file; a second without a write closes it for the readers."""
+    path = tmp_path / "a.duckdb"
+    archive = Archive(path, build_tables(Codec.load()), hold_seconds=60)
+    sink = make_sink(archive)
+    sink.add_record("inputs", input_event("i1", "c1", at(0)), "t.inputs", 0, 0)
+    sink.flush()
+    assert _reader_sees(path) == "locked"
+    sink.add_record("inputs", input_event("i2", "c2", at(0)), "t.inputs", 0, 1)
+    sink.flush()
+    sink.idle()  # the last write ended less than a second ago
+    assert _reader_sees(path) == "locked"
+    time.sleep(1.1)
+    sink.idle()
+    assert _reader_sees(path) == "opened"
+    assert fetch(archive, "SELECT event_id FROM inputs ORDER BY 1") == [("i1",), ("i2",)]
