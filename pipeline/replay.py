@@ -26,6 +26,14 @@ class ReplayReport:
     rejected: list[str] = field(default_factory=list)  # "file:line: reason"
 
 
+@dataclass(frozen=True)
+class Tombstone:
+    """A line ``{"topic": "eval-cases", "key": ID, "record": null}``: the eval case is deleted,
+    as a tombstone on the compacted topic deletes it for the workers."""
+
+    key: str
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
     with path.open() as lines:
         for number, line in enumerate(lines, 1):
@@ -39,6 +47,12 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
                 continue
             if not isinstance(item, dict) or "topic" not in item or "record" not in item:
                 yield "", None, f'{where}: expected {{"topic": ..., "record": {{...}}}}'
+                continue
+            if item["record"] is None:
+                if isinstance(item.get("key"), str):
+                    yield str(item["topic"]), Tombstone(item["key"]), where
+                else:
+                    yield "", None, f'{where}: a null record (a deletion) needs a "key"'
                 continue
             yield str(item["topic"]), item["record"], where
 
@@ -87,6 +101,12 @@ def replay(
                 rejected(
                     f"{where}: unknown topic {topic!r}; one of {', '.join(REPLAYABLE)}", record
                 )
+                continue
+            if isinstance(record, Tombstone):
+                if topic != "eval-cases":
+                    rejected(f"{where}: a null record (a deletion) is for eval-cases only")
+                    continue
+                report.statuses[processor.delete_eval_case(record.key)] += 1
                 continue
             try:
                 normalised = {**record, "ts": to_ms(record.get("ts"))}

@@ -322,3 +322,49 @@ def test_replay_cli_uses_the_workers_configuration(tmp_path: Path) -> None:
     window = json.loads(result.stdout)["loops"]["alpha"]["windows"]["5m"]
     # 0.5 USD of model cost + 12 min at 40 USD/h (8 USD), one resolution.
     assert window["cost_per_resolution_usd"] == pytest.approx(8.5)
+
+
+def test_replay_deletes_an_eval_case_on_a_null_record_with_its_key(tmp_path: Path) -> None:
+    """The replay form of a tombstone, so replay and the workers agree on a deleted case."""
+
+    def case(eval_case_id: str, category: str) -> dict[str, Any]:
+        return {
+            "eval_case_id": eval_case_id,
+            "loop": "alpha",
+            "ts": 0,
+            "suite": "CURRENT",
+            "origin": "IMPORTED",
+            "category": category,
+        }
+
+    def event(case_id: str, category: str) -> dict[str, Any]:
+        return {
+            "event_id": case_id,
+            "case_id": case_id,
+            "loop": "alpha",
+            "ts": 1000,
+            "source": "t",
+            "category": category,
+        }
+
+    lines = [
+        {"topic": "eval-cases", "record": case("ec-a", "a")},
+        {"topic": "eval-cases", "record": case("ec-b", "b")},
+        {"topic": "inputs", "record": event("c1", "a")},
+        {"topic": "inputs", "record": event("c2", "b")},
+        {"topic": "eval-cases", "key": "ec-b", "record": None},
+        {"topic": "inputs", "key": "c1", "record": None},  # deletions are for eval-cases only
+        {"topic": "eval-cases", "record": None},  # a deletion without its key
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    processor = Processor()
+    report = replay([path], processor)
+    assert report.statuses == {"ok": 5}
+    assert [m.split(": ", 1)[1] for m in report.rejected] == [
+        "a null record (a deletion) is for eval-cases only",
+        'a null record (a deletion) needs a "key"',
+    ]
+    # Categories a (covered by ec-a) and b (its case deleted): 1 of 2 inputs uncovered.
+    window = processor.snapshot(1000)["loops"]["alpha"]["windows"]["5m"]
+    assert window["uncovered_ratio"] == 0.5
