@@ -338,6 +338,39 @@ def replay_cmd(
     )
 
 
+@main.group("rules")
+def rules_group() -> None:
+    """loopline's alert rules (LOOPLINE_RULES) for other tools."""
+
+
+@rules_group.command("prometheus")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write here (e.g. deploy/prometheus/rules.yml); default: stdout.",
+)
+@click.pass_context
+def rules_prometheus(ctx: click.Context, output: Path | None) -> None:
+    """Write Prometheus alerting rules with the thresholds of LOOPLINE_RULES.
+
+    Loops with their own [loops.<loop>] values get alerts of their own; run it again after
+    changing the rules file, so Prometheus and the workers alert on the same numbers.
+    """
+    from pipeline.promrules import render
+
+    settings = _settings(ctx)
+    text = render(
+        _core_config(settings).rules,
+        f"LOOPLINE_RULES={settings.rules}" if settings.rules else "loopline's default rules",
+    )
+    with click.open_file(str(output or "-"), "w") as out:
+        out.write(text)
+    if output is not None:
+        _err(f"rules prometheus: wrote {output}")
+
+
 @main.group("evalset")
 def evalset() -> None:
     """The eval set on loopline.eval-cases (the drift baseline): import, export, delete, age."""

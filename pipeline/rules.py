@@ -225,6 +225,16 @@ class AlertRules:
     def for_loop(self, loop: str) -> LoopRules:
         return self._per_loop.get(loop, self._default)
 
+    @property
+    def default_rules(self) -> LoopRules:
+        """The rules of every loop without a [loops.<loop>] section."""
+        return self._default
+
+    @property
+    def loop_rules(self) -> Mapping[str, LoopRules]:
+        """The rules of the loops with a [loops.<loop>] section (defaults merged in)."""
+        return dict(self._per_loop)
+
     def runbook(self, rule: str, configured: str | None) -> str:
         return configured or f"{self.runbook_base_url}/{rule}.md"
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from pipeline.metrics import PipelineMetrics
+from pipeline.promrules import render
 from pipeline.rules import AlertRules
 from pipeline.settings import Settings
 from tests.agents.test_ingest import _publish
@@ -138,6 +141,71 @@ def test_the_prometheus_rules_use_loopline_s_default_thresholds() -> None:
         for fragment in fragments:
             assert fragment in rule["expr"], (name, fragment, rule["expr"])
         assert rule.get("for") == for_, (name, rule.get("for"), for_)
+
+
+def test_the_shipped_rules_are_the_rendering_of_the_default_rules() -> None:
+    shipped = (PROMETHEUS / "rules.yml").read_text()
+    assert shipped == render(AlertRules.default()), (
+        "regenerate: loopline rules prometheus -o deploy/prometheus/rules.yml"
+    )
+
+
+OVERRIDES = """
+[defaults.quality_floor]
+historical = 0.7
+[loops.refunds.cost_budget]
+max_usd = 2.5
+[loops.billing.cost_budget]
+max_usd = 2.5
+[loops.billing.drift]
+enabled = false
+"""
+
+
+def test_loops_with_their_own_values_get_alerts_of_their_own(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(OVERRIDES)
+    env = {**os.environ, "LOOPLINE_RULES": str(path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "rules", "prometheus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert done.stdout == render(AlertRules.load(path), f"LOOPLINE_RULES={path}")
+    rendered = tmp_path / "rules.yml"
+    rendered.write_text(done.stdout)
+    assert PROMTOOL, "Debian's prometheus package (promtool) is needed; make test installs it"
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rendered)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    groups = yaml.safe_load(done.stdout)["groups"]
+    alerts: dict[str, list[dict[str, Any]]] = {}
+    for rule in groups[0]["rules"]:
+        alerts.setdefault(rule["alert"], []).append(rule)
+    cost = alerts["LooplineCostBudget"]
+    gauge = "max by (loop) (loopline_cost_per_resolution_usd"
+    assert [c["expr"].split("\n")[0] for c in cost] == [
+        f'{gauge}{{window="1h",loop!~"billing|refunds"}}) > 1',
+        f'{gauge}{{window="1h",loop=~"billing|refunds"}}) > 2.5',
+    ]
+    assert [c["labels"] for c in cost] == [
+        {"severity": "warning"},
+        {"severity": "warning", "rule_scope": "billing|refunds"},
+    ]
+    quality = alerts["LooplineQualityFloor"]
+    assert [(q["labels"]["suite"], q["expr"].split("\n")[3]) for q in quality] == [
+        ("current", ") < 0.8"),
+        ("historical", ") < 0.7"),
+    ]
+    assert 'suite="historical"' in quality[1]["expr"]
+    # billing's drift alert is off: only the defaults' one, which leaves billing out.
+    assert [d["expr"] for d in alerts["LooplineDrift"]] == [
+        'max by (loop) (loopline_drift_detected{loop!~"billing"}) == 1'
+    ]
 
 
 def _api(url: str, path: str, **params: str) -> Any:
