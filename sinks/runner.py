@@ -258,10 +258,14 @@ class SinkRunner:
         if self.sink.due() and time.monotonic() >= self._retry_at:
             if not await self._settle_or_pause():
                 return
-            batch = self.sink.take()
-            if batch is not None:
-                write = asyncio.create_task(asyncio.to_thread(self.sink.write_batch, batch))
-                self._writing = (batch, write)
+            self._start_write()
+
+    def _start_write(self) -> None:
+        """Step 2: take the pending batch out of the sink and write it in a thread."""
+        batch = self.sink.take()
+        if batch is not None:
+            write = asyncio.create_task(asyncio.to_thread(self.sink.write_batch, batch))
+            self._writing = (batch, write)
 
     async def _settle_or_pause(self) -> bool:
         """Settle the batch in flight; when the destination pushed back, keep it, pause the
@@ -329,13 +333,7 @@ class SinkRunner:
         """Steps 2 and 3 for everything read so far, waiting for them (rebalance, shutdown).
         Raises SinkBackpressure with the rows kept."""
         await self._settle()
-        batch = self.sink.take()
-        if batch is None:
-            return
-        self._writing = (
-            batch,
-            asyncio.create_task(asyncio.to_thread(self.sink.write_batch, batch)),
-        )
+        self._start_write()
         await self._settle()
 
     async def _drain(self, stop_timeout: float) -> None:
