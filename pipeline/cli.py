@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -338,19 +339,24 @@ def replay_cmd(
     )
 
 
+def _output_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--output/-o FILE``: where a command writes (default: stdout)."""
+    return click.option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
+    )
+
+
 @main.group("rules")
 def rules_group() -> None:
     """loopline's alert rules (LOOPLINE_RULES) for other tools."""
 
 
 @rules_group.command("prometheus")
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write here (e.g. deploy/prometheus/rules.yml); default: stdout.",
-)
+@_output_option("Write here (e.g. deploy/prometheus/rules.yml); default: stdout.")
 @click.pass_context
 def rules_prometheus(ctx: click.Context, output: Path | None) -> None:
     """Write Prometheus alerting rules with the thresholds of LOOPLINE_RULES.
@@ -404,13 +410,7 @@ def evalset_import(ctx: click.Context, file: Path) -> None:
 
 
 @evalset.command("export")
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write here (.parquet for Parquet, else JSON Lines); default: stdout.",
-)
+@_output_option("Write here (.parquet for Parquet, else JSON Lines); default: stdout.")
 @click.pass_context
 def evalset_export(ctx: click.Context, output: Path | None) -> None:
     """Write the current eval set (the latest record of every eval_case_id) out."""
