@@ -32,6 +32,7 @@ from typing import Any
 import fastavro
 import pyarrow as pa
 from polars_avro._avro_rs import AvroSource  # pinned minor version: see pyproject.toml
+from polars_avro._source import seekable_factory
 
 from pipeline.codec import HEADER_SIZE, MAGIC, Codec, CodecError
 
@@ -166,7 +167,7 @@ def _read(framing: _Framing, bodies: list[bytes]) -> pa.Table | None:
     """The bodies as an Arrow table, or None unless every record decodes exactly."""
     expected_rows = len(bodies) + 1
     try:
-        source = AvroSource([_Source(framing.container(bodies))], False, False)
+        source = AvroSource([seekable_factory(io.BytesIO(framing.container(bodies)))], False, False)
         parts = source.batch_iter(expected_rows, None)
         chunk = pa.record_batch(next(parts))
     except Exception:  # arrow-avro's parse errors; the per-record path names the bad record
@@ -180,20 +181,3 @@ def _read(framing: _Framing, bodies: list[bytes]) -> pa.Table | None:
         if first is None or not body.startswith(_string(first)):
             return None
     return pa.Table.from_batches([chunk.slice(0, len(bodies))])
-
-
-class _Source:
-    """What polars-avro's AvroSource asks for: a factory of context managers over a file."""
-
-    def __init__(self, data: bytes) -> None:
-        self.file = io.BytesIO(data)
-
-    def __call__(self) -> _Source:
-        return self
-
-    def __enter__(self) -> io.BytesIO:
-        self.file.seek(0)
-        return self.file
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -91,16 +91,13 @@ class BatchingSink(ABC):
         self, table: str, row: Mapping[str, Any], topic: str, partition: int, offset: int
     ) -> None:
         """Buffer one row that came from ``topic[partition]@offset``."""
-        if not self._count:
-            self._opened = time.monotonic()
         segments = self._segments[table]
         run = segments[-1] if segments else None
         if not isinstance(run, list):
             run = []
             segments.append(run)
         run.append(row)
-        self._positions[(topic, partition)] = offset + 1
-        self._count += 1
+        self._buffered(topic, partition, offset, 1)
 
     def add_arrow(
         self, table: str, rows: pa.Table, topic: str, partition: int, last_offset: int
@@ -108,25 +105,26 @@ class BatchingSink(ABC):
         """Buffer the rows of many records of ``topic[partition]``, read up to ``last_offset``."""
         if not rows.num_rows:
             return
-        if not self._count:
-            self._opened = time.monotonic()
         self._segments[table].append(rows)
-        self._positions[(topic, partition)] = last_offset + 1
-        self._count += rows.num_rows
+        self._buffered(topic, partition, last_offset, rows.num_rows)
 
     def delete(self, table: str, key: str, topic: str, partition: int, offset: int) -> None:
         """Buffer the deletion of ``table``'s record with this key (a tombstone read at
         ``topic[partition]@offset``), after the rows that came before it."""
-        if not self._count:
-            self._opened = time.monotonic()
         segments = self._segments[table]
         last = segments[-1] if segments else None
         if not isinstance(last, Deletion):
             last = Deletion([])
             segments.append(last)
         last.keys.append(key)
-        self._positions[(topic, partition)] = offset + 1
-        self._count += 1
+        self._buffered(topic, partition, offset, 1)
+
+    def _buffered(self, topic: str, partition: int, last_offset: int, count: int) -> None:
+        """Book ``count`` buffered items read up to ``topic[partition]@last_offset``."""
+        if not self._count:
+            self._opened = time.monotonic()
+        self._positions[(topic, partition)] = last_offset + 1
+        self._count += count
 
     def advance(self, topic: str, partition: int, offset: int) -> None:
         """Mark a source record as handled without a row (it will be committed with the batch)."""
