@@ -88,12 +88,6 @@ class Aggregate:
             int(data.get("dl", 0)),
         )
 
-    def add_cost(self, usd: float) -> None:
-        self.cost_nano_usd += round(usd * 1e9)
-
-    def add_human_minutes(self, minutes: float) -> None:
-        self.human_micro_minutes += round(minutes * 1e6)
-
     @property
     def cost_usd(self) -> float:
         return self.cost_nano_usd / 1e9

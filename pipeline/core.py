@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pipeline.codec import CodecError
 from pipeline.rules import AlertRules
 from pipeline.windows import HOUR
 
@@ -49,6 +51,23 @@ def verdicts_of(topic: str, record: Mapping[str, Any]) -> list[tuple[str, bool]]
     if topic == "resolutions" and record.get("eval_passed") is not None:
         return [("CURRENT", bool(record["eval_passed"]))]
     return []
+
+
+def resolution_amounts(record: Mapping[str, Any]) -> tuple[int, int]:
+    """A resolution's cost (model + other) in nano-USD and its human time in micro-minutes,
+    as the aggregates sum them; a missing amount is zero. A non-finite amount makes the record
+    invalid: callers check it before changing any state, so the record is dead-lettered and
+    counted nowhere else."""
+    cost = _scaled(record, "model_cost_usd", 1e9) + _scaled(record, "other_cost_usd", 1e9)
+    return cost, _scaled(record, "human_minutes", 1e6)
+
+
+def _scaled(record: Mapping[str, Any], name: str, scale: float) -> int:
+    value = record.get(name)
+    scaled = float(value or 0.0) * scale
+    if not math.isfinite(scaled):
+        raise CodecError("invalid", f"Resolution.{name}: {value!r} is not a finite amount", name)
+    return round(scaled)
 
 
 def to_ms(value: Any) -> int:

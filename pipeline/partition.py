@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.aggregates import Aggregate
 from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
-from pipeline.core import CoreConfig, to_ms, verdicts_of
+from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
 from pipeline.features import FeatureValues, feature_values, values_from_json, values_to_json
 from pipeline.windows import align_up
 
@@ -172,7 +172,8 @@ class PartitionCore:
     # -- input ------------------------------------------------------------------------------
 
     def process(self, topic: str, key: str, record: Mapping[str, Any]) -> str:
-        """Apply one record of a source topic; returns ok, duplicate or too_late."""
+        """Apply one record of a source topic; returns ok, duplicate or too_late. A record
+        that cannot be counted (a non-finite amount) raises CodecError before any change."""
         ts = to_ms(record["ts"])
         loop = self.config.loop_label(str(record["loop"]))
         if topic == "eval-cases":
@@ -184,6 +185,7 @@ class PartitionCore:
                 self.eval_case_loops[eval_case_id] = loop
                 self._changed_eval_cases.add(eval_case_id)
             return "ok"
+        amounts = resolution_amounts(record) if topic == "resolutions" else (0, 0)
         if ts <= self.watermark_ms - self.config.allowed_lateness_ms:
             return "too_late"
         case = self.cases.get(key)
@@ -207,14 +209,13 @@ class PartitionCore:
             self._input(loop, key, case, ts)
         elif topic == "resolutions":
             bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
-            bucket.add_cost(float(record.get("model_cost_usd") or 0.0))
-            bucket.add_cost(float(record.get("other_cost_usd") or 0.0))
-            bucket.add_human_minutes(float(record.get("human_minutes") or 0.0))
+            bucket.cost_nano_usd += amounts[0]
+            bucket.human_micro_minutes += amounts[1]
             self._resolution(loop, key, case, ts)
         elif topic != "eval-results":
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
         bucket.verdicts.update(verdicts_of(topic, record))
-        self._remember(topic, key, case, record, ts)
+        self._remember(topic, key, case, record, ts, amounts[0])
         if ts > self.watermark_ms:
             self.watermark_ms = ts
             self._watermark_changed = True
@@ -234,7 +235,7 @@ class PartitionCore:
     # -- eval candidates --------------------------------------------------------------------
 
     def _remember(
-        self, topic: str, key: str, case: Case, record: Mapping[str, Any], ts: int
+        self, topic: str, key: str, case: Case, record: Mapping[str, Any], ts: int, cost: int
     ) -> None:
         """Keep what a candidate shows of the case, and propose the case to stage 2 when it
         is resolved, has its input, and may be a candidate (pipeline.candidates)."""
@@ -246,16 +247,13 @@ class PartitionCore:
                 fields["text"] = str(fields["text"])[:TEXT_LIMIT]
             case.inp = json.dumps(fields, separators=(",", ":"))
         elif topic == "resolutions":
-            cost = float(record.get("model_cost_usd") or 0.0) + float(
-                record.get("other_cost_usd") or 0.0
-            )
             output = record.get("output")
             resolution = {
                 "resolver": str(record["resolver"]),
                 "outcome": str(record["outcome"]),
                 "release": record.get("release"),
                 "confidence": record.get("confidence"),
-                "cost_usd": round(cost, 9),
+                "cost_usd": cost / 1e9,
                 "output": None if output is None else str(output)[:TEXT_LIMIT],
                 "ts": ts,
             }

@@ -12,7 +12,7 @@ from typing import Any
 import fastavro
 
 from pipeline.codec import Codec, CodecError
-from pipeline.core import to_ms
+from pipeline.core import resolution_amounts, to_ms
 from pipeline.processor import Processor
 from pipeline.topics import RECORD_OF
 
@@ -111,6 +111,8 @@ def replay(
             try:
                 normalised = {**record, "ts": to_ms(record.get("ts"))}
                 codec.validate(RECORD_OF[topic], normalised)
+                if topic == "resolutions":
+                    resolution_amounts(normalised)  # non-finite amounts are invalid
             except (CodecError, ValueError, TypeError, AttributeError) as exc:
                 rejected(f"{where}: {exc}", record)
                 continue

@@ -97,14 +97,26 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
     not_avro = b'{"event_id": "x"}'
     good = Codec.load().encode("ResolutionEvent", next(r for t, r in before if t == "resolutions"))
     truncated = good[:14]
+    # Valid Avro, but an amount that cannot be summed: invalid, and counted nowhere else.
+    template = next(r for t, r in before if t == "resolutions")
+    not_finite = Codec.load().encode(
+        "ResolutionEvent", {**template, "event_id": "nan-cost", "model_cost_usd": float("nan")}
+    )
     bad_offset = asyncio.run(_send_raw(settings, "inputs", b"case-x", not_avro))
     cut_offset = asyncio.run(_send_raw(settings, "resolutions", b"case-y", truncated))
+    asyncio.run(_send_raw(settings, "resolutions", b"case-z", not_finite))
     expected = asyncio.run(_publish(settings, after)) + Counter(t for t, _ in before)
 
     _wait_counts(worker, expected)
-    wait_for(lambda: worker.metric("loopline_dead_letters_total") >= 2, 60, "2 dead letters")
+    wait_for(lambda: worker.metric("loopline_dead_letters_total") >= 3, 60, "3 dead letters")
     assert worker.processed("inputs", "dead_letter") == 1
-    assert worker.processed("resolutions", "dead_letter") == 1
+    assert worker.processed("resolutions", "dead_letter") == 2
+    assert (
+        worker.metric(
+            "loopline_dead_letters_total", topic=settings.topic("resolutions"), reason="invalid"
+        )
+        == 1
+    )
     assert (
         worker.metric(
             "loopline_dead_letters_total", topic=settings.topic("inputs"), reason="bad_header"
@@ -118,7 +130,10 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
         == 1
     )
 
-    letters = {d["source_topic"]: d for _, d in asyncio.run(consume(settings, "dlq", 2))}
+    dead = [d for _, d in asyncio.run(consume(settings, "dlq", 3))]
+    (nan,) = [d for d in dead if d["reason"] == "invalid"]
+    assert nan["error"] == "Resolution.model_cost_usd: nan is not a finite amount"
+    letters = {d["source_topic"]: d for d in dead if d["reason"] != "invalid"}
     header = letters[settings.topic("inputs")]
     assert (header["source_partition"], header["source_offset"]) == (0, bad_offset)
     assert header["event_id"] == f"{settings.topic('inputs')}:0:{bad_offset}"

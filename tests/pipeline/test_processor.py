@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.codec import CodecError
 from pipeline.core import CoreConfig
 from pipeline.partition import EvalCaseChange, PartitionCore
 from pipeline.processor import Processor
@@ -256,3 +257,20 @@ def test_a_tombstone_after_a_restart_still_finds_the_eval_cases_loop() -> None:
     assert after.changed_records()["e/ec-1"] is None  # the checkpoint forgets it too
     after.delete_eval_case("ec-1")  # a second tombstone: nothing left to drop
     assert list(after.drain()) == []
+
+
+def test_a_non_finite_amount_is_refused_before_anything_is_counted() -> None:
+    proc = Processor()
+    topic, record = _resolution("r1", "c1", 10, "SYSTEM", "RESOLVED", cost=float("nan"))
+    with pytest.raises(CodecError, match="model_cost_usd: nan is not a finite amount") as raised:
+        proc.process(topic, record)
+    assert raised.value.reason == "invalid"
+    topic, record = _resolution("r2", "c2", 10, "HUMAN", "RESOLVED", human=float("inf"))
+    with pytest.raises(CodecError, match="human_minutes: inf is not a finite amount"):
+        proc.process(topic, record)
+    assert proc.snapshot(T0 + 20 * S)["loops"] == {}  # nothing counted, no loop created
+    # The corrected record, with the same event id, is not a duplicate: it counts.
+    fixed = _resolution("r1", "c1", 10, "SYSTEM", "RESOLVED", cost=0.25, other=0.5)
+    assert proc.process(*fixed) == "ok"
+    window = proc.snapshot(T0 + 20 * S)["loops"]["refunds"]["windows"]["5m"]
+    assert (window["resolved"], window["cost_per_resolution_usd"]) == (1, 0.75)

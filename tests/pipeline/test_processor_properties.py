@@ -239,8 +239,8 @@ def test_aggregate_json_round_trip() -> None:
     agg = Aggregate()
     agg.resolutions[("HYBRID", "FAILED")] += 2
     agg.verdicts[("HISTORICAL", False)] += 1
-    agg.add_cost(1.25)
-    agg.add_human_minutes(3.0)
+    agg.cost_nano_usd += 1_250_000_000
+    agg.human_micro_minutes += 3_000_000
     agg.latency.add(4.2)
     agg.inputs["x"] += 5
     assert Aggregate.from_json(json.loads(json.dumps(agg.to_json()))) == agg
@@ -273,12 +273,20 @@ def test_replay_cli_prints_the_processor_snapshot(tmp_path: Path) -> None:
     lines.insert(1, "{not json")
     lines.append(json.dumps({"topic": "outputs", "record": {}}))
     lines.append(json.dumps({"topic": "inputs", "record": {**events[0][1], "ts": "soon"}}))
+    nan_cost = {**events[1][1], "event_id": "nan", "model_cost_usd": float("nan")}
+    lines.append(json.dumps({"topic": events[1][0], "record": nan_cost}))  # NaN is read back
     path.write_text("\n".join(lines) + "\n")
     processor = Processor()
     report = replay([path], processor)
     assert report.statuses == {"ok": 2}
-    assert [m.split(": ")[0] for m in report.rejected] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    assert [m.split(": ")[0] for m in report.rejected] == [
+        f"{path}:2",
+        f"{path}:4",
+        f"{path}:5",
+        f"{path}:6",
+    ]
     assert "unknown topic 'outputs'" in report.rejected[1]
+    assert report.rejected[3].endswith("Resolution.model_cost_usd: nan is not a finite amount")
     window = processor.snapshot()["loops"]["alpha"]["windows"]["5m"]
     assert window["resolved"] == 1 and window["coverage"] == 1.0
 
