@@ -5,6 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+#: A dead letter must fit in one Kafka message (1 MiB by default) although it carries a whole
+#: source message, which may itself be close to that size: beyond these sizes the original
+#: bytes are left on the source topic (the dead letter says where) and the error is cut short.
+VALUE_LIMIT_BYTES = 1_000_000
+ERROR_LIMIT_CHARS = 4_000
+
 
 def dead_letter(
     *,
@@ -18,6 +24,14 @@ def dead_letter(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The DeadLetter record; its event_id is the source position, so a redelivery is one row."""
+    if len(error) > ERROR_LIMIT_CHARS:
+        error = f"{error[:ERROR_LIMIT_CHARS]}... ({len(error):,} characters in all)"
+    if value is not None and len(value) + len(key or b"") > VALUE_LIMIT_BYTES:
+        error += (
+            f" [the original {len(value):,} bytes are too large to copy here; they are at "
+            f"{topic}[{partition}]@{offset}]"
+        )
+        value = None
     return {
         "event_id": f"{topic}:{partition}:{offset}",
         "source_topic": topic,
