@@ -9,7 +9,6 @@ state restores to the last marker and the events after it are applied again, exa
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from agents.state import CheckpointedPartitions, batches_by_partition, state_tab
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
+from pipeline.fastjson import dumps
 from pipeline.metrics import PipelineMetrics
 from pipeline.partition import PartitionCore
 from pipeline.processor import partition_key
@@ -137,7 +137,7 @@ def register(
                     if not checkpoint.applied(message.topic, message.offset):
                         await apply(core, message, tally)
                 for change in core.drain():
-                    value = json.dumps(change.to_json(), separators=(",", ":")).encode()
+                    value = dumps(change.to_json())
                     await send(partials_topic, change.loop.encode(), value, None, None, None)
                 await states.commit(partition, core.changed_records(), offsets)
             tally.publish()

@@ -18,6 +18,7 @@ import faust
 from agents.ingest import DeadLetters
 from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec
+from pipeline.fastjson import loads
 from pipeline.loopview import LoopView, iso, partial_from_json
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import Settings
@@ -53,7 +54,7 @@ def register(
                     if checkpoint.applied(message.topic, message.offset):
                         continue
                     try:
-                        view.apply(partial_from_json(json.loads(message.value)))
+                        view.apply(partial_from_json(loads(message.value)))
                     except Exception as exc:  # never stop merging over one bad partial
                         log.exception("bad partial")
                         reason = "processing_error"

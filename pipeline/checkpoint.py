@@ -24,7 +24,22 @@ import json
 from collections.abc import Mapping, MutableMapping
 from typing import Any, NamedTuple
 
+import msgspec
+
+from pipeline.fastjson import dumps, loads
+
 MARKER = "~checkpoint"
+
+
+class _WireEnvelope(msgspec.Struct):
+    """An envelope as written, with its values left as the JSON bytes they are."""
+
+    g: int
+    v: msgspec.Raw
+    p: msgspec.Raw
+
+
+_decode_envelope = msgspec.json.Decoder(_WireEnvelope).decode
 
 
 class Envelope(NamedTuple):
@@ -41,12 +56,25 @@ class Envelope(NamedTuple):
 
     @classmethod
     def decode(cls, raw: bytes) -> Envelope:
-        data = json.loads(raw)
-        return cls(int(data["g"]), _dumps(data["v"]), _dumps(data["p"]))
+        try:
+            wire = _decode_envelope(raw)
+        except msgspec.DecodeError:  # NaN, written with the standard library before
+            data = json.loads(raw)
+            return cls(int(data["g"]), _stdlib_dumps(data["v"]), _stdlib_dumps(data["p"]))
+        return cls(wire.g, _value(wire.v), _value(wire.p))
+
+
+def _value(raw: msgspec.Raw) -> bytes | None:
+    data = bytes(raw)
+    return None if data == b"null" else data
+
+
+def _stdlib_dumps(value: Any) -> bytes | None:
+    return None if value is None else json.dumps(value, separators=(",", ":")).encode()
 
 
 def _dumps(value: Any) -> bytes | None:
-    return None if value is None else json.dumps(value, separators=(",", ":")).encode()
+    return None if value is None else dumps(value)
 
 
 Write = tuple[bytes, bytes | None]  # (store key, encoded value); None = tombstone
@@ -66,7 +94,7 @@ class Checkpoint:
         newest = 0
         marker = store.get(self.prefix + MARKER.encode())
         if marker is not None:
-            data = json.loads(marker)
+            data = loads(marker)
             self.committed = newest = int(data["g"])
             self.offsets = {str(t): int(o) for t, o in data["offsets"].items()}
         for full, raw in [(k, v) for k, v in store.items() if k.startswith(self.prefix)]:
@@ -83,7 +111,7 @@ class Checkpoint:
             if value is None:
                 self._deleted.add(key)
             else:
-                self.values[key] = json.loads(value)
+                self.values[key] = loads(value)
         self.generation = newest + 1
 
     def applied(self, topic: str, offset: int) -> bool:
@@ -126,7 +154,7 @@ class Checkpoint:
             if value is None:
                 self._deleted.add(key)
         self.offsets.update(offsets)
-        marker = json.dumps({"g": g, "offsets": self.offsets}, separators=(",", ":")).encode()
+        marker = dumps({"g": g, "offsets": self.offsets})
         self.store[self.prefix + MARKER.encode()] = marker
         writes.append((self.prefix + MARKER.encode(), marker))
         self.committed, self.generation = g, g + 1

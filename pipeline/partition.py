@@ -13,7 +13,7 @@ so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here
 from __future__ import annotations
 
 import heapq
-import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.aggregates import Aggregate
 from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
 from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
+from pipeline.fastjson import dumps, loads
 from pipeline.features import FeatureValues, feature_values, values_from_json, values_to_json
 from pipeline.windows import align_up
 
@@ -137,6 +138,23 @@ class EvalCaseChange:
         )
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The input fields a candidate shows. Non-finite numbers are left out, as from the
+    features (pipeline.features): JSON has no notation for them and no distance is defined."""
+    fields = {k: record.get(k) for k in INPUT_FIELDS}
+    if fields["text"]:
+        fields["text"] = str(fields["text"])[:TEXT_LIMIT]
+    if fields["features"]:
+        fields["features"] = {k: v for k, v in fields["features"].items() if _finite(v)}
+    if fields["embedding"] and not all(map(_finite, fields["embedding"])):
+        fields["embedding"] = None
+    return fields
+
+
 class PartitionCore:
     """Feed records with ``process``; collect what stage 2 needs with ``drain``."""
 
@@ -242,22 +260,20 @@ class PartitionCore:
         if topic == "inputs":
             if case.inp is not None:
                 return
-            fields = {k: record.get(k) for k in INPUT_FIELDS}
-            if fields.get("text"):
-                fields["text"] = str(fields["text"])[:TEXT_LIMIT]
-            case.inp = json.dumps(fields, separators=(",", ":"))
+            case.inp = dumps(_shown_input(record)).decode()
         elif topic == "resolutions":
             output = record.get("output")
+            confidence = record.get("confidence")
             resolution = {
                 "resolver": str(record["resolver"]),
                 "outcome": str(record["outcome"]),
                 "release": record.get("release"),
-                "confidence": record.get("confidence"),
+                "confidence": confidence if _finite(confidence) else None,
                 "cost_usd": cost / 1e9,
                 "output": None if output is None else str(output)[:TEXT_LIMIT],
                 "ts": ts,
             }
-            case.res = json.dumps(resolution, separators=(",", ":"))
+            case.res = dumps(resolution).decode()
             if record.get("eval_passed") is not None:
                 case.verdicts["online"] = bool(record["eval_passed"])
         elif record.get("case_id") is not None:  # an eval result of a production case
@@ -268,13 +284,13 @@ class PartitionCore:
             return
         if case.inp is None or case.res is None or case.input_ms is None:
             return
-        resolution = json.loads(case.res)
+        resolution = loads(case.res)
         resolved_ms = int(resolution.pop("ts"))
         proposal = CaseProposal(
             key,
             case.loop,
             resolved_ms,
-            json.loads(case.inp),
+            loads(case.inp),
             resolution,
             max(resolved_ms - case.input_ms, 0) / 1000.0,
             dict(case.verdicts),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import faust
@@ -15,6 +16,12 @@ from pipeline.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
+#: Collector thresholds for the worker. Its state is hundreds of thousands of long-lived
+#: objects (cases, buckets), and at the defaults (700, 10, 10) the collector went through
+#: them so often that it cost a sixth of the worker's time (bench/throughput: 6,768 -> 8,011
+#: events/s). The state holds no reference cycles; Faust's few are still collected.
+GC_THRESHOLDS = (50_000, 20, 100)
+
 
 def run_worker(settings: Settings) -> None:
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
@@ -24,5 +31,7 @@ def run_worker(settings: Settings) -> None:
     if created:
         log.info("created topics %s", ", ".join(created))
     app = create_app(settings, PipelineMetrics.create(), Codec.load())
+    gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
+    gc.set_threshold(*GC_THRESHOLDS)
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     worker.execute_from_commandline()

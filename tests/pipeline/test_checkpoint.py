@@ -183,3 +183,14 @@ def test_stage2_crash_at_every_write_recovers_the_uninterrupted_view(seed: int) 
     for cut in range(len(full) + 1):
         durable = full[:cut]
         assert view_of(durable + run_stage2(apply_writes(durable), messages, size=3)) == expected
+
+
+def test_envelopes_written_with_nan_by_earlier_versions_still_restore() -> None:
+    """Before pipeline.fastjson, envelopes were written with the standard library, which
+    writes NaN; msgspec refuses it, so such an envelope is read the old way."""
+    old = b'{"g":2,"v":{"x":NaN,"n":[1]},"p":null}'
+    store: dict[bytes, Any] = {b"0/k": old, b"0/~checkpoint": b'{"g":2,"offsets":{"t":5}}'}
+    checkpoint = Checkpoint(store, "0/")
+    assert checkpoint.values["k"]["n"] == [1] and checkpoint.values["k"]["x"] != 0.0
+    assert str(checkpoint.values["k"]["x"]) == "nan"
+    assert checkpoint.offsets == {"t": 5} and checkpoint.generation == 3

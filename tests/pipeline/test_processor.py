@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.candidates import CaseProposal
 from pipeline.codec import CodecError
 from pipeline.core import CoreConfig
 from pipeline.partition import EvalCaseChange, PartitionCore
@@ -274,3 +275,21 @@ def test_a_non_finite_amount_is_refused_before_anything_is_counted() -> None:
     assert proc.process(*fixed) == "ok"
     window = proc.snapshot(T0 + 20 * S)["loops"]["refunds"]["windows"]["5m"]
     assert (window["resolved"], window["cost_per_resolution_usd"]) == (1, 0.75)
+
+
+def test_a_candidate_shows_no_non_finite_number() -> None:
+    """Non-finite feature values and embeddings are left out of what a candidate shows (JSON
+    cannot carry them), a non-finite confidence reads as unknown; the rest is kept."""
+    core = PartitionCore(CoreConfig(), partition=0)
+    topic, record = _input("i1", "c1", 1, "late")
+    record |= {"features": {"amount": float("nan"), "age": 3.5}, "embedding": [1.0, float("inf")]}
+    core.process(topic, "c1", record)
+    topic, record = _resolution("r1", "c1", 9, "SYSTEM", "FAILED", cost=0.5)
+    core.process(topic, "c1", {**record, "confidence": float("nan")})
+    (proposal,) = [m for m in core.drain() if isinstance(m, CaseProposal)]
+    assert proposal.input["features"] == {"age": 3.5}
+    assert proposal.input["embedding"] is None
+    assert proposal.resolution["confidence"] is None
+    assert proposal.resolution["cost_usd"] == 0.5
+    restored = PartitionCore.from_records(CoreConfig(), 0, core.changed_records())
+    assert restored.cases["c1"] == core.cases["c1"]
