@@ -2,13 +2,14 @@
 each partition's events into partial aggregates for stage 2 (agents/loops.py).
 
 Events are taken in batches; each batch of a partition is applied to its PartitionCore, the
-partials are sent to the repartition topic keyed by loop, and the changed state is
-checkpointed to the table's changelog (pipeline.checkpoint), marker last. After a crash the
+partials are sent to the repartition topic keyed by loop and are durable before the changed
+state is checkpointed to the table's changelog (pipeline.checkpoint), marker last. After a crash the
 state restores to the last marker and the events after it are applied again, exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -129,17 +130,27 @@ def register(
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         async for by_partition in batches_by_partition(stream):
             tally = Tally()
+            offsets: dict[int, dict[str, int]] = {}
+            deliveries = []
             for partition, messages in by_partition.items():
                 core, checkpoint = states.get(partition)
-                offsets: dict[str, int] = {}
+                positions = offsets[partition] = {}
                 for message in messages:
-                    offsets[message.topic] = message.offset + 1
+                    positions[message.topic] = message.offset + 1
                     if not checkpoint.applied(message.topic, message.offset):
                         await apply(core, message, tally)
                 for change in core.drain():
                     value = dumps(change.to_json())
-                    await send(partials_topic, change.loop.encode(), value, None, None, None)
-                await states.commit(partition, core.changed_records(), offsets)
+                    deliveries.append(
+                        await send(partials_topic, change.loop.encode(), value, None, None, None)
+                    )
+            # The partials are durable before a checkpoint says their events were applied: the
+            # producer sends each partition's batches on their own, so a checkpoint could
+            # otherwise land first, and a crash then would lose partials that are never resent.
+            await asyncio.gather(*deliveries)
+            for partition, positions in offsets.items():
+                core, _ = states.get(partition)
+                await states.commit(partition, core.changed_records(), positions)
             tally.publish()
 
     return states

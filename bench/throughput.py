@@ -115,6 +115,26 @@ def processed(url: str) -> float:
     )
 
 
+def source_lag(url: str, settings: Settings) -> str:
+    """The worker's consumer lag per source partition (summed over the source topics), to see
+    whether it consumes its partitions evenly: a partition whose input is done keeps its last
+    horizon's state while the others still grow theirs."""
+    samples = parse_exposition(fetch_metrics(url) or "")
+    by_partition = [
+        sum(
+            sample_sum(
+                samples,
+                "loopline_consumer_lag_messages",
+                topic=settings.topic(t),
+                partition=str(p),
+            )
+            for t in SOURCE_TOPICS
+        )
+        for p in range(settings.partitions)
+    ]
+    return " ".join(f"{n:,.0f}" for n in by_partition)
+
+
 async def freshness(settings: Settings, url: str, probes: int) -> list[float]:
     delays = []
     async with Publisher(settings) as publisher:
@@ -205,7 +225,10 @@ def main() -> None:
                 if time.monotonic() - last_report > 5:
                     last_report = time.monotonic()
                     samples.append(rss_kib(worker.pid, "VmRSS"))
-                    log(f"worker: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB")
+                    log(
+                        f"worker: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB, "
+                        f"lag by partition {source_lag(url, settings)}"
+                    )
             worker_rate = args.events / (time.monotonic() - first)
             peak = rss_kib(worker.pid, "VmHWM")
             log("freshness probes ...")

@@ -43,9 +43,8 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,
         consumer_max_fetch_size=4 << 20,
-        # A batch's changelog records and partials go out in few, large produce requests.
+        # A batch's changelog records go out in few, large produce requests.
         producer_max_batch_size=512 << 10,
-        producer_linger=0.005,
         autodiscover=False,
     )
 

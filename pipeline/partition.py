@@ -42,7 +42,7 @@ TEXT_LIMIT = 2000  # characters of input text and output kept per case
 UNKNOWN_LOOP = "unknown"
 
 
-@dataclass
+@dataclass(slots=True)
 class Case:
     """What one partition key (a case_id, or an eval case id for eval results) remembers."""
 

@@ -157,6 +157,23 @@ def test_stage1_crash_at_every_write_recovers_the_uninterrupted_state(seed: int)
         assert stage2_snapshot(crashed_messages + resent) == expected_numbers, cut
 
 
+def test_a_batchs_partials_must_be_durable_before_its_checkpoint() -> None:
+    """Why the worker awaits the partials' delivery before writing a batch's checkpoint: if
+    the checkpoint landed and the partials did not, the restart skips the batch's events as
+    applied and never sends those partials again, and stage 2's numbers stay wrong."""
+    events = make_events(1)
+    full = run_stage1({}, events, size=5)
+    expected = stage2_snapshot(m for batch in full.sent for m in batch)
+    lost = 2  # the kill: batch 2's checkpoint is durable, its partials are not
+    cut = max(i for i, b in enumerate(full.write_batch) if b == lost) + 1
+    restart = run_stage1(apply_writes(full.writes[:cut]), events, size=5)
+    delivered = [m for n, batch in enumerate(full.sent[: lost + 1]) if n != lost for m in batch]
+    resent = [m for batch in restart.sent for m in batch]
+    assert stage2_snapshot(delivered + resent) != expected
+    # With the order the worker keeps, the same kill loses nothing.
+    assert stage2_snapshot(delivered + full.sent[lost] + resent) == expected
+
+
 def run_stage2(store: dict[bytes, Any], messages: list[str], size: int) -> list[Write]:
     checkpoint = Checkpoint(store, "0/")
     view = LoopView.from_records(CONFIG, checkpoint.values.items())
