@@ -3,7 +3,8 @@ encodes and decodes several times faster than the standard library.
 
 msgspec writes NaN and infinities as null; the pure core keeps them out of what it encodes
 (amounts are validated, non-finite feature values are dropped). Records written by earlier
-versions with the standard library may still hold NaN, so decoding falls back to it.
+versions with the standard library may still hold NaN, so decoding falls back to it, and so
+does encoding for text msgspec cannot write as UTF-8 (a lone surrogate from JSON input).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ _decode = msgspec.json.Decoder().decode
 
 
 def dumps(value: Any) -> bytes:
-    return _encode(value)
+    try:
+        return _encode(value)
+    except UnicodeEncodeError:  # a lone surrogate (JSON input allows them): escape it
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def loads(data: bytes | str) -> Any:
