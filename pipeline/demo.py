@@ -266,7 +266,11 @@ def _run_demo(
         for (name, labels), value in samples.items():
             if name == "loopline_eval_candidates_total":
                 reasons[dict(labels)["reason"]] += int(value)
-        listed = ", ".join(f"{r} {n:,}" for r, n in reasons.most_common()) or "none yet"
+        budget = settings.core_config().rules.candidates.daily_budget
+        listed = ", ".join(f"{r} {n:,}" for r, n in reasons.most_common()) or (
+            f"none in this run (each loop samples at most {budget:,} a day, and the count "
+            "is kept across runs: an earlier run today may have used it up)"
+        )
         echo(
             f"\neval candidates sampled to {settings.topic('eval-candidates')}, by reason (a "
             f"case may have several): {listed}\nreview them at {review_url} "
