@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.features import FeatureStats, FeatureValues, NumericSummary
+from pipeline.features import FeatureStats, FeatureValues, NumericSummary, fold_categories
 from pipeline.windows import HOUR
 
 METHODS = ("js", "psi", "wasserstein", "ks", "embedding")
@@ -73,6 +73,8 @@ class Baseline:
                 numeric.setdefault(name, []).append(number)
             if case.embedding is not None:
                 embedding.setdefault(len(case.embedding), []).append(case.embedding)
+        for name, counts in self.categorical.items():  # folded like the traffic's
+            self.categorical[name] = fold_categories(counts)
         self.numeric: dict[str, Floats] = {k: np.sort(np.array(v)) for k, v in numeric.items()}
         self.embedding: dict[int, Floats] = {
             dim: np.mean(np.array(vectors), axis=0) for dim, vectors in embedding.items()

@@ -20,6 +20,19 @@ from pipeline.sketch import SignedSketch, add_counts
 CATEGORICAL = ("channel", "category", "language")
 #: Distinct values a NumericSummary keeps exactly; past that it becomes a sketch (1 % bound).
 EXACT_VALUES = 512
+#: Distinct values a categorical feature is counted by; past that (an id in an attribute, say)
+#: every value folds into OTHER. Whether a summary is folded depends only on the union of its
+#: values, so any merge order gives the same result; a constant, not a setting, so that every
+#: worker and replay fold alike.
+CATEGORY_VALUES = 1000
+OTHER = "other"
+
+
+def fold_categories(counts: Counter[str]) -> Counter[str]:
+    """The counts as kept: each value's, or all under OTHER past CATEGORY_VALUES values."""
+    if len(counts) <= CATEGORY_VALUES:
+        return counts
+    return Counter({OTHER: sum(counts.values())})
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,7 @@ class FeatureStats:
     categorical: dict[str, Counter[str]] = field(default_factory=dict)
     numeric: dict[str, NumericSummary] = field(default_factory=dict)
     embedding: dict[int, tuple[list[float], int]] = field(default_factory=dict)
+    folded: set[str] = field(default_factory=set)  # categorical features past CATEGORY_VALUES
 
     def __bool__(self) -> bool:
         return bool(self.categorical or self.numeric or self.embedding)
@@ -186,7 +200,12 @@ class FeatureStats:
             counts = self.categorical.get(name)
             if counts is None:
                 counts = self.categorical[name] = Counter()
-            counts[value] += 1
+            if name in self.folded:
+                counts[OTHER] += 1
+            else:
+                counts[value] += 1
+                if len(counts) > CATEGORY_VALUES:
+                    self._fold(name)
         for name, number in values.numeric.items():
             summary = self.numeric.get(name)
             if summary is None:
@@ -206,13 +225,19 @@ class FeatureStats:
                 n + count,
             )
 
+    def _fold(self, name: str) -> None:
+        self.categorical[name] = Counter({OTHER: sum(self.categorical[name].values())})
+        self.folded.add(name)
+
     def merge(self, other: FeatureStats) -> None:
         for name, counts in other.categorical.items():
             mine = self.categorical.get(name)
             if mine is None:
-                self.categorical[name] = Counter(counts)
+                mine = self.categorical[name] = Counter(counts)
             else:
                 add_counts(mine, counts)
+            if name in self.folded or name in other.folded or len(mine) > CATEGORY_VALUES:
+                self._fold(name)
         for name, summary in other.numeric.items():
             found = self.numeric.get(name)
             if found is None:
@@ -226,6 +251,7 @@ class FeatureStats:
             "c": {name: dict(counts) for name, counts in self.categorical.items()},
             "n": {name: summary.to_json() for name, summary in self.numeric.items()},
             "e": [[vector, count] for vector, count in self.embedding.values()],
+            "x": sorted(self.folded),
         }
 
     @classmethod
@@ -236,4 +262,5 @@ class FeatureStats:
             {name: Counter(counts) for name, counts in data["c"].items()},
             {name: NumericSummary.from_json(s) for name, s in data["n"].items()},
             {len(vector): (list(vector), int(count)) for vector, count in data["e"]},
+            set(data.get("x", ())),
         )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.spatial.distance import cosine, jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
+from pipeline import features
 from pipeline.drift import PSI_EPSILON, Baseline, DriftConfig, evaluate, feature_scores
 from pipeline.features import (
     EXACT_VALUES,
@@ -178,3 +181,54 @@ def test_feature_names_follow_the_design() -> None:
         {"tokens": 12.0, "features.v": 1.5},
         (0.6, 0.8),
     )
+
+
+def test_a_categorical_feature_past_its_cap_folds_into_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(features, "CATEGORY_VALUES", 3)
+    stats = _stats([{"attributes": {"id": v}} for v in ["a", "b", "a", "c"]])
+    assert stats.categorical["attributes.id"] == {"a": 2, "b": 1, "c": 1}  # 3 values: kept
+    stats.add(feature_values({"attributes": {"id": "d"}}))
+    assert stats.categorical["attributes.id"] == {"other": 5}  # the 4th value folds them all
+    stats.add(feature_values({"attributes": {"id": "a"}}))
+    assert stats.categorical["attributes.id"] == {"other": 6}
+    restored = FeatureStats.from_json(stats.to_json())
+    restored.add(feature_values({"attributes": {"id": "e"}}))
+    assert restored.categorical["attributes.id"] == {"other": 7}
+    # The baseline folds the same way, so a folded feature is compared like with like.
+    baseline = _baseline([{"attributes": {"id": v}} for v in "abcd"])
+    assert baseline.categorical["attributes.id"] == {"other": 4}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.sampled_from("abcdefg"), min_size=1, max_size=30),
+    parts=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_folding_does_not_depend_on_how_inputs_were_split_and_merged(
+    values: list[str], parts: int, seed: int
+) -> None:
+    """Folded exactly when the union of the values passes the cap: partitions, buckets and
+    workers merged in any order give the one-pass result, and the one-pass result is the
+    count of each value, or everything under "other" when there are more than the cap."""
+    cap, records = 4, [{"channel": v} for v in values]
+    original = features.CATEGORY_VALUES
+    features.CATEGORY_VALUES = cap
+    try:
+        whole = _stats(records)
+        rng = np.random.default_rng(seed)
+        owner = rng.integers(0, parts, len(records))
+        pieces = [
+            _stats([r for r, o in zip(records, owner, strict=True) if o == p]) for p in range(parts)
+        ]
+        merged = FeatureStats()
+        for k in rng.permutation(parts):
+            merged.merge(FeatureStats.from_json(pieces[k].to_json()))
+    finally:
+        features.CATEGORY_VALUES = original
+    counts = {v: values.count(v) for v in set(values)}
+    expected = counts if len(counts) <= cap else {"other": len(values)}
+    assert whole.categorical["channel"] == expected
+    assert merged.categorical.get("channel", {}) == expected
