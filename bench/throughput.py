@@ -2,9 +2,11 @@
 
 Publishes N generated events once, then measures in the same run:
   (a) baseline: aiokafka getmany over every partition + the codec's decode, until all N are read;
-  (b) a `loopline worker` process computing the five numbers until it has processed all N;
-and prints events/s of each, the ratio b/a, the worker's peak RSS (and RSS samples, to see
-whether memory stays flat), and p99 freshness: publish one resolution -> visible on /metrics.
+  (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
+      five numbers until it has processed all N;
+and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; and RSS samples, to
+see whether memory stays flat), and p99 freshness: publish one resolution -> visible on
+/metrics.
 """
 
 from __future__ import annotations
@@ -107,19 +109,27 @@ def rss_kib(pid: int, field: str) -> int:
     return 0
 
 
-def processed(url: str) -> float:
-    samples = parse_exposition(fetch_metrics(url) or "")
+def scrape(urls: list[str]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of every worker's /metrics, added up (each counts its own events)."""
+    total: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for url in urls:
+        for key, value in parse_exposition(fetch_metrics(url) or "").items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def processed(urls: list[str]) -> float:
+    samples = scrape(urls)
     return sum(
         sample_sum(samples, "loopline_events_total", status=s)
         for s in ("ok", "duplicate", "too_late", "dead_letter")
     )
 
 
-def source_lag(url: str, settings: Settings) -> str:
-    """The worker's consumer lag per source partition (summed over the source topics), to see
-    whether it consumes its partitions evenly: a partition whose input is done keeps its last
-    horizon's state while the others still grow theirs."""
-    samples = parse_exposition(fetch_metrics(url) or "")
+def source_lag(urls: list[str], settings: Settings) -> str:
+    """The workers' consumer lag per source partition (summed over the source topics), to see
+    whether they consume the partitions evenly."""
+    samples = scrape(urls)
     by_partition = [
         sum(
             sample_sum(
@@ -135,7 +145,7 @@ def source_lag(url: str, settings: Settings) -> str:
     return " ".join(f"{n:,.0f}" for n in by_partition)
 
 
-async def freshness(settings: Settings, url: str, probes: int) -> list[float]:
+async def freshness(settings: Settings, urls: list[str], probes: int) -> list[float]:
     delays = []
     async with Publisher(settings) as publisher:
         for n in range(probes):
@@ -148,19 +158,13 @@ async def freshness(settings: Settings, url: str, probes: int) -> list[float]:
                 "outcome": "RESOLVED",
                 "release": "bench",
             }
-            before = sample_sum(
-                parse_exposition(fetch_metrics(url) or ""),
-                "loopline_resolutions_total",
-                loop="bench-probe",
-            )
+            before = sample_sum(scrape(urls), "loopline_resolutions_total", loop="bench-probe")
             started = time.monotonic()
             await publisher.publish("resolutions", record)
             await publisher.flush()
             for _ in range(6000):  # poll /metrics for up to a minute
-                text = await asyncio.to_thread(fetch_metrics, url)
-                seen = sample_sum(
-                    parse_exposition(text or ""), "loopline_resolutions_total", loop="bench-probe"
-                )
+                samples = await asyncio.to_thread(scrape, urls)
+                seen = sample_sum(samples, "loopline_resolutions_total", loop="bench-probe")
                 if seen > before:
                     break
                 await asyncio.sleep(0.01)
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--port", type=int, default=39092, help="local broker port")
     parser.add_argument("--probes", type=int, default=50)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes (the baseline is one consumer)"
+    )
     parser.add_argument(
         "--lateness-seconds",
         type=int,
@@ -198,47 +205,54 @@ def main() -> None:
             LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
             LOOPLINE_APP_ID=settings.app_id,
             LOOPLINE_DATA_DIR=str(data_dir),
-            LOOPLINE_WEB_PORT=str(settings.web_port),
             LOOPLINE_LOG_LEVEL="warning",
         )
         if args.lateness_seconds:
             env["LOOPLINE_ALLOWED_LATENESS_SECONDS"] = str(args.lateness_seconds)
             env["LOOPLINE_SLA_SECONDS"] = str(args.lateness_seconds)
-        url = f"http://127.0.0.1:{settings.web_port}/metrics"
-        with (data_dir / "worker.log").open("wb") as worker_log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker"],
-                env=env,
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-            )
+        ports = [settings.web_port + n for n in range(args.workers)]
+        urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
+        workers = []
+        for n, port in enumerate(ports):
+            with (data_dir / f"worker-{n}.log").open("wb") as worker_log:
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.cli", "worker"],
+                        env=dict(env, LOOPLINE_WEB_PORT=str(port)),
+                        stdout=worker_log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         try:
-            while processed(url) == 0:
-                if worker.poll() is not None:
-                    raise SystemExit(f"worker exited; see {data_dir / 'worker.log'}")
+            while processed(urls) == 0:
+                if any(w.poll() is not None for w in workers):
+                    raise SystemExit(f"a worker exited; see {data_dir}/worker-*.log")
                 time.sleep(0.05)
             first = time.monotonic()
             samples: list[int] = []
             last_report = first
-            while (done := processed(url)) < args.events:
+            while (done := processed(urls)) < args.events:
                 time.sleep(0.2)
                 if time.monotonic() - last_report > 5:
                     last_report = time.monotonic()
-                    samples.append(rss_kib(worker.pid, "VmRSS"))
+                    samples.append(sum(rss_kib(w.pid, "VmRSS") for w in workers))
                     log(
-                        f"worker: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB, "
-                        f"lag by partition {source_lag(url, settings)}"
+                        f"workers: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB, "
+                        f"lag by partition {source_lag(urls, settings)}"
                     )
             worker_rate = args.events / (time.monotonic() - first)
-            peak = rss_kib(worker.pid, "VmHWM")
+            peak = sum(rss_kib(w.pid, "VmHWM") for w in workers)
             log("freshness probes ...")
-            delays = sorted(asyncio.run(freshness(settings, url, args.probes)))
+            delays = sorted(asyncio.run(freshness(settings, urls, args.probes)))
         finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(timeout=60)
         p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
         result = {
             "events": args.events,
+            "workers": args.workers,
             "baseline_events_per_s": round(base_rate),
             "worker_events_per_s": round(worker_rate),
             "ratio": round(worker_rate / base_rate, 3),
