@@ -3,8 +3,9 @@ each partition's events into partial aggregates for stage 2 (agents/loops.py).
 
 Events are taken in batches; each batch of a partition is applied to its PartitionCore, the
 partials are sent to the repartition topic keyed by loop and are durable before the changed
-state is checkpointed to the table's changelog (pipeline.checkpoint), marker last. After a crash the
-state restores to the last marker and the events after it are applied again, exactly once.
+state is checkpointed to the table's changelog (pipeline.checkpoint), marker last. After a
+crash the state restores to the last marker and the events after it are applied again, exactly
+once.
 """
 
 from __future__ import annotations
