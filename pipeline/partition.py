@@ -40,6 +40,11 @@ INPUT_FIELDS = (
 TEXT_LIMIT = 2000  # characters of input text and output kept per case
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
+#: Buckets per Partial message. With every feature at as many distinct values as it keeps
+#: exactly, a bucket's summaries take ~130 KB for the generator's 8 features (more with more
+#: features), and a Kafka message is 1 MiB at most; stage 2 keeps the latest of each bucket,
+#: so one message per bucket changes nothing but the size.
+PARTIAL_BUCKETS = 1
 
 
 @dataclass(slots=True)
@@ -406,7 +411,10 @@ class PartitionCore:
             for loop in self.known_loops:
                 by_loop.setdefault(loop, {})
         for loop in sorted(by_loop):
-            yield Partial(self.partition, loop, self.watermark_ms, by_loop[loop])
+            buckets = sorted(by_loop[loop].items())
+            for start in range(0, max(len(buckets), 1), PARTIAL_BUCKETS):
+                chunk = dict(buckets[start : start + PARTIAL_BUCKETS])
+                yield Partial(self.partition, loop, self.watermark_ms, chunk)
         self._unsent, self._final = set(), {}
         self._watermark_changed = False
         yield from self._proposals

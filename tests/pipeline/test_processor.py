@@ -10,7 +10,7 @@ import pytest
 from pipeline.candidates import CaseProposal
 from pipeline.codec import CodecError
 from pipeline.core import CoreConfig
-from pipeline.partition import EvalCaseChange, PartitionCore
+from pipeline.partition import EvalCaseChange, Partial, PartitionCore
 from pipeline.processor import Processor
 
 Event = tuple[str, dict[str, Any]]
@@ -293,3 +293,25 @@ def test_a_candidate_shows_no_non_finite_number() -> None:
     assert proposal.resolution["cost_usd"] == 0.5
     restored = PartitionCore.from_records(CoreConfig(), 0, core.changed_records())
     assert restored.cases["c1"] == core.cases["c1"]
+
+
+def test_a_loops_changed_buckets_go_to_stage_2_one_message_each() -> None:
+    """A Kafka message holds at most 1 MiB and a bucket's feature summaries can take a good
+    part of that: each changed bucket is its own Partial (stage 2 keeps the latest of each)."""
+    core = PartitionCore(CoreConfig(bucket_ms=10 * S), partition=2)
+    for n, at in enumerate([1, 12, 25, 26]):  # buckets 0, 1, 2, 2 of the loop
+        topic, record = _input(f"i{n}", f"c{n}", at, "late")
+        core.process(topic, f"c{n}", record)
+    partials = [m for m in core.drain() if isinstance(m, Partial)]
+    first = T0 // (10 * S)  # T0 is on a bucket edge; a bucket is (start, end]
+    assert [(p.loop, sorted(p.buckets)) for p in partials] == [
+        ("refunds", [first]),
+        ("refunds", [first + 1]),
+        ("refunds", [first + 2]),
+    ]
+    assert {p.watermark_ms for p in partials} == {T0 + 26 * S}
+    assert [p.buckets[k].events for p in partials for k in p.buckets] == [1, 1, 2]
+    core.advance(T0 + 40 * S)  # only the watermark moved: one message for the loop
+    assert [(p.loop, dict(p.buckets)) for p in core.drain() if isinstance(p, Partial)] == [
+        ("refunds", {})
+    ]
