@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.features import FeatureStats, FeatureValues, NumericSummary, fold_categories
+from pipeline.features import (
+    ATTRIBUTES,
+    NUMBERS,
+    FeatureStats,
+    FeatureValues,
+    NumericSummary,
+    fold_categories,
+    fold_keys,
+    total_counts,
+)
 from pipeline.windows import HOUR
 
 METHODS = ("js", "psi", "wasserstein", "ks", "embedding")
@@ -73,7 +82,10 @@ class Baseline:
                 numeric.setdefault(name, []).append(number)
             if case.embedding is not None:
                 embedding.setdefault(len(case.embedding), []).append(case.embedding)
-        for name, counts in self.categorical.items():  # folded like the traffic's
+        # Folded like the traffic's summaries (pipeline.features): map keys, then values.
+        fold_keys(self.categorical, ATTRIBUTES, total_counts)
+        fold_keys(numeric, NUMBERS, lambda parts: [x for part in parts for x in part])
+        for name, counts in self.categorical.items():
             self.categorical[name] = fold_categories(counts)
         self.numeric: dict[str, Floats] = {k: np.sort(np.array(v)) for k, v in numeric.items()}
         self.embedding: dict[int, Floats] = {

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.sketch import SignedSketch, add_counts
 
@@ -26,6 +26,12 @@ EXACT_VALUES = 512
 #: worker and replay fold alike.
 CATEGORY_VALUES = 1000
 OTHER = "other"
+#: Keys of the attributes map (categorical) and of the features map (numeric) a summary keeps
+#: apart; past that every key of the map folds into one feature, attributes.other or
+#: features.other, by the same union rule, so no producer can grow the state without bound.
+KEYS_PER_MAP = 100
+ATTRIBUTES, NUMBERS = "attributes.", "features."
+T = TypeVar("T")
 
 
 def fold_categories(counts: Counter[str]) -> Counter[str]:
@@ -33,6 +39,30 @@ def fold_categories(counts: Counter[str]) -> Counter[str]:
     if len(counts) <= CATEGORY_VALUES:
         return counts
     return Counter({OTHER: sum(counts.values())})
+
+
+def fold_keys(
+    table: dict[str, T], prefix: str, combine: Callable[[list[T]], T], force: bool = False
+) -> bool:
+    """Fold the ``prefix`` features of ``table`` into ``prefix + OTHER`` when there are more
+    than KEYS_PER_MAP of them (or ``force``); returns whether it did."""
+    names = [name for name in table if name.startswith(prefix)]
+    if not force and len(names) <= KEYS_PER_MAP:
+        return False
+    table[prefix + OTHER] = combine([table.pop(name) for name in names])
+    return True
+
+
+def total_counts(parts: list[Counter[str]]) -> Counter[str]:
+    """Several features' value counts as one folded feature's: everything under OTHER."""
+    return Counter({OTHER: sum(sum(counts.values()) for counts in parts)})
+
+
+def _merged_summaries(parts: list[NumericSummary]) -> NumericSummary:
+    merged = NumericSummary()
+    for summary in parts:
+        merged.merge(summary)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -191,15 +221,20 @@ class FeatureStats:
     numeric: dict[str, NumericSummary] = field(default_factory=dict)
     embedding: dict[int, tuple[list[float], int]] = field(default_factory=dict)
     folded: set[str] = field(default_factory=set)  # categorical features past CATEGORY_VALUES
+    folded_maps: set[str] = field(default_factory=set)  # ATTRIBUTES, NUMBERS past KEYS_PER_MAP
 
     def __bool__(self) -> bool:
         return bool(self.categorical or self.numeric or self.embedding)
 
     def add(self, values: FeatureValues) -> None:
         for name, value in values.categorical.items():
+            if ATTRIBUTES in self.folded_maps and name.startswith(ATTRIBUTES):
+                name = ATTRIBUTES + OTHER
             counts = self.categorical.get(name)
             if counts is None:
                 counts = self.categorical[name] = Counter()
+                if name.startswith(ATTRIBUTES) and self._fold_keys(ATTRIBUTES):
+                    name, counts = ATTRIBUTES + OTHER, self.categorical[ATTRIBUTES + OTHER]
             if name in self.folded:
                 counts[OTHER] += 1
             else:
@@ -207,9 +242,13 @@ class FeatureStats:
                 if len(counts) > CATEGORY_VALUES:
                     self._fold(name)
         for name, number in values.numeric.items():
+            if NUMBERS in self.folded_maps and name.startswith(NUMBERS):
+                name = NUMBERS + OTHER
             summary = self.numeric.get(name)
             if summary is None:
                 summary = self.numeric[name] = NumericSummary()
+                if name.startswith(NUMBERS) and self._fold_keys(NUMBERS):
+                    summary = self.numeric[NUMBERS + OTHER]
             summary.add(number)
         if values.embedding is not None:
             self._add_embedding(list(values.embedding), 1)
@@ -229,6 +268,17 @@ class FeatureStats:
         self.categorical[name] = Counter({OTHER: sum(self.categorical[name].values())})
         self.folded.add(name)
 
+    def _fold_keys(self, prefix: str, force: bool = False) -> bool:
+        if prefix == ATTRIBUTES:
+            if not fold_keys(self.categorical, prefix, total_counts, force):
+                return False
+            self.folded = {n for n in self.folded if not n.startswith(prefix)}
+            self.folded.add(prefix + OTHER)
+        elif not fold_keys(self.numeric, prefix, _merged_summaries, force):
+            return False
+        self.folded_maps.add(prefix)
+        return True
+
     def merge(self, other: FeatureStats) -> None:
         for name, counts in other.categorical.items():
             mine = self.categorical.get(name)
@@ -245,6 +295,8 @@ class FeatureStats:
             found.merge(summary)
         for vector, count in other.embedding.values():
             self._add_embedding(list(vector), count)
+        for prefix in (ATTRIBUTES, NUMBERS):
+            self._fold_keys(prefix, prefix in self.folded_maps or prefix in other.folded_maps)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -252,6 +304,7 @@ class FeatureStats:
             "n": {name: summary.to_json() for name, summary in self.numeric.items()},
             "e": [[vector, count] for vector, count in self.embedding.values()],
             "x": sorted(self.folded),
+            "xm": sorted(self.folded_maps),
         }
 
     @classmethod
@@ -263,4 +316,5 @@ class FeatureStats:
             {name: NumericSummary.from_json(s) for name, s in data["n"].items()},
             {len(vector): (list(vector), int(count)) for vector, count in data["e"]},
             set(data.get("x", ())),
+            set(data.get("xm", ())),
         )

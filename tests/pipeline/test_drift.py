@@ -232,3 +232,76 @@ def test_folding_does_not_depend_on_how_inputs_were_split_and_merged(
     expected = counts if len(counts) <= cap else {"other": len(values)}
     assert whole.categorical["channel"] == expected
     assert merged.categorical.get("channel", {}) == expected
+
+
+def test_map_keys_past_their_cap_fold_into_one_feature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer sending a new attribute (or features) key per input cannot grow the state:
+    past KEYS_PER_MAP keys, all of one map fold into attributes.other / features.other."""
+    monkeypatch.setattr(features, "KEYS_PER_MAP", 2)
+    records: list[dict[str, object]] = [
+        {"channel": "web", "attributes": {"a": "1"}, "features": {"x": 1.0}},
+        {"attributes": {"a": "2", "b": "1"}, "features": {"x": 2.0, "y": 5.0}},
+    ]
+    stats = _stats(records)
+    assert stats.categorical == {
+        "channel": {"web": 1},
+        "attributes.a": {"1": 1, "2": 1},
+        "attributes.b": {"1": 1},
+    }  # 2 keys: kept apart
+    stats.add(feature_values({"attributes": {"c": "9"}, "features": {"z": 7.0}}))
+    assert stats.categorical == {"channel": {"web": 1}, "attributes.other": {"other": 4}}
+    assert sorted(stats.numeric) == ["features.other"]
+    assert sorted(stats.numeric["features.other"].points()) == [
+        (1.0, 1),
+        (2.0, 1),
+        (5.0, 1),
+        (7.0, 1),
+    ]
+    stats.add(feature_values({"attributes": {"a": "3"}}))  # known or new, a key counts there
+    assert stats.categorical["attributes.other"] == {"other": 5}
+    assert FeatureStats.from_json(stats.to_json()) == stats
+    baseline = _baseline([{"attributes": {k: "v"}, "features": {k: 1.5}} for k in "abc"])
+    assert baseline.categorical == {"attributes.other": {"other": 3}}
+    assert list(baseline.numeric) == ["features.other"]
+    assert baseline.numeric["features.other"].tolist() == [1.5, 1.5, 1.5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.lists(st.sampled_from("abcdef"), max_size=3), min_size=1, max_size=12),
+    parts=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_key_folding_does_not_depend_on_how_inputs_were_split_and_merged(
+    keys: list[list[str]], parts: int, seed: int
+) -> None:
+    cap = 3
+    records = [
+        {"attributes": {k: k.upper() for k in ks}, "features": {k: float(len(k)) for k in ks}}
+        for ks in keys
+    ]
+    original = features.KEYS_PER_MAP
+    features.KEYS_PER_MAP = cap
+    try:
+        whole = _stats(records)
+        rng = np.random.default_rng(seed)
+        owner = rng.integers(0, parts, len(records))
+        pieces = [
+            _stats([r for r, o in zip(records, owner, strict=True) if o == p]) for p in range(parts)
+        ]
+        merged = FeatureStats()
+        for k in rng.permutation(parts):
+            merged.merge(FeatureStats.from_json(pieces[k].to_json()))
+    finally:
+        features.KEYS_PER_MAP = original
+    distinct = {k for ks in keys for k in ks}
+    pairs = sum(len(set(ks)) for ks in keys)
+    if len(distinct) > cap:
+        expected = {"attributes.other": {"other": pairs}} if pairs else {}
+    else:
+        expected = {f"attributes.{k}": {k.upper(): sum(k in ks for ks in keys)} for k in distinct}
+    assert whole.categorical == expected
+    assert merged.categorical == expected
+    assert sorted(merged.numeric) == sorted(whole.numeric)
+    for name, summary in whole.numeric.items():
+        assert sorted(merged.numeric[name].points()) == sorted(summary.points())
