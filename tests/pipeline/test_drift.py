@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -201,6 +203,22 @@ def test_a_categorical_feature_past_its_cap_folds_into_other(
     assert baseline.categorical["attributes.id"] == {"other": 4}
 
 
+def _one_pass_and_split(
+    records: list[dict[str, object]], parts: int, seed: int
+) -> tuple[FeatureStats, FeatureStats]:
+    """The records' summary in one pass, and merged (through JSON, in a random order) from a
+    random split into ``parts``, as partitions, buckets and workers would make it."""
+    rng = np.random.default_rng(seed)
+    owner = rng.integers(0, parts, len(records))
+    pieces = [
+        _stats([r for r, o in zip(records, owner, strict=True) if o == p]) for p in range(parts)
+    ]
+    merged = FeatureStats()
+    for k in rng.permutation(parts):
+        merged.merge(FeatureStats.from_json(pieces[k].to_json()))
+    return _stats(records), merged
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     values=st.lists(st.sampled_from("abcdefg"), min_size=1, max_size=30),
@@ -214,20 +232,8 @@ def test_folding_does_not_depend_on_how_inputs_were_split_and_merged(
     workers merged in any order give the one-pass result, and the one-pass result is the
     count of each value, or everything under "other" when there are more than the cap."""
     cap, records = 4, [{"channel": v} for v in values]
-    original = features.CATEGORY_VALUES
-    features.CATEGORY_VALUES = cap
-    try:
-        whole = _stats(records)
-        rng = np.random.default_rng(seed)
-        owner = rng.integers(0, parts, len(records))
-        pieces = [
-            _stats([r for r, o in zip(records, owner, strict=True) if o == p]) for p in range(parts)
-        ]
-        merged = FeatureStats()
-        for k in rng.permutation(parts):
-            merged.merge(FeatureStats.from_json(pieces[k].to_json()))
-    finally:
-        features.CATEGORY_VALUES = original
+    with mock.patch.object(features, "CATEGORY_VALUES", cap):
+        whole, merged = _one_pass_and_split(records, parts, seed)
     counts = {v: values.count(v) for v in set(values)}
     expected = counts if len(counts) <= cap else {"other": len(values)}
     assert whole.categorical["channel"] == expected
@@ -280,20 +286,8 @@ def test_key_folding_does_not_depend_on_how_inputs_were_split_and_merged(
         {"attributes": {k: k.upper() for k in ks}, "features": {k: float(len(k)) for k in ks}}
         for ks in keys
     ]
-    original = features.KEYS_PER_MAP
-    features.KEYS_PER_MAP = cap
-    try:
-        whole = _stats(records)
-        rng = np.random.default_rng(seed)
-        owner = rng.integers(0, parts, len(records))
-        pieces = [
-            _stats([r for r, o in zip(records, owner, strict=True) if o == p]) for p in range(parts)
-        ]
-        merged = FeatureStats()
-        for k in rng.permutation(parts):
-            merged.merge(FeatureStats.from_json(pieces[k].to_json()))
-    finally:
-        features.KEYS_PER_MAP = original
+    with mock.patch.object(features, "KEYS_PER_MAP", cap):
+        whole, merged = _one_pass_and_split(records, parts, seed)
     distinct = {k for ks in keys for k in ks}
     pairs = sum(len(set(ks)) for ks in keys)
     if len(distinct) > cap:
