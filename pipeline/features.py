@@ -36,9 +36,7 @@ T = TypeVar("T")
 
 def fold_categories(counts: Counter[str]) -> Counter[str]:
     """The counts as kept: each value's, or all under OTHER past CATEGORY_VALUES values."""
-    if len(counts) <= CATEGORY_VALUES:
-        return counts
-    return Counter({OTHER: sum(counts.values())})
+    return counts if len(counts) <= CATEGORY_VALUES else total_counts([counts])
 
 
 def fold_keys(
@@ -54,7 +52,7 @@ def fold_keys(
 
 
 def total_counts(parts: list[Counter[str]]) -> Counter[str]:
-    """Several features' value counts as one folded feature's: everything under OTHER."""
+    """Value counts (of one feature or several) folded: everything under OTHER."""
     return Counter({OTHER: sum(sum(counts.values()) for counts in parts)})
 
 
@@ -265,7 +263,7 @@ class FeatureStats:
             )
 
     def _fold(self, name: str) -> None:
-        self.categorical[name] = Counter({OTHER: sum(self.categorical[name].values())})
+        self.categorical[name] = total_counts([self.categorical[name]])
         self.folded.add(name)
 
     def _fold_keys(self, prefix: str, force: bool = False) -> bool:
