@@ -34,6 +34,11 @@ ATTRIBUTES, NUMBERS = "attributes.", "features."
 T = TypeVar("T")
 
 
+def finite(value: Any) -> bool:
+    """Whether a number can be summarised: missing and non-finite values are left out."""
+    return value is not None and math.isfinite(value)
+
+
 def fold_categories(counts: Counter[str]) -> Counter[str]:
     """The counts as kept: each value's, or all under OTHER past CATEGORY_VALUES values."""
     return counts if len(counts) <= CATEGORY_VALUES else total_counts([counts])
@@ -95,7 +100,7 @@ def feature_values(record: Mapping[str, Any]) -> FeatureValues:
     if record.get("tokens") is not None:
         numeric["tokens"] = float(record["tokens"])
     for key, value in (record.get("features") or {}).items():
-        if value is not None and math.isfinite(value):
+        if finite(value):
             numeric[f"features.{key}"] = float(value)
     embedding = record.get("embedding")
     unit = _unit(embedding) if embedding else None

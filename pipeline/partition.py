@@ -13,7 +13,6 @@ so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,13 @@ from pipeline.aggregates import Aggregate
 from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
 from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
-from pipeline.features import FeatureValues, feature_values, values_from_json, values_to_json
+from pipeline.features import (
+    FeatureValues,
+    feature_values,
+    finite,
+    values_from_json,
+    values_to_json,
+)
 from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
@@ -40,11 +45,6 @@ INPUT_FIELDS = (
 TEXT_LIMIT = 2000  # characters of input text and output kept per case
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
-#: Buckets per Partial message. With every feature at as many distinct values as it keeps
-#: exactly, a bucket's summaries take ~130 KB for the generator's 8 features (more with more
-#: features), and a Kafka message is 1 MiB at most; stage 2 keeps the latest of each bucket,
-#: so one message per bucket changes nothing but the size.
-PARTIAL_BUCKETS = 1
 
 
 @dataclass(slots=True)
@@ -143,10 +143,6 @@ class EvalCaseChange:
         )
 
 
-def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def _shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
     """The input fields a candidate shows. Non-finite numbers are left out, as from the
     features (pipeline.features): JSON has no notation for them and no distance is defined."""
@@ -154,8 +150,8 @@ def _shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
     if fields["text"]:
         fields["text"] = str(fields["text"])[:TEXT_LIMIT]
     if fields["features"]:
-        fields["features"] = {k: v for k, v in fields["features"].items() if _finite(v)}
-    if fields["embedding"] and not all(map(_finite, fields["embedding"])):
+        fields["features"] = {k: v for k, v in fields["features"].items() if finite(v)}
+    if fields["embedding"] and not all(map(finite, fields["embedding"])):
         fields["embedding"] = None
     return fields
 
@@ -273,7 +269,7 @@ class PartitionCore:
                 "resolver": str(record["resolver"]),
                 "outcome": str(record["outcome"]),
                 "release": record.get("release"),
-                "confidence": confidence if _finite(confidence) else None,
+                "confidence": confidence if finite(confidence) else None,
                 "cost_usd": cost / 1e9,
                 "output": None if output is None else str(output)[:TEXT_LIMIT],
                 "ts": ts,
@@ -410,11 +406,16 @@ class PartitionCore:
         if self._watermark_changed:
             for loop in self.known_loops:
                 by_loop.setdefault(loop, {})
+        # One message per bucket: with every feature at as many distinct values as it keeps
+        # exactly, a bucket's summaries take ~130 KB for the generator's 8 features (more with
+        # more features) and a Kafka message is 1 MiB at most; stage 2 keeps the latest of
+        # each bucket, so splitting changes nothing but the size.
         for loop in sorted(by_loop):
-            buckets = sorted(by_loop[loop].items())
-            for start in range(0, max(len(buckets), 1), PARTIAL_BUCKETS):
-                chunk = dict(buckets[start : start + PARTIAL_BUCKETS])
-                yield Partial(self.partition, loop, self.watermark_ms, chunk)
+            buckets = by_loop[loop]
+            if not buckets:  # only the watermark moved
+                yield Partial(self.partition, loop, self.watermark_ms, {})
+            for index in sorted(buckets):
+                yield Partial(self.partition, loop, self.watermark_ms, {index: buckets[index]})
         self._unsent, self._final = set(), {}
         self._watermark_changed = False
         yield from self._proposals
