@@ -50,6 +50,8 @@ def bench_settings(port: int, **overrides: Any) -> Iterator[Settings]:
     is started if it is down, and then stopped again afterwards."""
     broker = LocalBroker(Settings.from_env().kafka_home, port)
     started_broker = not broker.status().running
+    if started_broker:
+        broker.wipe()  # each run makes its own topics; old runs' would only pile up
     broker.up(echo=log)
     tag = uuid.uuid4().hex[:8]
     try:

@@ -422,6 +422,15 @@ class LocalBroker:
         self.pid_path.unlink(missing_ok=True)
         return True
 
+    def wipe(self) -> None:
+        """Delete a stopped broker's data (topics, offsets, cluster id): the next ``up`` starts
+        empty. For the test and bench broker, whose per-run topics would otherwise pile up
+        until the broker runs out of file descriptors."""
+        if self.status().running:
+            raise BrokerError(f"kafka on {self.bootstrap} is running; stop it before wiping")
+        shutil.rmtree(self.instance_dir / "data", ignore_errors=True)
+        (self.instance_dir / "cluster.id").unlink(missing_ok=True)
+
     def _log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

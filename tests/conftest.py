@@ -76,9 +76,11 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None,
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """The real broker: started here (and stopped after) unless it is already up."""
+    """The real broker: started here, empty, and stopped after, unless it is already up."""
     broker = LocalBroker(Settings.from_env().kafka_home, TEST_KAFKA_PORT)
     was_running = broker.status().running
+    if not was_running:
+        broker.wipe()  # every test makes its own topics; old runs' would only pile up
     broker.up(echo=lambda line: print(line, file=sys.stderr))
     yield broker.bootstrap
     if not was_running:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.kafka_local import LocalBroker
+from pipeline.kafka_local import BrokerError, LocalBroker
 from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
 from tests.conftest import free_port
 
 
@@ -73,3 +76,30 @@ def test_up_refuses_a_port_taken_by_another_process() -> None:
         result = _cli("up", "--port", str(port))
     assert result.returncode == 1
     assert f"port 127.0.0.1:{port} is in use by another process" in result.stderr
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return {t for t in await admin.list_topics() if not t.startswith("__")}
+    finally:
+        await admin.close()
+
+
+@pytest.mark.broker
+def test_wipe_starts_the_next_broker_empty_and_refuses_a_running_one() -> None:
+    broker = LocalBroker(Settings.from_env().kafka_home, free_port())
+    settings = Settings(bootstrap_servers=broker.bootstrap, topic_prefix="wiped.")
+    try:
+        broker.up(echo=lambda _: None)
+        asyncio.run(ensure_topics(settings))
+        assert settings.topic("inputs") in asyncio.run(_topics(broker.bootstrap))
+        with pytest.raises(BrokerError, match="is running; stop it before wiping"):
+            broker.wipe()
+        broker.down()
+        broker.wipe()
+        broker.up(echo=lambda _: None)
+        assert asyncio.run(_topics(broker.bootstrap)) == set()
+    finally:
+        broker.down()
