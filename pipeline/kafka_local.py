@@ -91,6 +91,15 @@ def _java() -> str:
     return java
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (base64url of a UUID) that does not start with "-": the
+    storage tool would take such an id for an option, as Kafka's own Uuid avoids too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass(frozen=True)
 class LocalBroker:
     """One single-node combined broker+controller; controller port defaults to port + 1."""
@@ -361,8 +370,7 @@ class LocalBroker:
         config = self._write_config()
         cluster_file = self.instance_dir / "cluster.id"
         if not cluster_file.exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            cluster_file.write_text(cluster_id)
+            cluster_file.write_text(new_cluster_id())
         fmt = subprocess.run(
             self._java_cmd(
                 libs,
