@@ -1,0 +1,54 @@
+"""The worker process's Faust set-up (pipeline.worker), without a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.app import create_app
+from pipeline.codec import Codec
+from pipeline.metrics import PipelineMetrics
+from pipeline.settings import Settings
+from pipeline.worker import make_worker
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield loop
+    root.handlers[:], root.level = handlers, level  # the worker configures the root logger
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@pytest.mark.parametrize("log_level", ["warning", "info"])
+def test_debug_records_are_not_built_at_a_higher_level(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path, log_level: str
+) -> None:
+    settings = Settings.from_env({}, data_dir=tmp_path, log_level=log_level)
+    app = create_app(settings, PipelineMetrics.create(), Codec.load())
+    worker = make_worker(app, settings, loop)
+    worker._setup_logging()  # as the worker does when it starts
+    # aiokafka logs every message it sends at debug level
+    assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("aiokafka").getEffectiveLevel() == logging.getLevelName(
+        log_level.upper()
+    )
+
+
+def test_the_consumer_hands_messages_over_on_the_fast_path(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    settings = Settings.from_env({}, data_dir=tmp_path)
+    app = create_app(settings, PipelineMetrics.create(), Codec.load())
+    make_worker(app, settings, loop)
+    consumer: Any = app.consumer
+    assert consumer.wait_first.__module__ == "agents.dispatch"
