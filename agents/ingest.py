@@ -24,7 +24,7 @@ from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
 from pipeline.fastjson import dumps
 from pipeline.metrics import PipelineMetrics
-from pipeline.partition import PartitionCore
+from pipeline.partition import Partial, PartitionCore
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
@@ -141,7 +141,9 @@ def register(
                     if not checkpoint.applied(message.topic, message.offset):
                         await apply(core, message, tally)
                 for change in core.drain():
-                    value = dumps(change.to_json())
+                    value = (
+                        change.encode() if isinstance(change, Partial) else dumps(change.to_json())
+                    )
                     deliveries.append(
                         await send(partials_topic, change.loop.encode(), value, None, None, None)
                     )

@@ -19,10 +19,17 @@ _decode = msgspec.json.Decoder().decode
 
 
 def dumps(value: Any) -> bytes:
+    """``value`` as compact JSON; a msgspec.Raw in it is JSON already and goes in as it is."""
     try:
         return _encode(value)
     except UnicodeEncodeError:  # a lone surrogate (JSON input allows them): escape it
-        return json.dumps(value, separators=(",", ":")).encode()
+        return json.dumps(value, separators=(",", ":"), default=_raw_value).encode()
+
+
+def _raw_value(value: Any) -> Any:
+    if isinstance(value, msgspec.Raw):
+        return json.loads(bytes(value))
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def loads(data: bytes | str) -> Any:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from pipeline.aggregates import Aggregate
 from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
 from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
@@ -92,6 +94,30 @@ class Case:
         )
 
 
+class EncodedBuckets:
+    """Each changed bucket's JSON, encoded once for both its partial and its checkpoint record.
+
+    Stage 1 sends and checkpoints every bucket that changed in a batch, and a bucket's feature
+    summaries take tens of microseconds to encode (up to ~50 us for the generator's 10 KB
+    buckets): encoding them twice was a tenth of the worker's time."""
+
+    def __init__(self) -> None:
+        self._encoded: dict[tuple[str, int], msgspec.Raw] = {}
+
+    def get(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
+        found = self._encoded.get((loop, index))
+        if found is None:
+            found = self._encoded[(loop, index)] = msgspec.Raw(dumps(aggregate.to_json()))
+        return found
+
+    def changed(self, key: tuple[str, int]) -> None:
+        """The bucket at ``key`` is about to change: its encoding is stale."""
+        self._encoded.pop(key, None)
+
+    def clear(self) -> None:
+        self._encoded.clear()
+
+
 @dataclass(frozen=True)
 class Partial:
     """The latest cumulative aggregates of some buckets of one loop in one partition."""
@@ -100,14 +126,27 @@ class Partial:
     loop: str
     watermark_ms: int
     buckets: Mapping[int, Aggregate]  # bucket index -> aggregate
+    encoded: EncodedBuckets | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        return self._json([[k, a.to_json()] for k, a in self.buckets.items()])
+
+    def encode(self) -> bytes:
+        """``to_json`` encoded, each bucket encoded once for its checkpoint record as well."""
+        encoded = self.encoded
+        if encoded is None:
+            return dumps(self.to_json())
+        return dumps(
+            self._json([[k, encoded.get(self.loop, k, a)] for k, a in self.buckets.items()])
+        )
+
+    def _json(self, buckets: list[list[Any]]) -> dict[str, Any]:
         return {
             "kind": "partial",
             "p": self.partition,
             "loop": self.loop,
             "wm": self.watermark_ms,
-            "buckets": [[k, a.to_json()] for k, a in self.buckets.items()],
+            "buckets": buckets,
         }
 
 
@@ -178,6 +217,7 @@ class PartitionCore:
         self._changed_buckets: set[tuple[str, int]] = set()  # for persistence
         self._unsent: set[tuple[str, int]] = set()  # for stage 2
         self._final: dict[tuple[str, int], Aggregate] = {}  # closed before being sent
+        self._encoded = EncodedBuckets()
         self.known_loops: set[str] = set()  # every loop this partition has had buckets of
         self._eval_cases: list[EvalCaseChange] = []
         # eval case id -> loop, for the eval cases of this partition: a tombstone carries only
@@ -317,6 +357,7 @@ class PartitionCore:
             self.known_loops.add(loop)
         self._changed_buckets.add(key)
         self._unsent.add(key)
+        self._encoded.changed(key)
         return found
 
     def _existing_bucket(self, loop: str, ts_ms: int) -> Aggregate | None:
@@ -325,6 +366,7 @@ class PartitionCore:
         if found is not None:
             self._changed_buckets.add(key)
             self._unsent.add(key)
+            self._encoded.changed(key)
         return found
 
     def _input(self, loop: str, key: str, case: Case, ts: int) -> None:
@@ -415,7 +457,8 @@ class PartitionCore:
             if not buckets:  # only the watermark moved
                 yield Partial(self.partition, loop, self.watermark_ms, {})
             for index in sorted(buckets):
-                yield Partial(self.partition, loop, self.watermark_ms, {index: buckets[index]})
+                bucket = {index: buckets[index]}
+                yield Partial(self.partition, loop, self.watermark_ms, bucket, self._encoded)
         self._unsent, self._final = set(), {}
         self._watermark_changed = False
         yield from self._proposals
@@ -424,21 +467,30 @@ class PartitionCore:
     # -- persistence ------------------------------------------------------------------------
 
     def changed_records(self) -> dict[str, Any]:
-        """Record key -> JSON value (None = deleted) of everything changed since the last call."""
+        """Record key -> JSON value (None = deleted) of everything changed since the last call;
+        buckets come already encoded (msgspec.Raw), as their partials sent them."""
         records: dict[str, Any] = {}
+        encoded = self._encoded
         for loop, index in self._changed_buckets:
             aggregate = self.buckets.get((loop, index))
-            records[f"b/{loop}/{index}"] = None if aggregate is None else aggregate.to_json()
+            records[f"b/{loop}/{index}"] = (
+                None if aggregate is None else encoded.get(loop, index, aggregate)
+            )
         for key in self._changed_cases:
             case = self.cases.get(key)
             records[f"c/{key}"] = None if case is None else case.to_json()
         for key in self._changed_eval_cases:
             records[f"e/{key}"] = self.eval_case_loops.get(key)
         records[WATERMARK_KEY] = {"wm": self.watermark_ms, "loops": sorted(self.known_loops)}
+        self.discard_changes()
+        return records
+
+    def discard_changes(self) -> None:
+        """Forget what changed, where nothing is persisted (replay)."""
         self._changed_buckets = set()
         self._changed_cases = set()
         self._changed_eval_cases = set()
-        return records
+        self._encoded.clear()
 
     @classmethod
     def from_records(
@@ -456,6 +508,8 @@ class PartitionCore:
                 core.known_loops.update(value["loops"])
             elif key.startswith("b/"):
                 loop, _, index = key[2:].rpartition("/")
+                if isinstance(value, msgspec.Raw):  # straight from changed_records
+                    value = loads(bytes(value))
                 core.buckets[(loop, int(index))] = Aggregate.from_json(value)
                 core.known_loops.add(loop)
             elif key.startswith("c/"):

@@ -77,7 +77,7 @@ class Processor:
             self.stage2.apply(message)
         self.candidates.extend(self.stage2.candidates)
         self.stage2.candidates = []
-        self.stage1.changed_records()  # nothing persists here; keep the change sets small
+        self.stage1.discard_changes()  # nothing persists here; keep the change sets small
         self._unsynced = 0
 
     def snapshot(self, as_of_ms: int | None = None) -> dict[str, Any]:

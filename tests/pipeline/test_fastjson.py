@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
+
 from pipeline.fastjson import dumps, loads
 
 
@@ -23,3 +25,10 @@ def test_a_lone_surrogate_is_escaped_and_read_back() -> None:
 def test_nan_written_by_the_standard_library_is_read() -> None:
     assert math.isnan(loads(b'{"x":NaN}')["x"])
     assert loads('{"x":Infinity}') == {"x": math.inf}
+
+
+def test_raw_json_goes_in_as_it_is_on_both_paths() -> None:
+    raw = msgspec.Raw(b'{"b":[1,2]}')
+    assert dumps({"a": raw}) == b'{"a":{"b":[1,2]}}'
+    text = json.loads('"a\\ud800b"')
+    assert dumps({"t": text, "a": raw}) == b'{"t":"a\\ud800b","a":{"b":[1,2]}}'
