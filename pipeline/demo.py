@@ -24,6 +24,8 @@ from pipeline.topics import SOURCE_TOPICS, ensure_topics
 from pipeline.traffic import Limits, publish_traffic
 
 Echo = Callable[[str], None]
+#: How long the worker may take to join its consumer group and read the eval set.
+WORKER_READY_SECONDS = 120
 
 
 def fetch_metrics(url: str) -> str | None:
@@ -181,6 +183,38 @@ async def _publish_and_show(
     return publishing.result()
 
 
+def _wait_until_consuming(
+    settings: Settings,
+    url: str,
+    eval_cases: int,
+    worker: subprocess.Popen[bytes],
+    worker_log: Path,
+    echo: Echo,
+) -> None:
+    """Start the traffic once the worker has read the eval set: it has then joined its consumer
+    group and restored its state (some seconds), and the live numbers follow the traffic from
+    its first events, with the baseline in place."""
+    echo("waiting for the worker to join its consumer group and read the eval set ...")
+    started = time.monotonic()
+    reported = started
+    while True:
+        read = sum(_processed(fetch_metrics(url), settings)["eval-cases"])
+        if read >= eval_cases:
+            echo(f"the worker has read the eval set ({time.monotonic() - started:.0f}s)")
+            return
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited; see {worker_log}")
+        if time.monotonic() - started > WORKER_READY_SECONDS:
+            raise RuntimeError(
+                f"the worker read {read:,.0f} of {eval_cases:,} eval cases in "
+                f"{WORKER_READY_SECONDS}s; see {worker_log}"
+            )
+        if time.monotonic() - reported >= 5:
+            reported = time.monotonic()
+            echo(f"  eval cases read so far: {read:,.0f} of {eval_cases:,}")
+        time.sleep(0.5)
+
+
 def run_demo(
     settings: Settings,
     duration: float,
@@ -231,6 +265,7 @@ def _run_demo(
         now = datetime.now(UTC)
         cases = asyncio.run(publish_eval_set(settings, now))
         echo(f"eval set: {cases:,} eval cases on {settings.topic('eval-cases')} (the baseline)")
+        _wait_until_consuming(settings, url, cases, worker, worker_log, echo)
         echo(f"generating {rate:,.0f} events/s for {duration:,.0f}s ...")
         events = TrafficGenerator(
             seed=int(time.time()),
