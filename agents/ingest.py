@@ -18,6 +18,7 @@ from typing import Any
 
 import faust
 
+from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
@@ -54,11 +55,7 @@ class DeadLetters:
 def register(
     app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
 ) -> Any:
-    source = app.topic(
-        *(settings.topic(name) for name in SOURCE_TOPICS),
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    source = raw_topic(app, *(settings.topic(name) for name in SOURCE_TOPICS))
     dead_letters = DeadLetters(app, settings, codec, metrics)
     logical = {settings.topic(name): name for name in SOURCE_TOPICS}
     config = settings.core_config()
