@@ -60,6 +60,11 @@ class Aggregate:
         return total
 
     def to_json(self) -> dict[str, Any]:
+        return self.counts_json() | {"f": self.features_json()}
+
+    def counts_json(self) -> dict[str, Any]:
+        """Everything but the input features: what a late resolution changes in an old bucket
+        (pipeline.partition sends and stores the two apart)."""
         return {
             "resolutions": [[r, o, n] for (r, o), n in self.resolutions.items()],
             "verdicts": [[s, p, n] for (s, p), n in self.verdicts.items()],
@@ -70,8 +75,10 @@ class Aggregate:
             "unresolved": self.unresolved,
             "ev": self.events,
             "dl": self.dead_letters,
-            "f": self.features.to_json() if self.features else None,
         }
+
+    def features_json(self) -> dict[str, Any] | None:
+        return self.features.to_json() if self.features else None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Aggregate:

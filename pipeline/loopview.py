@@ -30,7 +30,7 @@ from pipeline.candidates import (
 )
 from pipeline.core import CoreConfig
 from pipeline.drift import Baseline, evaluate, no_drift
-from pipeline.features import FeatureValues, values_from_json, values_to_json
+from pipeline.features import FeatureStats, FeatureValues, values_from_json, values_to_json
 from pipeline.featurewindow import FeatureWindow
 from pipeline.partition import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
@@ -81,9 +81,16 @@ class LoopState:
         for index, aggregate in partial.buckets.items():
             if index < closed:
                 continue  # already folded: a partition replaying after a crash resends it
-            self.open[(partial.partition, index)] = aggregate
-            self.changed.add(("o", partial.partition, index))
-            self.features.touch(index)
+            key = (partial.partition, index)
+            if partial.with_features:
+                self.changed.add(("of", *key))
+                self.features.touch(index)
+            else:  # unchanged since the bucket's last partial: keep the features we have
+                kept = self.open.get(key)
+                features = kept.features if kept is not None else FeatureStats()
+                aggregate = dataclasses.replace(aggregate, features=features)
+            self.open[key] = aggregate
+            self.changed.add(("o", *key))
         if partial.watermark_ms > self.marks.get(partial.partition, 0):
             self.marks[partial.partition] = partial.watermark_ms
             self.changed.add(("m", partial.partition))
@@ -103,6 +110,7 @@ class LoopState:
         for key in [k for k in self.open if k[0] == partition and k[1] < last]:
             aggregate = self.open.pop(key)
             self.changed.add(("o", *key))
+            self.changed.add(("of", *key))
             target = self.series.bucket((key[1] + 1) * size)
             if target is not None:  # None: older than every tier keeps
                 target.merge(aggregate)
@@ -268,7 +276,10 @@ class LoopState:
             value: Any
             if kind == "o":
                 found = self.open.get((change[1], change[2]))
-                value = None if found is None else found.to_json()
+                value = None if found is None else found.counts_json()
+            elif kind == "of":
+                found = self.open.get((change[1], change[2]))
+                value = None if found is None else found.features_json()
             elif kind == "m":
                 value = self.marks[change[1]]
             elif kind == "e":
@@ -295,8 +306,19 @@ class LoopState:
         return records
 
     def restore(self, kind: str, parts: list[Any], value: Any) -> None:
-        if kind == "o":
-            self.open[(parts[0], parts[1])] = Aggregate.from_json(value)
+        if kind == "o":  # the features are inside in records written before 2026-11-26
+            restored = Aggregate.from_json(value)
+            kept = self.open.get((parts[0], parts[1]))  # its "of" record came first
+            if kept is not None and "f" not in value:
+                restored.features = kept.features
+            self.open[(parts[0], parts[1])] = restored
+        elif kind == "of":
+            features = FeatureStats.from_json(value)
+            kept = self.open.get((parts[0], parts[1]))
+            if kept is None:  # its "o" record comes later
+                self.open[(parts[0], parts[1])] = Aggregate(features=features)
+            else:
+                kept.features = features
         elif kind == "m":
             self.marks[parts[0]] = int(value)
         elif kind == "e":
@@ -416,12 +438,15 @@ def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange | Cas
         return EvalCaseChange.from_json(data)
     if data["kind"] == "case":
         return CaseProposal.from_json(data)
-    return Partial(
-        int(data["p"]),
-        str(data["loop"]),
-        int(data["wm"]),
-        {int(k): Aggregate.from_json(a) for k, a in data["buckets"]},
-    )
+    buckets: dict[int, Aggregate] = {}
+    with_features = True
+    for entry in data["buckets"]:
+        aggregate = buckets[int(entry[0])] = Aggregate.from_json(entry[1])
+        if len(entry) > 2:
+            aggregate.features = FeatureStats.from_json(entry[2])
+        elif "f" not in entry[1]:  # left out: unchanged (before 2026-11-26 always inside)
+            with_features = False
+    return Partial(int(data["p"]), str(data["loop"]), int(data["wm"]), buckets, None, with_features)
 
 
 def iso(ms: int) -> str:

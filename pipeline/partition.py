@@ -24,6 +24,7 @@ from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_r
 from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
 from pipeline.features import (
+    FeatureStats,
     FeatureValues,
     feature_values,
     finite,
@@ -95,50 +96,77 @@ class Case:
 
 
 class EncodedBuckets:
-    """Each changed bucket's JSON, encoded once for both its partial and its checkpoint record.
+    """Each changed bucket's JSON, encoded once for both its partial and its checkpoint
+    records: its counts, and its input features apart (pipeline.aggregates.Aggregate).
 
     Stage 1 sends and checkpoints every bucket that changed in a batch, and a bucket's feature
     summaries take tens of microseconds to encode (up to ~50 us for the generator's 10 KB
     buckets): encoding them twice was a tenth of the worker's time."""
 
     def __init__(self) -> None:
-        self._encoded: dict[tuple[str, int], msgspec.Raw] = {}
+        self._counts: dict[tuple[str, int], msgspec.Raw] = {}
+        self._features: dict[tuple[str, int], msgspec.Raw] = {}
 
-    def get(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
-        found = self._encoded.get((loop, index))
+    def counts(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
+        found = self._counts.get((loop, index))
         if found is None:
-            found = self._encoded[(loop, index)] = msgspec.Raw(dumps(aggregate.to_json()))
+            found = self._counts[(loop, index)] = msgspec.Raw(dumps(aggregate.counts_json()))
+        return found
+
+    def features(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
+        found = self._features.get((loop, index))
+        if found is None:
+            found = msgspec.Raw(dumps(aggregate.features_json()))
+            self._features[(loop, index)] = found
         return found
 
     def changed(self, key: tuple[str, int]) -> None:
-        """The bucket at ``key`` is about to change: its encoding is stale."""
-        self._encoded.pop(key, None)
+        """The bucket at ``key`` is about to change: its encodings are stale."""
+        self._counts.pop(key, None)
+        self._features.pop(key, None)
 
     def clear(self) -> None:
-        self._encoded.clear()
+        self._counts.clear()
+        self._features.clear()
 
 
 @dataclass(frozen=True)
 class Partial:
-    """The latest cumulative aggregates of some buckets of one loop in one partition."""
+    """The latest cumulative aggregates of some buckets of one loop in one partition.
+
+    Without ``with_features``, the buckets' input features did not change since the bucket's
+    last partial and are left out of its message (stage 2 keeps the ones it has): most partials
+    are an old bucket touched by a late resolution, whose counts are a few hundred bytes and
+    whose feature summaries are up to tens of kilobytes."""
 
     partition: int
     loop: str
     watermark_ms: int
     buckets: Mapping[int, Aggregate]  # bucket index -> aggregate
     encoded: EncodedBuckets | None = field(default=None, compare=False, repr=False)
+    with_features: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return self._json([[k, a.to_json()] for k, a in self.buckets.items()])
+        if self.with_features:
+            return self._json(
+                [[k, a.counts_json(), a.features_json()] for k, a in self.buckets.items()]
+            )
+        return self._json([[k, a.counts_json()] for k, a in self.buckets.items()])
 
     def encode(self) -> bytes:
-        """``to_json`` encoded, each bucket encoded once for its checkpoint record as well."""
+        """``to_json`` encoded, each bucket encoded once for its checkpoint records as well."""
         encoded = self.encoded
         if encoded is None:
             return dumps(self.to_json())
-        return dumps(
-            self._json([[k, encoded.get(self.loop, k, a)] for k, a in self.buckets.items()])
-        )
+        loop = self.loop
+        if self.with_features:
+            buckets = [
+                [k, encoded.counts(loop, k, a), encoded.features(loop, k, a)]
+                for k, a in self.buckets.items()
+            ]
+        else:
+            buckets = [[k, encoded.counts(loop, k, a)] for k, a in self.buckets.items()]
+        return dumps(self._json(buckets))
 
     def _json(self, buckets: list[list[Any]]) -> dict[str, Any]:
         return {
@@ -216,6 +244,9 @@ class PartitionCore:
         self._changed_cases: set[str] = set()
         self._changed_buckets: set[tuple[str, int]] = set()  # for persistence
         self._unsent: set[tuple[str, int]] = set()  # for stage 2
+        # buckets whose input features changed: for persistence, and for stage 2
+        self._changed_features: set[tuple[str, int]] = set()
+        self._unsent_features: set[tuple[str, int]] = set()
         self._final: dict[tuple[str, int], Aggregate] = {}  # closed before being sent
         self._encoded = EncodedBuckets()
         self.known_loops: set[str] = set()  # every loop this partition has had buckets of
@@ -265,6 +296,9 @@ class PartitionCore:
         if topic == "inputs":
             bucket.inputs[record.get("category") or ""] += 1
             bucket.features.add(feature_values(record))
+            key_of_bucket = (loop, (ts - 1) // self.config.bucket_ms)
+            self._changed_features.add(key_of_bucket)
+            self._unsent_features.add(key_of_bucket)
             self._input(loop, key, case, ts)
         elif topic == "resolutions":
             bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
@@ -430,6 +464,7 @@ class PartitionCore:
         for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
             aggregate = self.buckets.pop(bucket_key)
             self._changed_buckets.add(bucket_key)
+            self._changed_features.add(bucket_key)
             if bucket_key in self._unsent:
                 self._final[bucket_key] = aggregate
 
@@ -458,8 +493,11 @@ class PartitionCore:
                 yield Partial(self.partition, loop, self.watermark_ms, {})
             for index in sorted(buckets):
                 bucket = {index: buckets[index]}
-                yield Partial(self.partition, loop, self.watermark_ms, bucket, self._encoded)
-        self._unsent, self._final = set(), {}
+                features = (loop, index) in self._unsent_features
+                yield Partial(
+                    self.partition, loop, self.watermark_ms, bucket, self._encoded, features
+                )
+        self._unsent, self._final, self._unsent_features = set(), {}, set()
         self._watermark_changed = False
         yield from self._proposals
         self._proposals = []
@@ -468,13 +506,19 @@ class PartitionCore:
 
     def changed_records(self) -> dict[str, Any]:
         """Record key -> JSON value (None = deleted) of everything changed since the last call;
-        buckets come already encoded (msgspec.Raw), as their partials sent them."""
+        a bucket's counts ("b/") and its input features ("f/", written only when they changed)
+        come already encoded (msgspec.Raw), as their partials sent them."""
         records: dict[str, Any] = {}
         encoded = self._encoded
         for loop, index in self._changed_buckets:
             aggregate = self.buckets.get((loop, index))
             records[f"b/{loop}/{index}"] = (
-                None if aggregate is None else encoded.get(loop, index, aggregate)
+                None if aggregate is None else encoded.counts(loop, index, aggregate)
+            )
+        for loop, index in self._changed_features:
+            aggregate = self.buckets.get((loop, index))
+            records[f"f/{loop}/{index}"] = (
+                None if aggregate is None else encoded.features(loop, index, aggregate)
             )
         for key in self._changed_cases:
             case = self.cases.get(key)
@@ -488,6 +532,7 @@ class PartitionCore:
     def discard_changes(self) -> None:
         """Forget what changed, where nothing is persisted (replay)."""
         self._changed_buckets = set()
+        self._changed_features = set()
         self._changed_cases = set()
         self._changed_eval_cases = set()
         self._encoded.clear()
@@ -502,14 +547,19 @@ class PartitionCore:
     ) -> PartitionCore:
         """Rebuild the state that ``changed_records`` wrote (resume comes from the snapshot)."""
         core = cls(config, partition, on_latency)
+        features: dict[tuple[str, int], FeatureStats] = {}
         for key, value in records.items():
             if key == WATERMARK_KEY:
                 core.watermark_ms = int(value["wm"])
                 core.known_loops.update(value["loops"])
-            elif key.startswith("b/"):
+            elif key.startswith(("b/", "f/")) and value is not None:
                 loop, _, index = key[2:].rpartition("/")
                 if isinstance(value, msgspec.Raw):  # straight from changed_records
                     value = loads(bytes(value))
+                if key[0] == "f":
+                    features[(loop, int(index))] = FeatureStats.from_json(value)
+                    continue
+                # the features are inside in records written before 2026-11-26
                 core.buckets[(loop, int(index))] = Aggregate.from_json(value)
                 core.known_loops.add(loop)
             elif key.startswith("c/"):
@@ -519,6 +569,9 @@ class PartitionCore:
                     core._with_pending.add(key[2:])
             elif key.startswith("e/") and value is not None:
                 core.eval_case_loops[key[2:]] = str(value)
+        for bucket_key, stats in features.items():
+            if bucket_key in core.buckets:
+                core.buckets[bucket_key].features = stats
         heapq.heapify(core._expiry)
         core._next_sweep_ms = align_up(core.watermark_ms + 1, config.bucket_ms)
         return core

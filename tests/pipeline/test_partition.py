@@ -1,8 +1,11 @@
 """Stage 1's outputs (pipeline.partition): each changed bucket is encoded once per batch for
-its partial and its checkpoint record, and never from a stale encoding."""
+its partial and its checkpoint records, never from a stale encoding, and its input features
+travel only when they changed."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
@@ -14,6 +17,7 @@ from pipeline.aggregates import Aggregate
 from pipeline.core import CoreConfig
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
+from pipeline.loopview import LoopView, partial_from_json
 from pipeline.partition import Partial, PartitionCore
 from pipeline.processor import partition_key
 
@@ -30,9 +34,11 @@ def feed(core: PartitionCore, batch: list[tuple[str, dict[str, Any]]]) -> None:
         core.process(topic, partition_key(topic, record), record)
 
 
-def bucket_records(records: dict[str, Any]) -> dict[str, Any]:
-    """The bucket records of ``changed_records``, decoded."""
-    return {k: None if v is None else loads(bytes(v)) for k, v in records.items() if k[:2] == "b/"}
+def bucket_records(records: dict[str, Any], prefix: str = "b/") -> dict[str, Any]:
+    """The bucket count ("b/") or feature ("f/") records of ``changed_records``, decoded."""
+    return {
+        k: None if v is None else loads(bytes(v)) for k, v in records.items() if k[:2] == prefix
+    }
 
 
 def test_partials_and_bucket_records_are_the_buckets_json() -> None:
@@ -45,7 +51,11 @@ def test_partials_and_bucket_records_are_the_buckets_json() -> None:
     for partial in partials:
         assert partial.encode() == dumps(partial.to_json())
     assert bucket_records(records) == {
-        f"b/{loop}/{index}": aggregate.to_json() for (loop, index), aggregate in sent.items()
+        f"b/{loop}/{index}": aggregate.counts_json() for (loop, index), aggregate in sent.items()
+    }
+    with_inputs = {key: a for key, a in sent.items() if a.inputs}
+    assert with_inputs and bucket_records(records, "f/") == {
+        f"f/{loop}/{index}": a.features_json() for (loop, index), a in with_inputs.items()
     }
 
 
@@ -60,7 +70,7 @@ def test_a_bucket_that_changes_after_its_partial_is_encoded_again() -> None:
     changed = [key for key in encoded if f"b/{key[0]}/{key[1]}" in records]
     assert changed
     for loop, index in changed:
-        assert records[f"b/{loop}/{index}"] == core.buckets[(loop, index)].to_json()
+        assert records[f"b/{loop}/{index}"] == core.buckets[(loop, index)].counts_json()
     later = [m for m in core.drain() if isinstance(m, Partial) and m.buckets]
     for partial in later:
         assert partial.encode() == dumps(partial.to_json())
@@ -70,21 +80,27 @@ def test_a_bucket_that_changes_after_its_partial_is_encoded_again() -> None:
 def test_each_changed_bucket_is_encoded_once_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     core = PartitionCore(CoreConfig())
     feed(core, events(600))
-    calls: list[int] = []
-    to_json = Aggregate.to_json
+    calls: list[str] = []
+    counts_json, features_json = Aggregate.counts_json, Aggregate.features_json
 
-    def counted(self: Aggregate) -> dict[str, Any]:
-        calls.append(1)
-        return to_json(self)
+    def counted_counts(self: Aggregate) -> dict[str, Any]:
+        calls.append("b/")
+        return counts_json(self)
 
-    monkeypatch.setattr(Aggregate, "to_json", counted)
+    def counted_features(self: Aggregate) -> dict[str, Any] | None:
+        calls.append("f/")
+        return features_json(self)
+
+    monkeypatch.setattr(Aggregate, "counts_json", counted_counts)
+    monkeypatch.setattr(Aggregate, "features_json", counted_features)
     for message in core.drain():
         if isinstance(message, Partial):
             message.encode()
     records = core.changed_records()
-    buckets = [k for k, v in records.items() if k[:2] == "b/" and v is not None]
-    assert len(buckets) > 1
-    assert len(calls) == len(buckets)
+    for prefix in ("b/", "f/"):
+        written = [k for k, v in records.items() if k[:2] == prefix and v is not None]
+        assert len(written) > 1
+        assert calls.count(prefix) == len(written)
 
 
 def test_restore_from_changed_records_as_they_are() -> None:
@@ -95,3 +111,52 @@ def test_restore_from_changed_records_as_they_are() -> None:
     assert {k: a.to_json() for k, a in restored.buckets.items()} == {
         k: a.to_json() for k, a in core.buckets.items()
     }
+
+
+def test_features_travel_only_when_they_changed() -> None:
+    batch = events(800)
+    core = PartitionCore(CoreConfig())
+    feed(core, batch[:600])
+    first = {(m.loop, k): m for m in core.drain() if isinstance(m, Partial) for k in m.buckets}
+    core.changed_records()
+    later = [(t, r) for t, r in batch[600:] if t != "inputs"]  # no input: no feature changes
+    feed(core, later)
+    again = [m for m in core.drain() if isinstance(m, Partial) and m.buckets]
+    assert again and not any(m.with_features for m in again)
+    assert all(len(entry) == 2 for m in again for entry in m.to_json()["buckets"])
+    assert not any(k.startswith("f/") for k in core.changed_records())
+    # Stage 2 keeps the features it has: the same view as if they had been sent again.
+    sent_again = [replace(m, with_features=True) for m in again]
+    views: list[LoopView] = []
+    for messages in (again, sent_again):
+        view = LoopView(CoreConfig())
+        for message in first.values():
+            view.apply(partial_from_json(loads(message.encode())))
+        for message in messages:
+            view.apply(partial_from_json(loads(message.encode())))
+        views.append(view)
+    left_out, resent = views
+    assert left_out.snapshot() == resent.snapshot()
+    for loop, state in resent.loops.items():
+        kept = left_out.loops[loop].open
+        assert {k: a.to_json() for k, a in kept.items()} == {
+            k: a.to_json() for k, a in state.open.items()
+        }
+
+
+def test_partials_and_records_written_before_the_split_are_read() -> None:
+    core = PartitionCore(CoreConfig())
+    feed(core, events(300))
+    partial = next(m for m in core.drain() if isinstance(m, Partial) and m.buckets)
+    ((index, aggregate),) = partial.buckets.items()
+    old_wire = partial.to_json() | {"buckets": [[index, aggregate.to_json()]]}
+    decoded = partial_from_json(loads(dumps(old_wire)))
+    assert isinstance(decoded, Partial) and decoded.with_features
+    assert decoded.buckets[index].to_json() == aggregate.to_json()
+    old_records = {f"b/{partial.loop}/{index}": aggregate.to_json()}
+    restored = PartitionCore.from_records(CoreConfig(), 0, old_records)
+    assert restored.buckets[(partial.loop, index)].to_json() == aggregate.to_json()
+    view = LoopView.from_records(
+        CoreConfig(), [(json.dumps(["o", partial.loop, 0, index]), aggregate.to_json())]
+    )
+    assert view.loops[partial.loop].open[(0, index)].to_json() == aggregate.to_json()
