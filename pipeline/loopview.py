@@ -306,10 +306,12 @@ class LoopState:
         return records
 
     def restore(self, kind: str, parts: list[Any], value: Any) -> None:
-        if kind == "o":  # the features are inside in records written before 2026-11-26
+        if kind == "o":
             restored = Aggregate.from_json(value)
             kept = self.open.get((parts[0], parts[1]))  # its "of" record came first
-            if kept is not None and "f" not in value:
+            if "f" in value:  # written before 2026-11-26, features inside: move them out
+                self.changed.add(("of", parts[0], parts[1]))
+            elif kept is not None:
                 restored.features = kept.features
             self.open[(parts[0], parts[1])] = restored
         elif kind == "of":

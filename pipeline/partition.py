@@ -559,9 +559,10 @@ class PartitionCore:
                 if key[0] == "f":
                     features[(loop, int(index))] = FeatureStats.from_json(value)
                     continue
-                # the features are inside in records written before 2026-11-26
                 core.buckets[(loop, int(index))] = Aggregate.from_json(value)
                 core.known_loops.add(loop)
+                if value.get("f"):  # written before 2026-11-26, features inside: move them out
+                    core._changed_features.add((loop, int(index)))
             elif key.startswith("c/"):
                 case = core.cases[key[2:]] = Case.from_json(value)
                 core._expiry.append((case.touched_ms, key[2:]))

@@ -156,7 +156,20 @@ def test_partials_and_records_written_before_the_split_are_read() -> None:
     old_records = {f"b/{partial.loop}/{index}": aggregate.to_json()}
     restored = PartitionCore.from_records(CoreConfig(), 0, old_records)
     assert restored.buckets[(partial.loop, index)].to_json() == aggregate.to_json()
-    view = LoopView.from_records(
-        CoreConfig(), [(json.dumps(["o", partial.loop, 0, index]), aggregate.to_json())]
-    )
+    # The next checkpoint moves the features out, before a counts-only record replaces it.
+    moved = bucket_records(restored.changed_records(), "f/")
+    assert moved == {f"f/{partial.loop}/{index}": aggregate.features_json()}
+    key = json.dumps(["o", partial.loop, 0, index], separators=(",", ":"))
+    view = LoopView.from_records(CoreConfig(), [(key, aggregate.to_json())])
     assert view.loops[partial.loop].open[(0, index)].to_json() == aggregate.to_json()
+    records = view.changed_records()
+    of_key = json.dumps(["of", partial.loop, 0, index], separators=(",", ":"))
+    assert records[of_key] == aggregate.features_json()
+    assert key not in records  # the old record stays until the counts change
+    counts_only = aggregate.counts_json()  # what replaces it then
+    for stored in (
+        [(key, counts_only), (of_key, records[of_key])],
+        [(of_key, records[of_key]), (key, counts_only)],
+    ):
+        again = LoopView.from_records(CoreConfig(), stored)
+        assert again.loops[partial.loop].open[(0, index)].to_json() == aggregate.to_json()
