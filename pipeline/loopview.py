@@ -309,10 +309,10 @@ class LoopState:
         if kind == "o":
             restored = Aggregate.from_json(value)
             kept = self.open.get((parts[0], parts[1]))  # its "of" record came first
-            if "f" in value:  # written before 2026-11-26, features inside: move them out
-                self.changed.add(("of", parts[0], parts[1]))
-            elif kept is not None:
+            if kept is not None:
                 restored.features = kept.features
+            elif "f" in value:  # written before 2026-11-26, features inside: move them out
+                self.changed.add(("of", parts[0], parts[1]))
             self.open[(parts[0], parts[1])] = restored
         elif kind == "of":
             features = FeatureStats.from_json(value)

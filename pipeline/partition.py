@@ -108,17 +108,10 @@ class EncodedBuckets:
         self._features: dict[tuple[str, int], msgspec.Raw] = {}
 
     def counts(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
-        found = self._counts.get((loop, index))
-        if found is None:
-            found = self._counts[(loop, index)] = msgspec.Raw(dumps(aggregate.counts_json()))
-        return found
+        return _encoded(self._counts, (loop, index), aggregate.counts_json)
 
     def features(self, loop: str, index: int, aggregate: Aggregate) -> msgspec.Raw:
-        found = self._features.get((loop, index))
-        if found is None:
-            found = msgspec.Raw(dumps(aggregate.features_json()))
-            self._features[(loop, index)] = found
-        return found
+        return _encoded(self._features, (loop, index), aggregate.features_json)
 
     def changed(self, key: tuple[str, int]) -> None:
         """The bucket at ``key`` is about to change: its encodings are stale."""
@@ -128,6 +121,15 @@ class EncodedBuckets:
     def clear(self) -> None:
         self._counts.clear()
         self._features.clear()
+
+
+def _encoded(
+    cache: dict[tuple[str, int], msgspec.Raw], key: tuple[str, int], to_json: Callable[[], Any]
+) -> msgspec.Raw:
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = msgspec.Raw(dumps(to_json()))
+    return found
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,9 @@ class PartitionCore:
         if topic == "inputs":
             bucket.inputs[record.get("category") or ""] += 1
             bucket.features.add(feature_values(record))
-            key_of_bucket = (loop, (ts - 1) // self.config.bucket_ms)
-            self._changed_features.add(key_of_bucket)
-            self._unsent_features.add(key_of_bucket)
+            changed = self._bucket_key(loop, ts)
+            self._changed_features.add(changed)
+            self._unsent_features.add(changed)
             self._input(loop, key, case, ts)
         elif topic == "resolutions":
             bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
@@ -383,8 +385,12 @@ class PartitionCore:
         label = UNKNOWN_LOOP if loop is None else self.config.loop_label(loop)
         self._bucket(label, max(ts, 1)).dead_letters += 1
 
+    def _bucket_key(self, loop: str, ts_ms: int) -> tuple[str, int]:
+        """The bucket an event time falls in: buckets end at their boundary, inclusive."""
+        return (loop, (ts_ms - 1) // self.config.bucket_ms)
+
     def _bucket(self, loop: str, ts_ms: int) -> Aggregate:
-        key = (loop, (ts_ms - 1) // self.config.bucket_ms)
+        key = self._bucket_key(loop, ts_ms)
         found = self.buckets.get(key)
         if found is None:
             found = self.buckets[key] = Aggregate()
@@ -395,7 +401,7 @@ class PartitionCore:
         return found
 
     def _existing_bucket(self, loop: str, ts_ms: int) -> Aggregate | None:
-        key = (loop, (ts_ms - 1) // self.config.bucket_ms)
+        key = self._bucket_key(loop, ts_ms)
         found = self.buckets.get(key)
         if found is not None:
             self._changed_buckets.add(key)
