@@ -37,7 +37,7 @@ class DeadLetters:
     """Send a message that cannot be processed to the DLQ with its reason, durably."""
 
     def __init__(self, app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics):
-        self.topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_serializer="raw")
+        self.topic = raw_topic(app, settings.topic("dlq"))
         self.codec = codec
         self.metrics = metrics
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 import faust
 
 from agents.ingest import DeadLetters
+from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, batches_by_partition, state_table
 from pipeline.codec import Codec
 from pipeline.fastjson import loads
@@ -30,11 +31,9 @@ def register(
     app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
 ) -> Any:
     dead_letters = DeadLetters(app, settings, codec, metrics)
-    snapshots = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw")
-    alerts = app.topic(settings.topic("alerts"), key_serializer="raw", value_serializer="raw")
-    candidates = app.topic(
-        settings.topic("eval-candidates"), key_serializer="raw", value_serializer="raw"
-    )
+    snapshots = raw_topic(app, settings.topic("metrics"))
+    alerts = raw_topic(app, settings.topic("alerts"))
+    candidates = raw_topic(app, settings.topic("eval-candidates"))
     config = settings.core_config()
     producer_id = f"{settings.app_id}@{settings.web_host}:{settings.web_port}"
 
