@@ -1,7 +1,8 @@
 """Throughput benchmark: the loopline worker vs. raw aiokafka + decode of the same topic.
 
 Publishes N generated events once, then measures in the same run:
-  (a) baseline: aiokafka getmany over every partition + the codec's decode, until all N are read;
+  (a) baseline: aiokafka getmany over every partition + the codec's decode, until all N are read
+      (on uvloop, the worker's event loop);
   (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
       five numbers until it has processed all N;
 and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; and RSS samples, to
@@ -28,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.codec import Codec
@@ -198,7 +200,9 @@ def main() -> None:
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         asyncio.run(publish(settings, args.events))
         log("baseline: aiokafka getmany + decode ...")
-        base_rate = asyncio.run(baseline(settings, args.events))
+        # on the worker's event loop too (pipeline.worker), so that the ratio compares the work
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            base_rate = runner.run(baseline(settings, args.events))
         log(f"baseline: {base_rate:,.0f} events/s")
 
         env = dict(

