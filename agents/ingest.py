@@ -18,8 +18,9 @@ from typing import Any
 
 import faust
 
+from agents.batches import BatchTopic, batch_topic, consume
 from agents.raw import raw_topic
-from agents.state import CheckpointedPartitions, batches_by_partition, state_table
+from agents.state import CheckpointedPartitions, state_table
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
@@ -53,9 +54,9 @@ class DeadLetters:
 
 
 def register(
-    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
+    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: BatchTopic
 ) -> Any:
-    source = raw_topic(app, *(settings.topic(name) for name in SOURCE_TOPICS))
+    source = batch_topic(app, *(settings.topic(name) for name in SOURCE_TOPICS))
     dead_letters = DeadLetters(app, settings, codec, metrics)
     logical = {settings.topic(name): name for name in SOURCE_TOPICS}
     config = settings.core_config()
@@ -124,33 +125,30 @@ def register(
     partials_topic = partials.get_topic_name()
     send = app.producer.send
 
-    @app.agent(source, name="loopline.ingest")
-    async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for by_partition in batches_by_partition(stream):
-            tally = Tally()
-            offsets: dict[int, dict[str, int]] = {}
-            deliveries = []
-            for partition, messages in by_partition.items():
-                core, checkpoint = states.get(partition)
-                positions = offsets[partition] = {}
-                for message in messages:
-                    positions[message.topic] = message.offset + 1
-                    if not checkpoint.applied(message.topic, message.offset):
-                        await apply(core, message, tally)
-                for change in core.drain():
-                    value = (
-                        change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-                    )
-                    deliveries.append(
-                        await send(partials_topic, change.loop.encode(), value, None, None, None)
-                    )
-            # The partials are durable before a checkpoint says their events were applied: the
-            # producer sends each partition's batches on their own, so a checkpoint could
-            # otherwise land first, and a crash then would lose partials that are never resent.
-            await asyncio.gather(*deliveries)
-            for partition, positions in offsets.items():
-                core, _ = states.get(partition)
-                await states.commit(partition, core.changed_records(), positions)
-            tally.publish()
+    async def ingest(by_partition: dict[int, list[Any]]) -> None:
+        tally = Tally()
+        offsets: dict[int, dict[str, int]] = {}
+        deliveries = []
+        for partition, messages in by_partition.items():
+            core, checkpoint = states.get(partition)
+            positions = offsets[partition] = {}
+            for message in messages:
+                positions[message.topic] = message.offset + 1
+                if not checkpoint.applied(message.topic, message.offset):
+                    await apply(core, message, tally)
+            for change in core.drain():
+                value = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
+                deliveries.append(
+                    await send(partials_topic, change.loop.encode(), value, None, None, None)
+                )
+        # The partials are durable before a checkpoint says their events were applied: the
+        # producer sends each partition's batches on their own, so a checkpoint could otherwise
+        # land first, and a crash then would lose partials that are never resent.
+        await asyncio.gather(*deliveries)
+        for partition, positions in offsets.items():
+            core, _ = states.get(partition)
+            await states.commit(partition, core.changed_records(), positions)
+        tally.publish()
 
+    consume(app, source, ingest, "loopline.ingest")
     return states

@@ -15,9 +15,10 @@ from typing import Any, cast
 
 import faust
 
+from agents.batches import BatchTopic, consume
 from agents.ingest import DeadLetters
 from agents.raw import raw_topic
-from agents.state import CheckpointedPartitions, batches_by_partition, state_table
+from agents.state import CheckpointedPartitions, state_table
 from pipeline.codec import Codec
 from pipeline.fastjson import loads
 from pipeline.loopview import LoopView, iso, partial_from_json
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def register(
-    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: Any
+    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: BatchTopic
 ) -> Any:
     dead_letters = DeadLetters(app, settings, codec, metrics)
     snapshots = raw_topic(app, settings.topic("metrics"))
@@ -42,40 +43,38 @@ def register(
 
     views = CheckpointedPartitions(app, state_table(app, "loop-state", settings.partitions), build)
 
-    @app.agent(partials, name="loopline.loops")
-    async def merge(stream: faust.StreamT[bytes]) -> None:
-        async for by_partition in batches_by_partition(stream):
-            for partition, messages in by_partition.items():
-                view, checkpoint = views.get(partition)
-                offsets: dict[str, int] = {}
-                for message in messages:
-                    offsets[message.topic] = message.offset + 1
-                    if checkpoint.applied(message.topic, message.offset):
-                        continue
-                    try:
-                        view.apply(partial_from_json(loads(message.value)))
-                    except Exception as exc:  # never stop merging over one bad partial
-                        log.exception("bad partial")
-                        reason = "processing_error"
-                        await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
-                # Alerts are durable before the checkpoint that records their episode state;
-                # after a crash in between, the same records (same event_id) are sent again.
-                for alert in view.evaluate():
-                    log.info(
-                        "alert %s %s: %s", alert["state"], alert["fingerprint"], alert["summary"]
-                    )
-                    value = codec.encode("Alert", alert)
-                    delivery = await alerts.send(key=alert["fingerprint"].encode(), value=value)
-                    await delivery  # durable before the checkpoint that records the episode
-                # Candidates likewise; the sampler's state (picked cases) is in the checkpoint.
-                for candidate in view.candidates:
-                    value = codec.encode("EvalCandidate", candidate)
-                    delivery = await candidates.send(key=candidate["case_id"].encode(), value=value)
-                    await delivery
-                    for reason in candidate["reasons"]:
-                        metrics.eval_candidates.labels(candidate["loop"], reason).inc()
-                view.candidates = []
-                await views.commit(partition, view.changed_records(), offsets)
+    async def merge(by_partition: dict[int, list[Any]]) -> None:
+        for partition, messages in by_partition.items():
+            view, checkpoint = views.get(partition)
+            offsets: dict[str, int] = {}
+            for message in messages:
+                offsets[message.topic] = message.offset + 1
+                if checkpoint.applied(message.topic, message.offset):
+                    continue
+                try:
+                    view.apply(partial_from_json(loads(message.value)))
+                except Exception as exc:  # never stop merging over one bad partial
+                    log.exception("bad partial")
+                    reason = "processing_error"
+                    await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
+            # Alerts are durable before the checkpoint that records their episode state;
+            # after a crash in between, the same records (same event_id) are sent again.
+            for alert in view.evaluate():
+                log.info("alert %s %s: %s", alert["state"], alert["fingerprint"], alert["summary"])
+                value = codec.encode("Alert", alert)
+                delivery = await alerts.send(key=alert["fingerprint"].encode(), value=value)
+                await delivery  # durable before the checkpoint that records the episode
+            # Candidates likewise; the sampler's state (picked cases) is in the checkpoint.
+            for candidate in view.candidates:
+                value = codec.encode("EvalCandidate", candidate)
+                delivery = await candidates.send(key=candidate["case_id"].encode(), value=value)
+                await delivery
+                for reason in candidate["reasons"]:
+                    metrics.eval_candidates.labels(candidate["loop"], reason).inc()
+            view.candidates = []
+            await views.commit(partition, view.changed_records(), offsets)
+
+    consume(app, partials, merge, "loopline.loops")
 
     partials_topic = partials.get_topic_name()
 

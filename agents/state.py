@@ -3,29 +3,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 import faust
 
 from pipeline.checkpoint import Checkpoint
 
 Core = TypeVar("Core")
-
-BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.2
-
-
-async def batches_by_partition(stream: faust.StreamT[bytes]) -> AsyncIterator[dict[int, list[Any]]]:
-    """The stream's messages in batches, grouped by partition. A batch is acknowledged only when
-    the consumer asks for the next one, that is after its state and outputs were written."""
-    taken = cast(faust.Stream[bytes], stream).take_events(BATCH_EVENTS, within=BATCH_SECONDS)
-    async for events in taken:
-        grouped: dict[int, list[Any]] = defaultdict(list)
-        for event in events:
-            grouped[event.message.partition].append(event.message)
-        yield grouped
 
 
 def state_table(app: faust.App, name: str, partitions: int) -> Any:

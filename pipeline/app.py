@@ -24,7 +24,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     """A Faust app with loopline's agents registered and /metrics served on its web port."""
     # agents import pipeline, so they are wired in here, not at import
     from agents import ingest, loops
-    from agents.raw import raw_topic
+    from agents.batches import batch_topic
 
     app = faust.App(
         settings.app_id,
@@ -53,7 +53,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    partials = raw_topic(app, settings.topic("partials"))
+    partials = batch_topic(app, settings.topic("partials"))
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
 
