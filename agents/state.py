@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import faust
 
@@ -51,13 +51,22 @@ class CheckpointedPartitions(Generic[Core]):
         """Write one batch's records and then its marker to the partition's changelog.
 
         Straight to the producer rather than through ``Table.send_changelog``, whose buffer
-        hands messages over one at a time (about half the worker's time went there). Faust
-        flushes this producer before it commits offsets, so the writes are durable first."""
+        hands messages over one at a time (about half the worker's time went there), and as
+        whole record batches rather than a send (a future, a partitioner call, an accumulator
+        lookup) per record. Batches of one partition go out in order, so the marker is still
+        last. Faust flushes this producer before it commits offsets, so the writes are durable
+        first."""
         _, checkpoint = self.loaded[partition]
         topic = self.table.changelog_topic.get_topic_name()
-        send = self.app.producer.send
+        # aiokafka's producer, under Faust's
+        producer = cast(Any, self.app.producer)._ensure_producer()
+        batch = producer.create_batch()
         for key, value in checkpoint.commit(changed, offsets):
-            await send(topic, key, value, partition, None, None)
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                await producer.send_batch(batch, topic, partition=partition)
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any
+        await producer.send_batch(batch, topic, partition=partition)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
