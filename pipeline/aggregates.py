@@ -38,6 +38,13 @@ class Aggregate:
     features: FeatureStats = field(default_factory=FeatureStats)
     events: int = 0  # source records counted (not duplicates), for the dead-letter rate
     dead_letters: int = 0
+    # Cases first resolved in this bucket whose input lies in an earlier bucket (its index ->
+    # how many): they no longer count as unresolved there. Recorded here rather than taken off
+    # the earlier bucket, so that a resolution changes only the bucket of its own time; an old
+    # bucket changed for one count was re-sent to stage 2 and re-stored whole (most partials
+    # were that). Only stage 2's open buckets need it (LoopState.unresolved): merges into
+    # windows and roll-ups leave it out.
+    settled: Counter[int] = field(default_factory=Counter)
 
     def merge(self, other: Aggregate, features: bool = True) -> None:
         add_counts(self.resolutions, other.resolutions)
@@ -73,6 +80,7 @@ class Aggregate:
             "latency": self.latency.to_json(),
             "inputs": dict(self.inputs),
             "unresolved": self.unresolved,
+            "st": [[index, n] for index, n in self.settled.items()],
             "ev": self.events,
             "dl": self.dead_letters,
         }
@@ -93,6 +101,7 @@ class Aggregate:
             FeatureStats.from_json(data.get("f")),
             int(data.get("ev", 0)),
             int(data.get("dl", 0)),
+            Counter({int(index): int(n) for index, n in data.get("st", ())}),
         )
 
     @property

@@ -257,15 +257,19 @@ class LoopState:
 
     def unresolved(self, as_of_ms: int) -> int:
         """Cases whose first input is at least the loop's SLA old (at bucket granularity) and
-        that have no resolution, among those stage 1 still tracks (within the case horizon)."""
+        that have no resolution, among those stage 1 still tracks (within the case horizon):
+        each open bucket's unresolved count, less the resolutions that later buckets of the
+        same partition recorded for it (Aggregate.settled)."""
         size = self.config.bucket_ms
         due = as_of_ms - self.config.sla(self.loop)
         oldest = as_of_ms - self.config.case_horizon_ms
-        return sum(
-            a.unresolved
-            for (_, index), a in self.open.items()
-            if oldest < (index + 1) * size <= due
-        )
+        counted = {key for key in self.open if oldest < (key[1] + 1) * size <= due}
+        total = sum(self.open[key].unresolved for key in counted)
+        for (partition, _), aggregate in self.open.items():
+            for index, n in aggregate.settled.items():
+                if (partition, index) in counted:
+                    total -= n
+        return total
 
     # -- persistence ------------------------------------------------------------------------
 

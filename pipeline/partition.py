@@ -422,9 +422,13 @@ class PartitionCore:
 
     def _resolution(self, loop: str, key: str, case: Case, ts: int) -> None:
         if case.input_ms is not None and not case.resolved:
-            bucket = self._existing_bucket(loop, case.input_ms)
-            if bucket is not None:
-                bucket.unresolved -= 1
+            arrived = self._bucket_key(loop, case.input_ms)
+            if arrived in self.buckets:  # else past the horizon, no longer counted
+                if self._bucket_key(loop, ts)[1] > arrived[1]:
+                    # in the resolution's bucket (Aggregate.settled): the old one is unchanged
+                    self._bucket(loop, ts).settled[arrived[1]] += 1
+                else:  # the same bucket (or clock skew)
+                    self._bucket(loop, case.input_ms).unresolved -= 1
         case.resolved = True
         if case.input_ms is None:
             case.pending.append(ts)

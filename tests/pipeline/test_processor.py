@@ -175,6 +175,41 @@ def test_unresolved_past_sla(processor: Processor) -> None:
     assert processor.unresolved(T0 + 70 * S + 3600 * S + 1) == {"refunds": 1}
 
 
+def test_a_later_resolution_changes_only_its_own_bucket_and_still_counts() -> None:
+    # Buckets are 10 s and end at their boundary: inputs at 10, 2 and 3 s are in bucket 0, one
+    # at 25 s in bucket 2.
+    # c1 is resolved at 35 s (bucket 3): recorded there, bucket 0 is not touched. c2 is
+    # resolved at 8 s (bucket 0 itself). c4's resolution is stamped 12 s (bucket 1), before
+    # its input (clock skew): taken off bucket 2. c3 stays open.
+    core = PartitionCore(CoreConfig())
+    inputs = [_input("i1", "c1", 10, None), _input("i2", "c2", 2, None)]
+    inputs += [_input("i3", "c3", 3, None), _input("i4", "c4", 25, None)]
+    for topic, record in inputs:
+        core.process(topic, record["case_id"], record)
+    sent = [m for m in core.drain() if isinstance(m, Partial) and m.buckets]
+    b0 = T0 // (10 * S)  # bucket indices count from the epoch
+    assert sorted(i - b0 for m in sent for i in m.buckets) == [0, 2]
+    core.changed_records()
+    resolutions = [_resolution("r1", "c1", 35, "SYSTEM", "RESOLVED")]
+    resolutions += [_resolution("r2", "c2", 8, "SYSTEM", "RESOLVED")]
+    resolutions += [_resolution("r4", "c4", 12, "SYSTEM", "RESOLVED")]
+    for topic, record in resolutions:
+        core.process(topic, record["case_id"], record)
+    drained = [m for m in core.drain() if isinstance(m, Partial)]
+    changed = {i - b0: a for m in drained for i, a in m.buckets.items()}
+    assert sorted(changed) == [0, 1, 2, 3]  # r2 in 0, r4 in 1 (and 2's count), r1 in 3
+    assert changed[3].settled == {b0: 1} and changed[0].unresolved == 2  # c1 not taken off 0
+    assert changed[2].unresolved == 0 and not changed[1].settled  # c4: skewed, taken off 2
+    # Past the SLA of every bucket, only c3 is unresolved.
+    proc = Processor()
+    for topic, record in inputs + resolutions:
+        proc.process(topic, record)
+    late = T0 + 3600 * S + 40 * S
+    assert proc.unresolved(late) == {"refunds": 1}
+    # Due for bucket 0 only: c3 (c1 settled by bucket 3, c2 in bucket 0 itself).
+    assert proc.unresolved(T0 + 3600 * S + 10 * S) == {"refunds": 1}
+
+
 def test_human_time_is_free_until_a_rate_is_set() -> None:
     proc = Processor()
     for topic, record in EVENTS:

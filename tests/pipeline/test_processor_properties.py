@@ -243,6 +243,7 @@ def test_aggregate_json_round_trip() -> None:
     agg.human_micro_minutes += 3_000_000
     agg.latency.add(4.2)
     agg.inputs["x"] += 5
+    agg.settled[-3] += 2
     assert Aggregate.from_json(json.loads(json.dumps(agg.to_json()))) == agg
 
 
