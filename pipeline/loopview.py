@@ -165,14 +165,22 @@ class LoopState:
 
     def evaluate(self, as_of_ms: int | None = None) -> list[dict[str, Any]]:
         """Evaluate the alert rules at every evaluation_interval boundary of event time passed
-        since the last evaluation, up to ``as_of_ms`` (default ``complete_ms``), as replay does:
-        a backlog read in large batches still gets one evaluation per interval (the last
-        CATCH_UP of them, after a long gap). Returns the Alert records to publish."""
+        since the last evaluation (the first time: since the loop's first bucket), up to
+        ``as_of_ms`` (default ``complete_ms``), as replay does: a backlog read in large batches
+        still gets one evaluation per interval (the last CATCH_UP of them, after a long gap),
+        so a rule that needs several evaluations in a row fires however the events were
+        batched. Returns the Alert records to publish."""
         interval = self.config.rules.evaluation_interval_ms
         last = (self.complete_ms if as_of_ms is None else as_of_ms) // interval * interval
         if last <= self.evaluated_ms:
             return []
-        first = last if not self.evaluated_ms else self.evaluated_ms + interval
+        if self.evaluated_ms:
+            first = self.evaluated_ms + interval
+        else:  # the first evaluation: from the end of the loop's first bucket on, like any other
+            earliest = min((index for _, index in self.open), default=None)
+            first = last
+            if earliest is not None:
+                first = align_up((earliest + 1) * self.config.bucket_ms, interval)
         first = max(first, last - (CATCH_UP - 1) * interval)
         records: list[dict[str, Any]] = []
         for boundary in range(first, last + 1, interval):
