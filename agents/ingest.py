@@ -26,7 +26,7 @@ from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
 from pipeline.fastjson import dumps
 from pipeline.metrics import PipelineMetrics
-from pipeline.partition import Partial, PartitionCore
+from pipeline.partition import CASES, Partial, PartitionCore
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
 from pipeline.topics import RECORD_OF, SOURCE_TOPICS
@@ -65,11 +65,13 @@ def register(
         metrics.latency.labels(loop).observe(seconds)
 
     def build(partition: int, records: Mapping[str, Any]) -> PartitionCore:
-        return PartitionCore.from_records(config, partition, records, on_latency=observe)
+        return PartitionCore.from_records(
+            config, partition, records, on_latency=observe, keeps_previous=True
+        )
 
-    states = CheckpointedPartitions(
-        app, state_table(app, "partition-state", settings.partitions), build
-    )
+    # The cores hold the cases, so the table's store keeps no second copy of them.
+    table = state_table(app, "partition-state", settings.partitions)
+    states = CheckpointedPartitions(app, table, build, held=(CASES,))
 
     class Tally:
         """Counter increments of one batch, applied at once (a labelled inc costs microseconds,
@@ -147,7 +149,8 @@ def register(
         await asyncio.gather(*deliveries)
         for partition, positions in offsets.items():
             core, _ = states.get(partition)
-            await states.commit(partition, core.changed_records(), positions)
+            previous = core.previous_records()
+            await states.commit(partition, core.changed_records(), positions, previous)
         tally.publish()
 
     consume(app, source, ingest, "loopline.ingest")

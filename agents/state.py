@@ -29,24 +29,33 @@ class CheckpointedPartitions(Generic[Core]):
     an assignment (table recovery has finished by then), and its checkpoint."""
 
     def __init__(
-        self, app: faust.App, table: Any, build: Callable[[int, Mapping[str, Any]], Core]
+        self,
+        app: faust.App,
+        table: Any,
+        build: Callable[[int, Mapping[str, Any]], Core],
+        held: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.table = table
         self.build = build
+        self.held = held  # key prefixes of records the cores hold (pipeline.checkpoint)
         self.loaded: dict[int, tuple[Core, Checkpoint]] = {}
 
     def get(self, partition: int) -> tuple[Core, Checkpoint]:
         found = self.loaded.get(partition)
         if found is None:
-            checkpoint = Checkpoint(self.table.data, f"{partition}/")
+            checkpoint = Checkpoint(self.table.data, f"{partition}/", self.held)
             core = self.build(partition, checkpoint.values)
             checkpoint.values = {}  # the core holds the state now
             found = self.loaded[partition] = (core, checkpoint)
         return found
 
     async def commit(
-        self, partition: int, changed: Mapping[str, Any], offsets: Mapping[str, int]
+        self,
+        partition: int,
+        changed: Mapping[str, Any],
+        offsets: Mapping[str, int],
+        before: Mapping[str, bytes | None] | None = None,
     ) -> None:
         """Write one batch's records and then its marker to the partition's changelog.
 
@@ -61,7 +70,7 @@ class CheckpointedPartitions(Generic[Core]):
         # aiokafka's producer, under Faust's
         producer = cast(Any, self.app.producer)._ensure_producer()
         batch = producer.create_batch()
-        for key, value in checkpoint.commit(changed, offsets):
+        for key, value in checkpoint.commit(changed, offsets, before):
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
                 await producer.send_batch(batch, topic, partition=partition)
                 batch = producer.create_batch()

@@ -34,6 +34,7 @@ from pipeline.features import (
 from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
+CASES = "c/"  # the key prefix of case records
 #: The input fields an eval candidate (and the eval case it may become) keeps.
 INPUT_FIELDS = (
     "channel",
@@ -233,6 +234,7 @@ class PartitionCore:
         config: CoreConfig,
         partition: int = 0,
         on_latency: Callable[[str, float], None] | None = None,
+        keeps_previous: bool = False,
     ) -> None:
         self.config = config
         self.partition = partition
@@ -260,6 +262,10 @@ class PartitionCore:
         self._proposals: list[CaseProposal] = []
         self._watermark_changed = False
         self.horizon_ms = config.case_horizon_ms
+        # For a checkpoint that keeps no copy of the cases (pipeline.checkpoint, "held"): each
+        # changed case's JSON as of the last checkpoint, encoded before its first change.
+        self.keeps_previous = keeps_previous
+        self._previous: dict[str, bytes | None] = {}
 
     # -- input ------------------------------------------------------------------------------
 
@@ -286,13 +292,13 @@ class PartitionCore:
             first = case.seen.get(event_id)
             if first is not None and first >= self.watermark_ms - self.config.dedupe_horizon_ms:
                 return "duplicate"
-        else:
+        self._changing(key)
+        if case is None:
             case = self.cases[key] = Case(loop)
         case.seen[event_id] = ts
         if ts > case.touched_ms:
             case.touched_ms = ts
             heapq.heappush(self._expiry, (ts, key))
-        self._changed_cases.add(key)
         bucket = self._bucket(loop, ts)
         bucket.events += 1
         if topic == "inputs":
@@ -377,6 +383,16 @@ class PartitionCore:
         if considered(proposal, [*reasons, *EXTRINSIC], candidates):
             self._proposals.append(proposal)
 
+    def _changing(self, key: str) -> None:
+        """Mark a case as changed, before it changes: with ``keeps_previous``, its JSON as of
+        the last checkpoint is kept at its first change in a batch (``previous_records``)."""
+        if key in self._changed_cases:
+            return
+        self._changed_cases.add(key)
+        if self.keeps_previous:
+            case = self.cases.get(key)
+            self._previous[CASES + key] = None if case is None else dumps(case.to_json())
+
     def dead_letter(self, loop: str | None, fallback_ms: int) -> None:
         """Count a record that went to the dead-letter topic, at the partition's event time
         (or at ``fallback_ms``, the message's own time, before any event), under its loop when
@@ -457,19 +473,19 @@ class PartitionCore:
         self._next_sweep_ms = align_up(self.watermark_ms + 1, bucket_ms)
         lateness = self.watermark_ms - self.config.allowed_lateness_ms
         for key in [k for k in self._with_pending if self.cases[k].touched_ms < lateness]:
+            self._changing(key)
             case = self.cases[key]
             case.pending = [t for t in case.pending if t > lateness]
             if not case.pending:
                 self._with_pending.discard(key)
-            self._changed_cases.add(key)
         horizon = self.watermark_ms - self.horizon_ms
         while self._expiry and self._expiry[0][0] <= horizon:
             touched, key = heapq.heappop(self._expiry)
             expired = self.cases.get(key)
             if expired is not None and expired.touched_ms == touched:
+                self._changing(key)
                 del self.cases[key]
                 self._with_pending.discard(key)
-                self._changed_cases.add(key)
         last_closed = horizon // bucket_ms  # buckets ending at or before the horizon
         for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
             aggregate = self.buckets.pop(bucket_key)
@@ -532,15 +548,21 @@ class PartitionCore:
             )
         for key in self._changed_cases:
             case = self.cases.get(key)
-            records[f"c/{key}"] = None if case is None else case.to_json()
+            records[CASES + key] = None if case is None else case.to_json()
         for key in self._changed_eval_cases:
             records[f"e/{key}"] = self.eval_case_loops.get(key)
         records[WATERMARK_KEY] = {"wm": self.watermark_ms, "loops": sorted(self.known_loops)}
         self.discard_changes()
         return records
 
+    def previous_records(self) -> dict[str, bytes | None]:
+        """The ``before`` of pipeline.checkpoint's commit for the cases of ``changed_records``:
+        call it first (``changed_records`` starts the next batch)."""
+        return self._previous
+
     def discard_changes(self) -> None:
         """Forget what changed, where nothing is persisted (replay)."""
+        self._previous = {}
         self._changed_buckets = set()
         self._changed_features = set()
         self._changed_cases = set()
@@ -554,9 +576,10 @@ class PartitionCore:
         partition: int,
         records: Mapping[str, Any],
         on_latency: Callable[[str, float], None] | None = None,
+        keeps_previous: bool = False,
     ) -> PartitionCore:
         """Rebuild the state that ``changed_records`` wrote (resume comes from the snapshot)."""
-        core = cls(config, partition, on_latency)
+        core = cls(config, partition, on_latency, keeps_previous)
         features: dict[tuple[str, int], FeatureStats] = {}
         for key, value in records.items():
             if key == WATERMARK_KEY:
@@ -573,7 +596,7 @@ class PartitionCore:
                 core.known_loops.add(loop)
                 if value.get("f"):  # written before 2026-11-26, features inside: move them out
                     core._changed_features.add((loop, int(index)))
-            elif key.startswith("c/"):
+            elif key.startswith(CASES):
                 case = core.cases[key[2:]] = Case.from_json(value)
                 core._expiry.append((case.touched_ms, key[2:]))
                 if case.pending:

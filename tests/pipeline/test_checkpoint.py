@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.checkpoint import Checkpoint, Write
+from pipeline.checkpoint import HELD, Checkpoint, Write
 from pipeline.core import CoreConfig
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import PartitionCore
+from pipeline.partition import CASES, PartitionCore
 from pipeline.processor import partition_key
 
 T0 = 1_795_000_000_000
@@ -110,9 +110,11 @@ class Run:
     write_batch: list[int]  # the batch index of each write
 
 
-def run_stage1(store: dict[bytes, Any], events: list[Event], size: int) -> Run:
-    checkpoint = Checkpoint(store, "0/")
-    core = PartitionCore.from_records(CONFIG, 0, checkpoint.values)
+def run_stage1(store: dict[bytes, Any], events: list[Event], size: int, held: bool = True) -> Run:
+    """Stage 1 as the worker runs it: with ``held``, the store keeps no copy of the cases and
+    the core hands their previous values to each commit."""
+    checkpoint = Checkpoint(store, "0/", (CASES,) if held else ())
+    core = PartitionCore.from_records(CONFIG, 0, checkpoint.values, keeps_previous=held)
     run = Run([], [], [])
     todo = [e for e in events if not checkpoint.applied(e.topic, e.offset)]
     for number, chunk in enumerate(batches(todo, size)):
@@ -121,7 +123,11 @@ def run_stage1(store: dict[bytes, Any], events: list[Event], size: int) -> Run:
             core.process(event.topic, partition_key(event.topic, event.record), event.record)
             offsets[event.topic] = event.offset + 1
         run.sent.append([json.dumps(m.to_json()) for m in core.drain()])
-        writes = checkpoint.commit(core.changed_records(), offsets)
+        previous = core.previous_records()
+        writes = checkpoint.commit(core.changed_records(), offsets, previous)
+        if held:  # the cases are not in the store twice
+            cases = [v.value for k, v in store.items() if k[:4] == b"0/c/"]
+            assert cases and all(value in (HELD, None) for value in cases)  # None: deleted
         run.writes += writes
         run.write_batch += [number] * len(writes)
     return run
@@ -138,17 +144,19 @@ def restored_values(writes: Iterable[Write]) -> dict[str, Any]:
     return Checkpoint(apply_writes(writes), "0/").values
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_stage1_crash_at_every_write_recovers_the_uninterrupted_state(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "held"), [(1, True), (2, True), (3, False)])
+def test_stage1_crash_at_every_write_recovers_the_uninterrupted_state(
+    seed: int, held: bool
+) -> None:
     events = make_events(seed)
-    full = run_stage1({}, events, size=5)
+    full = run_stage1({}, events, size=5, held=held)
     expected_state = restored_values(full.writes)
     expected_numbers = stage2_snapshot(m for batch in full.sent for m in batch)
     assert expected_numbers["snapshot"]["loops"], "the scenario must produce numbers"
     assert any(v is None for _, v in full.writes), "the scenario must expire something"
     for cut in range(len(full.writes) + 1):
         durable = full.writes[:cut]
-        restart = run_stage1(apply_writes(durable), events, size=5)
+        restart = run_stage1(apply_writes(durable), events, size=5, held=held)
         assert restored_values(durable + restart.writes) == expected_state, cut
         # Stage 1 sent the messages of every batch that had started writing before the kill.
         started = full.write_batch[cut - 1] + 1 if cut else 0
