@@ -4,24 +4,13 @@ broker: the hand-over, batching, rebalance rules and acks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import faust
-import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
 from agents.batches import BatchConsumer, BatchTopic, MessageBuffer, batch_topic
-
-
-@pytest.fixture
-def app() -> Iterator[faust.App]:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield faust.App("batches-test", broker="kafka://127.0.0.1:1", autodiscover=False, loop=loop)
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def run(app: faust.App, coro: Any) -> Any:

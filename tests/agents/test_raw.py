@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import faust
-import pytest
 from faust.types import TP, Message
 
 from agents.raw import RawSchema, raw_topic
-
-
-@pytest.fixture
-def app() -> Iterator[faust.App]:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield faust.App("raw-test", broker="kafka://127.0.0.1:1", autodiscover=False, loop=loop)
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def message(key: bytes | None, value: bytes | None) -> Message:
