@@ -312,7 +312,7 @@ class PartitionCore:
             bucket.resolutions[(str(record["resolver"]), str(record["outcome"]))] += 1
             bucket.cost_nano_usd += amounts[0]
             bucket.human_micro_minutes += amounts[1]
-            self._resolution(loop, key, case, ts)
+            self._resolution(loop, key, case, ts, bucket)
         elif topic != "eval-results":
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
         bucket.verdicts.update(verdicts_of(topic, record))
@@ -436,13 +436,14 @@ class PartitionCore:
         case.pending.clear()
         self._with_pending.discard(key)
 
-    def _resolution(self, loop: str, key: str, case: Case, ts: int) -> None:
+    def _resolution(self, loop: str, key: str, case: Case, ts: int, here: Aggregate) -> None:
+        """``here`` is the resolution's own bucket (process has it already)."""
         if case.input_ms is not None and not case.resolved:
             arrived = self._bucket_key(loop, case.input_ms)
             if arrived in self.buckets:  # else past the horizon, no longer counted
                 if self._bucket_key(loop, ts)[1] > arrived[1]:
                     # in the resolution's bucket (Aggregate.settled): the old one is unchanged
-                    self._bucket(loop, ts).settled[arrived[1]] += 1
+                    here.settled[arrived[1]] += 1
                 else:  # the same bucket (or clock skew)
                     self._bucket(loop, case.input_ms).unresolved -= 1
         case.resolved = True
