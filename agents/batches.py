@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import faust
-from faust.types import Message
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP, Message
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from agents.raw import RawSchema
@@ -50,6 +51,11 @@ class MessageBuffer(ThrowableQueue[Message]):
         self.size = size
         self.within = within
         self._filled = asyncio.Event()  # set once the buffer holds the rest of a batch
+        self.newest: dict[TP, int] = {}  # partition -> offset of the newest message put
+
+    def clear(self) -> None:
+        super().clear()
+        self.newest.clear()
 
     def put_nowait_enhanced(
         self,
@@ -61,6 +67,7 @@ class MessageBuffer(ThrowableQueue[Message]):
         high = super().put_nowait_enhanced(
             value, on_pressure_high=on_pressure_high, on_pressure_drop=on_pressure_drop
         )
+        self.newest[value.tp] = value.offset
         if self.qsize() >= self.size - 1:
             self._filled.set()
         return high
@@ -102,6 +109,22 @@ class BatchTopic(faust.Topic):
                 within=BATCH_SECONDS,
             )
         return cast(MessageBuffer, self._queue)
+
+
+def client_lag(consumer: Any, tp: TP) -> int | None:
+    """How many messages of ``tp`` aiokafka has not handed to Faust's consumer yet (fetched
+    or not), or None when it does not know (not assigned, not positioned, nothing fetched
+    yet). Faust reads positions only through its consumer thread, a round trip per call;
+    this reads aiokafka's subscription state, as the thread's ``position`` does itself."""
+    try:
+        client = consumer._thread._ensure_consumer()
+        assignment = client._subscription.subscription.assignment
+    except (AttributeError, ConsumerNotStarted):  # not started, or in a rebalance
+        return None
+    state = None if assignment is None else assignment.state_value(tp)
+    if state is None or state.highwater is None or not state.has_valid_position:
+        return None
+    return int(state.highwater) - int(state.position)
 
 
 def batch_topic(app: faust.App, *names: str) -> BatchTopic:
@@ -158,6 +181,15 @@ class BatchConsumer:
                 for message in messages:
                     message.ack(consumer)
                     on_message_out(message.tp, message.offset, message)
+
+    def unread(self, tp: TP, next_offset: int) -> bool:
+        """Whether ``tp`` has messages from ``next_offset`` on that no batch has had yet: in
+        the buffer, or not yet handed over by the Kafka client (fetched or not). What the
+        client handed to Faust's fetch loop but the loop has not buffered yet (one fetch at
+        most) is not seen. An unknown offset counts as read: nothing waits on a guess."""
+        if self.channel.queue.newest.get(tp, -1) >= next_offset:
+            return True
+        return (client_lag(self.app.consumer, tp) or 0) > 0
 
 
 def consume(app: faust.App, topic: BatchTopic, handle: Handler, name: str) -> BatchConsumer:

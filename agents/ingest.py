@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from agents.batches import BatchTopic, batch_topic, consume
 from agents.raw import raw_topic
@@ -29,7 +30,7 @@ from pipeline.metrics import PipelineMetrics
 from pipeline.partition import CASES, Partial, PartitionCore
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
-from pipeline.topics import RECORD_OF, SOURCE_TOPICS
+from pipeline.topics import EVENT_TOPICS, RECORD_OF, SOURCE_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def register(
     source = batch_topic(app, *(settings.topic(name) for name in SOURCE_TOPICS))
     dead_letters = DeadLetters(app, settings, codec, metrics)
     logical = {settings.topic(name): name for name in SOURCE_TOPICS}
+    timed = {settings.topic(name) for name in EVENT_TOPICS}  # the ones with event time
     config = settings.core_config()
 
     def observe(loop: str, seconds: float) -> None:
@@ -136,8 +138,21 @@ def register(
             positions = offsets[partition] = {}
             for message in messages:
                 positions[message.topic] = message.offset + 1
+            # The watermark waits for the topics with events still to be read: those of this
+            # batch while it is applied (in no time order across topics), then those that
+            # have more after it (pipeline.partition.PartitionCore.hold).
+            later = frozenset(
+                logical[name]
+                for name in timed
+                if batches.unread(
+                    TP(name, partition), positions.get(name, checkpoint.offsets.get(name, 0))
+                )
+            )
+            core.hold(later | {logical[name] for name in positions if name in timed})
+            for message in messages:
                 if not checkpoint.applied(message.topic, message.offset):
                     await apply(core, message, tally)
+            core.hold(later)
             for change in core.drain():
                 value = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
                 deliveries.append(
@@ -153,5 +168,5 @@ def register(
             await states.commit(partition, core.changed_records(), positions, previous)
         tally.publish()
 
-    consume(app, source, ingest, "loopline.ingest")
+    batches = consume(app, source, ingest, "loopline.ingest")
     return states

@@ -122,12 +122,17 @@ def scrape(urls: list[str]) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
     return total
 
 
-def processed(urls: list[str]) -> float:
+STATUSES = ("ok", "duplicate", "too_late", "dead_letter")
+
+
+def by_status(urls: list[str]) -> dict[str, int]:
+    """The workers' events by status: what was counted, and what was not (too late, say)."""
     samples = scrape(urls)
-    return sum(
-        sample_sum(samples, "loopline_events_total", status=s)
-        for s in ("ok", "duplicate", "too_late", "dead_letter")
-    )
+    return {s: round(sample_sum(samples, "loopline_events_total", status=s)) for s in STATUSES}
+
+
+def processed(urls: list[str]) -> float:
+    return sum(by_status(urls).values())
 
 
 def source_lag(urls: list[str], settings: Settings) -> str:
@@ -249,6 +254,7 @@ def main() -> None:
                         f"lag by partition {source_lag(urls, settings)}"
                     )
             worker_rate = args.events / (time.monotonic() - first)
+            statuses = by_status(urls)
             peak = sum(rss_kib(w.pid, "VmHWM") for w in workers)
             log("freshness probes ...")
             delays = sorted(asyncio.run(freshness(settings, urls, args.probes)))
@@ -264,6 +270,7 @@ def main() -> None:
             "baseline_events_per_s": round(base_rate),
             "worker_events_per_s": round(worker_rate),
             "ratio": round(worker_rate / base_rate, 3),
+            "worker_events_by_status": statuses,
             "worker_peak_rss_mib": round(peak / 1024, 1),
             "worker_rss_samples_mib": [round(s / 1024) for s in samples],
             "freshness_p50_s": round(statistics.median(delays), 3),

@@ -240,6 +240,8 @@ class PartitionCore:
         self.partition = partition
         self.on_latency = on_latency  # e.g. a Prometheus histogram's observe, per loop
         self.watermark_ms = 0
+        self.marks: dict[str, int] = {}  # source topic -> the event time of its newest event
+        self.behind: frozenset[str] = frozenset()  # topics with events still to be read
         self.cases: dict[str, Case] = {}
         self.buckets: dict[tuple[str, int], Aggregate] = {}
         self._expiry: list[tuple[int, str]] = []  # (touched_ms, key), stale entries allowed
@@ -317,12 +319,33 @@ class PartitionCore:
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
         bucket.verdicts.update(verdicts_of(topic, record))
         self._remember(topic, key, case, record, ts, amounts[0])
+        if ts > self.marks.get(topic, 0):
+            self.marks[topic] = ts
+            self._raise_watermark(self._held() if self.behind else ts)
+        return "ok"
+
+    def hold(self, behind: frozenset[str]) -> None:
+        """Say which source topics of the partition still have events to be read: the
+        watermark waits for the slowest of them. Topics are consumed at different speeds (a
+        fetch brings as many bytes of each, and inputs are larger than resolutions), so while
+        a backlog is read, one topic can be hours of event time ahead of another; judged
+        against that topic's newest event, the other's events would all be too late, and the
+        cases they belong to expired. Replay reads one stream in order and never holds."""
+        self.behind = behind
+        self._raise_watermark(self._held())
+
+    def _held(self) -> int:
+        """The watermark the topics' newest events allow: the newest event of all, unless a
+        topic still to be read has not got that far (a topic not seen yet holds it still)."""
+        newest = max(self.marks.values(), default=0)
+        return min((self.marks.get(topic, 0) for topic in self.behind), default=newest)
+
+    def _raise_watermark(self, ts: int) -> None:
         if ts > self.watermark_ms:
             self.watermark_ms = ts
             self._watermark_changed = True
             if ts >= self._next_sweep_ms:  # expire state once per bucket of event time
                 self.advance(ts)
-        return "ok"
 
     def delete_eval_case(self, eval_case_id: str) -> str:
         """Apply a tombstone of the eval-cases topic: stage 2 drops the case from its loop's
@@ -552,7 +575,11 @@ class PartitionCore:
             records[CASES + key] = None if case is None else case.to_json()
         for key in self._changed_eval_cases:
             records[f"e/{key}"] = self.eval_case_loops.get(key)
-        records[WATERMARK_KEY] = {"wm": self.watermark_ms, "loops": sorted(self.known_loops)}
+        records[WATERMARK_KEY] = {
+            "wm": self.watermark_ms,
+            "loops": sorted(self.known_loops),
+            "marks": self.marks,
+        }
         self.discard_changes()
         return records
 
@@ -585,6 +612,7 @@ class PartitionCore:
         for key, value in records.items():
             if key == WATERMARK_KEY:
                 core.watermark_ms = int(value["wm"])
+                core.marks.update(value.get("marks", {}))  # none before 2026-11-26
                 core.known_loops.update(value["loops"])
             elif key.startswith(("b/", "f/")) and value is not None:
                 loop, _, index = key[2:].rpartition("/")

@@ -38,6 +38,8 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 #: Topics that services publish to and the worker consumes, by logical name.
 SOURCE_TOPICS = ("inputs", "resolutions", "eval-results", "eval-cases")
+#: The source topics whose events carry event time (eval cases are reference data).
+EVENT_TOPICS = ("inputs", "resolutions", "eval-results")
 
 RECORD_OF: Mapping[str, str] = {t.name: t.record for t in TOPICS if not t.internal}
 

@@ -166,3 +166,16 @@ def test_a_failing_batch_stops_the_worker_and_acks_nothing(app: faust.App) -> No
     assert [str(exc) for exc in crashes] == ["the broker refused the writes"]
     assert handle.batches == [{0: [(1, False), (2, False)]}]
     assert not any(m.acked for m in messages)
+
+
+def test_what_is_still_buffered_of_a_partition_is_unread(app: faust.App) -> None:
+    batches = consumer_of(app, Recorder())
+    queue = batches.channel.queue
+    put(queue, message(0, 10), message(1, 4), message(0, 11))
+    assert queue.newest == {TP("t", 0): 11, TP("t", 1): 4}
+    assert batches.unread(TP("t", 0), 11)  # offset 11 is still to be handled
+    assert not batches.unread(TP("t", 0), 12)
+    assert not batches.unread(TP("t", 1), 5)
+    assert not batches.unread(TP("t", 2), 0)  # nothing known: the client is not started
+    app.flow_control.clear()  # a rebalance: what was buffered is fetched again
+    assert queue.newest == {} and not batches.unread(TP("t", 0), 11)

@@ -116,3 +116,53 @@ def test_one_worker_exports_the_replay_numbers(
     )
     published = [r for _, r in asyncio.run(consume(settings, "metrics", len(loops)))]
     assert {s["loop"] for s in published} == set(loops)
+
+
+def test_a_backlog_read_topic_by_topic_loses_nothing_to_lateness(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """Twenty minutes of events already on the topics, a minute of allowed lateness: the
+    worker reads each partition's topics at their own speed (a batch holds all of one topic's
+    backlog before the next's), yet no event is too late and the numbers are replay's."""
+    settings = make_settings(allowed_lateness_seconds=60)
+    events = list(islice(TrafficGenerator(13, START, 2.0), 6000))
+    assert events[-1][1]["ts"] - events[0][1]["ts"] > 20 * 60_000
+    expected = asyncio.run(_publish(settings, events))
+    replayed = Processor(settings.core_config())
+    for topic, record in events:
+        replayed.process(topic, record)
+    loops = replayed.snapshot()["loops"]
+
+    worker = start_worker(settings)
+    wait_for(
+        lambda: (
+            sum(
+                worker.processed(t, status)
+                for t in SOURCE_TOPICS
+                for status in ("ok", "duplicate", "too_late", "dead_letter")
+            )
+            >= len(events)
+        ),
+        120,
+        "all events processed",
+    )
+    assert {t: worker.processed(t) for t in expected} == dict(expected)
+    for loop, data in loops.items():
+        assert (
+            worker.metric("loopline_resolutions_total", loop=loop)
+            == (data["windows"]["7d"]["resolved"])
+        )
+        wait_for(
+            lambda loop=loop, data=data: (
+                _gauge(  # type: ignore[misc]
+                    worker,
+                    "loopline_latency_quantile_seconds",
+                    loop=loop,
+                    window="7d",
+                    quantile="0.9",
+                )
+                == data["windows"]["7d"]["latency_seconds"]["p90"]
+            ),
+            30,
+            f"{loop}'s 7d p90 latency to be replay's",
+        )

@@ -8,11 +8,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.types import TP
 
+from agents.batches import client_lag
 from pipeline.codec import Codec
 from pipeline.generator import TrafficGenerator
 from pipeline.publisher import Publisher
@@ -144,3 +147,41 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
     assert cut["reason"] == "truncated"
     assert "ResolutionEvent.event_id" in cut["error"]  # 4 body bytes: event_id is cut short
     assert cut["value"] == truncated
+
+
+def test_client_lag_counts_what_aiokafka_has_not_handed_over(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """agents.batches.client_lag reads aiokafka's own state: checked against a real client."""
+    settings = make_settings()
+    topic = settings.topic("inputs")
+
+    async def scenario() -> list[int | None]:
+        await ensure_topics(settings)
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await producer.start()
+        try:
+            for n in range(10):
+                await producer.send_and_wait(topic, b"%d" % n, partition=0)
+        finally:
+            await producer.stop()
+        client = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+        await client.start()
+        faust_consumer = SimpleNamespace(_thread=SimpleNamespace(_ensure_consumer=lambda: client))
+        tp = TopicPartition(topic, 0)
+        try:
+            client.assign([tp])
+            await client.seek_to_beginning(tp)
+            lags = [client_lag(faust_consumer, TP(topic, 0))]  # nothing fetched: unknown
+            handed = await client.getmany(tp, timeout_ms=10_000, max_records=3)
+            assert [m.offset for m in handed[tp]] == [0, 1, 2]
+            lags.append(client_lag(faust_consumer, TP(topic, 0)))
+            while sum(len(ms) for ms in (await client.getmany(tp, timeout_ms=1000)).values()):
+                pass
+            lags.append(client_lag(faust_consumer, TP(topic, 0)))
+            lags.append(client_lag(faust_consumer, TP(topic, 1)))  # not assigned
+            return lags
+        finally:
+            await client.stop()
+
+    assert asyncio.run(scenario()) == [None, 7, 0, None]

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from pipeline.aggregates import Aggregate
-from pipeline.core import CoreConfig
+from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
@@ -173,3 +173,71 @@ def test_partials_and_records_written_before_the_split_are_read() -> None:
     ):
         again = LoopView.from_records(CoreConfig(), stored)
         assert again.loops[partial.loop].open[(0, index)].to_json() == aggregate.to_json()
+
+
+# -- the watermark of topics read at different speeds (PartitionCore.hold) -------------------
+
+MINUTE = 60_000
+
+
+def at(seconds: int) -> datetime:
+    return datetime.fromtimestamp(START.timestamp() + seconds, UTC)
+
+
+def tight() -> CoreConfig:
+    """A minute of lateness (the SLA, and so the state's horizon, as by default)."""
+    return CoreConfig(allowed_lateness_ms=MINUTE)
+
+
+def test_a_held_watermark_waits_for_the_slowest_topic_still_to_be_read() -> None:
+    core = PartitionCore(tight())
+    resolution = {"event_id": "r1", "case_id": "c1", "loop": "refunds", "ts": at(600)}
+    resolution |= {"resolver": "SYSTEM", "outcome": "RESOLVED"}
+    core.hold(frozenset({"inputs", "resolutions"}))
+    assert core.process("resolutions", "c1", resolution) == "ok"
+    assert core.watermark_ms == 0  # inputs not seen yet: they may be older
+    first_input = {"event_id": "i1", "case_id": "c1", "loop": "refunds", "ts": at(300)}
+    assert core.process("inputs", "c1", first_input) == "ok"  # 5 minutes behind: not late
+    assert core.watermark_ms == to_ms(at(300))  # the slower topic's newest event
+    core.hold(frozenset())  # nothing left to read: the newest event of all
+    assert core.watermark_ms == to_ms(at(600))
+    assert core.marks == {"inputs": to_ms(at(300)), "resolutions": to_ms(at(600))}
+    late = {"event_id": "i2", "case_id": "c2", "loop": "refunds", "ts": at(500)}
+    assert core.process("inputs", "c2", late) == "too_late"  # 100 s behind, lateness 60 s
+    core.hold(frozenset({"inputs"}))
+    assert core.watermark_ms == to_ms(at(600))  # a hold never moves it back
+    restored = PartitionCore.from_records(tight(), 0, core.changed_records())
+    assert (restored.watermark_ms, restored.marks) == (core.watermark_ms, core.marks)
+
+
+def _snapshot(core: PartitionCore, view: LoopView) -> dict[str, Any]:
+    for change in core.drain():
+        wire = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
+        view.apply(partial_from_json(loads(wire)))
+    return view.snapshot(view.default_as_of())
+
+
+def test_a_topic_read_ahead_makes_no_event_of_another_late() -> None:
+    """Ten minutes of events with a minute of lateness, read as a worker reads a backlog whose
+    resolutions and verdicts were fetched first: the same numbers as reading them in order."""
+    generated = list(islice(TrafficGenerator(5, START, cases_per_second=2.0), 3000))
+    assert generated[-1][1]["ts"] >= to_ms(at(600))
+    ahead = [(t, r) for t, r in generated if t != "inputs"]
+    behind = [(t, r) for t, r in generated if t == "inputs"]
+
+    in_order = PartitionCore(tight())
+    feed(in_order, generated)
+    expected = _snapshot(in_order, LoopView(tight()))
+
+    held = PartitionCore(tight())
+    held.hold(frozenset({"inputs", "resolutions", "eval-results"}))
+    statuses = [held.process(t, partition_key(t, r), r) for t, r in ahead]
+    held.hold(frozenset({"inputs"}))
+    statuses += [held.process(t, partition_key(t, r), r) for t, r in behind]
+    held.hold(frozenset())
+    assert statuses == ["ok"] * len(generated)
+    assert _snapshot(held, LoopView(tight())) == expected
+
+    unheld = PartitionCore(tight())  # the same order without a hold: most inputs too late
+    feed(unheld, ahead + behind)
+    assert _snapshot(unheld, LoopView(tight())) != expected
