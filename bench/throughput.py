@@ -255,6 +255,8 @@ def main() -> None:
                     )
             worker_rate = args.events / (time.monotonic() - first)
             statuses = by_status(urls)
+            if statuses["ok"] != args.events:  # the generator's events are all valid and new
+                log(f"warning: the workers did not count every event: {statuses}")
             peak = sum(rss_kib(w.pid, "VmHWM") for w in workers)
             log("freshness probes ...")
             delays = sorted(asyncio.run(freshness(settings, urls, args.probes)))

@@ -246,6 +246,9 @@ class PartitionCore:
         self.buckets: dict[tuple[str, int], Aggregate] = {}
         self._expiry: list[tuple[int, str]] = []  # (touched_ms, key), stale entries allowed
         self._with_pending: set[str] = set()
+        # (touched_ms, key) of the cases in _with_pending, to find those past the lateness
+        # without going through all of them; stale entries allowed
+        self._pending_due: list[tuple[int, str]] = []
         self._next_sweep_ms = 0
         self._changed_cases: set[str] = set()
         self._changed_buckets: set[tuple[str, int]] = set()  # for persistence
@@ -472,7 +475,9 @@ class PartitionCore:
         case.resolved = True
         if case.input_ms is None:
             case.pending.append(ts)
-            self._with_pending.add(key)
+            if key not in self._with_pending:
+                self._with_pending.add(key)
+                heapq.heappush(self._pending_due, (case.touched_ms, key))
         else:
             self._latency(loop, ts, ts - case.input_ms)
 
@@ -496,12 +501,18 @@ class PartitionCore:
         bucket_ms = self.config.bucket_ms
         self._next_sweep_ms = align_up(self.watermark_ms + 1, bucket_ms)
         lateness = self.watermark_ms - self.config.allowed_lateness_ms
-        for key in [k for k in self._with_pending if self.cases[k].touched_ms < lateness]:
+        due = self._pending_due
+        while due and due[0][0] < lateness:
+            _, key = heapq.heappop(due)
+            case = self.cases.get(key)
+            if case is None or key not in self._with_pending:
+                continue  # joined or expired since
+            if case.touched_ms >= lateness:  # touched since: due later
+                heapq.heappush(due, (case.touched_ms, key))
+                continue
             self._changing(key)
-            case = self.cases[key]
-            case.pending = [t for t in case.pending if t > lateness]
-            if not case.pending:
-                self._with_pending.discard(key)
+            case.pending = []  # each at or before the case's last touch, so all too late
+            self._with_pending.discard(key)
         horizon = self.watermark_ms - self.horizon_ms
         while self._expiry and self._expiry[0][0] <= horizon:
             touched, key = heapq.heappop(self._expiry)
@@ -630,11 +641,13 @@ class PartitionCore:
                 core._expiry.append((case.touched_ms, key[2:]))
                 if case.pending:
                     core._with_pending.add(key[2:])
+                    core._pending_due.append((case.touched_ms, key[2:]))
             elif key.startswith("e/") and value is not None:
                 core.eval_case_loops[key[2:]] = str(value)
         for bucket_key, stats in features.items():
             if bucket_key in core.buckets:
                 core.buckets[bucket_key].features = stats
         heapq.heapify(core._expiry)
+        heapq.heapify(core._pending_due)
         core._next_sweep_ms = align_up(core.watermark_ms + 1, config.bucket_ms)
         return core

@@ -241,3 +241,24 @@ def test_a_topic_read_ahead_makes_no_event_of_another_late() -> None:
     unheld = PartitionCore(tight())  # the same order without a hold: most inputs too late
     feed(unheld, ahead + behind)
     assert _snapshot(unheld, LoopView(tight())) != expected
+
+
+def test_resolutions_wait_for_their_input_until_their_case_is_past_the_lateness() -> None:
+    def resolution(event_id: str, case_id: str, seconds: int) -> dict[str, Any]:
+        return {"event_id": event_id, "case_id": case_id, "loop": "refunds", "ts": at(seconds)}
+
+    def input_at(event_id: str, case_id: str, seconds: int) -> None:
+        record = {"event_id": event_id, "case_id": case_id, "loop": "refunds", "ts": at(seconds)}
+        assert core.process("inputs", case_id, record) == "ok"
+
+    core = PartitionCore(tight())
+    for event_id, case_id, seconds in [("r1", "c1", 100), ("r2", "c2", 100), ("r3", "c2", 150)]:
+        record = resolution(event_id, case_id, seconds) | {"resolver": "HUMAN", "outcome": "X"}
+        assert core.process("resolutions", case_id, record) == "ok"
+    input_at("i9", "c9", 165)  # past the 160 s boundary: lateness now ends at 105 s
+    assert core.cases["c1"].pending == []  # last touched at 100 s: its input is too late now
+    assert core.cases["c2"].pending == [to_ms(at(100)), to_ms(at(150))]  # touched at 150 s
+    restored = PartitionCore.from_records(tight(), 0, core.changed_records())
+    for state in (core, restored):
+        state.process("inputs", "c8", resolution("i8", "c8", 212))  # lateness ends at 152 s
+        assert state.cases["c2"].pending == []
