@@ -589,7 +589,7 @@ class PartitionCore:
         records[WATERMARK_KEY] = {
             "wm": self.watermark_ms,
             "loops": sorted(self.known_loops),
-            "marks": self.marks,
+            "marks": dict(self.marks),
         }
         self.discard_changes()
         return records
