@@ -245,9 +245,8 @@ class PartitionCore:
         self.cases: dict[str, Case] = {}
         self.buckets: dict[tuple[str, int], Aggregate] = {}
         self._expiry: list[tuple[int, str]] = []  # (touched_ms, key), stale entries allowed
-        self._with_pending: set[str] = set()
-        # (touched_ms, key) of the cases in _with_pending, to find those past the lateness
-        # without going through all of them; stale entries allowed
+        # (touched_ms, key) of the cases with resolutions waiting for their input, to find
+        # those past the lateness without going through all of them; stale entries allowed
         self._pending_due: list[tuple[int, str]] = []
         self._next_sweep_ms = 0
         self._changed_cases: set[str] = set()
@@ -460,7 +459,6 @@ class PartitionCore:
         for resolved_ms in case.pending:
             self._latency(loop, resolved_ms, resolved_ms - ts)
         case.pending.clear()
-        self._with_pending.discard(key)
 
     def _resolution(self, loop: str, key: str, case: Case, ts: int, here: Aggregate) -> None:
         """``here`` is the resolution's own bucket (process has it already)."""
@@ -474,10 +472,9 @@ class PartitionCore:
                     self._bucket(loop, case.input_ms).unresolved -= 1
         case.resolved = True
         if case.input_ms is None:
-            case.pending.append(ts)
-            if key not in self._with_pending:
-                self._with_pending.add(key)
+            if not case.pending:  # the first to wait: due from the case's last touch on
                 heapq.heappush(self._pending_due, (case.touched_ms, key))
+            case.pending.append(ts)
         else:
             self._latency(loop, ts, ts - case.input_ms)
 
@@ -505,14 +502,13 @@ class PartitionCore:
         while due and due[0][0] < lateness:
             _, key = heapq.heappop(due)
             case = self.cases.get(key)
-            if case is None or key not in self._with_pending:
+            if case is None or not case.pending:
                 continue  # joined or expired since
             if case.touched_ms >= lateness:  # touched since: due later
                 heapq.heappush(due, (case.touched_ms, key))
                 continue
             self._changing(key)
             case.pending = []  # each at or before the case's last touch, so all too late
-            self._with_pending.discard(key)
         horizon = self.watermark_ms - self.horizon_ms
         while self._expiry and self._expiry[0][0] <= horizon:
             touched, key = heapq.heappop(self._expiry)
@@ -520,7 +516,6 @@ class PartitionCore:
             if expired is not None and expired.touched_ms == touched:
                 self._changing(key)
                 del self.cases[key]
-                self._with_pending.discard(key)
         last_closed = horizon // bucket_ms  # buckets ending at or before the horizon
         for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
             aggregate = self.buckets.pop(bucket_key)
@@ -640,7 +635,6 @@ class PartitionCore:
                 case = core.cases[key[2:]] = Case.from_json(value)
                 core._expiry.append((case.touched_ms, key[2:]))
                 if case.pending:
-                    core._with_pending.add(key[2:])
                     core._pending_due.append((case.touched_ms, key[2:]))
             elif key.startswith("e/") and value is not None:
                 core.eval_case_loops[key[2:]] = str(value)
