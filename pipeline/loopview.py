@@ -32,6 +32,7 @@ from pipeline.core import CoreConfig
 from pipeline.drift import Baseline, evaluate, no_drift
 from pipeline.features import FeatureStats, FeatureValues, values_from_json, values_to_json
 from pipeline.featurewindow import FeatureWindow
+from pipeline.openbuckets import OpenBuckets
 from pipeline.partition import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
 
@@ -45,7 +46,7 @@ class LoopState:
     def __init__(self, config: CoreConfig, loop: str) -> None:
         self.config = config
         self.loop = loop
-        self.open: dict[tuple[int, int], Aggregate] = {}  # (partition, bucket index)
+        self.open = OpenBuckets(config.bucket_ms)  # (partition, bucket index) -> partial
         self.marks: dict[int, int] = {}  # partition -> its watermark
         self.series = BucketSeries(default_tiers(config.bucket_ms))
         self.eval_cases: dict[
@@ -89,7 +90,7 @@ class LoopState:
                 kept = self.open.get(key)
                 features = kept.features if kept is not None else FeatureStats()
                 aggregate = dataclasses.replace(aggregate, features=features)
-            self.open[key] = aggregate
+            self.open.put(key, aggregate)
             self.changed.add(("o", *key))
         if partial.watermark_ms > self.marks.get(partial.partition, 0):
             self.marks[partial.partition] = partial.watermark_ms
@@ -107,7 +108,7 @@ class LoopState:
     def _close(self, partition: int) -> None:
         size = self.config.bucket_ms
         last = self._closed_below(partition)
-        for key in [k for k in self.open if k[0] == partition and k[1] < last]:
+        for key in self.open.below(partition, last):
             aggregate = self.open.pop(key)
             self.changed.add(("o", *key))
             self.changed.add(("of", *key))
@@ -138,13 +139,12 @@ class LoopState:
             self._baseline = Baseline(features for _, features in self.eval_cases.values())
         return self._baseline
 
-    def window(self, as_of_ms: int, length_ms: int, features: bool = False) -> Aggregate:
-        total = self.series.window(as_of_ms, length_ms, features)
-        size = self.config.bucket_ms
-        start = as_of_ms - length_ms
-        for (_, index), aggregate in self.open.items():
-            if index * size >= start and (index + 1) * size <= as_of_ms:
-                total.merge(aggregate, features)
+    def window(self, as_of_ms: int, length_ms: int) -> Aggregate:
+        """Every bucket, closed or open, lying wholly inside (as_of - length, as_of]
+        (without input features: drift merges those, see drift())."""
+        total = self.series.window(as_of_ms, length_ms)
+        for aggregate in self.open.inside(as_of_ms - length_ms, as_of_ms):
+            total.merge(aggregate, features=False)
         return total
 
     def drift(self, as_of_ms: int) -> dict[str, Any]:
@@ -154,8 +154,9 @@ class LoopState:
         config = self.config.rules.drift
         # Closing a bucket moves it from the open partials to the series without changing the
         # union of the two, so the feature cache stays valid across closes.
-        buckets = [(index, a) for (_, index), a in self.open.items()]
-        first = (as_of_ms - config.window_ms) // self.config.bucket_ms
+        start = as_of_ms - config.window_ms
+        buckets = list(self.open.overlapping(start, as_of_ms))
+        first = start // self.config.bucket_ms
         tier = self.series.buckets[0]
         buckets += [
             (i, tier[i]) for i in range(first, as_of_ms // self.config.bucket_ms) if i in tier
@@ -177,7 +178,7 @@ class LoopState:
         if self.evaluated_ms:
             first = self.evaluated_ms + interval
         else:  # the first evaluation: from the end of the loop's first bucket on, like any other
-            earliest = min((index for _, index in self.open), default=None)
+            earliest = min((index for (_, index), _ in self.open.items()), default=None)
             first = last
             if earliest is not None:
                 first = align_up((earliest + 1) * self.config.bucket_ms, interval)
@@ -271,7 +272,7 @@ class LoopState:
         size = self.config.bucket_ms
         due = as_of_ms - self.config.sla(self.loop)
         oldest = as_of_ms - self.config.case_horizon_ms
-        counted = {key for key in self.open if oldest < (key[1] + 1) * size <= due}
+        counted = {key for key, _ in self.open.items() if oldest < (key[1] + 1) * size <= due}
         total = sum(self.open[key].unresolved for key in counted)
         for (partition, _), aggregate in self.open.items():
             for index, n in aggregate.settled.items():
@@ -325,12 +326,12 @@ class LoopState:
                 restored.features = kept.features
             elif "f" in value:  # written before 2026-11-26, features inside: move them out
                 self.changed.add(("of", parts[0], parts[1]))
-            self.open[(parts[0], parts[1])] = restored
+            self.open.put((parts[0], parts[1]), restored)
         elif kind == "of":
             features = FeatureStats.from_json(value)
             kept = self.open.get((parts[0], parts[1]))
             if kept is None:  # its "o" record comes later
-                self.open[(parts[0], parts[1])] = Aggregate(features=features)
+                self.open.put((parts[0], parts[1]), Aggregate(features=features))
             else:
                 kept.features = features
         elif kind == "m":

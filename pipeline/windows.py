@@ -96,10 +96,10 @@ class BucketSeries:
                 return align_up(ts_ms, tier.size_ms)
         return align_up(ts_ms, self.tiers[-1].size_ms)
 
-    def window(self, as_of_ms: int, length_ms: int, features: bool = False) -> Aggregate:
-        """Merge every bucket lying wholly inside (as_of - length, as_of]; input features only
-        when asked for (drift), since they are the costly part to merge."""
-        return Aggregate.merged(self._inside(as_of_ms - length_ms, as_of_ms), features)
+    def window(self, as_of_ms: int, length_ms: int) -> Aggregate:
+        """Merge every bucket lying wholly inside (as_of - length, as_of], without input
+        features (drift merges those from the fine buckets, pipeline.featurewindow)."""
+        return Aggregate.merged(self._inside(as_of_ms - length_ms, as_of_ms), features=False)
 
     def _inside(self, start_ms: int, end_ms: int) -> Iterator[Aggregate]:
         for tier, buckets in zip(self.tiers, self.buckets, strict=True):
