@@ -30,9 +30,6 @@ class OpenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._buckets
-
     def __getitem__(self, key: Key) -> Aggregate:
         return self._buckets[key]
 
