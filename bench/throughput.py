@@ -16,12 +16,15 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -113,9 +116,13 @@ def rss_kib(pid: int, field: str) -> int:
     return 0
 
 
-def scrape(urls: list[str]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+Frames = tuple[float, str]
+
+
+def scrape(urls: list[str]) -> Samples:
     """The samples of every worker's /metrics, added up (each counts its own events)."""
-    total: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    total: Samples = {}
     for url in urls:
         for key, value in parse_exposition(fetch_metrics(url) or "").items():
             total[key] = total.get(key, 0.0) + value
@@ -125,20 +132,27 @@ def scrape(urls: list[str]) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
 STATUSES = ("ok", "duplicate", "too_late", "dead_letter")
 
 
-def by_status(urls: list[str]) -> dict[str, int]:
+def by_status(samples: Samples) -> dict[str, int]:
     """The workers' events by status: what was counted, and what was not (too late, say)."""
-    samples = scrape(urls)
     return {s: round(sample_sum(samples, "loopline_events_total", status=s)) for s in STATUSES}
 
 
-def processed(urls: list[str]) -> float:
-    return sum(by_status(urls).values())
+def processed(samples: Samples) -> float:
+    return sum(by_status(samples).values())
 
 
-def source_lag(urls: list[str], settings: Settings) -> str:
+def poll_seconds(done: float, total: int, rate: float) -> float:
+    """How long to wait before looking at the workers' progress again: half the time the rest
+    should take at ``rate``, within 0.1-5 s. A scrape costs the worker (it renders every
+    series, and its garbage adds to the collector's work), so the bench looks rarely while
+    the end is far and ever more often as it nears, to time the end within 0.1 s."""
+    remaining = (total - done) / rate if rate > 0 else float("inf")
+    return min(5.0, max(0.1, remaining / 2))
+
+
+def source_lag(samples: Samples, settings: Settings) -> str:
     """The workers' consumer lag per source partition (summed over the source topics), to see
     whether they consume the partitions evenly."""
-    samples = scrape(urls)
     by_partition = [
         sum(
             sample_sum(
@@ -152,6 +166,67 @@ def source_lag(urls: list[str], settings: Settings) -> str:
         for p in range(settings.partitions)
     ]
     return " ".join(f"{n:,.0f}" for n in by_partition)
+
+
+def start_profile(pid: int, path: Path, seconds: int) -> subprocess.Popen[bytes]:
+    """py-spy the worker's main thread while it holds the GIL (what limits it), as collapsed
+    stacks, for ``seconds`` or until the measured phase ends."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[profile]'")
+    log(f"profiling worker {pid} for up to {seconds} s into {path}")
+    command = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100"]
+    command += ["--gil", "--format", "raw", "--output", str(path)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_profile(profiler: subprocess.Popen[bytes], path: Path) -> None:
+    """End the profile with the measured phase (the freshness probes jump event time, which
+    would profile an unrepresentative mass expiry), then log where the time went."""
+    if profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes what it has
+    _, errors = profiler.communicate(timeout=60)
+    if not path.exists():
+        log(f"py-spy wrote no profile: {errors.decode(errors='replace').strip()}")
+        return
+    total, inclusive, own = hottest(path.read_text())
+    log(f"profile: {total} samples; inclusive, then self:")
+    for label, rows in (("incl", inclusive), ("self", own)):
+        for share, frame in rows:
+            log(f"  {label} {share:5.1%} {frame}")
+
+
+def hottest(collapsed: str, top: int = 25) -> tuple[int, list[Frames], list[Frames]]:
+    """From py-spy's collapsed stacks (``frame;frame;... count`` per line): the sample count,
+    and the ``top`` functions by share of samples anywhere on the stack (each counted once per
+    stack; the outer frames under which nearly every sample falls, 90 % or more, left out) and
+    as the innermost frame. A frame is named ``function (dir/file)``, line numbers dropped."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [_function(frame) for frame in stack.split(";")]
+        for frame in dict.fromkeys(frames):  # once per stack, in stack order
+            inclusive[frame] += n
+        own[frames[-1]] += n
+    if total == 0:
+        return 0, [], []
+    return (
+        total,
+        [(n / total, f) for f, n in inclusive.most_common() if n < 0.9 * total][:top],
+        [(n / total, f) for f, n in own.most_common(top)],
+    )
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/file.py:12)`` -> ``name (to/file.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({'/'.join(where.split(':', 1)[0].split('/')[-2:])})" if where else name
 
 
 async def freshness(settings: Settings, urls: list[str], probes: int) -> list[float]:
@@ -198,6 +273,14 @@ def main() -> None:
         help="the worker's allowed lateness and SLA (state is kept for twice this much event "
         "time; the default 1 h is longer than the events span, so state grows throughout)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="py-spy the first worker from half of the events on, into FILE (collapsed "
+        "stacks), and log its hottest functions (needs the 'profile' extra)",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=20, metavar="S")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
@@ -235,26 +318,30 @@ def main() -> None:
                     )
                 )
         try:
-            while processed(urls) == 0:
+            while processed(scrape(urls)) == 0:
                 if any(w.poll() is not None for w in workers):
                     raise SystemExit(f"a worker exited; see {data_dir}/worker-*.log")
                 time.sleep(0.05)
             first = time.monotonic()
             samples: list[int] = []
             last_report = first
-            while (done := processed(urls)) < args.events:
-                # A scrape renders every series (~10 ms of the worker's time): once a second
-                # until the end is near, then five times a second for the end's resolution.
-                time.sleep(1.0 if done < 0.9 * args.events else 0.2)
-                if time.monotonic() - last_report > 5:
-                    last_report = time.monotonic()
+            profiler = None
+            while (done := processed(metrics := scrape(urls))) < args.events:
+                now = time.monotonic()
+                if now - last_report >= 5:
+                    last_report = now
                     samples.append(sum(rss_kib(w.pid, "VmRSS") for w in workers))
                     log(
                         f"workers: {done:,.0f} processed, RSS {samples[-1] / 1024:,.0f} MiB, "
-                        f"lag by partition {source_lag(urls, settings)}"
+                        f"lag by partition {source_lag(metrics, settings)}"
                     )
+                if args.profile and profiler is None and done >= args.events / 2:
+                    profiler = start_profile(workers[0].pid, args.profile, args.profile_seconds)
+                time.sleep(poll_seconds(done, args.events, done / max(now - first, 1e-3)))
             worker_rate = args.events / (time.monotonic() - first)
-            statuses = by_status(urls)
+            if profiler is not None:
+                stop_profile(profiler, args.profile)
+            statuses = by_status(scrape(urls))
             if statuses["ok"] != args.events:  # the generator's events are all valid and new
                 log(f"warning: the workers did not count every event: {statuses}")
             peak = sum(rss_kib(w.pid, "VmHWM") for w in workers)
