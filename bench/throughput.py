@@ -7,7 +7,7 @@ Publishes N generated events once, then measures in the same run:
       five numbers until it has processed all N;
 and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; and RSS samples, to
 see whether memory stays flat), and p99 freshness: publish one resolution -> visible on
-/metrics.
+/metrics. ``--profile FILE`` py-spies the first worker during the measured phase.
 """
 
 from __future__ import annotations
