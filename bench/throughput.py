@@ -117,7 +117,7 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-Frames = tuple[float, str]
+Share = tuple[float, str]  # (share of the samples, function)
 
 
 def scrape(urls: list[str]) -> Samples:
@@ -196,7 +196,7 @@ def stop_profile(profiler: subprocess.Popen[bytes], path: Path) -> None:
             log(f"  {label} {share:5.1%} {frame}")
 
 
-def hottest(collapsed: str, top: int = 25) -> tuple[int, list[Frames], list[Frames]]:
+def hottest(collapsed: str, top: int = 25) -> tuple[int, list[Share], list[Share]]:
     """From py-spy's collapsed stacks (``frame;frame;... count`` per line): the sample count,
     and the ``top`` functions by share of samples anywhere on the stack (each counted once per
     stack; the outer frames under which nearly every sample falls, 90 % or more, left out) and
