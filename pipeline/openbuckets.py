@@ -70,11 +70,9 @@ class OpenBuckets:
     def overlapping(self, start_ms: int, end_ms: int) -> Iterator[tuple[int, Aggregate]]:
         """(bucket index, aggregate) of every open bucket in a group that overlaps
         (start, end]: a superset of those inside it, for callers that filter by bucket."""
-        span = self.per_group * self.bucket_ms
-        for group, keys in self._groups.items():
-            if group * span < end_ms and (group + 1) * span > start_ms:
-                for key in keys:
-                    yield key[1], self._buckets[key]
+        for _, keys in self._touching(start_ms, end_ms):
+            for key in keys:
+                yield key[1], self._buckets[key]
 
     def inside(self, start_ms: int, end_ms: int) -> Iterator[Aggregate]:
         """Aggregates whose merge (without input features) is that of every open bucket lying
@@ -82,10 +80,8 @@ class OpenBuckets:
         themselves where an edge cuts it."""
         size = self.bucket_ms
         span = self.per_group * size
-        for group, keys in self._groups.items():
+        for group, keys in self._touching(start_ms, end_ms):
             group_start = group * span
-            if group_start >= end_ms or group_start + span <= start_ms:
-                continue
             if group_start >= start_ms and group_start + span <= end_ms:
                 merged = self._merged.get(group)
                 if merged is None:
@@ -96,3 +92,10 @@ class OpenBuckets:
             for key in keys:
                 if key[1] * size >= start_ms and (key[1] + 1) * size <= end_ms:
                     yield self._buckets[key]
+
+    def _touching(self, start_ms: int, end_ms: int) -> Iterator[tuple[int, set[Key]]]:
+        """(group, its keys) of every group that overlaps (start, end]."""
+        span = self.per_group * self.bucket_ms
+        for group, keys in self._groups.items():
+            if group * span < end_ms and (group + 1) * span > start_ms:
+                yield group, keys
