@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Generic, TypeVar, cast
 
 import faust
@@ -22,6 +22,14 @@ def state_table(app: faust.App, name: str, partitions: int) -> Any:
         value_type=bytes,
         help="loopline checkpointed state (pipeline.checkpoint)",
     )
+
+
+def _backing(store: Any) -> MutableMapping[bytes, Any]:
+    """The dict behind Faust's in-memory store (its ``data``, made once and only ever cleared
+    in place), so that the checkpoint's lookups skip the store's Python mapping methods (~2 %
+    of the worker in bench/throughput); any other store as it is."""
+    data = getattr(store, "data", None)
+    return data if isinstance(data, dict) else cast(MutableMapping[bytes, Any], store)
 
 
 class CheckpointedPartitions(Generic[Core]):
@@ -44,7 +52,7 @@ class CheckpointedPartitions(Generic[Core]):
     def get(self, partition: int) -> tuple[Core, Checkpoint]:
         found = self.loaded.get(partition)
         if found is None:
-            checkpoint = Checkpoint(self.table.data, f"{partition}/", self.held)
+            checkpoint = Checkpoint(_backing(self.table.data), f"{partition}/", self.held)
             core = self.build(partition, checkpoint.values)
             checkpoint.values = {}  # the core holds the state now
             found = self.loaded[partition] = (core, checkpoint)

@@ -339,8 +339,13 @@ class PartitionCore:
     def _held(self) -> int:
         """The watermark the topics' newest events allow: the newest event of all, unless a
         topic still to be read has not got that far (a topic not seen yet holds it still)."""
-        newest = max(self.marks.values(), default=0)
-        return min((self.marks.get(topic, 0) for topic in self.behind), default=newest)
+        marks = self.marks
+        held = max(marks.values(), default=0)
+        for topic in self.behind:  # a loop, not min() over a generator: it runs per event
+            mark = marks.get(topic, 0)
+            if mark < held:
+                held = mark
+        return held
 
     def _raise_watermark(self, ts: int) -> None:
         if ts > self.watermark_ms:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import faust
 import mode
 import pytest
 
@@ -147,3 +148,22 @@ async def test_other_waits_take_fausts_path() -> None:
     # Not the suspend wait: wait_first races them as Faust does, and the set event wins.
     result = await consumer.wait_first(callback(), other.wait())
     assert result.results == [True]
+
+
+async def test_the_producer_buffer_check_waits_only_above_its_limit() -> None:
+    app = faust.App("dispatch-ebb", broker="kafka://127.0.0.1:1")  # never connects
+    buffer = app.producer.buffer
+    waited: list[int] = []
+
+    async def fausts_wait() -> None:  # stands for Faust's own, which flushes the buffer
+        waited.append(buffer.pending.qsize())
+
+    buffer.wait_until_ebb = fausts_wait
+    dispatch.install_ebb(buffer)
+    for n in range(buffer.max_messages):
+        buffer.pending.put_nowait(n)
+    assert await buffer.wait_until_ebb() is None
+    assert waited == []  # at the limit: nothing to wait for
+    buffer.pending.put_nowait("one too many")
+    await buffer.wait_until_ebb()
+    assert waited == [buffer.max_messages + 1]
