@@ -20,8 +20,9 @@ import faust
 from faust.types import TP
 
 from agents.batches import BatchTopic, batch_topic, consume
+from agents.batchsend import send_keyed
 from agents.raw import raw_topic
-from agents.state import CheckpointedPartitions, state_table
+from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
@@ -127,12 +128,11 @@ def register(
         tally.add(message.topic, topic, status, record)
 
     partials_topic = partials.get_topic_name()
-    send = app.producer.send
 
     async def ingest(by_partition: dict[int, list[Any]]) -> None:
         tally = Tally()
         offsets: dict[int, dict[str, int]] = {}
-        deliveries = []
+        sent: list[tuple[bytes, bytes | None]] = []  # partials, keyed by loop
         for partition, messages in by_partition.items():
             core, checkpoint = states.get(partition)
             positions = offsets[partition] = {}
@@ -155,13 +155,11 @@ def register(
             core.hold(later)
             for change in core.drain():
                 value = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-                deliveries.append(
-                    await send(partials_topic, change.loop.encode(), value, None, None, None)
-                )
+                sent.append((change.loop.encode(), value))
         # The partials are durable before a checkpoint says their events were applied: the
         # producer sends each partition's batches on their own, so a checkpoint could otherwise
         # land first, and a crash then would lose partials that are never resent.
-        await asyncio.gather(*deliveries)
+        await asyncio.gather(*await send_keyed(aiokafka_producer(app), partials_topic, sent))
         for partition, positions in offsets.items():
             core, _ = states.get(partition)
             previous = core.previous_records()

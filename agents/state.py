@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import faust
 
+from agents.batchsend import send_to_partition
 from pipeline.checkpoint import Checkpoint
 
 Core = TypeVar("Core")
@@ -30,6 +31,11 @@ def _backing(store: Any) -> MutableMapping[bytes, Any]:
     of the worker in bench/throughput); any other store as it is."""
     data = getattr(store, "data", None)
     return data if isinstance(data, dict) else cast(MutableMapping[bytes, Any], store)
+
+
+def aiokafka_producer(app: faust.App) -> Any:
+    """aiokafka's producer, under Faust's."""
+    return cast(Any, app.producer)._ensure_producer()
 
 
 class CheckpointedPartitions(Generic[Core]):
@@ -69,21 +75,12 @@ class CheckpointedPartitions(Generic[Core]):
 
         Straight to the producer rather than through ``Table.send_changelog``, whose buffer
         hands messages over one at a time (about half the worker's time went there), and as
-        whole record batches rather than a send (a future, a partitioner call, an accumulator
-        lookup) per record. Batches of one partition go out in order, so the marker is still
-        last. Faust flushes this producer before it commits offsets, so the writes are durable
-        first."""
+        whole record batches (agents.batchsend), in order, so the marker is still last. Faust
+        flushes this producer before it commits offsets, so the writes are durable first."""
         _, checkpoint = self.loaded[partition]
         topic = self.table.changelog_topic.get_topic_name()
-        # aiokafka's producer, under Faust's
-        producer = cast(Any, self.app.producer)._ensure_producer()
-        batch = producer.create_batch()
-        for key, value in checkpoint.commit(changed, offsets, before):
-            if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                await producer.send_batch(batch, topic, partition=partition)
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any
-        await producer.send_batch(batch, topic, partition=partition)
+        writes = checkpoint.commit(changed, offsets, before)
+        await send_to_partition(aiokafka_producer(self.app), topic, partition, writes)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
