@@ -244,7 +244,8 @@ class PartitionCore:
         self.behind: frozenset[str] = frozenset()  # topics with events still to be read
         self.cases: dict[str, Case] = {}
         self.buckets: dict[tuple[str, int], Aggregate] = {}
-        self._expiry: list[tuple[int, str]] = []  # (touched_ms, key), stale entries allowed
+        # (touched_ms, key): one entry per case, which may be older than the case's last touch
+        self._expiry: list[tuple[int, str]] = []
         # (touched_ms, key) of the cases with resolutions waiting for their input, to find
         # those past the lateness without going through all of them; stale entries allowed
         self._pending_due: list[tuple[int, str]] = []
@@ -298,11 +299,11 @@ class PartitionCore:
                 return "duplicate"
         self._changing(key)
         if case is None:
-            case = self.cases[key] = Case(loop)
+            case = self.cases[key] = Case(loop, touched_ms=ts)
+            heapq.heappush(self._expiry, (ts, key))  # pushed back when due if touched since
         case.seen[event_id] = ts
         if ts > case.touched_ms:
             case.touched_ms = ts
-            heapq.heappush(self._expiry, (ts, key))
         bucket = self._bucket(loop, ts)
         bucket.events += 1
         if topic == "inputs":
@@ -515,12 +516,17 @@ class PartitionCore:
             self._changing(key)
             case.pending = []  # each at or before the case's last touch, so all too late
         horizon = self.watermark_ms - self.horizon_ms
-        while self._expiry and self._expiry[0][0] <= horizon:
-            touched, key = heapq.heappop(self._expiry)
-            expired = self.cases.get(key)
-            if expired is not None and expired.touched_ms == touched:
-                self._changing(key)
-                del self.cases[key]
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= horizon:
+            touched, key = heapq.heappop(expiry)
+            case = self.cases.get(key)
+            if case is None:
+                continue
+            if case.touched_ms > touched:  # touched since: due later
+                heapq.heappush(expiry, (case.touched_ms, key))
+                continue
+            self._changing(key)
+            del self.cases[key]
         last_closed = horizon // bucket_ms  # buckets ending at or before the horizon
         for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
             aggregate = self.buckets.pop(bucket_key)

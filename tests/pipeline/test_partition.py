@@ -262,3 +262,25 @@ def test_resolutions_wait_for_their_input_until_their_case_is_past_the_lateness(
     for state in (core, restored):
         state.process("inputs", "c8", resolution("i8", "c8", 212))  # lateness ends at 152 s
         assert state.cases["c2"].pending == []
+
+
+def test_a_case_is_held_for_the_horizon_after_its_last_event_not_its_first() -> None:
+    config = tight()
+    horizon_s = config.case_horizon_ms // 1000
+
+    def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
+        record = {"event_id": f"{topic}-{case_id}", "case_id": case_id, "loop": "refunds"}
+        record |= {"ts": at(seconds)}
+        if topic == "resolutions":
+            record |= {"resolver": "HUMAN", "outcome": "RESOLVED"}
+        assert core.process(topic, case_id, record) == "ok"
+
+    core = PartitionCore(config)
+    event(core, "inputs", "c1", 0)
+    event(core, "resolutions", "c1", horizon_s // 2)
+    event(core, "inputs", "c2", horizon_s + 30)  # the horizon passes c1's first event only
+    assert "c1" in core.cases
+    restored = PartitionCore.from_records(config, 0, core.changed_records())
+    for state in (core, restored):
+        event(state, "inputs", "c3", horizon_s // 2 + horizon_s + 30)  # and now its last
+        assert "c1" not in state.cases and {"c2", "c3"} <= state.cases.keys()
