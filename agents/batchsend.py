@@ -1,9 +1,9 @@
 """Many records sent as record batches, one per partition, instead of a send per record.
 
 aiokafka's ``send`` costs a future, a partitioner call and an accumulator lookup per record; a
-``BatchBuilder`` takes the records of one partition and goes out with one future. Stage 1 sends
-its checkpoint records this way, and its partials (a few per hundred events): those sends were
-~4 % of the worker in bench/throughput. Records of one partition keep their order, within a
+``BatchBuilder`` takes the records of one partition and goes out with one future. Both stages'
+checkpoint records go this way, and stage 1's partials (a few per hundred events), whose sends
+were ~4 % of the worker in bench/throughput. Records of one partition keep their order, within a
 batch and across batches, as with ``send``."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import faust
 from faust.types import TP
 
 from agents.batches import BatchTopic, batch_topic, consume
-from agents.batchsend import send_keyed
+from agents.batchsend import Record, send_keyed
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
 from pipeline.codec import Codec, CodecError
@@ -137,7 +137,7 @@ def register(
     async def ingest(by_partition: dict[int, list[Any]]) -> None:
         tally = Tally()
         offsets: dict[int, dict[str, int]] = {}
-        sent: list[tuple[bytes, bytes | None]] = []  # partials, keyed by loop
+        outgoing: list[Record] = []  # partials, keyed by loop
         for partition, messages in by_partition.items():
             core, checkpoint = states.get(partition)
             positions = offsets[partition] = {}
@@ -160,11 +160,11 @@ def register(
             core.hold(later)
             for change in core.drain():
                 value = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-                sent.append((change.loop.encode(), value))
+                outgoing.append((change.loop.encode(), value))
         # The partials are durable before a checkpoint says their events were applied: the
         # producer sends each partition's batches on their own, so a checkpoint could otherwise
         # land first, and a crash then would lose partials that are never resent.
-        await asyncio.gather(*await send_keyed(aiokafka_producer(app), partials_topic, sent))
+        await asyncio.gather(*await send_keyed(aiokafka_producer(app), partials_topic, outgoing))
         for partition, positions in offsets.items():
             core, _ = states.get(partition)
             previous = core.previous_records()
