@@ -7,7 +7,9 @@ Publishes N generated events once, then measures in the same run:
       five numbers until it has processed all N;
 and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; and RSS samples, to
 see whether memory stays flat), and p99 freshness: publish one resolution -> visible on
-/metrics. ``--profile FILE`` py-spies the first worker during the measured phase.
+/metrics. ``--profile FILE`` py-spies the first worker during the measured phase. Then, as
+what bounds (b): (c) the worker's Faust set-up alone, handling the same events with no work
+but counting them, and decoding them (bench/faust_only.py).
 """
 
 from __future__ import annotations
@@ -229,6 +231,25 @@ def _function(frame: str) -> str:
     return f"{name} ({'/'.join(where.split(':', 1)[0].split('/')[-2:])})" if where else name
 
 
+def faust_only(mode: str, count: int, env: dict[str, str]) -> dict[str, Any]:
+    """bench/faust_only.py's result in ``mode`` (the worker's Faust set-up without its work)
+    over the first ``count`` events of the source topics: mode, events and events_per_s."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("faust_only.py")), mode, str(count)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120 + count / 5000,
+    )
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise SystemExit(
+        f"bench/faust_only.py {mode} failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    )
+
+
 async def freshness(settings: Settings, urls: list[str], probes: int) -> list[float]:
     delays = []
     async with Publisher(settings) as publisher:
@@ -352,6 +373,12 @@ def main() -> None:
                 worker.terminate()
             for worker in workers:
                 worker.wait(timeout=60)
+        alone = {}
+        for mode in ("consume", "decode"):
+            log(f"Faust alone: the worker's Faust set-up, its handler doing {mode} only ...")
+            alone_env = dict(env, LOOPLINE_APP_ID=f"{settings.app_id}-faust-only-{mode}")
+            alone[mode] = faust_only(mode, args.events, alone_env)["events_per_s"]
+            log(f"Faust alone ({mode}): {alone[mode]:,} events/s")
         p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
         result = {
             "events": args.events,
@@ -364,6 +391,8 @@ def main() -> None:
             "worker_rss_samples_mib": [round(s / 1024) for s in samples],
             "freshness_p50_s": round(statistics.median(delays), 3),
             "freshness_p99_s": round(p99, 3),
+            "faust_only_events_per_s": alone,
+            "faust_only_ratio": {mode: round(rate / base_rate, 3) for mode, rate in alone.items()},
         }
         print(json.dumps(result))
 

@@ -20,13 +20,10 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap_servers.split(",") if host.strip()]
 
 
-def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> faust.App:
-    """A Faust app with loopline's agents registered and /metrics served on its web port."""
-    # agents import pipeline, so they are wired in here, not at import
-    from agents import ingest, loops
-    from agents.batches import batch_topic
-
-    app = faust.App(
+def faust_app(settings: Settings) -> faust.App:
+    """The Faust app as the worker configures it, with nothing registered yet (bench/faust_only.py
+    measures it without the stages)."""
+    return faust.App(
         settings.app_id,
         broker=broker_urls(settings.bootstrap_servers),
         broker_credentials=faust_credentials(settings),
@@ -48,6 +45,15 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         producer_max_batch_size=512 << 10,
         autodiscover=False,
     )
+
+
+def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> faust.App:
+    """A Faust app with loopline's agents registered and /metrics served on its web port."""
+    # agents import pipeline, so they are wired in here, not at import
+    from agents import ingest, loops
+    from agents.batches import batch_topic
+
+    app = faust_app(settings)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 
 import faust
 import uvloop
@@ -26,13 +27,19 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def run_worker(settings: Settings) -> None:
+    run_app(settings, lambda: create_app(settings, PipelineMetrics.create(), Codec.load()))
+
+
+def run_app(settings: Settings, build: Callable[[], faust.App]) -> None:
+    """Run the Faust app that ``build`` makes as the worker runs: on uvloop, with the topics
+    created, the collector thresholds below and fewer per-message costs (``make_worker``)."""
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
     loop = worker_event_loop()
     asyncio.set_event_loop(loop)
     created = loop.run_until_complete(ensure_topics(settings))
     if created:
         log.info("created topics %s", ", ".join(created))
-    app = create_app(settings, PipelineMetrics.create(), Codec.load())
+    app = build()
     gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
     gc.set_threshold(*GC_THRESHOLDS)
     make_worker(app, settings, loop).execute_from_commandline()
