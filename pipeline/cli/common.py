@@ -1,0 +1,53 @@
+"""What the ``loopline`` commands share: the settings, messages on stderr, errors as reasons."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.core import CoreConfig
+from pipeline.rules import RulesError
+from pipeline.settings import Settings
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The settings ``main`` read from the LOOPLINE_* environment."""
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def err(message: str) -> None:
+    """Progress and results for people, on stderr (stdout is for data)."""
+    click.echo(message, err=True)
+
+
+def kafka_failure(settings: Settings, exc: Exception) -> str:
+    """Why Kafka refused, without the password."""
+    who = f" as {settings.sasl_username}" if settings.sasl_username else ""
+    return (
+        f"cannot use Kafka at {settings.bootstrap_servers} "
+        f"({settings.security_protocol}{who}): {type(exc).__name__}: {exc}"
+    )
+
+
+def core_config(settings: Settings) -> CoreConfig:
+    """The core configuration, or the rules file's error as the command's reason."""
+    try:
+        return settings.core_config()
+    except RulesError as exc:
+        raise click.ClickException(f"LOOPLINE_RULES: {exc}") from None
+
+
+def output_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--output/-o FILE``: where a command writes (default: stdout)."""
+    return click.option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
+    )

@@ -1,0 +1,106 @@
+"""``loopline kafka up|down|status`` (the local broker) and ``loopline topics``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import click
+from aiokafka.errors import KafkaError
+
+from pipeline.cli.common import err, kafka_failure, settings_of
+from pipeline.kafka_local import BrokerError, LocalBroker
+from pipeline.topics import ensure_topics
+
+
+@click.group()
+def kafka() -> None:
+    """A real local Kafka broker (KRaft, single node) from Maven Central jars."""
+
+
+def _broker(ctx: click.Context, port: int | None, home: Path | None) -> LocalBroker:
+    settings = settings_of(ctx)
+    return LocalBroker(home or settings.kafka_home, port or settings.bootstrap_port)
+
+
+_port_opt = click.option(
+    "--port",
+    type=click.IntRange(1, 65534),
+    default=None,
+    help="Broker port (controller uses port+1). Default: from "
+    "LOOPLINE_BOOTSTRAP_SERVERS, else 9092.",
+)
+_home_opt = click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Cache folder for jars and broker data (LOOPLINE_KAFKA_HOME).",
+)
+
+
+@kafka.command("up")
+@_port_opt
+@_home_opt
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Also listen with SASL (SCRAM-SHA-512, PLAIN) over TLS on port+2 (a certificate and a "
+    "client password are made for the broker). Choose it when the broker is first started.",
+)
+@click.pass_context
+def kafka_up(ctx: click.Context, port: int | None, home: Path | None, secure: bool) -> None:
+    """Start the broker (no-op when it is up) and wait until it answers."""
+    broker = dataclasses.replace(_broker(ctx, port, home), secure=secure)
+    was_up = broker.status().running
+    try:
+        status = broker.up(echo=err)
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    prefix = "already up: " if was_up else ""
+    click.echo(prefix + status.describe())
+    if secure and broker.secure_env_path.exists():
+        click.echo(
+            f"SASL_SSL listener on {broker.host}:{broker.secure_port}; the client settings "
+            f"(password included) are in {broker.secure_env_path}: "
+            f"set -a; . {broker.secure_env_path}; set +a"
+        )
+
+
+@kafka.command("down")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_down(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Stop the broker cleanly (no-op when it is down)."""
+    broker = _broker(ctx, port, home)
+    stopped = broker.down()
+    click.echo(
+        f"kafka stopped ({broker.bootstrap})"
+        if stopped
+        else f"kafka was not running ({broker.bootstrap})"
+    )
+
+
+@kafka.command("status")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Say whether the broker is up and where its log is; exit 3 when it is down."""
+    status = _broker(ctx, port, home).status()
+    click.echo(status.describe())
+    if not status.running:
+        ctx.exit(3)
+
+
+@click.command("topics")
+@click.pass_context
+def topics(ctx: click.Context) -> None:
+    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
+    settings = settings_of(ctx)
+    try:
+        created = asyncio.run(ensure_topics(settings))
+    except KafkaError as exc:
+        raise click.ClickException(kafka_failure(settings, exc)) from None
+    click.echo(f"created: {', '.join(created)}" if created else "all topics exist")

@@ -1,0 +1,89 @@
+"""The long-running commands: ``loopline worker``, ``review`` and ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import click
+from aiokafka.errors import KafkaError
+
+from pipeline.cli.common import core_config, err, kafka_failure, settings_of
+from pipeline.kafka_local import BrokerError
+from pipeline.topics import ensure_topics
+
+
+@click.command("worker")
+@click.option(
+    "--web-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port of /metrics (LOOPLINE_WEB_PORT, default 6066).",
+)
+@click.pass_context
+def worker(ctx: click.Context, web_port: int | None) -> None:
+    """Run a stream-processing worker until Ctrl-C / SIGTERM."""
+    from pipeline.worker import run_worker
+
+    settings = settings_of(ctx)
+    if web_port is not None:
+        settings = dataclasses.replace(settings, web_port=web_port)
+    core_config(settings)  # a bad rules file stops the worker here, with the reason
+    try:
+        run_worker(settings)
+    except KafkaError as exc:
+        raise click.ClickException(kafka_failure(settings, exc)) from None
+
+
+@click.command("review")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="LOOPLINE_REVIEW_PORT (6070)."
+)
+@click.pass_context
+def review(ctx: click.Context, port: int | None) -> None:
+    """The reviewers' page: the eval-candidate queue, decisions to loopline.reviews.
+
+    Needs LOOPLINE_REVIEW_TOKEN (the login token; never printed). Sessions are signed with
+    LOOPLINE_REVIEW_SECRET, or a random key per process (then a restart logs everyone out).
+    """
+    import uvicorn
+
+    from pipeline.review.web import create_review_app
+
+    settings = settings_of(ctx)
+    try:
+        app = create_review_app(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    asyncio.run(ensure_topics(settings))
+    chosen = port or settings.review_port
+    err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
+    uvicorn.run(app, host=settings.web_host, port=chosen, log_level=settings.log_level)
+
+
+@click.command("demo")
+@click.option(
+    "--duration", type=float, default=30.0, show_default=True, help="Seconds of generated traffic."
+)
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
+@click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
+@click.option(
+    "--stay", is_flag=True, help="After the traffic, keep everything running until Ctrl-C."
+)
+@click.pass_context
+def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool, stay: bool) -> None:
+    """The local demo: Kafka, topics, a worker, the archive sink, the review page and the
+    generator (drift onset and cost spike half-way); Ctrl-C stops it all cleanly."""
+    from pipeline.demo import run_demo
+
+    try:
+        run_demo(
+            settings_of(ctx),
+            duration=duration,
+            rate=rate,
+            keep_kafka=keep_kafka,
+            echo=err,
+            stay=stay,
+        )
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
