@@ -39,6 +39,7 @@ class Handler:
         self.decode = Codec.load().decode if mode == "decode" else None
         self.seen = 0
         self.started: float | None = None
+        self.reported = False
 
     async def handle(self, by_partition: dict[int, list[Any]]) -> None:
         if self.started is None:
@@ -49,12 +50,12 @@ class Handler:
                 for message in messages:
                     decode(message.value)
             self.seen += len(messages)
-        if self.seen >= self.count:
+        if self.seen >= self.count and not self.reported:  # batches may come while it stops
+            self.reported = True
             rate = self.seen / (time.monotonic() - self.started)
             print(json.dumps({"mode": self.mode, "events": self.seen, "events_per_s": round(rate)}))
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGTERM)  # the worker's own shutdown
-            self.count = sys.maxsize  # report once
 
 
 def faust_only_app(settings: Settings, handler: Handler) -> faust.App:

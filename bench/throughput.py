@@ -239,7 +239,7 @@ def faust_only(mode: str, count: int, env: dict[str, str]) -> dict[str, Any]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120 + count / 5000,
+        timeout=120 + count / 5000,  # start-up, then far slower than any run measured here
     )
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
