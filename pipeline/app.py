@@ -62,6 +62,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     partials = batch_topic(app, settings.topic("partials"))
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
+    metrics.held.watch(lambda: {p: len(core.cases) for p, (core, _) in stage1.loaded.items()})
 
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "PipelineMetrics", "SnapshotCollector"]
+__all__ = ["CONTENT_TYPE_LATEST", "HeldStateCollector", "PipelineMetrics", "SnapshotCollector"]
 
 #: Histogram buckets for case latency: from sub-second AI answers to a day of human work.
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 86400)
@@ -126,6 +133,31 @@ def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> N
         family.add_metric(labels, value)
 
 
+class HeldStateCollector(Collector):
+    """``loopline_held_cases{partition}``: the cases stage 1 holds in memory per source partition
+    of this worker, read at scrape time. Most of a worker's memory is these cases (each until
+    the state horizon has passed its last event), so with the process's own resident memory
+    (``process_resident_memory_bytes``) it shows whether memory follows traffic or leaks."""
+
+    def __init__(self) -> None:
+        self._held: Callable[[], Mapping[int, int]] = dict
+
+    def watch(self, held: Callable[[], Mapping[int, int]]) -> None:
+        """Read the held cases from ``held`` (partition -> cases) at each scrape."""
+        self._held = held
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "loopline_held_cases",
+            "Cases held in memory by stage 1 (until the state horizon passes their last "
+            "event), per source partition of this worker.",
+            labels=["partition"],
+        )
+        for partition, cases in sorted(self._held().items()):
+            family.add_metric([str(partition)], cases)
+        yield family
+
+
 @dataclass(frozen=True)
 class PipelineMetrics:
     registry: CollectorRegistry
@@ -137,12 +169,15 @@ class PipelineMetrics:
     eval_candidates: Counter
     consumer_lag: Gauge
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
+    held: HeldStateCollector = field(default_factory=HeldStateCollector)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> PipelineMetrics:
         reg = registry if registry is not None else CollectorRegistry()
-        numbers = SnapshotCollector()
+        numbers, held = SnapshotCollector(), HeldStateCollector()
         reg.register(numbers)
+        reg.register(held)
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, CPU seconds, fds
         return cls(
             registry=reg,
             events=Counter(
@@ -190,6 +225,7 @@ class PipelineMetrics:
                 registry=reg,
             ),
             numbers=numbers,
+            held=held,
         )
 
     def exposition(self) -> bytes:

@@ -116,6 +116,12 @@ def test_one_worker_exports_the_replay_numbers(
     )
     published = [r for _, r in asyncio.run(consume(settings, "metrics", len(loops)))]
     assert {s["loop"] for s in published} == set(loops)
+    # Every case is still held (the events span minutes, the state horizon is 2 h): one per
+    # case id, and per eval case id of the eval results of eval cases.
+    held = {r["case_id"] for t, r in events if t in ("inputs", "resolutions")}
+    held |= {r.get("case_id") or r["eval_case_id"] for t, r in events if t == "eval-results"}
+    assert worker.metric("loopline_held_cases") == len(held)
+    assert worker.metric("process_resident_memory_bytes") > 0
 
 
 def test_a_backlog_read_topic_by_topic_loses_nothing_to_lateness(
