@@ -5,11 +5,12 @@ Publishes N generated events once, then measures in the same run:
       (on uvloop, the worker's event loop);
   (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
       five numbers until it has processed all N;
-and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; and RSS samples, to
-see whether memory stays flat), and p99 freshness: publish one resolution -> visible on
-/metrics. ``--profile FILE`` py-spies the first worker during the measured phase. Then, as
-what bounds (b): (c) the worker's Faust set-up alone, handling the same events with no work
-but counting them, and decoding them (bench/faust_only.py).
+and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; RSS samples, to see
+whether memory stays flat; and RSS at the end with the cases held then), and p99 freshness:
+publish one resolution -> visible on /metrics. ``--profile FILE`` py-spies the first worker
+during the measured phase. Then, as what bounds (b): (c) the worker's Faust set-up alone,
+handling the same events with no work but counting them, and decoding them
+(bench/faust_only.py).
 """
 
 from __future__ import annotations
@@ -362,7 +363,10 @@ def main() -> None:
             worker_rate = args.events / (time.monotonic() - first)
             if profiler is not None:
                 stop_profile(profiler, args.profile)
-            statuses = by_status(scrape(urls))
+            end = scrape(urls)
+            statuses = by_status(end)
+            held = round(sample_sum(end, "loopline_held_cases"))
+            rss_now = sum(rss_kib(w.pid, "VmRSS") for w in workers)
             if statuses["ok"] != args.events:  # the generator's events are all valid and new
                 log(f"warning: the workers did not count every event: {statuses}")
             peak = sum(rss_kib(w.pid, "VmHWM") for w in workers)
@@ -389,6 +393,8 @@ def main() -> None:
             "worker_events_by_status": statuses,
             "worker_peak_rss_mib": round(peak / 1024, 1),
             "worker_rss_samples_mib": [round(s / 1024) for s in samples],
+            "worker_rss_at_end_mib": round(rss_now / 1024, 1),
+            "worker_held_cases_at_end": held,
             "freshness_p50_s": round(statistics.median(delays), 3),
             "freshness_p99_s": round(p99, 3),
             "faust_only_events_per_s": alone,
