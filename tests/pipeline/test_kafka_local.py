@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -65,6 +66,7 @@ def test_up_twice_status_down_status() -> None:
         assert again.stdout.strip() == f"kafka was not running (127.0.0.1:{port})"
     finally:
         broker.down()
+        shutil.rmtree(broker.instance_dir, ignore_errors=True)  # a port of its own: not reused
 
 
 @pytest.mark.broker
@@ -105,6 +107,7 @@ def test_wipe_starts_the_next_broker_empty_and_refuses_a_running_one() -> None:
         assert asyncio.run(_topics(broker.bootstrap)) == set()
     finally:
         broker.down()
+        shutil.rmtree(broker.instance_dir, ignore_errors=True)
 
 
 def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
