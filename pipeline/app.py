@@ -9,7 +9,7 @@ import faust
 
 from pipeline.codec import Codec
 from pipeline.kafka_security import faust_credentials
-from pipeline.metrics import CONTENT_TYPE_LATEST, PipelineMetrics
+from pipeline.metrics import CONTENT_TYPE_LATEST, PartitionState, PipelineMetrics
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
 
@@ -62,7 +62,12 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     partials = batch_topic(app, settings.topic("partials"))
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
-    metrics.held.watch(lambda: {p: len(core.cases) for p, (core, _) in stage1.loaded.items()})
+    metrics.held.watch(
+        lambda: {
+            p: PartitionState(len(core.cases), core.watermark_ms)
+            for p, (core, _) in stage1.loaded.items()
+        }
+    )
 
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,10 +18,23 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "HeldStateCollector", "PipelineMetrics", "SnapshotCollector"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "HeldStateCollector",
+    "PartitionState",
+    "PipelineMetrics",
+    "SnapshotCollector",
+]
 
 #: Histogram buckets for case latency: from sub-second AI answers to a day of human work.
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 86400)
+
+
+class PartitionState(NamedTuple):
+    """What /metrics shows of stage 1's state of one source partition."""
+
+    held_cases: int
+    watermark_ms: int
 
 
 class SnapshotCollector(Collector):
@@ -134,28 +147,39 @@ def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> N
 
 
 class HeldStateCollector(Collector):
-    """``loopline_held_cases{partition}``: the cases stage 1 holds in memory per source partition
-    of this worker, read at scrape time. Most of a worker's memory is these cases (each until
-    the state horizon has passed its last event), so with the process's own resident memory
-    (``process_resident_memory_bytes``) it shows whether memory follows traffic or leaks."""
+    """Stage 1's state per source partition of this worker, read at scrape time:
+    ``loopline_held_cases{partition}``, the cases it holds in memory (each until the state
+    horizon has passed its last event: most of a worker's memory, so with the process's own
+    ``process_resident_memory_bytes`` it shows whether memory follows traffic or leaks), and
+    ``loopline_watermark_seconds{partition}``, its event-time watermark (a watermark that stops
+    while events flow holds every bucket, alert and expiry back)."""
 
     def __init__(self) -> None:
-        self._held: Callable[[], Mapping[int, int]] = dict
+        self._read: Callable[[], Mapping[int, PartitionState]] = dict
 
-    def watch(self, held: Callable[[], Mapping[int, int]]) -> None:
-        """Read the held cases from ``held`` (partition -> cases) at each scrape."""
-        self._held = held
+    def watch(self, read: Callable[[], Mapping[int, PartitionState]]) -> None:
+        """Read the partitions' state from ``read`` (partition -> state) at each scrape."""
+        self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
+        held = GaugeMetricFamily(
             "loopline_held_cases",
             "Cases held in memory by stage 1 (until the state horizon passes their last "
             "event), per source partition of this worker.",
             labels=["partition"],
         )
-        for partition, cases in sorted(self._held().items()):
-            family.add_metric([str(partition)], cases)
-        yield family
+        watermark = GaugeMetricFamily(
+            "loopline_watermark_seconds",
+            "Stage 1's event-time watermark per source partition of this worker (epoch "
+            "seconds; absent before the partition's first event).",
+            labels=["partition"],
+        )
+        for partition, state in sorted(self._read().items()):
+            held.add_metric([str(partition)], state.held_cases)
+            if state.watermark_ms:
+                watermark.add_metric([str(partition)], state.watermark_ms / 1000)
+        yield held
+        yield watermark
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from itertools import islice
 
 import pytest
 
+from pipeline.core import to_ms
 from pipeline.generator import Scenario, TrafficGenerator
-from pipeline.metrics import QUANTILE_LABELS
+from pipeline.metrics import QUANTILE_LABELS, parse_exposition
 from pipeline.processor import Processor
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
@@ -121,6 +122,11 @@ def test_one_worker_exports_the_replay_numbers(
     held = {r["case_id"] for t, r in events if t in ("inputs", "resolutions")}
     held |= {r.get("case_id") or r["eval_case_id"] for t, r in events if t == "eval-results"}
     assert worker.metric("loopline_held_cases") == len(held)
+    newest = max(to_ms(r["ts"]) for _, r in events)  # every topic read: the newest event
+    watermarks = parse_exposition(worker.metrics_text() or "")
+    assert max(v for (n, _), v in watermarks.items() if n == "loopline_watermark_seconds") == (
+        newest / 1000
+    )
     assert worker.metric("process_resident_memory_bytes") > 0
 
 

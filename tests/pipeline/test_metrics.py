@@ -1,30 +1,30 @@
-"""The worker's registry (pipeline.metrics): held state per partition read at scrape time, and
-the process's own metrics."""
+"""The worker's registry (pipeline.metrics): stage 1's state per partition read at scrape
+time, and the process's own metrics."""
 
 from __future__ import annotations
 
-from pipeline.metrics import PipelineMetrics, parse_exposition
+from pipeline.metrics import PartitionState, PipelineMetrics, parse_exposition
 
 
-def held_samples(metrics: PipelineMetrics) -> dict[str, float]:
+def by_partition(metrics: PipelineMetrics, name: str) -> dict[str, float]:
     samples = parse_exposition(metrics.exposition().decode())
-    return {
-        dict(labels)["partition"]: value
-        for (name, labels), value in samples.items()
-        if name == "loopline_held_cases"
-    }
+    return {dict(labels)["partition"]: v for (n, labels), v in samples.items() if n == name}
 
 
-def test_held_cases_are_read_per_partition_at_each_scrape() -> None:
+def test_stage_ones_state_is_read_per_partition_at_each_scrape() -> None:
     metrics = PipelineMetrics.create()
-    assert held_samples(metrics) == {}  # nothing watched yet: the family, without samples
+    assert by_partition(metrics, "loopline_held_cases") == {}  # nothing watched yet
     assert b"# TYPE loopline_held_cases gauge" in metrics.exposition()
-    cases = {0: 3, 2: 5}
-    metrics.held.watch(lambda: cases)
-    assert held_samples(metrics) == {"0": 3.0, "2": 5.0}
-    cases[1] = 7  # a partition assigned since; one revoked goes from the mapping
-    del cases[0]
-    assert held_samples(metrics) == {"1": 7.0, "2": 5.0}
+    assert b"# TYPE loopline_watermark_seconds gauge" in metrics.exposition()
+    states = {0: PartitionState(3, 1_795_597_200_500), 2: PartitionState(5, 0)}
+    metrics.held.watch(lambda: states)
+    assert by_partition(metrics, "loopline_held_cases") == {"0": 3.0, "2": 5.0}
+    # Epoch seconds; a partition without events yet has no watermark to show.
+    assert by_partition(metrics, "loopline_watermark_seconds") == {"0": 1_795_597_200.5}
+    states[1] = PartitionState(7, 1_795_597_260_000)  # assigned since
+    del states[0]  # revoked
+    assert by_partition(metrics, "loopline_held_cases") == {"1": 7.0, "2": 5.0}
+    assert by_partition(metrics, "loopline_watermark_seconds") == {"1": 1_795_597_260.0}
 
 
 def test_the_process_metrics_are_on_the_workers_registry() -> None:
