@@ -62,7 +62,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     partials = batch_topic(app, settings.topic("partials"))
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
-    metrics.held.watch(
+    metrics.partitions.watch(
         lambda: {
             p: PartitionState(len(core.cases), core.watermark_ms)
             for p, (core, _) in stage1.loaded.items()

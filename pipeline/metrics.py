@@ -20,8 +20,8 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
-    "HeldStateCollector",
     "PartitionState",
+    "PartitionStateCollector",
     "PipelineMetrics",
     "SnapshotCollector",
 ]
@@ -146,7 +146,7 @@ def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> N
         family.add_metric(labels, value)
 
 
-class HeldStateCollector(Collector):
+class PartitionStateCollector(Collector):
     """Stage 1's state per source partition of this worker, read at scrape time:
     ``loopline_held_cases{partition}``, the cases it holds in memory (each until the state
     horizon has passed its last event: most of a worker's memory, so with the process's own
@@ -193,14 +193,14 @@ class PipelineMetrics:
     eval_candidates: Counter
     consumer_lag: Gauge
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
-    held: HeldStateCollector = field(default_factory=HeldStateCollector)
+    partitions: PartitionStateCollector = field(default_factory=PartitionStateCollector)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> PipelineMetrics:
         reg = registry if registry is not None else CollectorRegistry()
-        numbers, held = SnapshotCollector(), HeldStateCollector()
+        numbers, partitions = SnapshotCollector(), PartitionStateCollector()
         reg.register(numbers)
-        reg.register(held)
+        reg.register(partitions)
         ProcessCollector(registry=reg)  # process_resident_memory_bytes, CPU seconds, fds
         return cls(
             registry=reg,
@@ -249,7 +249,7 @@ class PipelineMetrics:
                 registry=reg,
             ),
             numbers=numbers,
-            held=held,
+            partitions=partitions,
         )
 
     def exposition(self) -> bytes:

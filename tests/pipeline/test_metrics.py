@@ -17,7 +17,7 @@ def test_stage_ones_state_is_read_per_partition_at_each_scrape() -> None:
     assert b"# TYPE loopline_held_cases gauge" in metrics.exposition()
     assert b"# TYPE loopline_watermark_seconds gauge" in metrics.exposition()
     states = {0: PartitionState(3, 1_795_597_200_500), 2: PartitionState(5, 0)}
-    metrics.held.watch(lambda: states)
+    metrics.partitions.watch(lambda: states)
     assert by_partition(metrics, "loopline_held_cases") == {"0": 3.0, "2": 5.0}
     # Epoch seconds; a partition without events yet has no watermark to show.
     assert by_partition(metrics, "loopline_watermark_seconds") == {"0": 1_795_597_200.5}
