@@ -72,9 +72,12 @@ def register(
             histogram = latency_of[loop] = metrics.latency.labels(loop)
         histogram.observe(seconds)
 
+    def evicted(loop: str) -> None:
+        metrics.evicted_cases.labels(loop).inc()
+
     def build(partition: int, records: Mapping[str, Any]) -> PartitionCore:
         return PartitionCore.from_records(
-            config, partition, records, on_latency=observe, keeps_previous=True
+            config, partition, records, observe, keeps_previous=True, on_evict=evicted
         )
 
     # The cores hold the cases, so the table's store keeps no second copy of them.

@@ -29,6 +29,9 @@ class CoreConfig:
     # Alert rules, drift settings and the evaluation interval (pipeline.rules): all defaults
     # unless a rules file is configured.
     rules: AlertRules = field(default_factory=AlertRules.default)
+    # The most cases (joins in progress) one partition holds; past it, the least recently
+    # touched are evicted (pipeline.partition). 0 = no cap: the horizon alone bounds the state.
+    max_cases_per_partition: int = 0
 
     def sla(self, loop: str) -> int:
         return self.sla_ms.get(loop, self.default_sla_ms)

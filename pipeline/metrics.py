@@ -192,6 +192,7 @@ class PipelineMetrics:
     latency: Histogram
     eval_candidates: Counter
     consumer_lag: Gauge
+    evicted_cases: Counter
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
     partitions: PartitionStateCollector = field(default_factory=PartitionStateCollector)
 
@@ -246,6 +247,13 @@ class PipelineMetrics:
                 "Messages on the partition past this worker's fetch position (high watermark - "
                 "position), per assigned partition of the topics it consumes.",
                 ["topic", "partition"],
+                registry=reg,
+            ),
+            evicted_cases=Counter(
+                "loopline_evicted_cases",
+                "Cases dropped from stage 1's state before their horizon, to keep a partition "
+                "under LOOPLINE_MAX_CASES_PER_PARTITION: their later events no longer join.",
+                ["loop"],
                 registry=reg,
             ),
             numbers=numbers,

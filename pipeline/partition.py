@@ -235,10 +235,13 @@ class PartitionCore:
         partition: int = 0,
         on_latency: Callable[[str, float], None] | None = None,
         keeps_previous: bool = False,
+        on_evict: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.partition = partition
         self.on_latency = on_latency  # e.g. a Prometheus histogram's observe, per loop
+        self.on_evict = on_evict  # called with the loop of each case evicted for the cap
+        self.evicted = 0  # cases this core evicted for the cap on cases
         self.watermark_ms = 0
         self.marks: dict[str, int] = {}  # source topic -> the event time of its newest event
         self.behind: frozenset[str] = frozenset()  # topics with events still to be read
@@ -299,6 +302,9 @@ class PartitionCore:
                 return "duplicate"
         self._changing(key)
         if case is None:
+            cap = self.config.max_cases_per_partition
+            if cap and len(self.cases) >= cap:
+                self._evict(len(self.cases) - cap + 1)
             case = self.cases[key] = Case(loop, touched_ms=ts)
             heapq.heappush(self._expiry, (ts, key))  # pushed back when due if touched since
         case.seen[event_id] = ts
@@ -535,6 +541,27 @@ class PartitionCore:
             if bucket_key in self._unsent:
                 self._final[bucket_key] = aggregate
 
+    def _evict(self, count: int) -> None:
+        """Drop the ``count`` least recently touched cases (by event time, then key) before
+        the horizon would: the cap on the state (config.max_cases_per_partition) under more
+        traffic than the memory was sized for. What they counted stays counted; what they
+        would still have joined is lost (README, "Operations", Memory)."""
+        expiry = self._expiry
+        while count and expiry:
+            touched, key = heapq.heappop(expiry)
+            case = self.cases.get(key)
+            if case is None:
+                continue
+            if case.touched_ms > touched:  # touched since: not the least recent yet
+                heapq.heappush(expiry, (case.touched_ms, key))
+                continue
+            self._changing(key)
+            del self.cases[key]
+            self.evicted += 1
+            count -= 1
+            if self.on_evict is not None:
+                self.on_evict(case.loop)
+
     # -- output -----------------------------------------------------------------------------
 
     def drain(self) -> Iterator[Partial | EvalCaseChange | CaseProposal]:
@@ -622,9 +649,10 @@ class PartitionCore:
         records: Mapping[str, Any],
         on_latency: Callable[[str, float], None] | None = None,
         keeps_previous: bool = False,
+        on_evict: Callable[[str], None] | None = None,
     ) -> PartitionCore:
         """Rebuild the state that ``changed_records`` wrote (resume comes from the snapshot)."""
-        core = cls(config, partition, on_latency, keeps_previous)
+        core = cls(config, partition, on_latency, keeps_previous, on_evict)
         features: dict[tuple[str, int], FeatureStats] = {}
         for key, value in records.items():
             if key == WATERMARK_KEY:

@@ -23,6 +23,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be an integer, 0 or more")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -94,6 +101,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "snapshot_interval_seconds": _positive_float,
     "dedupe_horizon_seconds": _positive_int,
     "allowed_lateness_seconds": _positive_int,
+    "max_cases_per_partition": _non_negative_int,
     "sla_seconds": _positive_int,
     "loop_sla_seconds": _per_loop,
     "hourly_rates": _per_loop,
@@ -129,6 +137,9 @@ class Settings:
     snapshot_interval_seconds: float = 5.0
     dedupe_horizon_seconds: int = 3600
     allowed_lateness_seconds: int = 3600
+    # The most cases one source partition's state holds (least recently touched evicted
+    # first, counted in loopline_evicted_cases_total); 0 = no cap.
+    max_cases_per_partition: int = 0
     sla_seconds: int = 3600
     loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)
@@ -203,6 +214,7 @@ class Settings:
             hourly_rates=dict(self.hourly_rates),
             loops=self.loops,
             rules=AlertRules.load(self.rules),
+            max_cases_per_partition=self.max_cases_per_partition,
         )
 
     @property

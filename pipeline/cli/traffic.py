@@ -153,7 +153,8 @@ def replay_cmd(
     """Run the five-numbers processing over JSON Lines / Avro files and print the snapshot.
 
     It uses the workers' configuration (LOOPLINE_HOURLY_RATES, SLAs, horizons), so replay and
-    the live numbers agree.
+    the live numbers agree; all but LOOPLINE_MAX_CASES_PER_PARTITION: replay is the reference,
+    and holds every case until its horizon.
     """
     from pipeline.core import to_ms
     from pipeline.processor import Processor
@@ -162,7 +163,7 @@ def replay_cmd(
     settings = settings_of(ctx)
     if bucket_seconds is not None:
         settings = dataclasses.replace(settings, bucket_seconds=bucket_seconds)
-    config = core_config(settings)
+    config = dataclasses.replace(core_config(settings), max_cases_per_partition=0)
     try:
         processor = Processor(config)
     except ValueError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from agents.batches import client_lag
@@ -86,6 +87,37 @@ async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) ->
         return int(metadata.offset)
     finally:
         await producer.stop()
+
+
+def test_the_cap_on_cases_evicts_and_counts_what_it_evicts(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    cap = 30
+    settings = make_settings(max_cases_per_partition=cap)
+    # Inputs only, one per case: no case comes back after its eviction, so each partition
+    # ends holding min(cap, its cases) and the rest are evicted.
+    inputs = {r["case_id"]: ("inputs", r) for t, r in _events(seed=5, count=1500) if t == "inputs"}
+    events = list(inputs.values())
+    assert len(events) > 4 * cap
+    expected = asyncio.run(_publish(settings, events))
+    partitioner = DefaultPartitioner()
+    everyone = list(range(settings.partitions))
+    per_partition = Counter(partitioner(key.encode(), everyone, everyone) for key in inputs)
+    held = {p: min(cap, per_partition[p]) for p in everyone}
+
+    worker = start_worker(settings)
+    _wait_counts(worker, expected)
+    wait_for(
+        lambda: worker.metric("loopline_held_cases") == sum(held.values()),
+        30,
+        f"held cases {held}",
+    )
+    for partition, count in held.items():
+        assert worker.metric("loopline_held_cases", partition=str(partition)) == count
+    evicted = worker.metric("loopline_evicted_cases_total")
+    assert evicted == len(events) - sum(held.values())
+    loops = Counter(r["loop"] for _, r in events)
+    assert evicted == sum(worker.metric("loopline_evicted_cases_total", loop=k) for k in loops)
 
 
 def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(

@@ -284,3 +284,58 @@ def test_a_case_is_held_for_the_horizon_after_its_last_event_not_its_first() -> 
     for state in (core, restored):
         event(state, "inputs", "c3", horizon_s // 2 + horizon_s + 30)  # and now its last
         assert "c1" not in state.cases and {"c2", "c3"} <= state.cases.keys()
+
+
+# -- the cap on cases (CoreConfig.max_cases_per_partition) -----------------------------------
+
+
+def test_the_cap_evicts_the_least_recently_touched_cases_and_restores_alike() -> None:
+    def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
+        record = {"event_id": f"{topic}-{case_id}", "case_id": case_id, "loop": "refunds"}
+        record |= {"ts": at(seconds)}
+        if topic == "resolutions":
+            record |= {"resolver": "AI", "outcome": "RESOLVED"}
+        assert core.process(topic, case_id, record) == "ok"
+
+    evicted: list[str] = []
+    core = PartitionCore(replace(tight(), max_cases_per_partition=2), on_evict=evicted.append)
+    event(core, "inputs", "c1", 0)
+    event(core, "inputs", "c2", 10)
+    event(core, "resolutions", "c1", 20)  # c1 last touched at 20 s, c2 at 10 s
+    event(core, "inputs", "c3", 30)  # a third case: c2 goes
+    assert sorted(core.cases) == ["c1", "c3"]
+    assert (core.evicted, evicted) == (1, ["refunds"])
+    records = core.changed_records()
+    assert records["c/c2"] is None  # deleted from the changelog as an expired case is
+    # c2's resolution still counts (coverage, cost), but finds no input to measure latency
+    # against: it waits as a resolution without input, and c1 (touched at 20 s) goes for it.
+    event(core, "resolutions", "c2", 40)
+    assert sorted(core.cases) == ["c2", "c3"] and core.cases["c2"].pending == [to_ms(at(40))]
+    buckets = list(core.buckets.values())
+    assert sum(sum(b.resolutions.values()) for b in buckets) == 2
+    assert sum(b.latency.count for b in buckets) == 1  # c1's 20 s only
+    # and c2 stays unresolved: only c1 settled its input's bucket
+    assert sum(b.unresolved for b in buckets) == 3
+    assert sum(sum(b.settled.values()) for b in buckets) == 1
+    assert core.evicted == 2
+
+    uncapped = PartitionCore(tight())
+    for topic, case_id, seconds in [
+        ("inputs", "c1", 0),
+        ("inputs", "c2", 10),
+        ("resolutions", "c1", 20),
+        ("inputs", "c3", 30),
+        ("resolutions", "c2", 40),
+    ]:
+        event(uncapped, topic, case_id, seconds)
+    assert sorted(uncapped.cases) == ["c1", "c2", "c3"] and uncapped.evicted == 0
+    assert sum(b.latency.count for b in uncapped.buckets.values()) == 2
+    assert sum(sum(b.settled.values()) for b in uncapped.buckets.values()) == 2
+
+    # A restored core evicts what the running one would: the least recently touched first.
+    stored = {k: v for k, v in (records | core.changed_records()).items() if v is not None}
+    restored = PartitionCore.from_records(core.config, 0, stored)  # as the table holds them
+    assert sorted(restored.cases) == ["c2", "c3"]
+    for state in (core, restored):
+        event(state, "inputs", "c4", 50)  # c3 (30 s) goes, not c2 (40 s)
+        assert sorted(state.cases) == ["c2", "c4"]

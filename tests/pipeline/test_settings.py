@@ -26,6 +26,9 @@ def test_defaults_and_environment_values() -> None:
     assert settings.data_dir == Path("/var/lib/loopline")
     loops = Settings.from_env({"LOOPLINE_LOOPS": "refunds, kyc-review,"}).core_config().loops
     assert loops == frozenset({"refunds", "kyc-review"})
+    capped = Settings.from_env({"LOOPLINE_MAX_CASES_PER_PARTITION": "250_000"})
+    assert capped.core_config().max_cases_per_partition == 250_000
+    assert Settings().core_config().max_cases_per_partition == 0  # no cap by default
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_defaults_and_environment_values() -> None:
         ("LOOPLINE_TOPIC_PREFIX", "a/b", "may hold only letters"),
         ("LOOPLINE_SNAPSHOT_INTERVAL_SECONDS", "0", "must be a positive number"),
         ("LOOPLINE_HOURLY_RATES", "refunds", "expected loop=number pairs"),
+        ("LOOPLINE_MAX_CASES_PER_PARTITION", "-1", "must be an integer, 0 or more"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
