@@ -74,15 +74,18 @@ def bench_settings(port: int, **overrides: Any) -> Iterator[Settings]:
             broker.down()
 
 
-async def publish(settings: Settings, count: int) -> None:
+async def publish(settings: Settings, count: int) -> int:
+    """Publish ``count`` generated events; returns the newest one's event time (epoch ms)."""
     await ensure_topics(settings)
     events = TrafficGenerator(1, datetime(2026, 11, 25, tzinfo=UTC), cases_per_second=200.0)
-    started = time.monotonic()
+    started, newest = time.monotonic(), 0
     async with Publisher(settings) as publisher:
         for n, (topic, record) in enumerate(islice(events, count), 1):
             await publisher.publish(topic, record)
+            newest = max(newest, record["ts"])
             if n % 100_000 == 0:
                 log(f"published {n:,} ({n / (time.monotonic() - started):,.0f}/s)")
+    return newest
 
 
 async def baseline(settings: Settings, count: int) -> float:

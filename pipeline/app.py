@@ -37,6 +37,13 @@ def faust_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         web_host=settings.web_host,
         consumer_auto_offset_reset="earliest",
+        # A worker killed holds its partitions until the session times out (Faust's default,
+        # 60 s, was most of a restart's time in bench/recovery); heartbeats come from the
+        # consumer's own thread, every third of it at most.
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_seconds / 3),
+        broker_request_timeout=max(90.0, settings.session_timeout_seconds),
+        consumer_group_instance_id=settings.instance_id,
         # Larger fetches and stream buffers: the agents take events in batches of thousands.
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,

@@ -44,6 +44,13 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _session_timeout(raw: str) -> float:
+    value = float(raw)
+    if not 6 <= value <= 1800:  # the broker's group.min/max.session.timeout.ms defaults
+        raise ValueError("must be between 6 and 1800 seconds")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -95,6 +102,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "replication_factor": _positive_int,
     "web_port": _port,
     "topic_prefix": _prefix,
+    "instance_id": _prefix,
+    "session_timeout_seconds": _session_timeout,
     "data_dir": _path,
     "kafka_home": _path,
     "bucket_seconds": _positive_int,
@@ -128,6 +137,12 @@ class Settings:
     partitions: int = 4
     replication_factor: int = 1
     app_id: str = "loopline"
+    # How long the group waits for a worker that stopped heart-beating (killed, hung, lost)
+    # before its partitions go to the others; a worker restarted takes that long to rejoin.
+    session_timeout_seconds: float = 15.0
+    # Static group membership: a worker restarted with the same id takes its partitions back
+    # at once, without a rebalance. Unique per worker (a pod's name); None = dynamic.
+    instance_id: str | None = None
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     data_dir: Path = Path(".loopline")

@@ -129,6 +129,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.rules is not None:
         env["LOOPLINE_RULES"] = str(settings.rules)
+    if settings.instance_id is not None:
+        env["LOOPLINE_INSTANCE_ID"] = settings.instance_id
     env["LOOPLINE_REVIEW_PORT"] = str(settings.review_port)
     if settings.security_protocol != "PLAINTEXT":
         env["LOOPLINE_SECURITY_PROTOCOL"] = settings.security_protocol

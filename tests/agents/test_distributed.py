@@ -162,6 +162,25 @@ def test_a_worker_killed_midway_recovers_without_counting_twice(
             == pytest.approx(json.loads(record["windows_json"])["7d"]["toil_hours"])
             for loop, record in published.items()
         ),
-        180,  # the killed member holds its partitions until its session times out (60 s)
+        120,  # the killed member holds its partitions until its session times out (15 s)
         "the restarted worker's gauges without new traffic",
     )
+
+
+def test_a_static_member_killed_takes_its_partitions_back_without_a_rebalance(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    # LOOPLINE_INSTANCE_ID: the restarted worker replaces the killed one in the group at once
+    # (the group stays at its first generation) instead of waiting out its session.
+    settings = make_settings(instance_id="worker-a")
+    events = _traffic(34, 6000)
+    asyncio.run(_publish(settings, events[:3000]))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= 500, 120, "the worker to be midway")
+    worker.stop(signal.SIGKILL)
+    asyncio.run(_publish(settings, events[3000:]))
+    restarted = start_worker(settings)
+    _wait_exact(settings, events, [restarted])
+    joined = [line for line in restarted.log().splitlines() if "Joined group" in line]
+    assert joined and all("(generation 1)" in line for line in joined), joined

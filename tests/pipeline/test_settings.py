@@ -41,6 +41,8 @@ def test_defaults_and_environment_values() -> None:
         ("LOOPLINE_SNAPSHOT_INTERVAL_SECONDS", "0", "must be a positive number"),
         ("LOOPLINE_HOURLY_RATES", "refunds", "expected loop=number pairs"),
         ("LOOPLINE_MAX_CASES_PER_PARTITION", "-1", "must be an integer, 0 or more"),
+        ("LOOPLINE_SESSION_TIMEOUT_SECONDS", "3", "must be between 6 and 1800 seconds"),
+        ("LOOPLINE_INSTANCE_ID", "pod 1", "may hold only letters"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:

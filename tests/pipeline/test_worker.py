@@ -70,3 +70,16 @@ def test_the_worker_and_the_loops_of_its_threads_are_uvloop() -> None:
         asyncio.set_event_loop_policy(policy)
         for loop in made:
             loop.close()
+
+
+def test_the_group_session_and_static_membership_come_from_the_settings() -> None:
+    from pipeline.app import faust_app
+
+    conf = faust_app(Settings(session_timeout_seconds=120, instance_id="worker-a")).conf
+    assert conf.broker_session_timeout == 120
+    assert conf.broker_heartbeat_interval == 3.0
+    assert conf.broker_request_timeout == 120  # Faust refuses a session longer than a request
+    assert conf.consumer_group_instance_id == "worker-a"
+    short = faust_app(Settings(session_timeout_seconds=6)).conf
+    assert (short.broker_heartbeat_interval, short.broker_request_timeout) == (2.0, 90.0)
+    assert short.consumer_group_instance_id is None

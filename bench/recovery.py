@@ -1,0 +1,250 @@
+"""Recovery benchmark: how long a worker killed with a large state takes to be back in service.
+
+Publishes N generated events, runs a `loopline worker` until it has processed them all and
+reads its numbers, kills it (SIGKILL, as the kernel's OOM killer or a lost node would), and
+starts another. Measured in the same run:
+  (a) baseline: aiokafka reading the worker's changelog topics from the beginning to their end
+      (no decoding), the least any restore from them can take;
+  (b) the restart: from spawning the new worker to its counting one probe event published to
+      every source partition beforehand, with the state of every partition restored (its held
+      cases back) and the batch it was killed in applied again;
+and prints both, the ratio a/b, the changelog's records and bytes, and whether the restarted
+worker's numbers equal the killed one's (they must: nothing lost, nothing counted twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+from bench.throughput import Samples, bench_settings, log, processed, publish, rss_kib, scrape
+from pipeline.metrics import sample_sum
+from pipeline.publisher import Publisher
+from pipeline.settings import Settings
+
+PROBE_LOOP = "bench-probe"
+TABLES = ("partition-state", "loop-state")  # agents/ingest.py, agents/loops.py
+#: The gauges compared before the kill and after the restart, for every loop and window.
+NUMBERS = (
+    "loopline_coverage_ratio",
+    "loopline_assisted_ratio",
+    "loopline_eval_pass_rate",
+    "loopline_latency_quantile_seconds",
+    "loopline_cost_per_resolution_usd",
+    "loopline_toil_hours",
+    "loopline_unresolved_cases",
+)
+
+
+def numbers(samples: Samples) -> dict[str, float]:
+    """The five numbers' gauges of the generated loops (not the probes'), by series."""
+    return {
+        f"{name}{{{','.join(f'{k}={v}' for k, v in sorted(labels))}}}": value
+        for (name, labels), value in samples.items()
+        if name in NUMBERS and ("loop", PROBE_LOOP) not in labels
+    }
+
+
+async def read_changelogs(settings: Settings) -> dict[str, float]:
+    """Read every record of the worker's changelog topics once, as a restore must."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 << 20,  # as the worker's consumer fetches
+    )
+    await consumer.start()
+    try:
+        parts = [
+            TopicPartition(f"{settings.app_id}-{table}-changelog", p)
+            for table in TABLES
+            for p in range(settings.partitions)
+        ]
+        # From the start by auto_offset_reset="earliest", with no seek: an assignment's reset
+        # to "latest" (aiokafka's default) can race seek_to_beginning(), and then every fetch
+        # came back empty here (pipeline.topics.read_to_end guards the same way).
+        ends = await consumer.end_offsets(parts)
+        consumer.assign(parts)
+        started = time.monotonic()
+        records = size = 0
+        left = {tp for tp, end in ends.items() if end > 0}
+        while left:
+            for tp, messages in (await consumer.getmany(timeout_ms=1000)).items():
+                records += len(messages)
+                size += sum(len(m.value or b"") + len(m.key or b"") for m in messages)
+                if messages and messages[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+        return {"records": records, "bytes": size, "seconds": time.monotonic() - started}
+    finally:
+        await consumer.stop()
+
+
+async def publish_probes(settings: Settings, ts_ms: int) -> None:
+    """One resolution of a new case on every source partition, at ``ts`` (the newest
+    generated event's time, so that event time and the held cases stay as they were)."""
+    partitioner = DefaultPartitioner()
+    everyone = list(range(settings.partitions))
+    tag = uuid.uuid4().hex[:8]
+    async with Publisher(settings) as publisher:
+        for partition in everyone:
+            n = 0
+            while partitioner(f"probe-{tag}-{n}".encode(), everyone, everyone) != partition:
+                n += 1
+            record = {
+                "event_id": f"probe-{tag}-{n}",
+                "case_id": f"probe-{tag}-{n}",
+                "loop": PROBE_LOOP,
+                "ts": ts_ms,
+                "resolver": "SYSTEM",
+                "outcome": "RESOLVED",
+                "release": "bench",
+            }
+            await publisher.publish("resolutions", record)
+        await publisher.flush()
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as worker_log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def settled(url: str, worker: subprocess.Popen[bytes], interval: float) -> Samples:
+    """The worker's samples once its numbers stopped changing (two snapshots alike)."""
+    before = numbers(scrape([url]))
+    while True:
+        if worker.poll() is not None:
+            raise SystemExit("the worker exited; see its log")
+        time.sleep(interval * 2 + 0.5)
+        samples = scrape([url])
+        if numbers(samples) == before and before:
+            return samples
+        before = numbers(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--port", type=int, default=39092, help="local broker port")
+    parser.add_argument(
+        "--session-timeout-seconds",
+        type=float,
+        default=None,
+        help="the workers' LOOPLINE_SESSION_TIMEOUT_SECONDS (default: the setting's)",
+    )
+    parser.add_argument(
+        "--instance-id",
+        default=None,
+        help="LOOPLINE_INSTANCE_ID of both workers (static membership: the restarted one "
+        "takes the killed one's place without waiting for its session to time out)",
+    )
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="loopline-bench-recovery-"))
+    with bench_settings(args.port, data_dir=data_dir, web_port=6099) as settings:
+        log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
+        newest = asyncio.run(publish(settings, args.events))
+        env = dict(
+            os.environ,
+            LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+            LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
+            LOOPLINE_APP_ID=settings.app_id,
+            LOOPLINE_DATA_DIR=str(data_dir),
+            LOOPLINE_WEB_PORT=str(settings.web_port),
+            LOOPLINE_LOG_LEVEL="info",  # Faust logs its recovery steps with times
+        )
+        if args.session_timeout_seconds is not None:
+            env["LOOPLINE_SESSION_TIMEOUT_SECONDS"] = str(args.session_timeout_seconds)
+        if args.instance_id is not None:
+            env["LOOPLINE_INSTANCE_ID"] = args.instance_id
+        url = f"http://127.0.0.1:{settings.web_port}/metrics"
+        log_path = data_dir / "worker.log"
+        worker = start_worker(env, log_path)
+        restarted = None
+        try:
+            while (done := processed(scrape([url]))) < args.events:
+                if worker.poll() is not None:
+                    raise SystemExit(f"the worker exited; see {log_path}")
+                log(f"worker: {done:,.0f} of {args.events:,} processed")
+                time.sleep(5)
+            before = settled(url, worker, settings.snapshot_interval_seconds)
+            held = round(sample_sum(before, "loopline_held_cases"))
+            rss_mib = rss_kib(worker.pid, "VmRSS") / 1024
+            log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB; SIGKILL")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            changelog = asyncio.run(read_changelogs(settings))
+            log(
+                f"baseline: read {changelog['records']:,.0f} changelog records "
+                f"({changelog['bytes'] / 2**20:,.0f} MiB) in {changelog['seconds']:.1f} s"
+            )
+            asyncio.run(publish_probes(settings, newest))
+            log("restarting the worker ...")
+            spawned = time.monotonic()
+            restarted = start_worker(env, log_path)
+            up = None
+            while True:
+                if restarted.poll() is not None:
+                    raise SystemExit(f"the restarted worker exited; see {log_path}")
+                samples = scrape([url])
+                if samples and up is None:
+                    up = time.monotonic() - spawned
+                probes = sample_sum(samples, "loopline_resolutions_total", loop=PROBE_LOOP)
+                back = round(sample_sum(samples, "loopline_held_cases"))
+                if probes >= settings.partitions and back >= held + settings.partitions:
+                    break
+                time.sleep(0.1)
+            recovery = time.monotonic() - spawned
+            log(f"restarted worker back in service after {recovery:.1f} s")
+            after = settled(url, restarted, settings.snapshot_interval_seconds)
+            rss_after_mib = rss_kib(restarted.pid, "VmRSS") / 1024
+        finally:
+            for process in (worker, restarted):
+                if process is not None and process.poll() is None:
+                    process.terminate()
+                    process.wait(timeout=60)
+        same = numbers(after) == numbers(before)
+        if not same:
+            differ = sorted(k for k, v in numbers(before).items() if numbers(after).get(k) != v)
+            log(f"warning: the numbers differ after the restart: {differ[:10]}")
+        result: dict[str, Any] = {
+            "events": args.events,
+            "session_timeout_s": float(
+                env.get("LOOPLINE_SESSION_TIMEOUT_SECONDS", Settings().session_timeout_seconds)
+            ),
+            "instance_id": args.instance_id,
+            "held_cases": held,
+            "worker_rss_mib": round(rss_mib, 1),
+            "restarted_rss_mib": round(rss_after_mib, 1),
+            "changelog_records": round(changelog["records"]),
+            "changelog_mib": round(changelog["bytes"] / 2**20, 1),
+            "baseline_read_s": round(changelog["seconds"], 2),
+            "metrics_up_s": None if up is None else round(up, 2),
+            "recovery_s": round(recovery, 2),
+            "ratio": round(changelog["seconds"] / recovery, 3),
+            "events_applied_again": round(processed(after)) - settings.partitions,
+            "numbers_equal": same,
+            "numbers_compared": len(numbers(before)),
+        }
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
