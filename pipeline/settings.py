@@ -51,6 +51,11 @@ def _session_timeout(raw: str) -> float:
     return value
 
 
+def _instance_id(raw: str) -> str | None:
+    """Empty (as a template may leave it) means dynamic membership, as unset does."""
+    return _prefix(raw.strip()) or None
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -102,7 +107,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "replication_factor": _positive_int,
     "web_port": _port,
     "topic_prefix": _prefix,
-    "instance_id": _prefix,
+    "instance_id": _instance_id,
     "session_timeout_seconds": _session_timeout,
     "data_dir": _path,
     "kafka_home": _path,

@@ -29,6 +29,8 @@ def test_defaults_and_environment_values() -> None:
     capped = Settings.from_env({"LOOPLINE_MAX_CASES_PER_PARTITION": "250_000"})
     assert capped.core_config().max_cases_per_partition == 250_000
     assert Settings().core_config().max_cases_per_partition == 0  # no cap by default
+    assert Settings.from_env({"LOOPLINE_INSTANCE_ID": "worker-0"}).instance_id == "worker-0"
+    assert Settings.from_env({"LOOPLINE_INSTANCE_ID": ""}).instance_id is None  # dynamic
 
 
 @pytest.mark.parametrize(
