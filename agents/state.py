@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Generic, TypeVar, cast
 
@@ -31,6 +33,27 @@ def _backing(store: Any) -> MutableMapping[bytes, Any]:
     of the worker in bench/throughput); any other store as it is."""
     data = getattr(store, "data", None)
     return data if isinstance(data, dict) else cast(MutableMapping[bytes, Any], store)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def give_back_freed_memory() -> None:
+    """Return memory freed since to the system. A partition's restore holds its changelog's raw
+    envelopes (with the previous values) until its core is built; glibc kept their memory, so
+    a restarted worker stayed at the restore's peak (1,974 MiB against 1,366 before the kill
+    in bench/recovery)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def aiokafka_producer(app: faust.App) -> Any:
@@ -62,6 +85,7 @@ class CheckpointedPartitions(Generic[Core]):
             core = self.build(partition, checkpoint.values)
             checkpoint.values = {}  # the core holds the state now
             found = self.loaded[partition] = (core, checkpoint)
+            give_back_freed_memory()
         return found
 
     async def commit(

@@ -187,6 +187,7 @@ def main() -> None:
             before = settled(url, worker, settings.snapshot_interval_seconds)
             held = round(sample_sum(before, "loopline_held_cases"))
             rss_mib = rss_kib(worker.pid, "VmRSS") / 1024
+            peak_mib = rss_kib(worker.pid, "VmHWM") / 1024
             log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB; SIGKILL")
             worker.send_signal(signal.SIGKILL)
             worker.wait()
@@ -215,6 +216,7 @@ def main() -> None:
             log(f"restarted worker back in service after {recovery:.1f} s")
             after = settled(url, restarted, settings.snapshot_interval_seconds)
             rss_after_mib = rss_kib(restarted.pid, "VmRSS") / 1024
+            peak_after_mib = rss_kib(restarted.pid, "VmHWM") / 1024
         finally:
             for process in (worker, restarted):
                 if process is not None and process.poll() is None:
@@ -232,7 +234,9 @@ def main() -> None:
             "instance_id": args.instance_id,
             "held_cases": held,
             "worker_rss_mib": round(rss_mib, 1),
+            "worker_peak_rss_mib": round(peak_mib, 1),
             "restarted_rss_mib": round(rss_after_mib, 1),
+            "restarted_peak_rss_mib": round(peak_after_mib, 1),
             "changelog_records": round(changelog["records"]),
             "changelog_mib": round(changelog["bytes"] / 2**20, 1),
             "baseline_read_s": round(changelog["seconds"], 2),
