@@ -48,7 +48,7 @@ _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def give_back_freed_memory() -> None:
-    """Return memory freed since to the system. A partition's restore holds its changelog's raw
+    """Hand freed memory back to the system. A partition's restore holds its changelog's raw
     envelopes (with the previous values) until its core is built; glibc kept their memory, so
     a restarted worker stayed at the restore's peak (1,974 MiB against 1,366 before the kill
     in bench/recovery)."""

@@ -241,7 +241,6 @@ class PartitionCore:
         self.partition = partition
         self.on_latency = on_latency  # e.g. a Prometheus histogram's observe, per loop
         self.on_evict = on_evict  # called with the loop of each case evicted for the cap
-        self.evicted = 0  # cases this core evicted for the cap on cases
         self.watermark_ms = 0
         self.marks: dict[str, int] = {}  # source topic -> the event time of its newest event
         self.behind: frozenset[str] = frozenset()  # topics with events still to be read
@@ -557,7 +556,6 @@ class PartitionCore:
                 continue
             self._changing(key)
             del self.cases[key]
-            self.evicted += 1
             count -= 1
             if self.on_evict is not None:
                 self.on_evict(case.loop)
