@@ -1,11 +1,53 @@
-"""agents/state.py without a broker: memory a restore freed goes back to the system."""
+"""agents/state.py: memory a restore freed goes back to the system; the state tables'
+changelogs as the broker holds them."""
 
 from __future__ import annotations
 
-from agents.state import _MALLOC_TRIM, give_back_freed_memory
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from agents.state import _MALLOC_TRIM, CHANGELOG_SEGMENT_MS, give_back_freed_memory
+from pipeline.settings import Settings
+from tests.conftest import WorkerProcess, wait_for
 
 
 def test_freed_memory_goes_back_through_glibc_malloc_trim() -> None:
     assert _MALLOC_TRIM is not None  # glibc here (Debian, and the python images of compose)
     assert _MALLOC_TRIM(0) in (0, 1)  # 1: memory was released, 0: there was none to release
     give_back_freed_memory()
+
+
+async def _topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+        responses = await admin.describe_configs([resource])
+    finally:
+        await admin.close()
+    # DescribeConfigsResponse: resources of (error, message, type, name, [config entries])
+    entries = responses[0].resources[0][4]
+    return {str(entry[0]): str(entry[1]) for entry in entries}
+
+
+@pytest.mark.broker
+def test_the_state_changelogs_are_compacted_in_segments_of_ten_minutes(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    settings = make_settings()
+    start_worker(settings)  # Faust creates the tables' changelog topics as it starts
+    topics = [f"{settings.app_id}-{table}-changelog" for table in ("partition-state", "loop-state")]
+    configs: dict[str, dict[str, str]] = {}
+
+    def created() -> bool:
+        configs.update({t: asyncio.run(_topic_configs(settings, t)) for t in topics})
+        return all(configs.values())
+
+    wait_for(created, 60, f"{topics} to exist")
+    for topic in topics:
+        assert configs[topic]["cleanup.policy"] == "compact"
+        assert configs[topic]["segment.ms"] == str(CHANGELOG_SEGMENT_MS) == "600000"
