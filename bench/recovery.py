@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from bench.throughput import Samples, bench_settings, log, processed, publish, rss_kib, scrape
+from bench.throughput import (
+    Samples,
+    bench_settings,
+    log,
+    processed,
+    publish,
+    rss_kib,
+    scrape,
+    worker_env,
+)
 from pipeline.metrics import sample_sum
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
@@ -161,15 +169,8 @@ def main() -> None:
     with bench_settings(args.port, data_dir=data_dir, web_port=6099) as settings:
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         newest = asyncio.run(publish(settings, args.events))
-        env = dict(
-            os.environ,
-            LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-            LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
-            LOOPLINE_APP_ID=settings.app_id,
-            LOOPLINE_DATA_DIR=str(data_dir),
-            LOOPLINE_WEB_PORT=str(settings.web_port),
-            LOOPLINE_LOG_LEVEL="info",  # Faust logs its recovery steps with times
-        )
+        env = worker_env(settings, "info")  # Faust logs its recovery steps with times
+        env["LOOPLINE_WEB_PORT"] = str(settings.web_port)
         if args.session_timeout_seconds is not None:
             env["LOOPLINE_SESSION_TIMEOUT_SECONDS"] = str(args.session_timeout_seconds)
         if args.instance_id is not None:

@@ -74,6 +74,18 @@ def bench_settings(port: int, **overrides: Any) -> Iterator[Settings]:
             broker.down()
 
 
+def worker_env(settings: Settings, log_level: str) -> dict[str, str]:
+    """The environment of a `loopline worker` (or bench/faust_only.py) on ``settings``."""
+    return dict(
+        os.environ,
+        LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+        LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
+        LOOPLINE_APP_ID=settings.app_id,
+        LOOPLINE_DATA_DIR=str(settings.data_dir),
+        LOOPLINE_LOG_LEVEL=log_level,
+    )
+
+
 async def publish(settings: Settings, count: int) -> int:
     """Publish ``count`` generated events; returns the newest one's event time (epoch ms)."""
     await ensure_topics(settings)
@@ -318,14 +330,7 @@ def main() -> None:
             base_rate = runner.run(baseline(settings, args.events))
         log(f"baseline: {base_rate:,.0f} events/s")
 
-        env = dict(
-            os.environ,
-            LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-            LOOPLINE_TOPIC_PREFIX=settings.topic_prefix,
-            LOOPLINE_APP_ID=settings.app_id,
-            LOOPLINE_DATA_DIR=str(data_dir),
-            LOOPLINE_LOG_LEVEL="warning",
-        )
+        env = worker_env(settings, "warning")
         if args.lateness_seconds:
             env["LOOPLINE_ALLOWED_LATENESS_SECONDS"] = str(args.lateness_seconds)
             env["LOOPLINE_SLA_SECONDS"] = str(args.lateness_seconds)

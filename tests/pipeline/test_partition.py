@@ -264,17 +264,18 @@ def test_resolutions_wait_for_their_input_until_their_case_is_past_the_lateness(
         assert state.cases["c2"].pending == []
 
 
+def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
+    """The input or resolution (by a person) of ``case_id`` at ``seconds``, counted."""
+    record = {"event_id": f"{topic}-{case_id}", "case_id": case_id, "loop": "refunds"}
+    record |= {"ts": at(seconds)}
+    if topic == "resolutions":
+        record |= {"resolver": "HUMAN", "outcome": "RESOLVED"}
+    assert core.process(topic, case_id, record) == "ok"
+
+
 def test_a_case_is_held_for_the_horizon_after_its_last_event_not_its_first() -> None:
     config = tight()
     horizon_s = config.case_horizon_ms // 1000
-
-    def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
-        record = {"event_id": f"{topic}-{case_id}", "case_id": case_id, "loop": "refunds"}
-        record |= {"ts": at(seconds)}
-        if topic == "resolutions":
-            record |= {"resolver": "HUMAN", "outcome": "RESOLVED"}
-        assert core.process(topic, case_id, record) == "ok"
-
     core = PartitionCore(config)
     event(core, "inputs", "c1", 0)
     event(core, "resolutions", "c1", horizon_s // 2)
@@ -290,13 +291,6 @@ def test_a_case_is_held_for_the_horizon_after_its_last_event_not_its_first() -> 
 
 
 def test_the_cap_evicts_the_least_recently_touched_cases_and_restores_alike() -> None:
-    def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
-        record = {"event_id": f"{topic}-{case_id}", "case_id": case_id, "loop": "refunds"}
-        record |= {"ts": at(seconds)}
-        if topic == "resolutions":
-            record |= {"resolver": "AI", "outcome": "RESOLVED"}
-        assert core.process(topic, case_id, record) == "ok"
-
     evicted: list[str] = []
     core = PartitionCore(replace(tight(), max_cases_per_partition=2), on_evict=evicted.append)
     event(core, "inputs", "c1", 0)
