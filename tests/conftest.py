@@ -42,10 +42,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
         time.sleep(every)
 
 
-async def consume(
-    settings: Settings, topic: str, count: int
-) -> list[tuple[bytes | None, dict[str, Any]]]:
-    """Read at least ``count`` records of a loopline topic from the start (60 s at most)."""
+async def consume_messages(settings: Settings, topic: str, count: int) -> list[Any]:
+    """At least ``count`` messages (aiokafka's ConsumerRecord: partition, key, raw value) of a
+    loopline topic from the start (60 s at most)."""
     consumer = AIOKafkaConsumer(
         settings.topic(topic),
         bootstrap_servers=settings.bootstrap_servers,
@@ -53,15 +52,26 @@ async def consume(
         enable_auto_commit=False,
     )
     await consumer.start()
-    codec, out = Codec.load(), []
+    out: list[Any] = []
     try:
         async with asyncio.timeout(60):
             while len(out) < count:
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    out.extend((m.key, codec.decode(m.value).record) for m in messages)
+                    out.extend(messages)
     finally:
         await consumer.stop()
     return out
+
+
+async def consume(
+    settings: Settings, topic: str, count: int
+) -> list[tuple[bytes | None, dict[str, Any]]]:
+    """Read at least ``count`` records of a loopline topic from the start (60 s at most)."""
+    codec = Codec.load()
+    return [
+        (m.key, codec.decode(m.value).record)
+        for m in await consume_messages(settings, topic, count)
+    ]
 
 
 async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, Any]]]:
