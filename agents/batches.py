@@ -4,18 +4,18 @@ A Faust agent gets each message through a stream: the conductor wraps it in an E
 it on the channel's queue, the stream takes it off, tracks it, runs its sensors and
 processors, and ``take_events`` buffers it once more and acks it with more sensors. At
 bench/throughput rates that was a sixth of the worker's time, spent on batches that want only
-the messages. Here a subscription is a ``BatchTopic``: the conductor's decode step hands the
-message through unchanged, its queue (a ``MessageBuffer``) keeps the messages as they are, and
-``consume`` takes them off in batches.
+the records. Here a subscription is a ``BatchTopic``: the fetch loop (agents.fetch) puts the
+records of each fetch of one of its partitions on its buffer whole (``Fetched``, Kafka's own
+record objects), and ``consume`` takes them off in batches.
 
-What the stream did for correctness is kept. A message is tracked when taken and acked only
-after its batch was handled, so Faust commits no offset past a batch in hand and a rebalance
-waits for it (``consumer.wait_empty``). The buffer is a flow-control queue, cleared at a
-rebalance like the streams' queues, and a message fetched before the last rebalance (an older
-consumer generation) is dropped unprocessed, as the stream drops it: recovery seeks every
-partition back to its committed offset, so it is fetched again. A batch that fails as a whole
-crashes the worker instead of going on with state ahead of its checkpoint; a restart resumes
-from the checkpoint (pipeline.checkpoint).
+What the stream did for correctness is kept, per fetched slice instead of per message. A slice
+is tracked when taken and acked only after its batch was handled, so Faust commits no offset
+past a batch in hand and a rebalance waits for it (``consumer.wait_empty``). The buffer is a
+flow-control queue, cleared at a rebalance like the streams' queues, and a slice fetched
+before the last rebalance (an older consumer generation) is dropped unprocessed, as the stream
+drops a message: recovery seeks every partition back to its committed offset, so it is fetched
+again. A batch that fails as a whole crashes the worker instead of going on with state ahead
+of its checkpoint; a restart resumes from the checkpoint (pipeline.checkpoint).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any, cast
 
 import faust
 from faust.exceptions import ConsumerNotStarted
-from faust.types import TP, Message
+from faust.types import TP
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from agents.raw import RawSchema
@@ -40,63 +42,131 @@ BATCH_EVENTS = 2000
 BATCH_SECONDS = 0.2
 
 
-class MessageBuffer(ThrowableQueue[Message]):
-    """A channel queue of raw messages that hands them out in batches of up to ``size``, or
-    what arrived within ``within`` seconds of a batch's first message."""
+class Fetched:
+    """Consecutive records of one topic-partition from one fetch (aiokafka's records), tracked
+    and acked as one. It covers the offsets from ``first`` to its last record's: those before
+    its first record that Kafka skipped (compaction, transaction markers) are acked with it."""
+
+    __slots__ = ("__weakref__", "acked", "first", "generation_id", "records", "tp")
+
+    refcount = 1  # what Faust's wait_empty logs of what it waits for
+
+    def __init__(self, tp: TP, records: list[Any], first: int, generation_id: int) -> None:
+        self.tp = tp
+        self.records = records
+        self.first = first
+        self.generation_id = generation_id
+        self.acked = False
+
+    def __repr__(self) -> str:
+        return f"<Fetched {self.tp.topic}[{self.tp.partition}]@{self.first}..{self.last}>"
+
+    @property
+    def last(self) -> int:
+        return int(self.records[-1].offset)
+
+    def ack(self, consumer: Any) -> None:
+        """Mark its offsets acked in Faust's consumer, as ``Consumer.ack`` does a message's:
+        Faust commits up to the first offset not acked."""
+        with ack_lock:
+            if self.acked:
+                return
+            self.acked = True
+            consumer._unacked_messages.discard(self)
+            tp = self.tp
+            if not consumer.app.topics.acks_enabled_for(tp.topic):
+                return
+            committed = consumer._committed_offset[tp]
+            start = self.first if committed is None else max(self.first, committed)
+            index = consumer._acked_index[tp]
+            new = [offset for offset in range(start, self.last + 1) if offset not in index]
+            index.update(new)
+            consumer._acked[tp].extend(new)
+            consumer._n_acked += len(new)
+            notify(consumer._waiting_for_ack)
+
+
+class MessageBuffer(ThrowableQueue[Fetched]):
+    """A channel queue of fetched slices that hands them out in batches of up to ``size``
+    records, or what arrived within ``within`` seconds of a batch's first slice. A fetch is
+    put whole (its records are in memory already); beyond ``maxsize`` records the fetch loop
+    waits for ``room`` before it fetches more, as Faust's buffers hold a fetch."""
 
     def __init__(
         self, maxsize: int, *, flow_control: FlowControlEvent, size: int, within: float
     ) -> None:
-        super().__init__(maxsize, flow_control=flow_control, clear_on_resume=True)
+        super().__init__(0, flow_control=flow_control, clear_on_resume=True)
+        self.limit = maxsize
         self.size = size
         self.within = within
+        self.records = 0  # how many records the slices in the buffer hold
         self._filled = asyncio.Event()  # set once the buffer holds the rest of a batch
-        self.newest: dict[TP, int] = {}  # partition -> offset of the newest message put
+        self._wanted = size  # records that make up the rest of the batch being taken
+        self._room = asyncio.Event()  # set while the buffer holds fewer than ``limit`` records
+        self._room.set()
+        # partition -> offset of the newest record fetched for the buffer (announced before
+        # its fetch is put, so that no record is in neither the client nor the buffer)
+        self.newest: dict[TP, int] = {}
 
     def clear(self) -> None:
         super().clear()
+        self.records = 0
         self.newest.clear()
+        self._room.set()
 
-    def put_nowait_enhanced(
-        self,
-        value: Message,
-        *,
-        on_pressure_high: Callable[[], Any],
-        on_pressure_drop: Callable[[], Any],
-    ) -> bool:
-        high = super().put_nowait_enhanced(
-            value, on_pressure_high=on_pressure_high, on_pressure_drop=on_pressure_drop
-        )
-        self.newest[value.tp] = value.offset
-        if self.qsize() >= self.size - 1:
+    def announce(self, tp: TP, offset: int) -> None:
+        """Records of ``tp`` up to ``offset`` were fetched and are about to be put."""
+        if offset > self.newest.get(tp, -1):
+            self.newest[tp] = offset
+
+    def put_fetched(self, fetched: Fetched) -> None:
+        self.put_nowait(fetched)
+        self.records += len(fetched.records)
+        self.announce(fetched.tp, fetched.last)
+        if self.records >= self._wanted:
             self._filled.set()
-        return high
+        if self.records >= self.limit:
+            self._room.clear()
 
-    async def take(self) -> list[Message]:
-        """The next batch: waits for its first message, then for the rest until ``within``."""
-        batch = [await self.get()]
-        if self.qsize() < self.size - 1:
+    async def room(self) -> None:
+        """Wait until the buffer holds fewer than ``limit`` records."""
+        await self._room.wait()
+
+    def _taken(self, fetched: Fetched) -> Fetched:
+        self.records -= len(fetched.records)
+        if self.records < self.limit:
+            self._room.set()
+        return fetched
+
+    async def take(self) -> list[Fetched]:
+        """The next batch: waits for its first slice, then for the rest until ``within``."""
+        batch = [self._taken(await self.get())]
+        taken = len(batch[0].records)
+        self._wanted = self.size - taken
+        if self.records < self._wanted:
             self._filled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._filled.wait(), self.within)
-        while len(batch) < self.size and not self.empty():
-            batch.append(self.get_nowait())
+        waiting = cast(Any, self)._queue  # asyncio.Queue's deque
+        while waiting and taken + len(waiting[0].records) <= self.size:
+            batch.append(self._taken(self.get_nowait()))
+            taken += len(batch[-1].records)
         return batch
+
+    def put_nowait_enhanced(self, value: Any, **_: Any) -> bool:
+        raise RuntimeError(
+            "a BatchTopic's records come through agents.fetch, installed on Faust's consumer "
+            "before it starts (pipeline.worker.make_worker); Faust's conductor handed it one"
+        )
 
 
 class BatchTopic(faust.Topic):
-    """A topic whose messages reach ``consume`` as Kafka delivered them (no Event, no stream);
-    for sending it is a raw topic (agents.raw)."""
+    """A topic whose records reach ``consume`` as Kafka delivered them (no Message, no Event,
+    no stream), fetched by agents.fetch; for sending it is a raw topic (agents.raw)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("schema", RawSchema(key_serializer="raw", value_serializer="raw"))
         super().__init__(*args, **kwargs)
-
-    def _compile_decode(self) -> None:
-        async def decode(message: Message, *, propagate: bool = False) -> Message:
-            return message
-
-        self.decode = decode  # type: ignore[method-assign,assignment]
 
     @property
     def queue(self) -> MessageBuffer:
@@ -131,12 +201,12 @@ def batch_topic(app: faust.App, *names: str) -> BatchTopic:
     return BatchTopic(app, topics=list(names))
 
 
-Handler = Callable[[dict[int, list[Message]]], Awaitable[None]]
+Handler = Callable[[dict[int, list[Any]]], Awaitable[None]]
 
 
 class BatchConsumer:
-    """Hands every batch of a subscription to ``handle``, grouped by partition (in offset
-    order), and acks the batch's messages only after ``handle`` returned."""
+    """Hands every batch of a subscription to ``handle``, its records (aiokafka's) grouped by
+    partition in offset order, and acks the batch only after ``handle`` returned."""
 
     def __init__(self, app: faust.App, topic: BatchTopic, handle: Handler, name: str) -> None:
         self.app = app
@@ -144,29 +214,27 @@ class BatchConsumer:
         self.handle = handle
         self.name = name
 
-    def fresh(self, taken: list[Message]) -> dict[int, list[Message]]:
+    def fresh(self, taken: list[Fetched]) -> list[Fetched]:
         """What of ``taken`` to handle, tracked as in hand: nothing during a rebalance, and
         nothing fetched before the last one (both are fetched again after it)."""
-        by_partition: dict[int, list[Message]] = defaultdict(list)
         if not self.app.flow_control.is_active():
-            return by_partition
+            return []
         current = self.app.consumer_generation_id
-        track = self.app.consumer.track_message
-        for message in taken:
-            if message.generation_id == current:
-                message.tracked = True
-                track(message)
-                by_partition[message.partition].append(message)
-        return by_partition
+        in_hand = cast(Any, self.app.consumer)._unacked_messages  # what wait_empty waits for
+        kept = [fetched for fetched in taken if fetched.generation_id == current]
+        in_hand.update(kept)
+        return kept
 
     async def run(self) -> None:
         consumer = self.app.consumer
-        on_message_out = self.app.sensors.on_message_out
         buffer = self.channel.queue
         while True:
-            by_partition = self.fresh(await buffer.take())
-            if not by_partition:
+            kept = self.fresh(await buffer.take())
+            if not kept:
                 continue
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for fetched in kept:
+                by_partition[fetched.tp.partition].extend(fetched.records)
             try:
                 await self.handle(by_partition)
             except Exception as exc:
@@ -177,16 +245,14 @@ class BatchConsumer:
                 )
                 await self.app.crash(exc)
                 return
-            for messages in by_partition.values():
-                for message in messages:
-                    message.ack(consumer)
-                    on_message_out(message.tp, message.offset, message)
+            for fetched in kept:
+                fetched.ack(consumer)
 
     def unread(self, tp: TP, next_offset: int) -> bool:
-        """Whether ``tp`` has messages from ``next_offset`` on that no batch has had yet: in
+        """Whether ``tp`` has records from ``next_offset`` on that no batch has had yet: in
         the buffer, or not yet handed over by the Kafka client (fetched or not). What the
-        client handed to Faust's fetch loop but the loop has not buffered yet (one fetch at
-        most) is not seen. An unknown offset counts as read: nothing waits on a guess."""
+        client handed to the fetch loop but the loop has not buffered yet (one fetch at most)
+        is not seen. An unknown offset counts as read: nothing waits on a guess."""
         if self.channel.queue.newest.get(tp, -1) >= next_offset:
             return True
         return (client_lag(self.app.consumer, tp) or 0) > 0

@@ -1,11 +1,14 @@
-"""A cheaper hand-over of each fetched message from Faust's consumer to its streams.
+"""A cheaper hand-over of each fetched message from Faust's consumer to its streams, for the
+topics that take Faust's per-message path (the tables' changelogs while they recover; the
+stages' subscriptions get whole fetches, agents.fetch).
 
 Faust's fetch loop hands every message over with
 ``await consumer.wait_first(callback(message), consumer.suspend_flow.wait())``, so that a
 rebalance (which sets ``suspend_flow``) can abandon a callback that is blocked. ``wait_first``
 makes four tasks per message for that (the callback, the suspend wait, and the consumer's
 stopped and crashed events) and an ``asyncio.wait``: a fifth of the worker's time in
-bench/throughput (the per-message cost noted in robinhood/faust#563).
+bench/throughput while the stages' records came this way too (the per-message cost noted in
+robinhood/faust#563).
 
 Almost always the callback does not block: it decodes the message and puts it on a stream
 queue that has room. So the callback is first run here up to its first suspension. If it
@@ -15,8 +18,9 @@ suspends (a full queue, a producer buffer to drain, flow control), the rest of i
 ``wait_first`` as before, racing the suspension exactly as Faust intends. When the flow is
 already suspended, or the consumer stopped or crashed, Faust's own path is taken untouched.
 
-Before each hand-over the fetch loop also awaits the producer buffer's ``wait_until_ebb``;
-``install_ebb`` gives it a check that costs a ``len`` instead of a settings lookup.
+Before each hand-over (of a message, or of a slice in agents.fetch) the fetch loop also awaits
+the producer buffer's ``wait_until_ebb``; ``install_ebb`` gives it a check that costs a ``len``
+instead of a settings lookup.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ _READY = _Ready()
 def install_ebb(buffer: Any) -> None:
     """Give a Faust producer buffer a cheap ``wait_until_ebb`` for the usual case.
 
-    The fetch loop awaits it for every message (before the hand-over above), and its size
+    The fetch loop awaits it before every hand-over (above, and agents.fetch), and its size
     check reads ``app.conf.producer_threaded`` through the settings registry's Python
     ``__getattribute__``: ~2 % of the worker in bench/throughput. Below the limit it has nothing
     to wait for and returns at once, as Faust's does; above it Faust's own wait runs. The

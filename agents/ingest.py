@@ -131,7 +131,7 @@ def register(
             await dead_letters.send(message, reason, error)
             # Counted for the dead-letter rate, under its loop when it could be read.
             loop = record.get("loop") if isinstance(record, dict) else None
-            core.dead_letter(loop, int(message.timestamp * 1000))
+            core.dead_letter(loop, message.timestamp)  # aiokafka's: epoch ms
             return
         tally.add(message.topic, topic, status, record)
 

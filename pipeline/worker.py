@@ -10,7 +10,7 @@ from collections.abc import Callable
 import faust
 import uvloop
 
-from agents import dispatch
+from agents import dispatch, fetch
 from pipeline.app import create_app
 from pipeline.codec import Codec
 from pipeline.metrics import PipelineMetrics
@@ -57,12 +57,13 @@ def worker_event_loop() -> asyncio.AbstractEventLoop:
 def make_worker(
     app: faust.App, settings: Settings, loop: asyncio.AbstractEventLoop
 ) -> faust.Worker:
-    """The Faust worker for ``app``, with three of Faust's per-message costs taken out."""
+    """The Faust worker for ``app``, with four of Faust's per-message costs taken out."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     # No terminal spinner: at a log level of WARNING or above it sets the root logger to DEBUG
     # (to spin on every record), so every debug call of Faust and aiokafka built a record, one
     # per message sent (a twentieth of the worker's time), and it only draws on a terminal.
     worker.spinner = None
+    fetch.install(app.consumer)
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)
     return worker

@@ -1,0 +1,170 @@
+"""Faust's fetch loop with whole fetches handed to the batch subscriptions (agents.batches).
+
+Faust's loop (``Consumer._drain_messages``) takes every record of a fetch through its
+``getmany`` generator (flow, generation and assignment checks, the end-offset monitor, a
+Message object), its read-offset and gap bookkeeping, the hand-over (agents.dispatch) and the
+conductor (flow control, producer ebb, decode, the queue's pressure checks): about a fifth of
+the worker's time in bench/throughput, for subscriptions that want the records only, in
+batches. Here the records a fetch brings of a batch topic's partition go to its buffer at
+once, in slices of at most a batch (``Fetched``), each checked, bookkept and acked as one:
+
+- only while the consumer's flow is active and its generation is the one fetched under, and
+  only for partitions still active (not paused, not revoked), as ``getmany`` checks;
+- records before the partition's read offset are dropped, as Faust drops them, and a
+  slice covers the offsets from the last one read on, so what Kafka skipped (compacted or
+  transaction markers) is acked with it, as Faust's gaps are;
+- the app's flow control and the producer buffer are waited for before each hand-over, as
+  the conductor waits before each message; a fetch is put whole, and a buffer holding more
+  than its limit holds the loop before the next fetch (Faust's put into a full queue does);
+- the offsets fetched for a buffer are announced to it before any is put, so that what the
+  Kafka client has handed over is never out of sight of ``BatchConsumer.unread``;
+- ``broker_commit_every`` commits as Faust's loop does.
+
+Records of every other topic (the tables' changelogs while they recover) take Faust's own
+per-message path, unchanged, in its round-robin order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.types import TP
+
+from agents.batches import BatchTopic, Fetched, MessageBuffer
+
+log = logging.getLogger(__name__)
+
+
+def batch_buffers(app: Any) -> Callable[[str], MessageBuffer | None]:
+    """The buffer of the batch topic subscribed to ``topic``, or None for a topic that has
+    none (or is subscribed to by anything else too: Faust's path serves every subscriber)."""
+    found: dict[str, MessageBuffer | None] = {}
+
+    def buffer_of(topic: str) -> MessageBuffer | None:
+        if topic not in found:
+            channels = app.topics._topic_name_index.get(topic, ())
+            only = next(iter(channels)) if len(channels) == 1 else None
+            found[topic] = only.queue if isinstance(only, BatchTopic) else None
+        return found[topic]
+
+    return buffer_of
+
+
+def install(consumer: Any) -> None:
+    """Give ``consumer`` (Faust's, before it starts) the fetch loop above."""
+    consumer._drain_messages = FetchLoop(consumer).run
+
+
+class FetchLoop:
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.app = consumer.app
+        self.buffer_of = batch_buffers(self.app)
+        self.read_offset: dict[TP, int | None] = consumer._read_offset
+
+    async def run(self, fetcher: Any) -> None:
+        consumer = self.consumer
+        consumer_should_stop = consumer._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                consumer.diag.set_flag(CONSUMER_FETCHING)
+                records, active = await consumer._wait_next_records(1.0)
+                await consumer.sleep(0)  # as Faust's loop: a fetch may not have yielded
+                if records and not consumer.should_stop:
+                    await self.deliver(records, active)
+                consumer.diag.unset_flag(CONSUMER_FETCHING)
+        except consumer.consumer_stopped_errors:
+            if consumer.transport.app.should_stop:
+                log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if consumer.transport.app.should_stop:
+                log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            consumer.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def deliver(self, records: Mapping[TP, list[Any]], active: set[TP] | None) -> None:
+        consumer, app = self.consumer, self.app
+        generation = app.consumer_generation_id
+        batched: list[tuple[MessageBuffer, TP, list[Any]]] = []
+        others: dict[TP, list[Any]] = {}
+        for tp, fetched in records.items():
+            if active is not None and tp not in active and tp not in consumer._buffered_partitions:
+                continue
+            buffer = self.buffer_of(tp.topic)
+            if buffer is None:
+                others[tp] = fetched
+            else:
+                buffer.announce(tp, fetched[-1].offset)  # unread from here on (batches.unread)
+                batched.append((buffer, tp, fetched))
+        for buffer, tp, fetched in batched:
+            if not consumer.flow_active or app.consumer_generation_id != generation:
+                return  # a rebalance: what was fetched is fetched again after it
+            app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
+            await self.hand_over(buffer, tp, fetched, generation)
+        if others:
+            await self.deliver_each(others, generation)
+        for buffer in {id(b): b for b, _, _ in batched}.values():
+            await buffer.room()  # before the next fetch
+
+    async def hand_over(
+        self, buffer: MessageBuffer, tp: TP, fetched: list[Any], generation: int
+    ) -> None:
+        consumer, app = self.consumer, self.app
+        read = self.read_offset.get(tp)
+        if read is not None and fetched[0].offset < read:
+            fetched = [record for record in fetched if record.offset >= read]
+            if not fetched:
+                return
+        # What Kafka skipped after the last offset read (compacted, transaction markers) is
+        # acked with the slice, as Faust's gaps are (after a seek, the read offset is the next
+        # one to read, and the fetch starts there).
+        head = fetched[0].offset
+        first = head if read is None or head <= read else read + 1
+        size = buffer.size
+        for start in range(0, len(fetched), size):
+            part = fetched[start : start + size]
+            commit_every = consumer._commit_every
+            if commit_every is not None and consumer._n_acked >= commit_every:
+                consumer._n_acked = 0
+                await consumer.commit()
+            await app.flow_control.acquire()
+            await app.producer.buffer.wait_until_ebb()
+            if app.consumer_generation_id != generation:
+                return
+            buffer.put_fetched(Fetched(tp, part, first, generation))
+            first = part[-1].offset + 1
+            self.read_offset[tp] = part[-1].offset
+
+    async def deliver_each(self, records: dict[TP, list[Any]], generation: int) -> None:
+        """Faust's own path, record by record (``getmany`` and ``_drain_messages``)."""
+        consumer, app = self.consumer, self.app
+        acks_enabled_for = app.topics.acks_enabled_for
+        callback = consumer.callback
+        for tp, record in consumer.scheduler.iterate(records):
+            if not consumer.flow_active or app.consumer_generation_id != generation:
+                return
+            app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
+            message = consumer._to_message(tp, record)
+            offset = message.offset
+            read = self.read_offset.get(tp)
+            if read is None or offset >= read:
+                if offset - (read or 0) > 1 and read and acks_enabled_for(message.topic):
+                    await consumer._add_gap(tp, read + 1, offset)
+                commit_every = consumer._commit_every
+                if commit_every is not None and consumer._n_acked >= commit_every:
+                    consumer._n_acked = 0
+                    await consumer.commit()
+                await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
+                self.read_offset[tp] = offset

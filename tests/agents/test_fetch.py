@@ -1,0 +1,157 @@
+"""The fetch loop's hand-over (agents.fetch), on a real Faust app without a broker: fetched
+records of a batch topic go to its buffer in slices, with Faust's read-offset, gap and
+generation rules; records of other topics take Faust's own per-message path."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import faust
+from aiokafka.structs import ConsumerRecord
+from faust.types import TP
+
+from agents.batches import BatchConsumer, batch_topic
+from agents.fetch import FetchLoop, install
+from agents.raw import raw_topic
+
+T0, T1, OTHER = TP("t", 0), TP("t", 1), TP("other", 0)
+
+
+def run(app: faust.App, coro: Any) -> Any:
+    return app.loop.run_until_complete(coro)
+
+
+def records(tp: TP, *offsets: int) -> list[ConsumerRecord[bytes, bytes]]:
+    return [
+        ConsumerRecord(tp.topic, tp.partition, o, 1_000 + o, 0, b"k", b"v", None, 1, 1, [])
+        for o in offsets
+    ]
+
+
+class Subscribed:
+    """The app with a batch subscription of "t" (batches of 2) and a plain one of "other",
+    its consumer's per-message callback recorded instead of Faust's conductor."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app: Any = cast(Any, app)
+        topic = batch_topic(app, "t")
+        self.batches = BatchConsumer(app, topic, self.handle, "test")
+        self.batches.channel.queue.size = 2
+        aiter(raw_topic(app, "other"))
+        run(app, self.app.topics._update_indices())
+        self.consumer: Any = self.app.consumer
+        self.consumer.highwater = lambda tp: 100  # the Kafka client's: it is not started
+        self.each: list[tuple[TP, int]] = []
+
+        async def callback(message: Any) -> None:
+            self.each.append((message.tp, message.offset))
+
+        self.consumer.callback = callback
+        app.flow_control.resume()
+        self.loop = FetchLoop(self.consumer)
+
+    async def handle(self, by_partition: dict[int, list[Any]]) -> None:
+        raise AssertionError("not taken in these tests")
+
+    def deliver(self, fetched: dict[TP, list[Any]], active: set[TP] | None = None) -> None:
+        run(self.app, self.loop.deliver(fetched, active))
+
+    def slices(self) -> list[tuple[TP, list[int], int, int]]:
+        """What the buffer holds: each slice's partition, offsets, first offset, generation."""
+        queue: Any = self.batches.channel.queue
+        return [
+            (s.tp, [r.offset for r in s.records], s.first, s.generation_id) for s in queue._queue
+        ]
+
+
+def test_a_fetch_goes_to_the_buffer_in_slices_of_a_batch_at_most(app: faust.App) -> None:
+    subscribed = Subscribed(app)
+    subscribed.app.consumer_generation_id = 4
+    subscribed.deliver({T0: records(T0, 0, 1, 2, 3, 4), T1: records(T1, 7)})
+    assert subscribed.slices() == [
+        (T0, [0, 1], 0, 4),
+        (T0, [2, 3], 2, 4),
+        (T0, [4], 4, 4),
+        (T1, [7], 7, 4),
+    ]
+    assert subscribed.loop.read_offset[T0] == 4 and subscribed.loop.read_offset[T1] == 7
+    assert subscribed.batches.channel.queue.records == 6
+    assert subscribed.each == []  # none went the per-message way
+
+
+def test_records_before_the_read_offset_are_dropped_and_skipped_ones_covered(
+    app: faust.App,
+) -> None:
+    subscribed = Subscribed(app)
+    subscribed.loop.read_offset[T0] = 5  # after a seek: the next offset to read
+    subscribed.deliver({T0: records(T0, 3, 4, 5, 6)})
+    # Offset 7 was compacted away: the next slice covers it.
+    subscribed.deliver({T0: records(T0, 8)})
+    assert subscribed.slices() == [(T0, [5, 6], 5, 0), (T0, [8], 7, 0)]
+    subscribed.deliver({T0: records(T0, 6, 7)})  # before the read offset: nothing
+    assert len(subscribed.slices()) == 2
+
+
+def test_nothing_is_handed_over_for_inactive_partitions_or_after_a_rebalance(
+    app: faust.App,
+) -> None:
+    subscribed = Subscribed(app)
+    subscribed.deliver({T0: records(T0, 0), T1: records(T1, 0)}, active={T1})
+    assert [s[0] for s in subscribed.slices()] == [T1]  # T0 is paused or revoked
+
+    subscribed.consumer.flow_active = False  # the consumer stopped its flow: a rebalance
+    subscribed.deliver({T0: records(T0, 1)})
+    assert len(subscribed.slices()) == 1 and T0 not in subscribed.loop.read_offset
+
+
+def test_other_topics_take_fausts_per_message_path_in_order(app: faust.App) -> None:
+    subscribed = Subscribed(app)
+    subscribed.deliver({OTHER: records(OTHER, 0, 1, 2), T0: records(T0, 0)})
+    assert subscribed.each == [(OTHER, 0), (OTHER, 1), (OTHER, 2)]
+    assert [s[0] for s in subscribed.slices()] == [T0]
+    assert subscribed.loop.read_offset[OTHER] == 2
+
+
+def test_the_worker_installs_it_on_fausts_consumer(app: faust.App) -> None:
+    install(app.consumer)
+    drain: Any = app.consumer._drain_messages  # type: ignore[attr-defined]
+    assert isinstance(drain.__self__, FetchLoop) and drain.__self__.consumer is app.consumer
+
+
+def test_a_fetch_is_put_whole_and_the_next_waits_for_room(app: faust.App) -> None:
+    subscribed = Subscribed(app)
+    queue = subscribed.batches.channel.queue
+    queue.limit = 3
+
+    async def scenario() -> tuple[bool, int, int]:
+        delivering = asyncio.ensure_future(
+            subscribed.loop.deliver({T0: records(T0, 0, 1, 2, 3)}, None)
+        )
+        await asyncio.sleep(0.05)
+        held = not delivering.done()  # all 4 records put, beyond the limit of 3
+        put = queue.records
+        await queue.take()  # a batch of 2: room again
+        await asyncio.wait_for(delivering, 1.0)
+        return held, put, queue.records
+
+    assert run(app, scenario()) == (True, 4, 2)
+
+
+def test_what_was_fetched_is_announced_to_the_buffer_before_it_is_put(app: faust.App) -> None:
+    subscribed = Subscribed(app)
+    queue = subscribed.batches.channel.queue
+    app.flow_control.suspend()  # the hand-over waits for it, as the conductor's does
+
+    async def scenario() -> tuple[dict[TP, int], int]:
+        delivering = asyncio.ensure_future(
+            subscribed.loop.deliver({T0: records(T0, 0, 1), T1: records(T1, 5)}, None)
+        )
+        await asyncio.sleep(0.05)
+        seen = dict(queue.newest), queue.records
+        delivering.cancel()
+        return seen
+
+    # Nothing is in the buffer yet, but no record of the fetch is out of sight of `unread`.
+    assert run(app, scenario()) == ({T0: 1, T1: 5}, 0)
+    assert subscribed.batches.unread(T1, 5)
