@@ -250,9 +250,8 @@ class BatchConsumer:
 
     def unread(self, tp: TP, next_offset: int) -> bool:
         """Whether ``tp`` has records from ``next_offset`` on that no batch has had yet: in
-        the buffer, or not yet handed over by the Kafka client (fetched or not). What the
-        client handed to the fetch loop but the loop has not buffered yet (one fetch at most)
-        is not seen. An unknown offset counts as read: nothing waits on a guess."""
+        the buffer or announced to it (agents.fetch), or not yet handed over by the Kafka
+        client (fetched or not). An unknown offset counts as read: nothing waits on a guess."""
         if self.channel.queue.newest.get(tp, -1) >= next_offset:
             return True
         return (client_lag(self.app.consumer, tp) or 0) > 0

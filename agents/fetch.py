@@ -38,6 +38,10 @@ from agents.batches import BatchTopic, Fetched, MessageBuffer
 
 log = logging.getLogger(__name__)
 
+#: Faust's loop yields to the event loop every 100 messages (the table recovery that reads
+#: them runs there); a slice is handed over without any per-record work, so only here.
+YIELD_EVERY = 100
+
 
 def batch_buffers(app: Any) -> Callable[[str], MessageBuffer | None]:
     """The buffer of the batch topic subscribed to ``topic``, or None for a topic that has
@@ -65,6 +69,7 @@ class FetchLoop:
         self.app = consumer.app
         self.buffer_of = batch_buffers(self.app)
         self.read_offset: dict[TP, int | None] = consumer._read_offset
+        self.since_yield = 0  # messages handed over one by one since the loop last yielded
 
     async def run(self, fetcher: Any) -> None:
         consumer = self.consumer
@@ -155,6 +160,10 @@ class FetchLoop:
         for tp, record in consumer.scheduler.iterate(records):
             if not consumer.flow_active or app.consumer_generation_id != generation:
                 return
+            self.since_yield += 1
+            if self.since_yield > YIELD_EVERY:  # a hand-over need not suspend: let others run
+                self.since_yield = 0
+                await asyncio.sleep(0)
             app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
             message = consumer._to_message(tp, record)
             offset = message.offset

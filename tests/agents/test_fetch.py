@@ -11,6 +11,7 @@ import faust
 from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 
+from agents import dispatch
 from agents.batches import BatchConsumer, batch_topic
 from agents.fetch import FetchLoop, install
 from agents.raw import raw_topic
@@ -155,3 +156,24 @@ def test_what_was_fetched_is_announced_to_the_buffer_before_it_is_put(app: faust
     # Nothing is in the buffer yet, but no record of the fetch is out of sight of `unread`.
     assert run(app, scenario()) == ({T0: 1, T1: 5}, 0)
     assert subscribed.batches.unread(T1, 5)
+
+
+def test_messages_handed_over_one_by_one_let_other_tasks_run(app: faust.App) -> None:
+    subscribed = Subscribed(app)
+    dispatch.install(subscribed.consumer)  # as the worker: a hand-over that need not suspend
+    seen: list[int] = []  # how many messages were handed over each time another task ran
+
+    async def scenario() -> None:
+        async def watch() -> None:
+            while True:
+                seen.append(len(subscribed.each))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0)
+        await subscribed.loop.deliver({OTHER: records(OTHER, *range(250))}, None)
+        watcher.cancel()
+
+    run(app, scenario())
+    assert subscribed.each == [(OTHER, n) for n in range(250)]
+    assert sorted({n for n in seen if 0 < n < 250}) == [100, 201]  # Faust's: every 100 or so
