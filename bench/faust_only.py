@@ -1,8 +1,9 @@
-"""What any Faust worker can reach here at most: the worker's Faust app and consumer set-up
-(pipeline.app.faust_app, agents.batches, pipeline.worker.run_app) with a batch handler that
-does no more than ``consume`` (count the messages) or ``decode`` (decode each record too, as
-the baseline does). bench/throughput runs both after the worker, so that the worker's ratio
-can be read against what Faust alone allows on the same machine and events.
+"""What a worker built like loopline's can reach here at most: the worker's Faust app and
+consumer set-up (pipeline.app.faust_app, agents.fetch, agents.batches, pipeline.worker.run_app)
+with a batch handler that does no more than ``consume`` (count the records) or ``decode``
+(decode each record too, as the baseline does). bench/throughput runs both after the worker,
+so that the worker's ratio can be read against what its set-up alone allows on the same
+machine and events.
 
 ``faust_only.py MODE N`` reads the LOOPLINE_* settings, handles N messages of the source topics
 (from the earliest offset, in a consumer group of its own), prints one JSON line with its rate

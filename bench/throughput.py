@@ -387,10 +387,10 @@ def main() -> None:
                 worker.wait(timeout=60)
         alone = {}
         for mode in ("consume", "decode"):
-            log(f"Faust alone: the worker's Faust set-up, its handler doing {mode} only ...")
+            log(f"set-up alone: the worker's Faust app, consumer and fetch loop, doing {mode} only")
             alone_env = dict(env, LOOPLINE_APP_ID=f"{settings.app_id}-faust-only-{mode}")
             alone[mode] = faust_only(mode, args.events, alone_env)["events_per_s"]
-            log(f"Faust alone ({mode}): {alone[mode]:,} events/s")
+            log(f"set-up alone ({mode}): {alone[mode]:,} events/s")
         p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
         result = {
             "events": args.events,
