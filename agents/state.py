@@ -65,6 +65,16 @@ def give_back_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def records_to_restore(app: faust.App) -> int:
+    """How many changelog records Faust's table recovery still reads before the worker's
+    tables are restored (0 when it is not recovering): progress for /metrics and the demo, as
+    a restart with a large state takes a while (README, "Recovery after a crash")."""
+    recovery = cast(Any, app.tables).recovery
+    if not recovery.in_recovery:
+        return 0
+    return max(0, int(recovery.active_remaining_total()))
+
+
 def aiokafka_producer(app: faust.App) -> Any:
     """aiokafka's producer, under Faust's."""
     return cast(Any, app.producer)._ensure_producer()

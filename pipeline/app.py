@@ -59,6 +59,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     # agents import pipeline, so they are wired in here, not at import
     from agents import ingest, loops
     from agents.batches import batch_topic
+    from agents.state import records_to_restore
 
     app = faust_app(settings)
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     partials = batch_topic(app, settings.topic("partials"))
     stage1 = ingest.register(app, settings, codec, metrics, partials)
     stage2 = loops.register(app, settings, codec, metrics, partials)
+    metrics.restore_remaining.set_function(lambda: records_to_restore(app))
     metrics.partitions.watch(
         lambda: {
             p: PartitionState(len(core.cases), core.watermark_ms)

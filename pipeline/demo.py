@@ -183,6 +183,13 @@ async def _publish_and_show(
     return publishing.result()
 
 
+def _restoring(text: str | None) -> str:
+    """What the demo says of a worker still restoring its state (a restart reads its
+    changelogs first), or nothing."""
+    left = sample_sum(parse_exposition(text or ""), "loopline_restore_remaining_records")
+    return f" (restoring its state: {left:,.0f} changelog records to go)" if left else ""
+
+
 def _wait_until_consuming(
     settings: Settings,
     url: str,
@@ -198,7 +205,8 @@ def _wait_until_consuming(
     started = time.monotonic()
     reported = started
     while True:
-        read = sum(_processed(fetch_metrics(url), settings)["eval-cases"])
+        text = fetch_metrics(url)
+        read = sum(_processed(text, settings)["eval-cases"])
         if read >= eval_cases:
             echo(f"the worker has read the eval set ({time.monotonic() - started:.0f}s)")
             return
@@ -211,7 +219,7 @@ def _wait_until_consuming(
             )
         if time.monotonic() - reported >= 5:
             reported = time.monotonic()
-            echo(f"  eval cases read so far: {read:,.0f} of {eval_cases:,}")
+            echo(f"  eval cases read so far: {read:,.0f} of {eval_cases:,}{_restoring(text)}")
         time.sleep(0.5)
 
 

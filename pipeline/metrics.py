@@ -193,6 +193,7 @@ class PipelineMetrics:
     eval_candidates: Counter
     consumer_lag: Gauge
     evicted_cases: Counter
+    restore_remaining: Gauge
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
     partitions: PartitionStateCollector = field(default_factory=PartitionStateCollector)
 
@@ -254,6 +255,12 @@ class PipelineMetrics:
                 "Cases dropped from stage 1's state before their horizon, to keep a partition "
                 "under LOOPLINE_MAX_CASES_PER_PARTITION: their later events no longer join.",
                 ["loop"],
+                registry=reg,
+            ),
+            restore_remaining=Gauge(
+                "loopline_restore_remaining_records",
+                "Changelog records this worker still has to read to restore its state, after "
+                "a start or a rebalance (0 once restored): a worker restoring counts nothing.",
                 registry=reg,
             ),
             numbers=numbers,

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any, cast
 
+import faust
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from faust.types import TP
 
-from agents.state import _MALLOC_TRIM, CHANGELOG_SEGMENT_MS, give_back_freed_memory
+from agents.state import (
+    _MALLOC_TRIM,
+    CHANGELOG_SEGMENT_MS,
+    give_back_freed_memory,
+    records_to_restore,
+)
 from pipeline.settings import Settings
 from tests.conftest import WorkerProcess, wait_for
 
@@ -51,3 +59,16 @@ def test_the_state_changelogs_are_compacted_in_segments_of_ten_minutes(
     for topic in topics:
         assert configs[topic]["cleanup.policy"] == "compact"
         assert configs[topic]["segment.ms"] == str(CHANGELOG_SEGMENT_MS) == "600000"
+
+
+def test_records_to_restore_are_what_fausts_recovery_has_left_to_read(app: faust.App) -> None:
+    recovery: Any = cast(Any, app.tables).recovery
+    first, second = TP("w-partition-state-changelog", 0), TP("w-loop-state-changelog", 3)
+    # Faust's own bookkeeping: the last offset to read and the last offset read, by partition
+    recovery.active_highwaters.update({first: 999, second: 40})
+    recovery.active_offsets.update({first: 899, second: 40})
+    assert records_to_restore(app) == 0  # not recovering: the numbers are stale
+    recovery.in_recovery = True
+    assert records_to_restore(app) == 100  # 999 - 899, and nothing left of the second
+    recovery.active_offsets[first] = 999
+    assert records_to_restore(app) == 0

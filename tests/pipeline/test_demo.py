@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.demo import _restoring
 from pipeline.settings import Settings
 from tests.conftest import free_port, settings_env, wait_for
 
@@ -56,3 +57,10 @@ def test_ctrl_c_stops_every_process_the_demo_started(
     assert not [pid for pid in pids if _alive(pid)]
     # The broker was the tests' own (already up), so the demo leaves it running.
     assert "kafka left running" in text
+
+
+def test_the_wait_for_the_worker_says_when_it_is_restoring_its_state() -> None:
+    restoring = "loopline_restore_remaining_records 12345.0\n"
+    assert _restoring(restoring) == " (restoring its state: 12,345 changelog records to go)"
+    assert _restoring("loopline_restore_remaining_records 0.0\n") == ""  # restored
+    assert _restoring(None) == ""  # /metrics not answering yet

@@ -7,14 +7,16 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvloop
+from faust.types import TP
 
+from agents.fetch import FetchLoop
 from pipeline.app import create_app
 from pipeline.codec import Codec
-from pipeline.metrics import PipelineMetrics
+from pipeline.metrics import PipelineMetrics, parse_exposition
 from pipeline.settings import Settings
 from pipeline.worker import make_worker, worker_event_loop
 
@@ -54,6 +56,22 @@ def test_the_consumer_hands_messages_over_on_the_fast_path(
     make_worker(app, settings, loop)
     consumer: Any = app.consumer
     assert consumer.wait_first.__module__ == "agents.dispatch"
+    assert isinstance(consumer._drain_messages.__self__, FetchLoop)  # whole fetches
+
+
+def test_metrics_show_how_many_changelog_records_are_left_to_restore(tmp_path: Path) -> None:
+    settings = Settings.from_env({}, data_dir=tmp_path)
+    metrics = PipelineMetrics.create()
+    app = create_app(settings, metrics, Codec.load())
+    recovery: Any = cast(Any, app.tables).recovery
+    changelog = TP(f"{settings.app_id}-partition-state-changelog", 0)
+    recovery.active_highwaters[changelog] = 4_999  # Faust's: the last offset to read
+    recovery.active_offsets[changelog] = 1_999  # and the last one read
+    recovery.in_recovery = True
+    gauge = ("loopline_restore_remaining_records", frozenset[tuple[str, str]]())
+    assert parse_exposition(metrics.exposition().decode())[gauge] == 3_000
+    recovery.in_recovery = False  # restored
+    assert parse_exposition(metrics.exposition().decode())[gauge] == 0
 
 
 def test_the_worker_and_the_loops_of_its_threads_are_uvloop() -> None:
