@@ -86,7 +86,7 @@ class Fetched:
             notify(consumer._waiting_for_ack)
 
 
-class MessageBuffer(ThrowableQueue[Fetched]):
+class FetchBuffer(ThrowableQueue[Fetched]):
     """A channel queue of fetched slices that hands them out in batches of up to ``size``
     records, or what arrived within ``within`` seconds of a batch's first slice. A fetch is
     put whole (its records are in memory already); beyond ``maxsize`` records the fetch loop
@@ -169,16 +169,16 @@ class BatchTopic(faust.Topic):
         super().__init__(*args, **kwargs)
 
     @property
-    def queue(self) -> MessageBuffer:
+    def queue(self) -> FetchBuffer:
         if self._queue is None:
             maxsize = self.maxsize or self.app.conf.stream_buffer_maxsize
-            self._queue = MessageBuffer(
+            self._queue = FetchBuffer(
                 maxsize,
                 flow_control=self.app.flow_control,
                 size=BATCH_EVENTS,
                 within=BATCH_SECONDS,
             )
-        return cast(MessageBuffer, self._queue)
+        return cast(FetchBuffer, self._queue)
 
 
 def client_lag(consumer: Any, tp: TP) -> int | None:

@@ -34,7 +34,7 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
-from agents.batches import BatchTopic, Fetched, MessageBuffer
+from agents.batches import BatchTopic, FetchBuffer, Fetched
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 YIELD_EVERY = 100
 
 
-def batch_buffers(app: Any) -> Callable[[str], MessageBuffer | None]:
+def batch_buffers(app: Any) -> Callable[[str], FetchBuffer | None]:
     """The buffer of the batch topic subscribed to ``topic``, or None for a topic that has
     none (or is subscribed to by anything else too: Faust's path serves every subscriber)."""
-    found: dict[str, MessageBuffer | None] = {}
+    found: dict[str, FetchBuffer | None] = {}
 
-    def buffer_of(topic: str) -> MessageBuffer | None:
+    def buffer_of(topic: str) -> FetchBuffer | None:
         if topic not in found:
             channels = app.topics._topic_name_index.get(topic, ())
             only = next(iter(channels)) if len(channels) == 1 else None
@@ -102,7 +102,7 @@ class FetchLoop:
     async def deliver(self, records: Mapping[TP, list[Any]], active: set[TP] | None) -> None:
         consumer, app = self.consumer, self.app
         generation = app.consumer_generation_id
-        batched: list[tuple[MessageBuffer, TP, list[Any]]] = []
+        batched: list[tuple[FetchBuffer, TP, list[Any]]] = []
         others: dict[TP, list[Any]] = {}
         for tp, fetched in records.items():
             if active is not None and tp not in active and tp not in consumer._buffered_partitions:
@@ -124,7 +124,7 @@ class FetchLoop:
             await buffer.room()  # before the next fetch
 
     async def hand_over(
-        self, buffer: MessageBuffer, tp: TP, fetched: list[Any], generation: int
+        self, buffer: FetchBuffer, tp: TP, fetched: list[Any], generation: int
     ) -> None:
         consumer, app = self.consumer, self.app
         read = self.read_offset.get(tp)

@@ -78,13 +78,20 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         }
     )
 
+    # The stages' topics: the tables' changelogs are assigned too, but only read to restore
+    # (and for standbys), so their "lag" is the worker's own writes since, growing for good.
+    consumed = {settings.topic(name) for name in SOURCE_TOPICS} | {partials.get_topic_name()}
+
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:
-        """loopline_consumer_lag_messages for every partition this worker holds now."""
+        """loopline_consumer_lag_messages for every partition of the stages' topics this
+        worker holds now."""
         consumer: Any = app.consumer
         lags = {}
         try:
             for tp in consumer.assignment():
+                if tp.topic not in consumed:
+                    continue
                 position = await consumer.position(tp)
                 highwater = consumer.highwater(tp)  # None until a fetch after an assignment
                 if position is not None and highwater is not None:

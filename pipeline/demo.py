@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -231,11 +232,53 @@ def run_demo(
     echo: Echo,
     stay: bool = False,
 ) -> None:
-    """Run it all; Ctrl-C at any point stops every process it started, cleanly."""
+    """Run it all; Ctrl-C (or SIGTERM) at any point stops every process it started, cleanly."""
+    with _interrupted_by(signal.SIGTERM):
+        try:
+            _run_demo(settings, duration, rate, keep_kafka, echo, stay)
+        except KeyboardInterrupt:
+            echo("interrupted: everything the demo started is stopped")
+
+
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    """Turn the signal into a Ctrl-C: within ``asyncio.run`` its SIGINT handler cancels the
+    traffic so that the publisher closes (a KeyboardInterrupt raised in a task instead left
+    the demo hanging in ``asyncio.run``'s clean-up), elsewhere it raises KeyboardInterrupt."""
+    signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signal_handled(signum: int, handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for ``signum`` meanwhile (in the main thread; elsewhere signals are the main
+    thread's, and nothing changes)."""
     try:
-        _run_demo(settings, duration, rate, keep_kafka, echo, stay)
-    except KeyboardInterrupt:
-        echo("interrupted: everything the demo started is stopped")
+        previous = signal.signal(signum, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _interrupted_by(signum: int) -> contextlib.AbstractContextManager[None]:
+    """``signum`` stops the demo as Ctrl-C does (a supervisor's or ``timeout``'s SIGTERM would
+    otherwise end it at once, leaving its worker, sink, page and broker running)."""
+    return _signal_handled(signum, _as_ctrl_c)
+
+
+@contextlib.contextmanager
+def _finishing(echo: Echo) -> Iterator[None]:
+    """Let the clean-up finish when Ctrl-C (or SIGTERM) comes again meanwhile: a second
+    interrupt in the middle of it left the broker running behind a message saying everything
+    had stopped."""
+
+    def again(signum: int, frame: object) -> None:
+        echo("still stopping what the demo started ...")
+
+    with _signal_handled(signal.SIGINT, again), _signal_handled(signal.SIGTERM, again):
+        yield
 
 
 def _run_demo(
@@ -330,10 +373,12 @@ def _run_demo(
         _stop(archive)  # a clean stop flushes its last batch
         echo("\n" + archive_summary(settings))
     finally:
-        for process in (worker, archive, review):
-            _stop(process)
-        if started_broker and not keep_kafka:
-            broker.down()
-            echo("kafka stopped")
-        else:
-            echo(f"kafka left running at {broker.bootstrap}: 'loopline kafka down' stops it")
+        with _finishing(echo):
+            echo("stopping what the demo started ...")
+            for process in (worker, archive, review):
+                _stop(process)
+            if started_broker and not keep_kafka:
+                broker.down()
+                echo("kafka stopped")
+            else:
+                echo(f"kafka left running at {broker.bootstrap}: 'loopline kafka down' stops it")

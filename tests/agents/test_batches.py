@@ -11,7 +11,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 
-from agents.batches import BatchConsumer, BatchTopic, Fetched, MessageBuffer, batch_topic
+from agents.batches import BatchConsumer, BatchTopic, FetchBuffer, Fetched, batch_topic
 
 
 def run(app: faust.App, coro: Any) -> Any:
@@ -35,7 +35,7 @@ def fetched(
     )
 
 
-def put(buffer: MessageBuffer, *slices: Fetched) -> None:
+def put(buffer: FetchBuffer, *slices: Fetched) -> None:
     for one in slices:
         buffer.put_fetched(one)
 
@@ -44,8 +44,8 @@ def offsets(batch: list[Fetched]) -> list[int]:
     return [r.offset for one in batch for r in one.records]
 
 
-def buffer(app: faust.App, size: int, within: float, limit: int = 100) -> MessageBuffer:
-    return MessageBuffer(limit, flow_control=app.flow_control, size=size, within=within)
+def buffer(app: faust.App, size: int, within: float, limit: int = 100) -> FetchBuffer:
+    return FetchBuffer(limit, flow_control=app.flow_control, size=size, within=within)
 
 
 def test_a_full_batch_is_taken_without_waiting(app: faust.App) -> None:
@@ -124,7 +124,7 @@ def test_the_subscription_is_fed_by_the_fetch_loop_and_cleared_at_a_rebalance(
     topic = batch_topic(app, "a", "b")
     channel: Any = aiter(topic)
     assert channel in app.topics and tuple(channel.topics) == ("a", "b")
-    assert isinstance(channel.queue, MessageBuffer)
+    assert isinstance(channel.queue, FetchBuffer)
     with pytest.raises(RuntimeError, match=r"agents\.fetch"):  # not Faust's conductor
         channel.queue.put_nowait_enhanced(record(1, 7), on_pressure_high=None)
     put(channel.queue, fetched(1, 7))

@@ -28,8 +28,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGINT],  # Ctrl-C
+        [signal.SIGINT, signal.SIGINT],  # Ctrl-C again while it stops
+        [signal.SIGTERM],  # a supervisor, or `timeout`
+    ],
+    ids=["ctrl-c", "ctrl-c-twice", "sigterm"],
+)
 def test_ctrl_c_stops_every_process_the_demo_started(
-    make_settings: Callable[..., Settings], tmp_path: Path
+    make_settings: Callable[..., Settings], tmp_path: Path, signals: list[signal.Signals]
 ) -> None:
     settings = make_settings(review_port=free_port())
     log_path = tmp_path / "demo.log"
@@ -47,7 +56,10 @@ def test_ctrl_c_stops_every_process_the_demo_started(
         text = log_path.read_text()
         pids = [int(p) for p in re.findall(r"started \(pid (\d+)", text)]
         assert len(pids) == 3, text  # the worker, the archive sink, the review page
-        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C does
+        for n, sig in enumerate(signals):
+            if n:  # again while the demo stops its processes
+                wait_for(lambda: "stopping what" in log_path.read_text(), 60, "the clean-up")
+            os.killpg(demo.pid, sig)  # what Ctrl-C does: the whole foreground job
         assert demo.wait(timeout=120) == 0
     finally:
         if demo.poll() is None:
@@ -55,7 +67,8 @@ def test_ctrl_c_stops_every_process_the_demo_started(
     text = log_path.read_text()
     assert "interrupted: everything the demo started is stopped" in text
     assert not [pid for pid in pids if _alive(pid)]
-    # The broker was the tests' own (already up), so the demo leaves it running.
+    # The broker was the tests' own (already up), so the demo leaves it running: it says so at
+    # the very end of its clean-up, so that ran to its end.
     assert "kafka left running" in text
 
 

@@ -59,7 +59,9 @@ def test_the_consumer_hands_messages_over_on_the_fast_path(
     assert isinstance(consumer._drain_messages.__self__, FetchLoop)  # whole fetches
 
 
-def test_metrics_show_how_many_changelog_records_are_left_to_restore(tmp_path: Path) -> None:
+def test_metrics_show_how_many_changelog_records_are_left_to_restore(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
     settings = Settings.from_env({}, data_dir=tmp_path)
     metrics = PipelineMetrics.create()
     app = create_app(settings, metrics, Codec.load())
