@@ -232,8 +232,10 @@ def run_demo(
     echo: Echo,
     stay: bool = False,
 ) -> None:
-    """Run it all; Ctrl-C (or SIGTERM) at any point stops every process it started, cleanly."""
-    with _interrupted_by(signal.SIGTERM):
+    """Run it all; Ctrl-C (or SIGTERM) at any point stops every process it started, cleanly.
+    Without the SIGTERM handler, a supervisor's or ``timeout``'s SIGTERM would end it at once,
+    leaving its worker, sink, page and broker running."""
+    with _signal_handled(signal.SIGTERM, _as_ctrl_c):
         try:
             _run_demo(settings, duration, rate, keep_kafka, echo, stay)
         except KeyboardInterrupt:
@@ -260,12 +262,6 @@ def _signal_handled(signum: int, handler: Callable[[int, object], None]) -> Iter
         yield
     finally:
         signal.signal(signum, previous)
-
-
-def _interrupted_by(signum: int) -> contextlib.AbstractContextManager[None]:
-    """``signum`` stops the demo as Ctrl-C does (a supervisor's or ``timeout``'s SIGTERM would
-    otherwise end it at once, leaving its worker, sink, page and broker running)."""
-    return _signal_handled(signum, _as_ctrl_c)
 
 
 @contextlib.contextmanager
