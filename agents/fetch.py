@@ -64,6 +64,10 @@ def install(consumer: Any) -> None:
 
 
 class FetchLoop:
+    """The loop Faust's Fetcher runs (as the consumer's ``_drain_messages``): fetch, then hand
+    each partition's records to its batch buffer (``hand_over``) or, for any other topic, to
+    Faust's per-message path (``deliver_each``)."""
+
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         self.app = consumer.app
@@ -126,6 +130,7 @@ class FetchLoop:
     async def hand_over(
         self, buffer: FetchBuffer, tp: TP, fetched: list[Any], generation: int
     ) -> None:
+        """Put what ``tp``'s fetch brings from its read offset on, in slices of a batch."""
         consumer, app = self.consumer, self.app
         read = self.read_offset.get(tp)
         if read is not None and fetched[0].offset < read:
