@@ -57,8 +57,9 @@ def test_one_worker_exports_the_replay_numbers(
     loops = snapshot["loops"]
 
     def caught_up() -> bool:
-        # Every loop's p50 over 5m (the most recent data) and 7d coverage (all of it) agree:
-        # the snapshot behind the gauges saw every partial.
+        # Every loop's p50 over 5m (the most recent data), 7d coverage (all of it) and pass
+        # rates over both agree: the snapshot behind the gauges saw every partial, the eval
+        # results' too (a topic's last batch may be read after the others').
         return all(
             _gauge(
                 worker,
@@ -70,6 +71,11 @@ def test_one_worker_exports_the_replay_numbers(
             == data["windows"]["5m"]["latency_seconds"]["p50"]
             and _gauge(worker, "loopline_coverage_ratio", loop=loop, window="7d")
             == data["windows"]["7d"]["coverage"]
+            and all(
+                _gauge(worker, "loopline_eval_pass_rate", suite=suite, loop=loop, window=w) == value
+                for w in ("5m", "7d")
+                for suite, value in data["windows"][w]["quality"].items()
+            )
             for loop, data in loops.items()
         )
 
