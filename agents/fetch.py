@@ -127,11 +127,20 @@ class FetchLoop:
         for buffer in {id(b): b for b, _, _ in batched}.values():
             await buffer.room()  # before the next fetch
 
+    async def commit_if_due(self) -> None:
+        """Commit once ``broker_commit_every`` offsets were acked since the last time, as
+        Faust's loop does before each hand-over."""
+        consumer = self.consumer
+        commit_every = consumer._commit_every
+        if commit_every is not None and consumer._n_acked >= commit_every:
+            consumer._n_acked = 0
+            await consumer.commit()
+
     async def hand_over(
         self, buffer: FetchBuffer, tp: TP, fetched: list[Any], generation: int
     ) -> None:
         """Put what ``tp``'s fetch brings from its read offset on, in slices of a batch."""
-        consumer, app = self.consumer, self.app
+        app = self.app
         read = self.read_offset.get(tp)
         if read is not None and fetched[0].offset < read:
             fetched = [record for record in fetched if record.offset >= read]
@@ -145,10 +154,7 @@ class FetchLoop:
         size = buffer.size
         for start in range(0, len(fetched), size):
             part = fetched[start : start + size]
-            commit_every = consumer._commit_every
-            if commit_every is not None and consumer._n_acked >= commit_every:
-                consumer._n_acked = 0
-                await consumer.commit()
+            await self.commit_if_due()
             await app.flow_control.acquire()
             await app.producer.buffer.wait_until_ebb()
             if app.consumer_generation_id != generation:
@@ -176,9 +182,6 @@ class FetchLoop:
             if read is None or offset >= read:
                 if offset - (read or 0) > 1 and read and acks_enabled_for(message.topic):
                     await consumer._add_gap(tp, read + 1, offset)
-                commit_every = consumer._commit_every
-                if commit_every is not None and consumer._n_acked >= commit_every:
-                    consumer._n_acked = 0
-                    await consumer.commit()
+                await self.commit_if_due()
                 await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
                 self.read_offset[tp] = offset
