@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
+from pipeline.arrowcodec import ArrowDecoder, DecodedBatch, to_rows
 from pipeline.codec import Codec, CodecError, default_schema_dir
 from tests.pipeline.test_codec import RECORDS
 
@@ -167,3 +169,46 @@ def test_any_framing_damage_gives_exactly_the_codecs_outcome(
     assert _outcomes(DECODER.decode("InputEvent", values), len(values)) == _reference(
         values, "InputEvent"
     )
+
+
+def _in_ms(record: dict[str, Any]) -> dict[str, Any]:
+    """The codec's record with each datetime as epoch milliseconds, as the core reads it."""
+    return {
+        k: round(v.timestamp() * 1000) if isinstance(v, datetime) else v for k, v in record.items()
+    }
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_rows_are_the_codecs_records_with_event_times_in_milliseconds(name: str) -> None:
+    records = [_variant(name, n) for n in range(4)]
+    for field in CODEC.schema(name)["fields"]:  # maps of several sizes, empty ones between
+        if isinstance(field["type"], dict) and field["type"].get("type") == "map":
+            records[1][field["name"]] = {}
+            value = next(iter(records[0][field["name"]].values()))
+            records[2][field["name"]] = {f"k{i}": value for i in (1, 2, 3)}
+    values = [CODEC.encode(name, record) for record in records]
+    batch = DECODER.decode(name, values)
+    assert batch.table is not None and batch.table_index == [0, 1, 2, 3]
+    expected = [_in_ms(CODEC.decode(value).record) for value in values]
+    assert to_rows(batch.table) == expected
+
+
+def test_rows_keep_null_maps_enums_and_other_timestamp_units() -> None:
+    at = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+    table = pa.table(
+        {
+            "m": pa.array(
+                [{"a": 1.5}, None, {}, {"b": 2.0, "c": 3.0}], pa.map_(pa.string(), pa.float64())
+            ),
+            "e": pa.array(["X", "Y", "X", None]).dictionary_encode(),
+            "us": pa.array([at, None, at, at], pa.timestamp("us", tz="UTC")),
+            "ms": pa.array([0, 1, None, 1_764_072_000_123], pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    rows = to_rows(pa.Table.from_batches(table.to_batches(max_chunksize=3)))  # two chunks
+    assert rows == [
+        {"m": {"a": 1.5}, "e": "X", "us": at, "ms": 0},
+        {"m": None, "e": "Y", "us": None, "ms": 1},
+        {"m": {}, "e": "X", "us": at, "ms": None},
+        {"m": {"b": 2.0, "c": 3.0}, "e": None, "us": at, "ms": 1_764_072_000_123},
+    ]
