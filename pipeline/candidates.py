@@ -115,11 +115,13 @@ class CaseProposal:
         )
 
 
-def intrinsic_reasons(proposal: CaseProposal, confidence_floor: float) -> list[str]:
+def intrinsic_reasons(
+    verdicts: Mapping[str, bool], res: Mapping[str, Any], confidence_floor: float
+) -> list[str]:
+    """The reasons a case's own verdicts and resolution give (no context needed)."""
     found = []
-    if any(passed is False for passed in proposal.verdicts.values()):
+    if any(passed is False for passed in verdicts.values()):
         found.append("failed_eval")
-    res = proposal.resolution
     system_attempt = res.get("resolver") in ("SYSTEM", "HYBRID")
     if system_attempt and res.get("outcome") == "FAILED":
         found.append("failed")
@@ -131,12 +133,12 @@ def intrinsic_reasons(proposal: CaseProposal, confidence_floor: float) -> list[s
     return found
 
 
-def considered(proposal: CaseProposal, reasons: list[str], config: CandidateConfig) -> bool:
+def considered(case_id: str, reasons: list[str], config: CandidateConfig) -> bool:
     """The deterministic coin: under the highest sample rate of the case's reasons."""
     if not reasons:
         return False
     rate = max(config.sample_rates.get(r, 0.0) for r in reasons)
-    return unit_hash(proposal.case_id, config.salt) < rate
+    return unit_hash(case_id, config.salt) < rate
 
 
 @dataclass(frozen=True)
@@ -227,10 +229,12 @@ class CandidateSampler:
         """The EvalCandidate record when the case is picked, else None."""
         if proposal.case_id in self.picked:
             return None
-        reasons = intrinsic_reasons(proposal, self.config.confidence_floor)
+        reasons = intrinsic_reasons(
+            proposal.verdicts, proposal.resolution, self.config.confidence_floor
+        )
         extrinsic, on_drifted = extrinsic_reasons(proposal, context)
         reasons += extrinsic
-        if not considered(proposal, reasons, self.config):
+        if not considered(proposal.case_id, reasons, self.config):
             return None
         day = proposal.ts_ms // DAY
         counts = self.counts.setdefault(day, Counter())

@@ -403,21 +403,25 @@ class PartitionCore:
             return
         if case.inp is None or case.res is None or case.input_ms is None:
             return
-        resolution = loads(case.res)
-        resolved_ms = int(resolution.pop("ts"))
-        proposal = CaseProposal(
-            key,
-            case.loop,
-            resolved_ms,
-            loads(case.inp),
-            resolution,
-            max(resolved_ms - case.input_ms, 0) / 1000.0,
-            dict(case.verdicts),
-        )
+        # Only a case the coin may pick becomes a proposal (stage 2 adds the extrinsic
+        # reasons, and draws the same coin): most cases stop here, before their input is read.
         candidates = self.config.rules.candidates
-        reasons = intrinsic_reasons(proposal, candidates.confidence_floor)
-        if considered(proposal, [*reasons, *EXTRINSIC], candidates):
-            self._proposals.append(proposal)
+        resolution = loads(case.res)
+        reasons = intrinsic_reasons(case.verdicts, resolution, candidates.confidence_floor)
+        if not considered(key, [*reasons, *EXTRINSIC], candidates):
+            return
+        resolved_ms = int(resolution.pop("ts"))
+        self._proposals.append(
+            CaseProposal(
+                key,
+                case.loop,
+                resolved_ms,
+                loads(case.inp),
+                resolution,
+                max(resolved_ms - case.input_ms, 0) / 1000.0,
+                dict(case.verdicts),
+            )
+        )
 
     def _changing(self, key: str) -> None:
         """Mark a case as changed, before it changes: with ``keeps_previous``, its JSON as of
