@@ -38,7 +38,12 @@ from agents.raw import RawSchema
 
 log = logging.getLogger(__name__)
 
-BATCH_EVENTS = 2000
+#: Records per batch at most. Much of a batch's cost is per batch, not per event: each of its
+#: partitions sends a partial per changed bucket of each loop (cumulative: a bucket's summaries
+#: go again with every batch that touches it), stage 2 merges them, and a case changed by
+#: several events of a batch is checkpointed once. bench/throughput: 10,000 rather than 2,000
+#: made the worker ~40 % faster on a backlog; a batch still takes about a second then.
+BATCH_EVENTS = 10_000
 BATCH_SECONDS = 0.2
 
 

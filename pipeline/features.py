@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any, TypeVar
 
 from pipeline.sketch import SignedSketch, add_counts
@@ -108,11 +109,11 @@ def feature_values(record: Mapping[str, Any]) -> FeatureValues:
 
 
 def _unit(vector: Iterable[float]) -> tuple[float, ...] | None:
-    values = tuple(float(v) for v in vector)
-    norm = math.sqrt(sum(v * v for v in values))
+    values = [float(v) for v in vector]
+    norm = math.hypot(*values)  # inf with any infinite value (even with a NaN), else NaN
     if norm == 0 or not math.isfinite(norm):
         return None
-    return tuple(v / norm for v in values)
+    return tuple([v / norm for v in values])
 
 
 class NumericSummary:
@@ -262,10 +263,7 @@ class FeatureStats:
             self.embedding[len(vector)] = (vector, count)
         else:
             total, n = found
-            self.embedding[len(vector)] = (
-                [a + b for a, b in zip(total, vector, strict=True)],
-                n + count,
-            )
+            self.embedding[len(vector)] = (list(map(add, total, vector)), n + count)
 
     def _fold(self, name: str) -> None:
         self.categorical[name] = total_counts([self.categorical[name]])

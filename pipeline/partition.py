@@ -325,7 +325,8 @@ class PartitionCore:
             self._resolution(loop, key, case, ts, bucket)
         elif topic != "eval-results":
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
-        bucket.verdicts.update(verdicts_of(topic, record))
+        for verdict in verdicts_of(topic, record):  # Counter.update costs more per event
+            bucket.verdicts[verdict] += 1
         self._remember(topic, key, case, record, ts, amounts[0])
         if ts > self.marks.get(topic, 0):
             self.marks[topic] = ts
