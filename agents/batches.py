@@ -38,13 +38,10 @@ from agents.raw import RawSchema
 
 log = logging.getLogger(__name__)
 
-#: Records per batch at most. Much of a batch's cost is per batch, not per event: each of its
-#: partitions sends a partial per changed bucket of each loop (cumulative: a bucket's summaries
-#: go again with every batch that touches it), stage 2 merges them, and a case changed by
-#: several events of a batch is checkpointed once. bench/throughput with py-spy at N = 300,000
-#: (docs/benchmark.md): 10,000 rather than 2,000 took the ratio from 0.184 to 0.233, for about
-#: 100 MiB more RSS; a batch of a backlog takes about a second.
-BATCH_EVENTS = 10_000
+#: Records per batch at most. 10,000 was measured twice (docs/benchmark.md): its gain was
+#: within the shared machine's noise, and it cost median freshness (before the fetch loop) or
+#: memory (after it), so batches stay at 2,000.
+BATCH_EVENTS = 2000
 BATCH_SECONDS = 0.2
 
 
