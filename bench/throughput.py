@@ -5,12 +5,13 @@ Publishes N generated events once, then measures in the same run:
       (on uvloop, the worker's event loop);
   (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
       five numbers until it has processed all N;
-and prints events/s of each, the ratio b/a, the workers' peak RSS (summed; RSS samples, to see
-whether memory stays flat; and RSS at the end with the cases held then), and p99 freshness:
-publish one resolution -> visible on /metrics. ``--profile FILE`` py-spies the first worker
-during the measured phase. Then, as what bounds (b): (c) the worker's Faust set-up alone,
-handling the same events with no work but counting them, and decoding them
-(bench/faust_only.py).
+and prints events/s of each, the ratio b/a, the CPU time each spends per event (user + system:
+less moved by the shared machine than wall time, so changes compare across runs), the workers'
+peak RSS (summed; RSS samples, to see whether memory stays flat; and RSS at the end with the
+cases held then), and p99 freshness: publish one resolution -> visible on /metrics.
+``--profile FILE`` py-spies the first worker during the measured phase. Then, as what bounds
+(b): (c) the worker's Faust set-up alone, handling the same events with no work but counting
+them, and decoding them (bench/faust_only.py).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ async def publish(settings: Settings, count: int) -> int:
     return newest
 
 
-async def baseline(settings: Settings, count: int) -> float:
+async def baseline(settings: Settings, count: int) -> tuple[float, float]:
+    """Events/s, and CPU seconds per event of this process (it does nothing else meanwhile)."""
     codec = Codec.load()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
@@ -115,7 +117,7 @@ async def baseline(settings: Settings, count: int) -> float:
     ]
     consumer.assign(parts)
     await consumer.seek_to_beginning(*parts)
-    seen, started = 0, time.monotonic()
+    seen, started, cpu = 0, time.monotonic(), time.process_time()
     try:
         while seen < count:
             for messages in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
@@ -124,7 +126,14 @@ async def baseline(settings: Settings, count: int) -> float:
                 seen += len(messages)
     finally:
         await consumer.stop()
-    return count / (time.monotonic() - started)
+    return count / (time.monotonic() - started), (time.process_time() - cpu) / count
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (/proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -327,8 +336,8 @@ def main() -> None:
         log("baseline: aiokafka getmany + decode ...")
         # on the worker's event loop too (pipeline.worker), so that the ratio compares the work
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            base_rate = runner.run(baseline(settings, args.events))
-        log(f"baseline: {base_rate:,.0f} events/s")
+            base_rate, base_cpu = runner.run(baseline(settings, args.events))
+        log(f"baseline: {base_rate:,.0f} events/s, {base_cpu * 1e6:.1f} us CPU an event")
 
         env = worker_env(settings, "warning")
         if args.lateness_seconds:
@@ -353,6 +362,7 @@ def main() -> None:
                     raise SystemExit(f"a worker exited; see {data_dir}/worker-*.log")
                 time.sleep(0.05)
             first = time.monotonic()
+            cpu_first = sum(cpu_seconds(w.pid) for w in workers)
             samples: list[int] = []
             last_report = first
             profiler = None
@@ -369,6 +379,8 @@ def main() -> None:
                     profiler = start_profile(workers[0].pid, args.profile, args.profile_seconds)
                 time.sleep(poll_seconds(done, args.events, done / max(now - first, 1e-3)))
             worker_rate = args.events / (time.monotonic() - first)
+            worker_cpu = (sum(cpu_seconds(w.pid) for w in workers) - cpu_first) / args.events
+            log(f"workers: {worker_rate:,.0f} events/s, {worker_cpu * 1e6:.1f} us CPU an event")
             if profiler is not None:
                 stop_profile(profiler, args.profile)
             end = scrape(urls)
@@ -398,6 +410,9 @@ def main() -> None:
             "baseline_events_per_s": round(base_rate),
             "worker_events_per_s": round(worker_rate),
             "ratio": round(worker_rate / base_rate, 3),
+            "baseline_cpu_us_per_event": round(base_cpu * 1e6, 1),
+            "worker_cpu_us_per_event": round(worker_cpu * 1e6, 1),
+            "cpu_ratio": round(base_cpu / worker_cpu, 3),
             "worker_events_by_status": statuses,
             "worker_peak_rss_mib": round(peak / 1024, 1),
             "worker_rss_samples_mib": [round(s / 1024) for s in samples],

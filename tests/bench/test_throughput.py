@@ -1,6 +1,9 @@
 """The throughput benchmark's own logic: when it looks at the workers, and its profile summary."""
 
-from bench.throughput import hottest, poll_seconds
+import os
+import time
+
+from bench.throughput import cpu_seconds, hottest, poll_seconds
 
 # Three stacks, 10 samples: run->main->decode x6, run->main->apply x3, run->idle x1.
 COLLAPSED = """\
@@ -41,3 +44,15 @@ def test_poll_seconds_halves_the_time_left() -> None:
     assert poll_seconds(940_000, 1_000_000, 10_000.0) == 3.0
     assert poll_seconds(999_000, 1_000_000, 10_000.0) == 0.1
     assert poll_seconds(0, 1_000_000, 0.0) == 5.0  # no rate yet
+
+
+def test_cpu_seconds_reads_the_process_time_of_a_process() -> None:
+    # This process, busy for a while: /proc's user + system ticks (10 ms) against Python's own.
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    before = time.process_time()
+    measured = cpu_seconds(os.getpid())
+    after = time.process_time()
+    assert before - 0.02 <= measured <= after + 0.02
+    assert measured >= 0.3
