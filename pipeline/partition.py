@@ -313,7 +313,7 @@ class PartitionCore:
         bucket.events += 1
         if topic == "inputs":
             bucket.inputs[record.get("category") or ""] += 1
-            bucket.features.add(feature_values(record))
+            bucket.features.add_record(record)
             changed = self._bucket_key(loop, ts)
             self._changed_features.add(changed)
             self._unsent_features.add(changed)

@@ -299,3 +299,49 @@ def test_key_folding_does_not_depend_on_how_inputs_were_split_and_merged(
     assert sorted(merged.numeric) == sorted(whole.numeric)
     for name, summary in whole.numeric.items():
         assert sorted(merged.numeric[name].points()) == sorted(summary.points())
+
+
+_NUMBERS = st.one_of(
+    st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**40), 2**40)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "channel": st.sampled_from(["web", "email", None]),
+                "category": st.sampled_from(["billing", "refunds", None]),
+                "language": st.sampled_from(["en", "de"]),
+                "attributes": st.one_of(
+                    st.none(), st.dictionaries(st.sampled_from("abcd"), st.sampled_from("xyz"))
+                ),
+                "tokens": st.one_of(st.none(), st.integers(0, 5000)),
+                "features": st.one_of(st.none(), st.dictionaries(st.sampled_from("pqr"), _NUMBERS)),
+                "embedding": st.one_of(
+                    st.none(),
+                    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=3),
+                    st.lists(st.floats(-10, 10), min_size=2, max_size=2),
+                ),
+            },
+        ),
+        max_size=20,
+    ),
+    caps=st.tuples(st.integers(1, 4), st.integers(1, 3)),
+)
+def test_adding_a_record_is_adding_its_feature_values(
+    records: list[dict[str, object]], caps: tuple[int, int]
+) -> None:
+    """Stage 1's shortcut (add_record) gives the summary of add(feature_values(record)),
+    folding included, with missing and non-finite values left out alike."""
+    with (
+        mock.patch.object(features, "CATEGORY_VALUES", caps[0]),
+        mock.patch.object(features, "KEYS_PER_MAP", caps[1]),
+    ):
+        shortcut, reference = FeatureStats(), _stats(records)
+        for record in records:
+            shortcut.add_record(record)
+    assert shortcut == reference
+    assert shortcut.to_json() == reference.to_json()
