@@ -23,7 +23,7 @@ from agents.batches import BatchTopic, batch_topic, consume
 from agents.batchsend import Record, send_keyed
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
-from pipeline.arrowcodec import ArrowDecoder, to_rows
+from pipeline.arrowcodec import ArrowDecoder
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
@@ -131,14 +131,9 @@ def register(
                 continue
             by_topic.setdefault(topic, []).append(index)
         for topic, indices in by_topic.items():
-            batch = decoder.decode(RECORD_OF[topic], [messages[i].value for i in indices])
-            if batch.table is not None:
-                for at, row in zip(batch.table_index, to_rows(batch.table), strict=True):
-                    out[indices[at]] = row
-            for at, record in batch.records:
-                out[indices[at]] = record
-            for at, error in batch.errors:
-                out[indices[at]] = error
+            decoded = decoder.rows(RECORD_OF[topic], [messages[i].value for i in indices])
+            for index, outcome in zip(indices, decoded, strict=True):
+                out[index] = outcome
         return out
 
     def apply(core: PartitionCore, message: Any, decoded: Any, tally: Tally) -> Failure | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -38,6 +39,8 @@ from polars_avro._avro_rs import AvroSource  # pinned minor version: see pyproje
 from polars_avro._source import seekable_factory
 
 from pipeline.codec import HEADER_SIZE, MAGIC, Codec, CodecError
+
+log = logging.getLogger(__name__)
 
 _SYNC = b"loopline-sync-16"
 #: The sentinel's id: trailing bytes after the last real record would have to spell exactly
@@ -156,6 +159,30 @@ class ArrowDecoder:
             else:
                 batch.table = table
         return batch
+
+    def rows(
+        self, expected: str, values: Sequence[bytes | None]
+    ) -> list[dict[str, Any] | CodecError]:
+        """Per value, in order: its record as ``to_rows`` reads it (the codec's, when it went
+        one by one) or the CodecError it fails with. Should reading the table's rows fail, the
+        batch is decoded one by one instead, so that no batch can stop a worker."""
+        batch = self.decode(expected, values)
+        out: list[Any] = [None] * len(values)  # each index is set below: a row, record or error
+        if batch.table is not None:
+            try:
+                rows = to_rows(batch.table)
+            except Exception:  # none is known; the codec still decodes every record
+                log.exception("reading %s rows from Arrow failed; decoding one by one", expected)
+                for index in batch.table_index:
+                    self._decode_one(batch, index, values[index], expected)
+            else:
+                for index, row in zip(batch.table_index, rows, strict=True):
+                    out[index] = row
+        for index, record in batch.records:
+            out[index] = record
+        for index, error in batch.errors:
+            out[index] = error
+        return out
 
     def _decode_one(
         self, batch: DecodedBatch, index: int, value: bytes | None, expected: str

@@ -328,9 +328,15 @@ class PartitionCore:
         for verdict in verdicts_of(topic, record):  # Counter.update costs more per event
             bucket.verdicts[verdict] += 1
         self._remember(topic, key, case, record, ts, amounts[0])
-        if ts > self.marks.get(topic, 0):
+        mark = self.marks.get(topic, 0)
+        if ts > mark:
             self.marks[topic] = ts
-            self._raise_watermark(self._held() if self.behind else ts)
+            if not self.behind:
+                self._raise_watermark(ts)
+            elif mark <= self.watermark_ms:
+                self._raise_watermark(self._held())
+            # else this topic was past the watermark already, which is at least _held() once
+            # held: another topic holds it back, and a newer mark of this one changes nothing
         return "ok"
 
     def hold(self, behind: frozenset[str]) -> None:

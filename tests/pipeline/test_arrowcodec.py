@@ -212,3 +212,47 @@ def test_rows_keep_null_maps_enums_and_other_timestamp_units() -> None:
         {"m": {}, "e": "X", "us": at, "ms": None},
         {"m": {"b": 2.0, "c": 3.0}, "e": None, "us": at, "ms": 1_764_072_000_123},
     ]
+
+
+def _as_outcomes(rows: list[dict[str, Any] | CodecError]) -> list[tuple[str, Any]]:
+    return [
+        ("error", r.reason, str(r)) if isinstance(r, CodecError) else ("row", _in_ms(r))
+        for r in rows
+    ]
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_rows_give_each_value_its_record_or_error_in_order(truncated: bool) -> None:
+    """Through the table (bad headers aside), or one by one when a framed record is bad."""
+    good = [CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(4)]
+    values: list[bytes | None] = [good[0], b"not avro", good[1], good[2], good[3]]
+    if truncated:
+        values[3] = good[2][:20]
+    table_index = DECODER.decode("InputEvent", values).table_index
+    assert table_index == ([] if truncated else [0, 2, 3, 4])
+    expected = [
+        ("error", o[1], o[2]) if o[0] == "error" else ("row", _in_ms(o[1]))
+        for o in _reference(values, "InputEvent")
+    ]
+    kinds = ["row", "error", "row", "error" if truncated else "row", "row"]
+    assert [o[0] for o in expected] == kinds
+    assert _as_outcomes(DECODER.rows("InputEvent", values)) == expected
+
+
+def test_rows_fall_back_to_one_by_one_when_reading_the_table_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No batch can stop a worker: should reading rows from Arrow ever fail, the codec
+    decodes each record, with the same values and errors in the same places."""
+    good = [CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(3)]
+    values: list[bytes | None] = [good[0], b"not avro", good[1], good[2]]
+    expected = _as_outcomes(DECODER.rows("InputEvent", values))
+
+    def broken(table: pa.Table) -> list[dict[str, Any]]:
+        raise pa.ArrowInvalid("a type this reader does not know")
+
+    monkeypatch.setattr("pipeline.arrowcodec.to_rows", broken)
+    with caplog.at_level("ERROR", logger="pipeline.arrowcodec"):
+        assert _as_outcomes(DECODER.rows("InputEvent", values)) == expected
+    assert "decoding one by one" in caplog.text
+    assert [o[0] for o in expected] == ["row", "error", "row", "row"]

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.aggregates import Aggregate
 from pipeline.core import CoreConfig, to_ms
@@ -208,6 +210,44 @@ def test_a_held_watermark_waits_for_the_slowest_topic_still_to_be_read() -> None
     assert core.watermark_ms == to_ms(at(600))  # a hold never moves it back
     restored = PartitionCore.from_records(tight(), 0, core.changed_records())
     assert (restored.watermark_ms, restored.marks) == (core.watermark_ms, core.marks)
+
+
+TOPICS = ("inputs", "resolutions", "eval-results")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("hold"), st.frozensets(st.sampled_from(TOPICS))),
+            st.tuples(st.sampled_from(TOPICS[:2]), st.integers(0, 900)),
+        ),
+        max_size=40,
+    )
+)
+def test_the_watermark_is_the_highest_held_value_so_far(steps: list[tuple[str, Any]]) -> None:
+    """Whatever the order of holds and events: the watermark is the largest value the marks
+    allowed at any point, each the newest event of all topics or, with topics still to be
+    read, the least of their newest events (as the definition says, computed here in full)."""
+    core = PartitionCore(tight())
+    marks: dict[str, int] = {}
+    behind: frozenset[str] = frozenset()
+    expected = 0
+    for n, (kind, arg) in enumerate(steps):
+        if kind == "hold":
+            core.hold(arg)
+            behind = arg
+        else:
+            record = {"event_id": f"e{n}", "case_id": f"c{n}", "loop": "refunds", "ts": at(arg)}
+            record |= {"resolver": "SYSTEM", "outcome": "RESOLVED"}
+            if core.process(kind, f"c{n}", record) != "ok":
+                assert to_ms(at(arg)) <= expected - MINUTE  # too late, and only then
+                continue
+            marks[kind] = max(marks.get(kind, 0), to_ms(at(arg)))
+        newest = max(marks.values(), default=0)
+        held = min([newest, *(marks.get(t, 0) for t in behind)]) if behind else newest
+        expected = max(expected, held)
+        assert core.watermark_ms == expected, n
 
 
 def _snapshot(core: PartitionCore, view: LoopView) -> dict[str, Any]:
