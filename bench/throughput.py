@@ -2,7 +2,8 @@
 
 Publishes N generated events once, then measures in the same run:
   (a) baseline: aiokafka getmany over every partition + the codec's decode, until all N are read
-      (on uvloop, the worker's event loop);
+      (on uvloop, the worker's event loop), once before (b) and once after it: the machine's
+      speed drifts, and the two together bracket the worker's run;
   (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
       five numbers until it has processed all N;
 and prints events/s of each, the ratio b/a, the CPU time each spends per event (user + system:
@@ -127,6 +128,21 @@ async def baseline(settings: Settings, count: int) -> tuple[float, float]:
     finally:
         await consumer.stop()
     return count / (time.monotonic() - started), (time.process_time() - cpu) / count
+
+
+def run_baseline(settings: Settings, count: int) -> tuple[float, float]:
+    """One baseline pass on the worker's event loop (pipeline.worker), so that the ratio
+    compares the work: events/s and CPU seconds per event."""
+    log("baseline: aiokafka getmany + decode ...")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        rate, cpu = runner.run(baseline(settings, count))
+    log(f"baseline: {rate:,.0f} events/s, {cpu * 1e6:.1f} us CPU an event")
+    return rate, cpu
+
+
+def bracketed(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Baseline passes as one: events/s over their whole time, and mean CPU per event."""
+    return len(runs) / sum(1 / rate for rate, _ in runs), sum(cpu for _, cpu in runs) / len(runs)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -333,11 +349,7 @@ def main() -> None:
     with bench_settings(args.port, data_dir=data_dir, web_port=6099) as settings:
         log(f"publishing {args.events:,} events to {settings.topic_prefix}* ...")
         asyncio.run(publish(settings, args.events))
-        log("baseline: aiokafka getmany + decode ...")
-        # on the worker's event loop too (pipeline.worker), so that the ratio compares the work
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            base_rate, base_cpu = runner.run(baseline(settings, args.events))
-        log(f"baseline: {base_rate:,.0f} events/s, {base_cpu * 1e6:.1f} us CPU an event")
+        baselines = [run_baseline(settings, args.events)]
 
         env = worker_env(settings, "warning")
         if args.lateness_seconds:
@@ -397,6 +409,8 @@ def main() -> None:
                 worker.terminate()
             for worker in workers:
                 worker.wait(timeout=60)
+        baselines.append(run_baseline(settings, args.events))  # after, as the machine is now
+        base_rate, base_cpu = bracketed(baselines)
         alone = {}
         for mode in ("consume", "decode"):
             log(f"set-up alone: the worker's Faust app, consumer and fetch loop, doing {mode} only")
@@ -408,9 +422,11 @@ def main() -> None:
             "events": args.events,
             "workers": args.workers,
             "baseline_events_per_s": round(base_rate),
+            "baseline_runs_events_per_s": [round(rate) for rate, _ in baselines],
             "worker_events_per_s": round(worker_rate),
             "ratio": round(worker_rate / base_rate, 3),
             "baseline_cpu_us_per_event": round(base_cpu * 1e6, 1),
+            "baseline_runs_cpu_us_per_event": [round(cpu * 1e6, 1) for _, cpu in baselines],
             "worker_cpu_us_per_event": round(worker_cpu * 1e6, 1),
             "cpu_ratio": round(base_cpu / worker_cpu, 3),
             "worker_events_by_status": statuses,

@@ -3,7 +3,7 @@
 import os
 import time
 
-from bench.throughput import cpu_seconds, hottest, poll_seconds
+from bench.throughput import bracketed, cpu_seconds, hottest, poll_seconds
 
 # Three stacks, 10 samples: run->main->decode x6, run->main->apply x3, run->idle x1.
 COLLAPSED = """\
@@ -56,3 +56,12 @@ def test_cpu_seconds_reads_the_process_time_of_a_process() -> None:
     after = time.process_time()
     assert before - 0.02 <= measured <= after + 0.02
     assert measured >= 0.3
+
+
+def test_baseline_passes_bracketing_the_worker_count_as_one() -> None:
+    # 40,000 and 20,000 events/s over the same N: N/40,000 + N/20,000 seconds for 2 N events
+    # is 26,667 events/s (not the mean rate, 30,000); CPU per event is the plain mean.
+    rate, cpu = bracketed([(40_000.0, 20e-6), (20_000.0, 30e-6)])
+    assert round(rate, 3) == round(2 / (1 / 40_000 + 1 / 20_000), 3) == 26_666.667
+    assert cpu == 25e-6
+    assert bracketed([(35_000.0, 1e-5)]) == (35_000.0, 1e-5)
