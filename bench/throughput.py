@@ -6,8 +6,8 @@ Publishes N generated events once, then measures in the same run:
       speed drifts, and the two together bracket the worker's run;
   (b) a `loopline worker` process (or `--workers K` of them, one consumer group) computing the
       five numbers until it has processed all N;
-and prints events/s of each, the ratio b/a, the CPU time each spends per event (user + system:
-less moved by the shared machine than wall time, so changes compare across runs), the workers'
+and prints events/s of each, the ratio b/a, the CPU time each spends per event (user + system;
+on a shared machine it moves nearly as much as the wall clock: docs/benchmark.md), the workers'
 peak RSS (summed; RSS samples, to see whether memory stays flat; and RSS at the end with the
 cases held then), and p99 freshness: publish one resolution -> visible on /metrics.
 ``--profile FILE`` py-spies the first worker during the measured phase. Then, as what bounds
