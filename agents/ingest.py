@@ -27,9 +27,8 @@ from pipeline.arrowcodec import ArrowDecoder
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
-from pipeline.fastjson import dumps
 from pipeline.metrics import PipelineMetrics
-from pipeline.partition import CASES, Partial, PartitionCore
+from pipeline.partition import CASES, PartitionCore, encode_change
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
 from pipeline.topics import EVENT_TOPICS, RECORD_OF, SOURCE_TOPICS
@@ -190,8 +189,7 @@ def register(
                     failures.append(failure)
             core.hold(later)
             for change in core.drain():
-                value = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-                outgoing.append((change.loop.encode(), value))
+                outgoing.append((change.loop.encode(), encode_change(change)))
         for failure in failures:  # durable before the checkpoint: nothing lost
             await dead_letters.send(*failure)
         # The partials are durable before a checkpoint says their events were applied: the

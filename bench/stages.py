@@ -31,10 +31,10 @@ from pipeline.arrowcodec import ArrowDecoder
 from pipeline.checkpoint import Checkpoint
 from pipeline.codec import Codec, CodecError
 from pipeline.core import CoreConfig
-from pipeline.fastjson import dumps, loads
+from pipeline.fastjson import loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import CASES, Partial, PartitionCore
+from pipeline.partition import CASES, PartitionCore, encode_change
 from pipeline.processor import partition_key
 from pipeline.topics import RECORD_OF
 from pipeline.worker import GC_THRESHOLDS
@@ -95,10 +95,7 @@ class Stages:
                     continue
                 if core.process(topic, partition_key(topic, outcome), outcome) == "ok":
                     self.applied += 1
-        sent = [
-            change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-            for change in core.drain()
-        ]
+        sent = [encode_change(change) for change in core.drain()]
         previous = core.previous_records()
         self.checkpoints[partition].commit(core.changed_records(), {"source": offset}, previous)
         for value in sent:  # stage 2, as the partials topic hands them over

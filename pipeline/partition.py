@@ -213,6 +213,12 @@ class EvalCaseChange:
         )
 
 
+def encode_change(change: Partial | EvalCaseChange | CaseProposal) -> bytes:
+    """A drained change as the partials topic carries it to stage 2 (read back by
+    pipeline.loopview.partial_from_json)."""
+    return change.encode() if isinstance(change, Partial) else dumps(change.to_json())
+
+
 def _shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
     """The input fields a candidate shows. Non-finite numbers are left out, as from the
     features (pipeline.features): JSON has no notation for them and no distance is defined."""

@@ -20,7 +20,7 @@ from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import Partial, PartitionCore
+from pipeline.partition import Partial, PartitionCore, encode_change
 from pipeline.processor import partition_key
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -252,8 +252,7 @@ def test_the_watermark_is_the_highest_held_value_so_far(steps: list[tuple[str, A
 
 def _snapshot(core: PartitionCore, view: LoopView) -> dict[str, Any]:
     for change in core.drain():
-        wire = change.encode() if isinstance(change, Partial) else dumps(change.to_json())
-        view.apply(partial_from_json(loads(wire)))
+        view.apply(partial_from_json(loads(encode_change(change))))
     return view.snapshot(view.default_as_of())
 
 
