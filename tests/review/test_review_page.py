@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -117,6 +118,9 @@ def test_reviewers_log_in_filter_claim_accept_and_reject(
         # Accepting moves on to the next candidate, k-second: reject it with "r".
         expect(ana.locator("#input-text")).to_contain_text("parcel came late")
         ana.keyboard.press("r")
+        # The page moves on once the rejection is confirmed: wait for that, not for the text
+        # box, which k-second's page shows too (reading the URL early read k-second's).
+        expect(ana).not_to_have_url(re.compile(r"/candidates/k-second$"))
         expect(ana.locator("#input-text")).to_be_visible()
         third = ana.url.rsplit("/", 1)[-1]  # ana holds the third candidate now
 
