@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,6 +33,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_broker_port() -> int:
+    """A free port for a local broker whose next one, its controller's, is free too: picked
+    below Linux's ephemeral range (32768-60999), where the outgoing connections of every test
+    take theirs, so that none takes port + 1 while the broker starts."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20_000, 32_000)
+        if _bindable(port) and _bindable(port + 1):
+            return port
+    raise RuntimeError("no two adjacent free ports in 20000-32000")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:

@@ -16,7 +16,7 @@ from pipeline import kafka_local
 from pipeline.kafka_local import BrokerError, LocalBroker, new_cluster_id
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.conftest import free_port
+from tests.conftest import free_broker_port
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,7 +31,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.broker
 def test_up_twice_status_down_status() -> None:
-    port = free_port()  # the controller takes port + 1
+    port = free_broker_port()  # the controller takes port + 1
     home = Settings.from_env().kafka_home  # shares the jar cache; the instance is per port
     broker = LocalBroker(home, port)
     log = broker.log_path
@@ -93,7 +93,7 @@ async def _topics(bootstrap: str) -> set[str]:
 
 @pytest.mark.broker
 def test_wipe_starts_the_next_broker_empty_and_refuses_a_running_one() -> None:
-    broker = LocalBroker(Settings.from_env().kafka_home, free_port())
+    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
     settings = Settings(bootstrap_servers=broker.bootstrap, topic_prefix="wiped.")
     try:
         broker.up(echo=lambda _: None)
