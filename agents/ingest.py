@@ -122,18 +122,13 @@ def register(
         """Per message: its record, the CodecError it fails with, or None for a tombstone of
         the eval-cases topic. Each topic's messages are decoded at once (pipeline.arrowcodec):
         a few times faster than one by one, and the same values, errors and order."""
-        out: list[Any] = [None] * len(messages)
-        by_topic: dict[str, list[int]] = {}
-        for index, message in enumerate(messages):
-            topic = logical[message.topic]
-            if message.value is None and message.key and topic == "eval-cases":
-                continue
-            by_topic.setdefault(topic, []).append(index)
-        for topic, indices in by_topic.items():
-            decoded = decoder.rows(RECORD_OF[topic], [messages[i].value for i in indices])
-            for index, outcome in zip(indices, decoded, strict=True):
-                out[index] = outcome
-        return out
+        expected = [
+            None
+            if m.value is None and m.key and logical[m.topic] == "eval-cases"
+            else RECORD_OF[logical[m.topic]]
+            for m in messages
+        ]
+        return decoder.mixed_rows(expected, [m.value for m in messages])
 
     def apply(core: PartitionCore, message: Any, decoded: Any, tally: Tally) -> Failure | None:
         """Apply one decoded message to its partition's core; returns what makes it a dead

@@ -85,16 +85,13 @@ class Stages:
 
     def apply(self, partition: int, messages: list[Encoded], offset: int) -> None:
         core = self.cores[partition]
-        by_topic: dict[str, list[bytes]] = {}
-        for topic, value in messages:
-            by_topic.setdefault(topic, []).append(value)
-        for topic, values in by_topic.items():
-            for outcome in self.decoder.rows(RECORD_OF[topic], values):
-                if isinstance(outcome, CodecError):
-                    self.failed += 1
-                    continue
-                if core.process(topic, partition_key(topic, outcome), outcome) == "ok":
-                    self.applied += 1
+        expected = [RECORD_OF[topic] for topic, _ in messages]
+        decoded = self.decoder.mixed_rows(expected, [value for _, value in messages])
+        for (topic, _), outcome in zip(messages, decoded, strict=True):  # in message order
+            if outcome is None or isinstance(outcome, CodecError):  # no tombstones here
+                self.failed += 1
+            elif core.process(topic, partition_key(topic, outcome), outcome) == "ok":
+                self.applied += 1
         sent = [encode_change(change) for change in core.drain()]
         previous = core.previous_records()
         self.checkpoints[partition].commit(core.changed_records(), {"source": offset}, previous)

@@ -184,6 +184,22 @@ class ArrowDecoder:
             out[index] = error
         return out
 
+    def mixed_rows(
+        self, expected: Sequence[str | None], values: Sequence[bytes | None]
+    ) -> list[dict[str, Any] | CodecError | None]:
+        """``rows`` for values of several record types, ``expected[i]`` the type of
+        ``values[i]`` (None: not to decode, left None): each type's values at once, in order."""
+        out: list[Any] = [None] * len(values)
+        by_type: dict[str, list[int]] = {}
+        for index, name in enumerate(expected):
+            if name is not None:
+                by_type.setdefault(name, []).append(index)
+        for name, indices in by_type.items():
+            decoded = self.rows(name, [values[i] for i in indices])
+            for index, outcome in zip(indices, decoded, strict=True):
+                out[index] = outcome
+        return out
+
     def _decode_one(
         self, batch: DecodedBatch, index: int, value: bytes | None, expected: str
     ) -> None:

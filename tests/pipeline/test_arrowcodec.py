@@ -256,3 +256,16 @@ def test_rows_fall_back_to_one_by_one_when_reading_the_table_fails(
         assert _as_outcomes(DECODER.rows("InputEvent", values)) == expected
     assert "decoding one by one" in caplog.text
     assert [o[0] for o in expected] == ["row", "error", "row", "row"]
+
+
+def test_mixed_rows_decode_each_type_at_once_and_keep_message_order() -> None:
+    inputs = [CODEC.encode("InputEvent", _variant("InputEvent", n)) for n in range(2)]
+    result = CODEC.encode("EvalResult", RECORDS["EvalResult"])
+    values: list[bytes | None] = [inputs[0], result, None, inputs[1], b"not avro"]
+    expected: list[str | None] = ["InputEvent", "EvalResult", None, "InputEvent", "EvalResult"]
+    outcomes = DECODER.mixed_rows(expected, values)
+    assert outcomes[2] is None  # not to decode: left None
+    got = [o for i, o in enumerate(outcomes) if i != 2]
+    assert isinstance(got[3], CodecError) and got[3].reason == "bad_header"
+    rows = [o for o in got if not isinstance(o, CodecError)]
+    assert rows == [_in_ms(CODEC.decode(v).record) for v in (inputs[0], result, inputs[1])]
