@@ -50,6 +50,12 @@ def faust_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=4 << 20,
         # A batch's changelog records go out in few, large produce requests.
         producer_max_batch_size=512 << 10,
+        # No standby copies of the tables: with the memory store a standby's copy is never
+        # used (a partition that moves to it is restored from its changelog's first record,
+        # and Faust drops other partitions' keys when a recovery ends), and keeping it up to
+        # date took every other worker's changelog records through Faust's per-message path
+        # (with two workers, a sixth of a worker's time in bench/throughput).
+        table_standby_replicas=0,
         autodiscover=False,
     )
 

@@ -103,3 +103,13 @@ def test_the_group_session_and_static_membership_come_from_the_settings() -> Non
     short = faust_app(Settings(session_timeout_seconds=6)).conf
     assert (short.broker_heartbeat_interval, short.broker_request_timeout) == (2.0, 90.0)
     assert short.consumer_group_instance_id is None
+
+
+def test_tables_have_no_standby_copies() -> None:
+    # Faust's default is one: every worker would read every other's changelog records, one
+    # message at a time, into a copy the memory store never uses (pipeline.app).
+    from pipeline.app import faust_app
+
+    app = faust_app(Settings())
+    assert app.conf.table_standby_replicas == 0
+    assert app.assignor.replicas == 0  # type: ignore[attr-defined]
