@@ -20,8 +20,9 @@ once, in slices of at most a batch (``Fetched``), each checked, bookkept and ack
   Kafka client has handed over is never out of sight of ``BatchConsumer.unread``;
 - ``broker_commit_every`` commits as Faust's loop does.
 
-Records of every other topic (the tables' changelogs while they recover) take Faust's own
-per-message path, unchanged, in its round-robin order.
+Records of the state tables' changelogs, read while they recover (or as standbys), go into
+their stores a fetch at a time, all but the last of each (agents.restore). Records of every
+other topic take Faust's own per-message path, unchanged, in its round-robin order.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
 from agents.batches import BatchTopic, FetchBuffer, Fetched
+from agents.restore import RecordsRestore
 
 log = logging.getLogger(__name__)
 
 #: Faust's loop yields to the event loop every 100 messages (the table recovery that reads
 #: them runs there); a slice is handed over without any per-record work, so only here.
 YIELD_EVERY = 100
+#: How often a fetch put during the end of a rebalance looks whether it has ended.
+REBALANCE_POLL_SECONDS = 0.01
 
 
 def batch_buffers(app: Any) -> Callable[[str], FetchBuffer | None]:
@@ -65,13 +69,15 @@ def install(consumer: Any) -> None:
 
 class FetchLoop:
     """The loop Faust's Fetcher runs (as the consumer's ``_drain_messages``): fetch, then hand
-    each partition's records to its batch buffer (``hand_over``) or, for any other topic, to
-    Faust's per-message path (``deliver_each``)."""
+    each partition's records to its batch buffer (``hand_over``), a state table's changelog
+    records to its store (``restore``) or, for any other topic, to Faust's per-message path
+    (``deliver_each``)."""
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         self.app = consumer.app
         self.buffer_of = batch_buffers(self.app)
+        self.restore = RecordsRestore(self.app)
         self.read_offset: dict[TP, int | None] = consumer._read_offset
         self.since_yield = 0  # messages handed over one by one since the loop last yielded
 
@@ -123,7 +129,7 @@ class FetchLoop:
             app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
             await self.hand_over(buffer, tp, fetched, generation)
         if others:
-            await self.deliver_each(others, generation)
+            await self.deliver_each(self.restored(others, generation), generation)
         for buffer in {id(b): b for b, _, _ in batched}.values():
             await buffer.room()  # before the next fetch
 
@@ -157,11 +163,43 @@ class FetchLoop:
             await self.commit_if_due()
             await app.flow_control.acquire()
             await app.producer.buffer.wait_until_ebb()
+            if app.rebalancing:
+                await self.rebalanced(generation)
             if app.consumer_generation_id != generation:
                 return
             buffer.put_fetched(Fetched(tp, part, first, generation))
             first = part[-1].offset + 1
             self.read_offset[tp] = part[-1].offset
+
+    def restored(self, records: dict[TP, list[Any]], generation: int) -> dict[TP, list[Any]]:
+        """Put the state tables' changelog records into their stores (agents.restore) under
+        the conditions Faust's path applies: flow on, the generation unchanged, from the read
+        offset on; what is left (the last of each, other topics' all) goes Faust's path."""
+        consumer = self.consumer
+        if not consumer.flow_active or self.app.consumer_generation_id != generation:
+            return records  # Faust's path drops them, to be fetched again
+        left: dict[TP, list[Any]] = {}
+        for tp, fetched in records.items():
+            read = self.read_offset.get(tp)
+            if read is not None and fetched[0].offset < read:
+                fetched = [record for record in fetched if record.offset >= read]
+            if fetched:
+                left[tp] = self.restore.take(tp, fetched)
+        return left
+
+    async def rebalanced(self, generation: int) -> None:
+        """Wait for the rebalance to end, or for another to start. At the end of a recovery
+        Faust resumes the stream partitions and seeks them to their committed offsets, and only
+        then resumes its flow control, which clears the buffers (``FetchBuffer`` is cleared
+        on resume, as Faust's stream queues are): a fetch put in between was cleared with its
+        offsets read, so it was never processed, and its partitions stalled until a restart
+        (seen once table restores took a fetch at a time, agents.restore, and so ended while
+        the fetch loop was free to fetch)."""
+        consumer, app = self.consumer, self.app
+        while app.rebalancing and consumer.flow_active:
+            if app.consumer_generation_id != generation:
+                return
+            await asyncio.sleep(REBALANCE_POLL_SECONDS)
 
     async def deliver_each(self, records: dict[TP, list[Any]], generation: int) -> None:
         """Faust's own path, record by record (``getmany`` and ``_drain_messages``)."""

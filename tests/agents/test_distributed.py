@@ -152,6 +152,14 @@ def test_a_worker_killed_midway_recovers_without_counting_twice(
     asyncio.run(_publish(settings, second))
     restarted = start_worker(settings)
     _wait_exact(settings, events, [restarted])
+    # Stage 1's state came back a fetch at a time (agents.restore), every partition of it
+    restored = {
+        line.split(" restored ")[1].split(":")[0]
+        for line in restarted.log().splitlines()
+        if " restored " in line
+    }
+    changelog = f"{settings.app_id}-partition-state-changelog"
+    assert {f"{changelog}[{p}]" for p in range(settings.partitions)} <= restored, restored
     # Killed again with nothing new to read: the next process exports every loop all the same.
     restarted.stop(signal.SIGKILL)
     again = start_worker(settings)

@@ -15,6 +15,7 @@ from agents import dispatch
 from agents.batches import BatchConsumer, batch_topic
 from agents.fetch import FetchLoop, install
 from agents.raw import raw_topic
+from agents.state import state_table
 
 T0, T1, OTHER = TP("t", 0), TP("t", 1), TP("other", 0)
 
@@ -177,3 +178,61 @@ def test_messages_handed_over_one_by_one_let_other_tasks_run(app: faust.App) -> 
     run(app, scenario())
     assert subscribed.each == [(OTHER, n) for n in range(250)]
     assert sorted({n for n in seen if 0 < n < 250}) == [100, 201]  # Faust's: every 100 or so
+
+
+def test_a_state_tables_changelog_goes_to_its_store_and_its_last_record_faust_s_way(
+    app: faust.App,
+) -> None:
+    table: Any = state_table(app, "partition-state", 4)
+    changelog = TP(table.changelog_topic.get_topic_name(), 0)
+    recovery: Any = cast(Any, app.tables).recovery
+    recovery.add_active(table, changelog)
+    recovery.active_offsets[changelog] = -1
+    subscribed = Subscribed(app)
+    subscribed.loop.read_offset[changelog] = 1  # after a seek: the next offset to read
+
+    subscribed.consumer.flow_active = False  # a rebalance: Faust's path drops them all
+    subscribed.deliver({changelog: records(changelog, 0, 1, 2)})
+    assert table.data.data == {} and subscribed.each == []
+
+    subscribed.consumer.flow_active = True
+    subscribed.deliver({changelog: records(changelog, 0, 1, 2), OTHER: records(OTHER, 5)})
+    assert table.data.data == {b"k": b"v"} and recovery.active_offsets[changelog] == 2
+    assert subscribed.each == [(changelog, 2), (OTHER, 5)]  # the last one, read already
+    assert subscribed.loop.restore.applied[changelog] == 2  # offsets 1 and 2, from the read one
+
+
+def test_a_fetch_at_the_end_of_a_rebalance_is_put_after_faust_clears_the_buffers(
+    app: faust.App,
+) -> None:
+    subscribed = Subscribed(app)
+    queue = subscribed.batches.channel.queue
+    subscribed.app.rebalancing = True  # recovery done, stream partitions resumed and seeked
+
+    async def scenario() -> tuple[int, int]:
+        delivering = asyncio.ensure_future(subscribed.loop.deliver({T0: records(T0, 0, 1)}, None))
+        await asyncio.sleep(0.05)
+        held = queue.records  # not put yet: Faust's flow resume would clear it
+        app.flow_control.resume()  # what Faust does next: clears the buffers
+        subscribed.app.rebalancing = False  # then the rebalance ends
+        await asyncio.wait_for(delivering, 1.0)
+        return held, queue.records
+
+    assert run(app, scenario()) == (0, 2)
+    assert subscribed.slices() == [(T0, [0, 1], 0, 0)]
+
+
+def test_a_fetch_waiting_for_a_rebalance_to_end_is_dropped_if_another_begins(
+    app: faust.App,
+) -> None:
+    subscribed = Subscribed(app)
+    subscribed.app.rebalancing = True
+
+    async def scenario() -> None:
+        delivering = asyncio.ensure_future(subscribed.loop.deliver({T0: records(T0, 0)}, None))
+        await asyncio.sleep(0.05)
+        subscribed.app.consumer_generation_id += 1  # fetched again from the committed offset
+        await asyncio.wait_for(delivering, 1.0)
+
+    run(app, scenario())
+    assert subscribed.slices() == []
