@@ -20,9 +20,9 @@ once, in slices of at most a batch (``Fetched``), each checked, bookkept and ack
   Kafka client has handed over is never out of sight of ``BatchConsumer.unread``;
 - ``broker_commit_every`` commits as Faust's loop does.
 
-Records of the state tables' changelogs, read while they recover (or as standbys), go into
-their stores a fetch at a time, all but the last of each (agents.restore). Records of every
-other topic take Faust's own per-message path, unchanged, in its round-robin order.
+Records of the state tables' changelogs, read while they recover, go into their stores a
+fetch at a time, all but the last of each (agents.restore). Records of every other topic take
+Faust's own per-message path, unchanged, in its round-robin order.
 """
 
 from __future__ import annotations

@@ -80,8 +80,10 @@ def register(
 
     def load_assigned() -> None:
         """Load every owned partition's view once recovery is done, so a restarted worker
-        exports its loops before any new partial arrives."""
-        if not cast(Any, app.tables).recovery.completed.is_set():
+        exports its loops before any new partial arrives. Not during a rebalance: its
+        recovery writes the changelogs' records into the store a view is loaded from (and
+        Faust's ``completed`` stays set from the first recovery on)."""
+        if app.rebalancing or not cast(Any, app.tables).recovery.completed.is_set():
             return
         for tp in app.consumer.assignment():
             if tp.topic == partials_topic:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Generic, TypeVar, cast
 
 import faust
+from faust.types import TP
 
 from agents.batchsend import send_to_partition
 from pipeline.checkpoint import Checkpoint
@@ -126,8 +127,27 @@ class CheckpointedPartitions(Generic[Core]):
         await send_to_partition(aiokafka_producer(self.app), topic, partition, writes)
 
     def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget everything of these partitions: their cores, their records in the table's
+        store, and Faust's recovery offset of their changelog partitions, so that a partition
+        assigned again, to this worker too, is restored from its changelog's start.
+
+        Kafka's rebalances revoke every partition, also those a worker keeps, and Faust then
+        reads a kept partition's changelog on from where its last recovery ended, into the
+        same store: the worker's own writes since then replaced the checkpoint's entries
+        (``old.generation`` on raw bytes), and a core rebuilt from the store met the
+        placeholders of the cases the old core had held (pipeline.checkpoint, ``held``). Both
+        crashed a worker that another joined (tests/agents/test_distributed.py)."""
+        store = _backing(self.table.data)
+        key_partitions = getattr(self.table.data, "_key_partition", {})  # the memory store's
+        recovery = cast(Any, self.app.tables).recovery
+        changelog = self.table.changelog_topic.get_topic_name()
         for partition in partitions:
             self.loaded.pop(partition, None)
+            prefix = f"{partition}/".encode()
+            for key in [key for key in store if key.startswith(prefix)]:
+                del store[key]
+                key_partitions.pop(key, None)
+            recovery.active_offsets.pop(TP(changelog, partition), None)
 
     def cores(self) -> list[Core]:
         return [core for core, _ in self.loaded.values()]

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import json
 import signal
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from itertools import islice
@@ -19,6 +21,7 @@ from pipeline.codec import Codec
 from pipeline.generator import Scenario, TrafficGenerator
 from pipeline.processor import Processor
 from pipeline.settings import Settings
+from pipeline.topics import SOURCE_TOPICS
 from tests.agents.test_five_numbers_live import _gauge
 from tests.agents.test_ingest import _publish
 from tests.conftest import WorkerProcess, free_port, wait_for
@@ -192,3 +195,36 @@ def test_a_static_member_killed_takes_its_partitions_back_without_a_rebalance(
     _wait_exact(settings, events, [restarted])
     joined = [line for line in restarted.log().splitlines() if "Joined group" in line]
     assert joined and all("(generation 1)" in line for line in joined), joined
+
+
+def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    # The partitions that move to the second worker are restored from their changelogs
+    # (agents.restore) while events keep coming: every event is counted once, by one worker
+    # or the other, and the numbers equal replay's.
+    settings = make_settings()
+    events = _traffic(35, 12_000)
+    asyncio.run(_publish(settings, events[:6000]))
+    first = start_worker(settings)
+    wait_for(lambda: first.processed("inputs") >= 1000, 120, "the first worker to be midway")
+
+    def publish_slowly() -> None:  # about 20 s of traffic, across the rebalance
+        rest = events[6000:]
+        for start in range(0, len(rest), 300):
+            asyncio.run(_publish(settings, rest[start : start + 300]))
+            time.sleep(1.0)
+
+    publisher = threading.Thread(target=publish_slowly)
+    publisher.start()
+    second = start_worker(dataclasses.replace(settings, web_port=free_port()))
+    publisher.join()
+    workers = [first, second]
+    _wait_exact(settings, events, workers)
+
+    def counted(status: str) -> int:
+        return sum(w.processed(t, status) for w in workers for t in SOURCE_TOPICS)
+
+    assert second.processed("inputs") > 0  # it took partitions over
+    assert (counted("ok"), counted("duplicate")) == (12_000, 15)  # _traffic's 15 copies

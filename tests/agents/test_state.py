@@ -16,9 +16,12 @@ from faust.types import TP
 from agents.state import (
     _MALLOC_TRIM,
     CHANGELOG_SEGMENT_MS,
+    CheckpointedPartitions,
     give_back_freed_memory,
     records_to_restore,
+    state_table,
 )
+from pipeline.checkpoint import HELD, Envelope, encode_envelope
 from pipeline.settings import Settings
 from tests.conftest import WorkerProcess, wait_for
 
@@ -72,3 +75,27 @@ def test_records_to_restore_are_what_fausts_recovery_has_left_to_read(app: faust
     assert records_to_restore(app) == 100  # 999 - 899, and nothing left of the second
     recovery.active_offsets[first] = 999
     assert records_to_restore(app) == 0
+
+
+def test_a_revoked_partition_is_forgotten_to_be_restored_from_its_changelogs_start(
+    app: faust.App,
+) -> None:
+    table: Any = state_table(app, "partition-state", 4)
+    changelog = table.changelog_topic.get_topic_name()
+    recovery: Any = cast(Any, app.tables).recovery
+    store = table.data.data
+    envelope = encode_envelope(1, b'{"n":1}', None)
+    for key in (b"0/c/a", b"0/~checkpoint", b"1/c/b"):
+        store[key] = envelope if not key.endswith(b"checkpoint") else b'{"g":1,"offsets":{}}'
+        table.data._key_partition[key] = int(key[:1])
+    partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records), ("c/",))
+    core, _ = partitions.get(0)
+    assert core == {"c/a": {"n": 1}}
+    assert store[b"0/c/a"] == Envelope(1, HELD, None)  # the core holds it now
+    recovery.active_offsets.update({TP(changelog, 0): 5, TP(changelog, 1): 7})
+
+    partitions.revoke([0])
+    assert 0 not in partitions.loaded
+    assert set(store) == {b"1/c/b"} and set(table.data._key_partition) == {b"1/c/b"}
+    # Faust's recovery reads a partition without an offset from its changelog's start
+    assert dict(recovery.active_offsets) == {TP(changelog, 1): 7}
