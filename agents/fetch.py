@@ -62,6 +62,13 @@ def batch_buffers(app: Any) -> Callable[[str], FetchBuffer | None]:
     return buffer_of
 
 
+def from_read_offset(fetched: list[Any], read: int | None) -> list[Any]:
+    """A fetch's records from the partition's read offset on: Faust drops those before it."""
+    if read is None or fetched[0].offset >= read:
+        return fetched
+    return [record for record in fetched if record.offset >= read]
+
+
 def install(consumer: Any) -> None:
     """Give ``consumer`` (Faust's, before it starts) the fetch loop above."""
     consumer._drain_messages = FetchLoop(consumer).run
@@ -148,10 +155,9 @@ class FetchLoop:
         """Put what ``tp``'s fetch brings from its read offset on, in slices of a batch."""
         app = self.app
         read = self.read_offset.get(tp)
-        if read is not None and fetched[0].offset < read:
-            fetched = [record for record in fetched if record.offset >= read]
-            if not fetched:
-                return
+        fetched = from_read_offset(fetched, read)
+        if not fetched:
+            return
         # What Kafka skipped after the last offset read (compacted, transaction markers) is
         # acked with the slice, as Faust's gaps are (after a seek, the read offset is the next
         # one to read, and the fetch starts there).
@@ -180,9 +186,7 @@ class FetchLoop:
             return records  # Faust's path drops them, to be fetched again
         left: dict[TP, list[Any]] = {}
         for tp, fetched in records.items():
-            read = self.read_offset.get(tp)
-            if read is not None and fetched[0].offset < read:
-                fetched = [record for record in fetched if record.offset >= read]
+            fetched = from_read_offset(fetched, self.read_offset.get(tp))
             if fetched:
                 left[tp] = self.restore.take(tp, fetched)
         return left
