@@ -138,7 +138,8 @@ def considered(case_id: str, reasons: list[str], config: CandidateConfig) -> boo
     if not reasons:
         return False
     rate = max(config.sample_rates.get(r, 0.0) for r in reasons)
-    return unit_hash(case_id, config.salt) < rate
+    # The coin is in [0, 1): at a rate of 1 (a failed eval, by default) it need not be drawn.
+    return rate >= 1.0 or (rate > 0.0 and unit_hash(case_id, config.salt) < rate)
 
 
 @dataclass(frozen=True)

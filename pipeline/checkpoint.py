@@ -103,7 +103,8 @@ class Checkpoint:
         self.store = store
         self.prefix = prefix.encode()
         self.held = held
-        self.values: dict[str, Any] = {}  # restored state, as of the last durable marker
+        # restored state, as of the last durable marker (held records as JSON bytes)
+        self.values: dict[str, Any] = {}
         self.offsets: dict[str, int] = {}  # topic -> next offset not yet in the state
         self._rewrite: dict[str, bytes | None] = {}  # rolled back: write their old value again
         self._deleted: set[str] = set()  # written as deleted; dropped once checkpointed
@@ -129,8 +130,8 @@ class Checkpoint:
             store[full] = envelope
             if value is None:
                 self._deleted.add(key)
-            else:
-                self.values[key] = loads(value)
+            else:  # a held record as its JSON: its caller decodes it into its own type
+                self.values[key] = value if key.startswith(held) else loads(value)
         self.generation = newest + 1
 
     def applied(self, topic: str, offset: int) -> bool:

@@ -29,6 +29,8 @@ def dumps(value: Any) -> bytes:
 def _raw_value(value: Any) -> Any:
     if isinstance(value, msgspec.Raw):
         return json.loads(bytes(value))
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

@@ -51,49 +51,57 @@ TEXT_LIMIT = 2000  # characters of input text and output kept per case
 UNKNOWN_LOOP = "unknown"
 
 
-@dataclass(slots=True)
-class Case:
-    """What one partition key (a case_id, or an eval case id for eval results) remembers."""
+class Case(
+    msgspec.Struct,
+    rename={
+        "loop": "l",
+        "input_ms": "i",
+        "pending": "q",
+        "resolved": "r",
+        "touched_ms": "t",
+        "seen": "s",
+        "inp": "in",
+        "res": "re",
+        "verdicts": "v",
+    },
+    gc=False,
+):
+    """What one partition key (a case_id, or an eval case id for eval results) remembers.
+
+    A msgspec Struct, so that its checkpoint record is encoded and decoded straight from and
+    into it (no dict in between: a restore decodes hundreds of thousands of them); ``gc=False``
+    because a case holds no cycles, which keeps the collector's passes over a large state short.
+    """
 
     loop: str
     input_ms: int | None = None
-    pending: list[int] = field(default_factory=list)  # resolution times awaiting the input
+    pending: list[int] = msgspec.field(default_factory=list)  # resolution times awaiting input
     resolved: bool = False
     touched_ms: int = 0
-    seen: dict[str, int] = field(default_factory=dict)  # event id -> event time, for dedupe
+    seen: dict[str, int] = msgspec.field(default_factory=dict)  # event id -> time, for dedupe
     # What an eval candidate shows of the case: its input, last resolution and verdicts.
     # The input side as compact JSON text: one string per case instead of a tree of dicts,
     # which costs several times the memory over the hours a case is held.
     inp: str | None = None
     res: str | None = None  # the last resolution, compact JSON likewise
-    verdicts: dict[str, bool] = field(default_factory=dict)
+    verdicts: dict[str, bool] = msgspec.field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "l": self.loop,
-            "i": self.input_ms,
-            "q": self.pending,
-            "r": self.resolved,
-            "t": self.touched_ms,
-            "s": self.seen,
-            "in": self.inp,
-            "re": self.res,
-            "v": self.verdicts,
-        }
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Case:
-        return cls(
-            data["l"],
-            data["i"],
-            list(data["q"]),
-            data["r"],
-            data["t"],
-            dict(data["s"]),
-            data.get("in"),
-            data.get("re"),
-            dict(data.get("v") or {}),
-        )
+_decode_case = msgspec.json.Decoder(Case).decode
+
+
+def case_from_record(value: bytes | msgspec.Raw | Mapping[str, Any]) -> Case:
+    """A case from its checkpoint record: JSON (bytes as the checkpoint hands over held
+    records, Raw as ``changed_records`` writes them), or the record decoded already (a
+    checkpoint that holds its values)."""
+    if isinstance(value, msgspec.Raw):
+        value = bytes(value)
+    if isinstance(value, bytes):
+        try:
+            return _decode_case(value)
+        except msgspec.DecodeError:  # written with the standard library (pipeline.fastjson)
+            value = loads(value)
+    return msgspec.convert(value, Case)
 
 
 class EncodedBuckets:
@@ -389,6 +397,7 @@ class PartitionCore:
     ) -> None:
         """Keep what a candidate shows of the case, and propose the case to stage 2 when it
         is resolved, has its input, and may be a candidate (pipeline.candidates)."""
+        resolution: dict[str, Any] | None = None  # the case's, when this record is it
         if topic == "inputs":
             if case.inp is not None:
                 return
@@ -419,7 +428,8 @@ class PartitionCore:
         # Only a case the coin may pick becomes a proposal (stage 2 adds the extrinsic
         # reasons, and draws the same coin): most cases stop here, before their input is read.
         candidates = self.config.rules.candidates
-        resolution = loads(case.res)
+        if resolution is None:
+            resolution = loads(case.res)
         reasons = intrinsic_reasons(case.verdicts, resolution, candidates.confidence_floor)
         if not considered(key, [*reasons, *EXTRINSIC], candidates):
             return
@@ -444,7 +454,7 @@ class PartitionCore:
         self._changed_cases.add(key)
         if self.keeps_previous:
             case = self.cases.get(key)
-            self._previous[CASES + key] = None if case is None else dumps(case.to_json())
+            self._previous[CASES + key] = None if case is None else dumps(case)
 
     def dead_letter(self, loop: str | None, fallback_ms: int) -> None:
         """Count a record that went to the dead-letter topic, at the partition's event time
@@ -631,7 +641,7 @@ class PartitionCore:
             )
         for key in self._changed_cases:
             case = self.cases.get(key)
-            records[CASES + key] = None if case is None else case.to_json()
+            records[CASES + key] = None if case is None else msgspec.Raw(dumps(case))
         for key in self._changed_eval_cases:
             records[f"e/{key}"] = self.eval_case_loops.get(key)
         records[WATERMARK_KEY] = {
@@ -686,7 +696,7 @@ class PartitionCore:
                 if value.get("f"):  # written before 2026-11-26, features inside: move them out
                     core._changed_features.add((loop, int(index)))
             elif key.startswith(CASES):
-                case = core.cases[key[2:]] = Case.from_json(value)
+                case = core.cases[key[2:]] = case_from_record(value)
                 core._expiry.append((case.touched_ms, key[2:]))
                 if case.pending:
                     core._pending_due.append((case.touched_ms, key[2:]))

@@ -20,7 +20,7 @@ from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import Partial, PartitionCore, encode_change
+from pipeline.partition import Case, Partial, PartitionCore, case_from_record, encode_change
 from pipeline.processor import partition_key
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -113,6 +113,29 @@ def test_restore_from_changed_records_as_they_are() -> None:
     assert {k: a.to_json() for k, a in restored.buckets.items()} == {
         k: a.to_json() for k, a in core.buckets.items()
     }
+    assert len(core.cases) > 100 and restored.cases == core.cases
+
+
+def test_a_case_record_is_the_same_json_in_every_form_it_is_read_from() -> None:
+    case = Case(
+        "support", 1_000, [], True, 2_000, {"e1": 1_000}, '{"text":"hi"}', None, {"x": False}
+    )
+    record = dumps(case)
+    # The keys and order checkpoints have always had (Case.to_json before it was a Struct).
+    assert record == (
+        b'{"l":"support","i":1000,"q":[],"r":true,"t":2000,"s":{"e1":1000},'
+        b'"in":"{\\"text\\":\\"hi\\"}","re":null,"v":{"x":false}}'
+    )
+    assert case_from_record(record) == case
+    assert case_from_record(msgspec.Raw(record)) == case
+    assert case_from_record(json.loads(record)) == case
+    # Written before cases kept what a candidate shows (no "in", "re", "v").
+    old = {"l": "support", "i": None, "q": [5], "r": True, "t": 5, "s": {"e2": 5}}
+    assert case_from_record(dumps(old)) == Case("support", None, [5], True, 5, {"e2": 5})
+    # A lone surrogate (JSON input allows one) is escaped by the standard library, read back.
+    lone = Case("support", inp=json.loads('"a\\ud800"'))
+    assert dumps(lone).endswith(b'"in":"a\\ud800","re":null,"v":{}}')
+    assert case_from_record(dumps(lone)) == lone
 
 
 def test_features_travel_only_when_they_changed() -> None:
