@@ -70,7 +70,7 @@ class Case(
 
     A msgspec Struct, so that its checkpoint record is encoded and decoded straight from and
     into it (no dict in between: a restore decodes hundreds of thousands of them); ``gc=False``
-    because a case holds no cycles, which keeps the collector's passes over a large state short.
+    because a case holds no reference cycles, so the collector need not track it.
     """
 
     loop: str
