@@ -626,7 +626,8 @@ class PartitionCore:
     def changed_records(self) -> dict[str, Any]:
         """Record key -> JSON value (None = deleted) of everything changed since the last call;
         a bucket's counts ("b/") and its input features ("f/", written only when they changed)
-        come already encoded (msgspec.Raw), as their partials sent them."""
+        come already encoded (msgspec.Raw), as their partials sent them, and so do the cases
+        ("c/"), encoded here so that a later change to a case cannot reach this batch's record."""
         records: dict[str, Any] = {}
         encoded = self._encoded
         for loop, index in self._changed_buckets:
