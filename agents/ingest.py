@@ -164,8 +164,8 @@ def register(
         for partition, messages in by_partition.items():
             core, checkpoint = states.get(partition)
             positions = offsets[partition] = {}
-            for message in messages:
-                positions[message.topic] = message.offset + 1
+            for message in messages:  # the highest: a record may come twice (unapplied)
+                positions[message.topic] = max(message.offset + 1, positions.get(message.topic, 0))
             # The watermark waits for the topics with events still to be read: those of this
             # batch while it is applied (in no time order across topics), then those that
             # have more after it (pipeline.partition.PartitionCore.hold).
@@ -177,7 +177,7 @@ def register(
                 )
             )
             core.hold(later | {logical[name] for name in positions if name in timed})
-            fresh = [m for m in messages if not checkpoint.applied(m.topic, m.offset)]
+            fresh = checkpoint.unapplied(messages)
             for message, decoded in zip(fresh, decode(fresh), strict=True):
                 failure = apply(core, message, decoded, tally)
                 if failure is not None:

@@ -47,10 +47,9 @@ def register(
         for partition, messages in by_partition.items():
             view, checkpoint = views.get(partition)
             offsets: dict[str, int] = {}
-            for message in messages:
-                offsets[message.topic] = message.offset + 1
-                if checkpoint.applied(message.topic, message.offset):
-                    continue
+            for message in messages:  # the highest: a record may come twice (unapplied)
+                offsets[message.topic] = max(message.offset + 1, offsets.get(message.topic, 0))
+            for message in checkpoint.unapplied(messages):
                 try:
                     view.apply(partial_from_json(loads(message.value)))
                 except Exception as exc:  # never stop merging over one bad partial

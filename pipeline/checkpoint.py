@@ -21,8 +21,8 @@ Pure code: the store is any mutable mapping (the worker passes its faust table's
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, MutableMapping
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
@@ -89,6 +89,16 @@ def _dumps(value: Any) -> bytes | None:
 Write = tuple[bytes, bytes | None]  # (store key, encoded value); None = tombstone
 
 
+class _Record(Protocol):
+    @property
+    def topic(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+
+
+Positioned = TypeVar("Positioned", bound=_Record)  # a consumed record: its topic and offset
+
+
 class Checkpoint:
     """The checkpointed records of one partition, under ``prefix`` in ``store``.
 
@@ -134,9 +144,20 @@ class Checkpoint:
                 self.values[key] = value if key.startswith(held) else loads(value)
         self.generation = newest + 1
 
-    def applied(self, topic: str, offset: int) -> bool:
-        """Whether the restored state already holds the event at this offset."""
-        return offset < self.offsets.get(topic, 0)
+    def unapplied(self, records: Iterable[Positioned]) -> list[Positioned]:
+        """The records the state does not hold yet: those from each topic's checkpointed
+        offset on, each offset once. A consumer may hand a record over twice (Faust's read
+        offset lets a fetch through that starts at the last record read), and within a batch
+        the checkpoint's offsets have not moved yet, so the offsets seen are followed here;
+        ``records`` are in offset order within each topic, as a partition's batch is."""
+        following: dict[str, int] = {}
+        fresh = []
+        for record in records:
+            topic, offset = record.topic, record.offset
+            if offset >= following.get(topic, self.offsets.get(topic, 0)):
+                fresh.append(record)
+                following[topic] = offset + 1
+        return fresh
 
     def commit(
         self,

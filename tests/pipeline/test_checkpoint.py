@@ -13,7 +13,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -116,7 +116,7 @@ def run_stage1(store: dict[bytes, Any], events: list[Event], size: int, held: bo
     checkpoint = Checkpoint(store, "0/", (CASES,) if held else ())
     core = PartitionCore.from_records(CONFIG, 0, checkpoint.values, keeps_previous=held)
     run = Run([], [], [])
-    todo = [e for e in events if not checkpoint.applied(e.topic, e.offset)]
+    todo = checkpoint.unapplied(events)
     for number, chunk in enumerate(batches(todo, size)):
         offsets = {}
         for event in chunk:
@@ -182,15 +182,21 @@ def test_a_batchs_partials_must_be_durable_before_its_checkpoint() -> None:
     assert stage2_snapshot(delivered + full.sent[lost] + resent) == expected
 
 
+class Partial(NamedTuple):
+    topic: str
+    offset: int
+    value: str
+
+
 def run_stage2(store: dict[bytes, Any], messages: list[str], size: int) -> list[Write]:
     checkpoint = Checkpoint(store, "0/")
     view = LoopView.from_records(CONFIG, checkpoint.values.items())
     writes: list[Write] = []
-    todo = [(n, m) for n, m in enumerate(messages) if not checkpoint.applied("partials", n)]
-    for chunk in batches(todo, size):
-        for _, message in chunk:
-            view.apply(partial_from_json(json.loads(message)))
-        writes += checkpoint.commit(view.changed_records(), {"partials": chunk[-1][0] + 1})
+    partials = [Partial("partials", n, m) for n, m in enumerate(messages)]
+    for chunk in batches(checkpoint.unapplied(partials), size):
+        for partial in chunk:
+            view.apply(partial_from_json(json.loads(partial.value)))
+        writes += checkpoint.commit(view.changed_records(), {"partials": chunk[-1].offset + 1})
     return writes
 
 
@@ -219,3 +225,27 @@ def test_envelopes_written_with_nan_by_earlier_versions_still_restore() -> None:
     assert checkpoint.values["k"]["n"] == [1] and checkpoint.values["k"]["x"] != 0.0
     assert str(checkpoint.values["k"]["x"]) == "nan"
     assert checkpoint.offsets == {"t": 5} and checkpoint.generation == 3
+
+
+def test_unapplied_takes_each_offset_once_from_the_checkpointed_offsets_on() -> None:
+    store: dict[bytes, Any] = {}
+    checkpoint = Checkpoint(store, "0/")
+    checkpoint.commit({}, {"inputs": 10, "resolutions": 3})
+    handed = [  # one partition's batch, as a fetch path that hands records over twice makes it
+        *(Partial("inputs", n, "") for n in (8, 9, 10, 11, 12)),
+        *(Partial("resolutions", n, "") for n in (3, 4)),
+        *(Partial("inputs", n, "") for n in (12, 13)),  # 12 again: the last record read
+        *(Partial("inputs", n, "") for n in (9, 10, 11, 14)),  # a range again, then more
+        Partial("eval-results", 0, ""),  # a topic the checkpoint has no offset of yet
+    ]
+    fresh = [(p.topic, p.offset) for p in checkpoint.unapplied(handed)]
+    assert fresh == [
+        ("inputs", 10),
+        ("inputs", 11),
+        ("inputs", 12),
+        ("resolutions", 3),
+        ("resolutions", 4),
+        ("inputs", 13),
+        ("inputs", 14),
+        ("eval-results", 0),
+    ]
