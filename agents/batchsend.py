@@ -11,16 +11,33 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 Record = tuple[bytes, bytes | None]  # key, value
 
 
+class Sent(NamedTuple):
+    """What ``send_to_partition`` sent: one delivery per record batch, done when the batch is
+    durable, and the number of records in the last batch."""
+
+    deliveries: list[asyncio.Future[Any]]
+    last_records: int
+
+    def last_offset(self) -> int | None:
+        """The offset of the last record sent, once it is durable (None before, or if it
+        failed): a batch's delivery gives the offset of its first record."""
+        if not self.deliveries:
+            return None
+        last = self.deliveries[-1]
+        if not last.done() or last.cancelled() or last.exception() is not None:
+            return None
+        return int(last.result().offset) + self.last_records - 1
+
+
 async def send_to_partition(
     producer: Any, topic: str, partition: int, records: Iterable[Record]
-) -> list[asyncio.Future[Any]]:
-    """Send ``records`` to ``partition`` of ``topic`` with aiokafka's ``producer``; the
-    futures are done when the records are durable."""
+) -> Sent:
+    """Send ``records`` to ``partition`` of ``topic`` with aiokafka's ``producer``."""
     deliveries = []
     batch = producer.create_batch()
     for key, value in records:
@@ -28,9 +45,10 @@ async def send_to_partition(
             deliveries.append(await producer.send_batch(batch, topic, partition=partition))
             batch = producer.create_batch()
             batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any
-    if batch.record_count():
+    last_records = batch.record_count()
+    if last_records:
         deliveries.append(await producer.send_batch(batch, topic, partition=partition))
-    return deliveries
+    return Sent(deliveries, last_records)
 
 
 async def send_keyed(
@@ -45,5 +63,5 @@ async def send_keyed(
         by_partition[partition].append((key, value))
     deliveries = []
     for partition, grouped in by_partition.items():
-        deliveries += await send_to_partition(producer, topic, partition, grouped)
+        deliveries += (await send_to_partition(producer, topic, partition, grouped)).deliveries
     return deliveries

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Set
 from typing import Any, Generic, TypeVar, cast
 
 import faust
 from faust.types import TP
 
-from agents.batchsend import send_to_partition
+from agents.batchsend import Sent, send_to_partition
 from pipeline.checkpoint import Checkpoint
 
+log = logging.getLogger(__name__)
 Core = TypeVar("Core")
 
 
@@ -83,7 +85,15 @@ def aiokafka_producer(app: faust.App) -> Any:
 
 class CheckpointedPartitions(Generic[Core]):
     """For each partition this worker owns: its core, rebuilt from the table on first use after
-    an assignment (table recovery has finished by then), and its checkpoint."""
+    an assignment (table recovery has finished by then), and its checkpoint.
+
+    Kafka's rebalances revoke every partition of a worker, also those it keeps. A revoked
+    partition's state stays in memory until the assignment that follows: given back in the
+    very next generation of the group, no one else can have written its changelog since the
+    worker's own last write, so its core goes on as it is and Faust's recovery starts past that
+    write (nothing to read); any other partition is forgotten whole and, if assigned again,
+    restored from its changelog's start. A worker joining or leaving then costs the others no
+    restore of the partitions they keep."""
 
     def __init__(
         self,
@@ -97,6 +107,18 @@ class CheckpointedPartitions(Generic[Core]):
         self.build = build
         self.held = held  # key prefixes of records the cores hold (pipeline.checkpoint)
         self.loaded: dict[int, tuple[Core, Checkpoint]] = {}
+        self._sent: dict[int, Sent] = {}  # each loaded partition's last changelog writes
+        self._revoked: dict[int, int] = {}  # kept until the assignment: -> its generation
+        faust_on_rebalance = table.on_rebalance
+
+        async def on_rebalance(
+            assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP], generation_id: int = 0
+        ) -> None:
+            # Faust calls each table's before its recovery looks at the offsets to read from.
+            self.settle(generation_id)
+            await faust_on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+        table.on_rebalance = on_rebalance
 
     def get(self, partition: int) -> tuple[Core, Checkpoint]:
         found = self.loaded.get(partition)
@@ -124,30 +146,68 @@ class CheckpointedPartitions(Generic[Core]):
         _, checkpoint = self.loaded[partition]
         topic = self.table.changelog_topic.get_topic_name()
         writes = checkpoint.commit(changed, offsets, before)
-        await send_to_partition(aiokafka_producer(self.app), topic, partition, writes)
+        self._sent[partition] = await send_to_partition(
+            aiokafka_producer(self.app), topic, partition, writes
+        )
 
     def revoke(self, partitions: Iterable[int]) -> None:
-        """Forget everything of these partitions: their cores, their records in the table's
-        store, and Faust's recovery offset of their changelog partitions, so that a partition
-        assigned again, to this worker too, is restored from its changelog's start.
+        """Keep the state of these partitions until the assignment (``settle``), with Faust's
+        recovery offset of their changelog partitions at the worker's last write; forget it
+        where that write is unknown. Faust flushes the producer before it revokes."""
+        recovery = cast(Any, self.app.tables).recovery
+        generation = self.app.consumer_generation_id
+        for partition in partitions:
+            tp = self._changelog(partition)
+            sent = self._sent.get(partition)
+            # Nothing written since the core was built: its state is what was restored.
+            last = recovery.active_offsets.get(tp) if sent is None else sent.last_offset()
+            if partition in self.loaded and last is not None:
+                recovery.active_offsets[tp] = last
+                self._revoked[partition] = generation
+            else:
+                self._forget(partition)
 
-        Kafka's rebalances revoke every partition, also those a worker keeps, and Faust then
-        reads a kept partition's changelog on from where its last recovery ended, into the
-        same store: the worker's own writes since then replaced the checkpoint's entries
-        (``old.generation`` on raw bytes), and a core rebuilt from the store met the
-        placeholders of the cases the old core had held (pipeline.checkpoint, ``held``). Both
-        crashed a worker that another joined (tests/agents/test_distributed.py)."""
+    def settle(self, generation: int) -> None:
+        """At an assignment, before Faust's recovery: go on with each revoked partition given
+        back in the next generation, and forget the others. A partition given back later (a
+        worker that missed a generation, as a paused one does) may have had another owner
+        meanwhile, who wrote its changelog: it is restored from the start.
+
+        Without this, Faust read a kept partition's changelog on from where its last recovery
+        ended into the same store: the worker's own writes since then replaced the
+        checkpoint's entries (``old.generation`` on raw bytes), and a core rebuilt from the
+        store met the placeholders of the cases the old core had held (pipeline.checkpoint,
+        ``held``). Both crashed a worker that another joined (tests/agents/test_distributed.py)."""
+        actives = self.app.assignor.assigned_actives()
+        current = generation == self.app.consumer_generation_id
+        kept = []
+        for partition, held_in in self._revoked.items():
+            if current and generation == held_in + 1 and self._changelog(partition) in actives:
+                kept.append(partition)
+            else:
+                self._forget(partition)
+        self._revoked.clear()
+        if kept:
+            name = self.table.changelog_topic.get_topic_name()
+            log.info("kept %s%s: given back in generation %d", name, sorted(kept), generation)
+
+    def _changelog(self, partition: int) -> TP:
+        return TP(self.table.changelog_topic.get_topic_name(), partition)
+
+    def _forget(self, partition: int) -> None:
+        """Forget everything of a partition: its core, its records in the table's store, and
+        Faust's recovery offset of its changelog partition, so that it is restored from its
+        changelog's start when assigned again, to this worker too."""
         store = _backing(self.table.data)
         key_partitions = getattr(self.table.data, "_key_partition", {})  # the memory store's
-        recovery = cast(Any, self.app.tables).recovery
-        changelog = self.table.changelog_topic.get_topic_name()
-        for partition in partitions:
-            self.loaded.pop(partition, None)
-            prefix = f"{partition}/".encode()
-            for key in [key for key in store if key.startswith(prefix)]:
-                del store[key]
-                key_partitions.pop(key, None)
-            recovery.active_offsets.pop(TP(changelog, partition), None)
+        self.loaded.pop(partition, None)
+        self._sent.pop(partition, None)
+        prefix = f"{partition}/".encode()
+        for key in [key for key in store if key.startswith(prefix)]:
+            del store[key]
+            key_partitions.pop(key, None)
+        cast(Any, self.app.tables).recovery.active_offsets.pop(self._changelog(partition), None)
 
     def cores(self) -> list[Core]:
-        return [core for core, _ in self.loaded.values()]
+        """The cores of the partitions this worker owns (not those revoked, until settled)."""
+        return [core for p, (core, _) in self.loaded.items() if p not in self._revoked]

@@ -110,8 +110,8 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
             metrics.consumer_lag.labels(*labels).set(lag)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
-        # State of a partition that moved away is rebuilt from its changelog if it comes back.
+    async def revoke_state(sender: Any, revoked: Any, **_: Any) -> None:
+        # Kept until the assignment, which gives it back or not (agents.state.settle).
         stage2.revoke({tp.partition for tp in revoked if tp.topic == settings.topic("partials")})
         sources = {settings.topic(name) for name in SOURCE_TOPICS}
         stage1.revoke({tp.partition for tp in revoked if tp.topic in sources})

@@ -50,8 +50,9 @@ def test_batches_deliver_each_record_once_in_order_where_send_puts_it(
             await asyncio.gather(*await send_keyed(producer, settings.topic("partials"), keyed))
             placed = [(b"k%d" % i, b"%03d" % i + b"." * 60) for i in range(50)]
             sent = await send_to_partition(producer, settings.topic("alerts"), 2, placed)
-            assert len(sent) > 1  # split into batches
-            await asyncio.gather(*sent)
+            assert len(sent.deliveries) > 1  # split into batches
+            await asyncio.gather(*sent.deliveries)
+            assert sent.last_offset() == 49  # the 50th record of a new partition
         finally:
             await producer.stop()
         return (

@@ -243,3 +243,9 @@ def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
 
     assert second.processed("inputs") > 0  # it took partitions over
     assert (counted("ok"), counted("duplicate")) == (12_000, 15)  # _traffic's 15 copies
+    # The first worker went on with the partitions it kept (agents.state.settle): it restored
+    # none of them from their changelogs, which it had written from empty.
+    changelog = f"{settings.app_id}-partition-state-changelog"
+    kept = [line for line in first.log().splitlines() if f" kept {changelog}[" in line]
+    assert kept, first.log_tail()
+    assert " restored " not in first.log()

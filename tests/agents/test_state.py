@@ -11,8 +11,11 @@ import faust
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 from faust.types import TP
 
+from agents.batchsend import Sent
 from agents.state import (
     _MALLOC_TRIM,
     CHANGELOG_SEGMENT_MS,
@@ -77,9 +80,9 @@ def test_records_to_restore_are_what_fausts_recovery_has_left_to_read(app: faust
     assert records_to_restore(app) == 0
 
 
-def test_a_revoked_partition_is_forgotten_to_be_restored_from_its_changelogs_start(
-    app: faust.App,
-) -> None:
+def _revoked_state(app: faust.App) -> tuple[Any, CheckpointedPartitions[Any], dict[bytes, Any]]:
+    """Two partitions' records in a state table, partition 0's core built (restored from its
+    changelog up to offset 5, partition 1's up to 7), both revoked in generation 3."""
     table: Any = state_table(app, "partition-state", 4)
     changelog = table.changelog_topic.get_topic_name()
     recovery: Any = cast(Any, app.tables).recovery
@@ -93,9 +96,89 @@ def test_a_revoked_partition_is_forgotten_to_be_restored_from_its_changelogs_sta
     assert core == {"c/a": b'{"n":1}'}  # a held record as its JSON, for the core to decode
     assert store[b"0/c/a"] == Envelope(1, HELD, None)  # the core holds it now
     recovery.active_offsets.update({TP(changelog, 0): 5, TP(changelog, 1): 7})
+    app.consumer_generation_id = 3
+    partitions.revoke([0, 1])
+    # Partition 1 had no core: forgotten at once, restored from its changelog's start if
+    # assigned again (Faust's recovery reads a partition without an offset from there).
+    assert set(store) == {b"0/c/a", b"0/~checkpoint"}
+    assert set(table.data._key_partition) == {b"0/c/a", b"0/~checkpoint"}
+    assert dict(recovery.active_offsets) == {TP(changelog, 0): 5}
+    assert partitions.cores() == []  # not exported while the rebalance goes on
+    return recovery, partitions, store
 
-    partitions.revoke([0])
-    assert 0 not in partitions.loaded
-    assert set(store) == {b"1/c/b"} and set(table.data._key_partition) == {b"1/c/b"}
-    # Faust's recovery reads a partition without an offset from its changelog's start
-    assert dict(recovery.active_offsets) == {TP(changelog, 1): 7}
+
+def test_a_revoked_partition_given_back_in_the_next_generation_goes_on_as_it_was(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recovery, partitions, store = _revoked_state(app)
+    changelog = partitions.table.changelog_topic.get_topic_name()
+    monkeypatch.setattr(app.assignor, "assigned_actives", lambda: {TP(changelog, 0)})
+    app.consumer_generation_id = 4
+    partitions.settle(4)
+    core, _ = partitions.loaded[0]
+    assert partitions.cores() == [core] == [{"c/a": b'{"n":1}'}]
+    assert store[b"0/c/a"] == Envelope(1, HELD, None)
+    # Faust's recovery reads on past offset 5, the last record it restored: nothing
+    assert dict(recovery.active_offsets) == {TP(changelog, 0): 5}
+
+
+def test_after_writes_of_its_own_a_revoked_partition_is_read_on_past_its_last_write(
+    app: faust.App,
+) -> None:
+    table: Any = state_table(app, "partition-state", 4)
+    tp = TP(table.changelog_topic.get_topic_name(), 2)
+    recovery: Any = cast(Any, app.tables).recovery
+    recovery.active_offsets[tp] = 5  # restored up to offset 5, then three batches written
+    partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records))
+    partitions.get(2)
+    loop = asyncio.new_event_loop()
+    try:
+        batches = [loop.create_future() for _ in range(3)]
+        for first in (6, 206, 406):  # the first offsets of batches of 200, 200 and 17
+            batches[(first - 6) // 200].set_result(RecordMetadata(tp.topic, 2, tp, first, -1, 0, 0))
+        partitions._sent[2] = Sent(batches, 17)
+        partitions.revoke([2])
+    finally:
+        loop.close()
+    assert recovery.active_offsets[tp] == 422  # 406 + 17 - 1
+
+
+def test_a_revoked_partition_whose_last_write_failed_is_forgotten(app: faust.App) -> None:
+    table: Any = state_table(app, "partition-state", 4)
+    tp = TP(table.changelog_topic.get_topic_name(), 2)
+    recovery: Any = cast(Any, app.tables).recovery
+    recovery.active_offsets[tp] = 5
+    partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records))
+    partitions.get(2)
+    loop = asyncio.new_event_loop()
+    try:
+        failed = loop.create_future()
+        failed.set_exception(KafkaError("not durable"))
+        partitions._sent[2] = Sent([failed], 1)
+        partitions.revoke([2])
+    finally:
+        loop.close()
+    assert partitions.loaded == {} and tp not in recovery.active_offsets
+
+
+@pytest.mark.parametrize(
+    ("generation", "actives"),
+    [(5, {0}), (4, set())],
+    ids=["given back a generation later", "not given back"],
+)
+def test_a_revoked_partition_not_given_back_at_once_is_forgotten_to_be_restored(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch, generation: int, actives: set[int]
+) -> None:
+    recovery, partitions, store = _revoked_state(app)
+    changelog = partitions.table.changelog_topic.get_topic_name()
+    monkeypatch.setattr(
+        app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in actives}
+    )
+    app.consumer_generation_id = generation
+    partitions.settle(generation)
+    assert partitions.loaded == {} and store == {} and table_keys(partitions) == set()
+    assert dict(recovery.active_offsets) == {}
+
+
+def table_keys(partitions: CheckpointedPartitions[Any]) -> set[bytes]:
+    return set(partitions.table.data._key_partition)
