@@ -12,7 +12,8 @@ once, in slices of at most a batch (``Fetched``), each checked, bookkept and ack
   only for partitions still active (not paused, not revoked), as ``getmany`` checks;
 - records before the partition's read offset are dropped, as Faust drops them, and a
   slice covers the offsets from the last one read on, so what Kafka skipped (compacted or
-  transaction markers) is acked with it, as Faust's gaps are;
+  transaction markers) is acked with it, as Faust's gaps are; a fetch that waited out the end
+  of a rebalance is dropped if its partition was seeked meanwhile (it is fetched again);
 - the app's flow control and the producer buffer are waited for before each hand-over, as
   the conductor waits before each message; a fetch is put whole, and a buffer holding more
   than its limit holds the loop before the next fetch (Faust's put into a full queue does);
@@ -173,9 +174,15 @@ class FetchLoop:
                 await self.rebalanced(generation)
             if app.consumer_generation_id != generation:
                 return
+            if self.read_offset.get(tp) != read:
+                # Seeked meanwhile (at the end of a recovery, to the committed offset): the
+                # Kafka client fetches from there again. Put, this fetch made the next one
+                # pass from its last record on (Faust's read offset is the last one read, and
+                # a fetch passes from it), so that record came twice in one batch.
+                return
             buffer.put_fetched(Fetched(tp, part, first, generation))
             first = part[-1].offset + 1
-            self.read_offset[tp] = part[-1].offset
+            read = self.read_offset[tp] = part[-1].offset
 
     def restored(self, records: dict[TP, list[Any]], generation: int) -> dict[TP, list[Any]]:
         """Put the state tables' changelog records into their stores (agents.restore) under

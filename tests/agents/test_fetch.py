@@ -236,3 +236,27 @@ def test_a_fetch_waiting_for_a_rebalance_to_end_is_dropped_if_another_begins(
 
     run(app, scenario())
     assert subscribed.slices() == []
+
+
+def test_a_fetch_waiting_for_a_rebalance_to_end_is_dropped_if_its_partition_was_seeked(
+    app: faust.App,
+) -> None:
+    # Fetched from the position the assignment gave, before Faust's recovery seeks the
+    # stream partitions to their committed offsets (here 3): the client fetches from there
+    # again, and this fetch, put, would have let its last record through once more.
+    subscribed = Subscribed(app)
+    subscribed.app.rebalancing = True
+    queue = subscribed.batches.channel.queue
+
+    async def scenario() -> None:
+        delivering = asyncio.ensure_future(subscribed.loop.deliver({T0: records(T0, 3, 4)}, None))
+        await asyncio.sleep(0.05)
+        subscribed.consumer._read_offset[T0] = 3  # Faust's perform_seek
+        app.flow_control.resume()
+        subscribed.app.rebalancing = False
+        await asyncio.wait_for(delivering, 1.0)
+        await subscribed.loop.deliver({T0: records(T0, 3, 4, 5)}, None)  # fetched again
+
+    run(app, scenario())
+    assert queue.records == 3
+    assert subscribed.slices() == [(T0, [3, 4], 3, 0), (T0, [5], 5, 0)]
