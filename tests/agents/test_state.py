@@ -122,42 +122,41 @@ def test_a_revoked_partition_given_back_in_the_next_generation_goes_on_as_it_was
     assert dict(recovery.active_offsets) == {TP(changelog, 0): 5}
 
 
-def test_after_writes_of_its_own_a_revoked_partition_is_read_on_past_its_last_write(
-    app: faust.App,
-) -> None:
-    table: Any = state_table(app, "partition-state", 4)
-    tp = TP(table.changelog_topic.get_topic_name(), 2)
-    recovery: Any = cast(Any, app.tables).recovery
-    recovery.active_offsets[tp] = 5  # restored up to offset 5, then three batches written
-    partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records))
-    partitions.get(2)
-    loop = asyncio.new_event_loop()
-    try:
-        batches = [loop.create_future() for _ in range(3)]
-        for first in (6, 206, 406):  # the first offsets of batches of 200, 200 and 17
-            batches[(first - 6) // 200].set_result(RecordMetadata(tp.topic, 2, tp, first, -1, 0, 0))
-        partitions._sent[2] = Sent(batches, 17)
-        partitions.revoke([2])
-    finally:
-        loop.close()
-    assert recovery.active_offsets[tp] == 422  # 406 + 17 - 1
-
-
-def test_a_revoked_partition_whose_last_write_failed_is_forgotten(app: faust.App) -> None:
+def _revoked_after(app: faust.App, sent: Callable[[TP], Sent]) -> tuple[Any, TP, Any]:
+    """Partition 2 restored up to changelog offset 5, its core built, then revoked with what
+    ``sent`` says its last writes were: the recovery, the changelog partition, the state."""
     table: Any = state_table(app, "partition-state", 4)
     tp = TP(table.changelog_topic.get_topic_name(), 2)
     recovery: Any = cast(Any, app.tables).recovery
     recovery.active_offsets[tp] = 5
     partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records))
     partitions.get(2)
-    loop = asyncio.new_event_loop()
-    try:
-        failed = loop.create_future()
-        failed.set_exception(KafkaError("not durable"))
-        partitions._sent[2] = Sent([failed], 1)
-        partitions.revoke([2])
-    finally:
-        loop.close()
+    partitions._sent[2] = sent(tp)
+    partitions.revoke([2])
+    return recovery, tp, partitions
+
+
+def test_after_writes_of_its_own_a_revoked_partition_is_read_on_past_its_last_write(
+    app: faust.App,
+) -> None:
+    def three_batches(tp: TP) -> Sent:  # of 200, 200 and 17 records, from offset 6 on
+        batches = [app.loop.create_future() for _ in range(3)]
+        for batch, first in zip(batches, (6, 206, 406), strict=True):
+            batch.set_result(RecordMetadata(tp.topic, 2, tp, first, -1, 0, 0))
+        return Sent(batches, 17)
+
+    recovery, tp, partitions = _revoked_after(app, three_batches)
+    assert recovery.active_offsets[tp] == 422  # 406 + 17 - 1
+    assert 2 in partitions.loaded
+
+
+def test_a_revoked_partition_whose_last_write_failed_is_forgotten(app: faust.App) -> None:
+    def failed(tp: TP) -> Sent:
+        batch = app.loop.create_future()
+        batch.set_exception(KafkaError("not durable"))
+        return Sent([batch], 1)
+
+    recovery, tp, partitions = _revoked_after(app, failed)
     assert partitions.loaded == {} and tp not in recovery.active_offsets
 
 
