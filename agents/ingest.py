@@ -24,6 +24,7 @@ from agents.batchsend import Record, send_keyed
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
 from pipeline.arrowcodec import ArrowDecoder
+from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
@@ -163,9 +164,7 @@ def register(
         failures: list[Failure] = []
         for partition, messages in by_partition.items():
             core, checkpoint = states.get(partition)
-            positions = offsets[partition] = {}
-            for message in messages:  # the highest: a record may come twice (unapplied)
-                positions[message.topic] = max(message.offset + 1, positions.get(message.topic, 0))
+            positions = offsets[partition] = next_offsets(messages)
             # The watermark waits for the topics with events still to be read: those of this
             # batch while it is applied (in no time order across topics), then those that
             # have more after it (pipeline.partition.PartitionCore.hold).

@@ -19,6 +19,7 @@ from agents.batches import BatchTopic, consume
 from agents.ingest import DeadLetters
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, state_table
+from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec
 from pipeline.fastjson import loads
 from pipeline.loopview import LoopView, iso, partial_from_json
@@ -46,9 +47,6 @@ def register(
     async def merge(by_partition: dict[int, list[Any]]) -> None:
         for partition, messages in by_partition.items():
             view, checkpoint = views.get(partition)
-            offsets: dict[str, int] = {}
-            for message in messages:  # the highest: a record may come twice (unapplied)
-                offsets[message.topic] = max(message.offset + 1, offsets.get(message.topic, 0))
             for message in checkpoint.unapplied(messages):
                 try:
                     view.apply(partial_from_json(loads(message.value)))
@@ -71,7 +69,7 @@ def register(
                 for reason in candidate["reasons"]:
                     metrics.eval_candidates.labels(candidate["loop"], reason).inc()
             view.candidates = []
-            await views.commit(partition, view.changed_records(), offsets)
+            await views.commit(partition, view.changed_records(), next_offsets(messages))
 
     consume(app, partials, merge, "loopline.loops")
 

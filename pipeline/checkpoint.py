@@ -99,6 +99,15 @@ class _Record(Protocol):
 Positioned = TypeVar("Positioned", bound=_Record)  # a consumed record: its topic and offset
 
 
+def next_offsets(records: Iterable[_Record]) -> dict[str, int]:
+    """The offset after the highest of each topic's records: where a batch's checkpoint says
+    the state goes on from (the highest, as a record may come twice, ``unapplied``)."""
+    following: dict[str, int] = {}
+    for record in records:
+        following[record.topic] = max(record.offset + 1, following.get(record.topic, 0))
+    return following
+
+
 class Checkpoint:
     """The checkpointed records of one partition, under ``prefix`` in ``store``.
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from pipeline.checkpoint import HELD, Checkpoint, Write
+from pipeline.checkpoint import HELD, Checkpoint, Write, next_offsets
 from pipeline.core import CoreConfig
 from pipeline.loopview import LoopView, partial_from_json
 from pipeline.partition import CASES, PartitionCore
@@ -237,6 +237,7 @@ def test_unapplied_takes_each_offset_once_from_the_checkpointed_offsets_on() -> 
         *(Partial("inputs", n, "") for n in (12, 13)),  # 12 again: the last record read
         *(Partial("inputs", n, "") for n in (9, 10, 11, 14)),  # a range again, then more
         Partial("eval-results", 0, ""),  # a topic the checkpoint has no offset of yet
+        Partial("inputs", 11, ""),  # and one more time, last
     ]
     fresh = [(p.topic, p.offset) for p in checkpoint.unapplied(handed)]
     assert fresh == [
@@ -249,3 +250,5 @@ def test_unapplied_takes_each_offset_once_from_the_checkpointed_offsets_on() -> 
         ("inputs", 14),
         ("eval-results", 0),
     ]
+    # the batch's checkpoint goes on after the highest offset of each topic, not the last one
+    assert next_offsets(handed) == {"inputs": 15, "resolutions": 5, "eval-results": 1}
