@@ -10,6 +10,10 @@ starts another. Measured in the same run:
       cases back) and the batch it was killed in applied again;
 and prints both, the ratio a/b, the changelog's records and bytes, and whether the restarted
 worker's numbers equal the killed one's (they must: nothing lost, nothing counted twice).
+
+With ``--join`` the first worker is not killed: a second one joins the group instead, and (b)
+is the time from spawning it to each worker's counting the probes of the partitions it holds
+after the rebalance (the first keeps some, agents.state; the second restores the others).
 """
 
 from __future__ import annotations
@@ -147,6 +151,53 @@ def settled(url: str, worker: subprocess.Popen[bytes], interval: float) -> Sampl
         before = numbers(samples)
 
 
+def join(
+    settings: Settings,
+    env: dict[str, str],
+    data_dir: Path,
+    url: str,
+    newest: int,
+    held: int,
+    events: int,
+) -> dict[str, Any]:
+    """Start a second worker beside the first (serving ``url``); the seconds from its spawn
+    to each worker's last probe counted, once every probe and held case is counted."""
+    asyncio.run(publish_probes(settings, newest))
+    second_env = dict(env, LOOPLINE_WEB_PORT=str(settings.web_port + 1))
+    second_url = f"http://127.0.0.1:{settings.web_port + 1}/metrics"
+    log("starting a second worker ...")
+    spawned = time.monotonic()
+    second = start_worker(second_env, data_dir / "worker-2.log")
+    counted = [0.0, 0.0]
+    last = [0.0, 0.0]  # when each worker counted a probe last
+    try:
+        while True:
+            if second.poll() is not None:
+                raise SystemExit(f"the second worker exited; see {data_dir / 'worker-2.log'}")
+            both = [scrape([url]), scrape([second_url])]
+            now = time.monotonic() - spawned
+            for n, samples in enumerate(both):
+                probes = sample_sum(samples, "loopline_resolutions_total", loop=PROBE_LOOP)
+                if probes > counted[n]:
+                    counted[n], last[n] = probes, now
+            back = sum(round(sample_sum(s, "loopline_held_cases")) for s in both)
+            if sum(counted) >= settings.partitions and back >= held + settings.partitions:
+                break
+            time.sleep(0.1)
+    finally:
+        if second.poll() is None:
+            second.terminate()
+            second.wait(timeout=60)
+    log(f"first worker's probes counted after {last[0]:.1f} s, the second's after {last[1]:.1f} s")
+    return {
+        "events": events,
+        "held_cases": held,
+        "first_worker_partitions": round(counted[0]),
+        "first_probes_s": round(last[0], 2),
+        "second_probes_s": round(last[1], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -163,7 +214,14 @@ def main() -> None:
         help="LOOPLINE_INSTANCE_ID of both workers (static membership: the restarted one "
         "takes the killed one's place without waiting for its session to time out)",
     )
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="start a second worker beside the first instead of killing and restarting it",
+    )
     args = parser.parse_args()
+    if args.join and args.instance_id is not None:
+        parser.error("--join takes no --instance-id: the workers need ids of their own")
 
     data_dir = Path(tempfile.mkdtemp(prefix="loopline-bench-recovery-"))
     with bench_settings(args.port, data_dir=data_dir, web_port=6099) as settings:
@@ -189,6 +247,10 @@ def main() -> None:
             held = round(sample_sum(before, "loopline_held_cases"))
             rss_mib = rss_kib(worker.pid, "VmRSS") / 1024
             peak_mib = rss_kib(worker.pid, "VmHWM") / 1024
+            if args.join:
+                log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB")
+                print(json.dumps(join(settings, env, data_dir, url, newest, held, args.events)))
+                return
             log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB; SIGKILL")
             worker.send_signal(signal.SIGKILL)
             worker.wait()
