@@ -11,9 +11,10 @@ starts another. Measured in the same run:
 and prints both, the ratio a/b, the changelog's records and bytes, and whether the restarted
 worker's numbers equal the killed one's (they must: nothing lost, nothing counted twice).
 
-With ``--join`` the first worker is not killed: a second one joins the group instead, and (b)
-is the time from spawning it to each worker's counting the probes of the partitions it holds
-after the rebalance (the first keeps some, agents.state; the second restores the others).
+With ``--join`` the first worker is not killed: a second one joins the group while probes are
+published every PROBE_SECONDS, and the bench prints the first worker's longest wait between
+two counted probes (its stall in the rebalance: it keeps some partitions, agents.state) and
+when the second one counts its first (it restores the partitions it takes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,6 +50,8 @@ from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 
 PROBE_LOOP = "bench-probe"
+PROBE_SECONDS = 0.25  # --join: a round of probes this often
+QUIET_SECONDS = 10.0  # --join: watched this long after the second worker counts
 TABLES = ("partition-state", "loop-state")  # agents/ingest.py, agents/loops.py
 #: The gauges compared before the kill and after the restart, for every loop and window.
 NUMBERS = (
@@ -152,49 +156,58 @@ def settled(url: str, worker: subprocess.Popen[bytes], interval: float) -> Sampl
 
 
 def join(
-    settings: Settings,
-    env: dict[str, str],
-    data_dir: Path,
-    url: str,
-    newest: int,
-    held: int,
-    events: int,
+    settings: Settings, env: dict[str, str], data_dir: Path, url: str, newest: int, events: int
 ) -> dict[str, Any]:
-    """Start a second worker beside the first (serving ``url``); the seconds from its spawn
-    to each worker's last probe counted, once every probe and held case is counted."""
-    asyncio.run(publish_probes(settings, newest))
+    """Start a second worker beside the first (serving ``url``) while a round of probes is
+    published every PROBE_SECONDS: each worker counts them while it is in service, so the
+    longest wait between two counts of the first is its stall in the rebalance, and the
+    second's first count is when it is in service. Ends QUIET_SECONDS after that."""
     second_env = dict(env, LOOPLINE_WEB_PORT=str(settings.web_port + 1))
     second_url = f"http://127.0.0.1:{settings.web_port + 1}/metrics"
-    log("starting a second worker ...")
+    stop = threading.Event()
+
+    def probing() -> None:
+        while not stop.is_set():
+            asyncio.run(publish_probes(settings, newest))
+            stop.wait(PROBE_SECONDS)
+
+    prober = threading.Thread(target=probing)
+    prober.start()
+    log(f"starting a second worker, probes every {PROBE_SECONDS} s ...")
     spawned = time.monotonic()
     second = start_worker(second_env, data_dir / "worker-2.log")
     counted = [0.0, 0.0]
     last = [0.0, 0.0]  # when each worker counted a probe last
+    longest = [0.0, 0.0]  # the longest wait between two counts (or from the spawn)
+    first_count: float | None = None  # the second worker's
     try:
-        while True:
+        while first_count is None or time.monotonic() - spawned < first_count + QUIET_SECONDS:
             if second.poll() is not None:
                 raise SystemExit(f"the second worker exited; see {data_dir / 'worker-2.log'}")
-            both = [scrape([url]), scrape([second_url])]
-            now = time.monotonic() - spawned
-            for n, samples in enumerate(both):
+            if time.monotonic() - spawned > 600:
+                raise SystemExit(f"the second worker counted nothing in 600 s; see {data_dir}")
+            for n, samples in enumerate([scrape([url]), scrape([second_url])]):
+                now = time.monotonic() - spawned
                 probes = sample_sum(samples, "loopline_resolutions_total", loop=PROBE_LOOP)
                 if probes > counted[n]:
+                    longest[n] = max(longest[n], now - last[n])
                     counted[n], last[n] = probes, now
-            back = sum(round(sample_sum(s, "loopline_held_cases")) for s in both)
-            if sum(counted) >= settings.partitions and back >= held + settings.partitions:
-                break
-            time.sleep(0.1)
+                    if n == 1 and first_count is None:
+                        first_count = now
+            time.sleep(0.05)
     finally:
+        stop.set()
+        prober.join()
         if second.poll() is None:
             second.terminate()
             second.wait(timeout=60)
-    log(f"first worker's probes counted after {last[0]:.1f} s, the second's after {last[1]:.1f} s")
+    assert first_count is not None  # the loop ends only after it
+    log(f"first worker: longest wait {longest[0]:.2f} s; second counting after {first_count:.1f} s")
     return {
         "events": events,
-        "held_cases": held,
-        "first_worker_partitions": round(counted[0]),
-        "first_probes_s": round(last[0], 2),
-        "second_probes_s": round(last[1], 2),
+        "probe_interval_s": PROBE_SECONDS,
+        "first_worker_longest_wait_s": round(longest[0], 2),
+        "second_worker_counting_after_s": round(first_count, 2),
     }
 
 
@@ -249,7 +262,7 @@ def main() -> None:
             peak_mib = rss_kib(worker.pid, "VmHWM") / 1024
             if args.join:
                 log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB")
-                print(json.dumps(join(settings, env, data_dir, url, newest, held, args.events)))
+                print(json.dumps(join(settings, env, data_dir, url, newest, args.events)))
                 return
             log(f"worker: all processed, {held:,} cases held in {rss_mib:,.0f} MiB; SIGKILL")
             worker.send_signal(signal.SIGKILL)
