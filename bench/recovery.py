@@ -195,6 +195,8 @@ def join(
                     if n == 1 and first_count is None:
                         first_count = now
             time.sleep(0.05)
+        ended = time.monotonic() - spawned  # a wait still open at the end counts too
+        longest = [max(wait, ended - at) for wait, at in zip(longest, last, strict=True)]
     finally:
         stop.set()
         prober.join()
