@@ -6,9 +6,10 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -16,6 +17,8 @@ from pipeline.cli.common import core_config, err, settings_of
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, publish_traffic, write_jsonl
+
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def _parse_start(value: str | None) -> datetime:
@@ -25,6 +28,11 @@ def _parse_start(value: str | None) -> datetime:
     if parsed.tzinfo is None:
         raise click.BadParameter("give a timezone, e.g. 2026-11-25T12:00:00Z", param_hint="--start")
     return parsed
+
+
+def _seconds_after_start(flag: str, what: str) -> Callable[[FC], FC]:
+    """One of the scenario's changes: when, in seconds of event time after --start."""
+    return click.option(flag, type=float, default=None, help=f"Seconds after start when {what}.")
 
 
 @click.command("generate")
@@ -49,30 +57,10 @@ def _parse_start(value: str | None) -> datetime:
     default=None,
     help="Write the replay format to this file ('-' for stdout) instead of Kafka.",
 )
-@click.option(
-    "--drift-at",
-    type=float,
-    default=None,
-    help="Seconds after start when category mix and order_value drift.",
-)
-@click.option(
-    "--cost-spike-at",
-    type=float,
-    default=None,
-    help="Seconds after start when model cost jumps 5x.",
-)
-@click.option(
-    "--latency-regression-at",
-    type=float,
-    default=None,
-    help="Seconds after start when SYSTEM latency grows 4x.",
-)
-@click.option(
-    "--quality-drop-at",
-    type=float,
-    default=None,
-    help="Seconds after start when the --quality-drop-release ships (pass rate 0.6).",
-)
+@_seconds_after_start("--drift-at", "category mix and order_value drift")
+@_seconds_after_start("--cost-spike-at", "model cost jumps 5x")
+@_seconds_after_start("--latency-regression-at", "SYSTEM latency grows 4x")
+@_seconds_after_start("--quality-drop-at", "the --quality-drop-release ships (pass rate 0.6)")
 @click.option("--quality-drop-release", default="2026.11.1", show_default=True)
 @click.pass_context
 def generate(
