@@ -109,6 +109,7 @@ class CheckpointedPartitions(Generic[Core]):
         self.loaded: dict[int, tuple[Core, Checkpoint]] = {}
         self._sent: dict[int, Sent] = {}  # each loaded partition's last changelog writes
         self._revoked: dict[int, int] = {}  # kept until the assignment: -> its generation
+        self._cut: set[tuple[int, int]] = set()  # (partition, start offset) warned of
         faust_on_rebalance = table.on_rebalance
 
         async def on_rebalance(
@@ -116,6 +117,7 @@ class CheckpointedPartitions(Generic[Core]):
         ) -> None:
             # Faust calls each table's before its recovery looks at the offsets to read from.
             self.settle(generation_id)
+            await self.warn_of_deleted_records()
             await faust_on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
         table.on_rebalance = on_rebalance
@@ -190,6 +192,40 @@ class CheckpointedPartitions(Generic[Core]):
         if kept:
             name = self.table.changelog_topic.get_topic_name()
             log.info("kept %s%s: given back in generation %d", name, sorted(kept), generation)
+
+    async def warn_of_deleted_records(self) -> None:
+        """Say which changelog partitions about to be restored lost their first records.
+
+        Kafka refuses to delete records of a compacted-only topic, and compaction never moves
+        a partition's start offset, so one that starts past 0 was cut by retention or
+        kafka-delete-records after someone gave the changelog a "delete" policy: the cases only
+        those records held are gone, with the checkpoint too if all were. Faust restores from
+        the new start (its reset is "earliest": faust-streaming #651 waited forever with
+        "latest"); this says so once per process, as recovery itself cannot."""
+        name = self.table.changelog_topic.get_topic_name()
+        tps = [
+            tp
+            for tp in self.app.assignor.assigned_actives()
+            if tp.topic == name and tp.partition not in self.loaded
+        ]
+        if not tps:
+            return
+        try:
+            starts = await self.app.consumer.earliest_offsets(*tps)
+        except Exception as exc:  # a warning is not worth failing a rebalance for
+            log.warning("could not read the start offsets of %s: %s", name, exc)
+            return
+        for tp, start in sorted(starts.items()):
+            if start and (tp.partition, start) not in self._cut:
+                self._cut.add((tp.partition, start))
+                log.warning(
+                    "%s[%d] starts at offset %d: the records before it were deleted (retention "
+                    "or kafka-delete-records; a state changelog must be compacted only), and "
+                    "the state only they held is lost",
+                    name,
+                    tp.partition,
+                    start,
+                )
 
     def _changelog(self, partition: int) -> TP:
         return TP(self.table.changelog_topic.get_topic_name(), partition)

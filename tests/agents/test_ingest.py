@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
@@ -89,6 +91,60 @@ def test_counts_exactly_and_a_restart_does_not_recount(
 
     consumed = {settings.topic(t) for t in (*SOURCE_TOPICS, "partials")}
     wait_for(lambda: lag_topics() == consumed, 30, "the consumer lag of the stages' topics")
+
+
+async def _cut(settings: Settings, topic: str, shares: dict[int, float]) -> dict[int, int]:
+    """Delete the first share of each given partition's records, as retention or
+    kafka-delete-records.sh does (1.0 empties it: its start offset moves to its end); returns
+    each partition's end offset. Kafka refuses to delete records of a topic that is only
+    compacted, as the state's changelogs are, so the topic's policy gets "delete" first, as an
+    operator bounding its disk would give it."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = {p: TopicPartition(topic, p) for p in shares}
+        ends = await consumer.end_offsets(list(tps.values()))
+    finally:
+        await consumer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        policy = {"cleanup.policy": "compact,delete"}
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, policy)])
+        await admin.delete_records(
+            {tp: RecordsToDelete(round(ends[tp] * shares[p])) for p, tp in tps.items()}
+        )
+    finally:
+        await admin.close()
+    return {p: ends[tp] for p, tp in tps.items()}
+
+
+def test_a_changelog_cut_by_retention_is_restored_without_hanging(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """faust-streaming #597 (an emptied changelog partition) and #651 / #176 (its first
+    segments gone): Faust's recovery waited forever for records no longer there. Here one
+    partition of the state's changelog is emptied and one cut in half while the worker is
+    down; the restarted worker recovers, says what it lost, and counts new traffic."""
+    settings = make_settings()
+    events = _events(seed=11, count=4_000)
+    expected = asyncio.run(_publish(settings, events))
+    worker = start_worker(settings)
+    _wait_counts(worker, expected)
+    worker.stop(signal.SIGTERM)
+    changelog = f"{settings.app_id}-partition-state-changelog"
+    ends = asyncio.run(_cut(settings, changelog, {0: 1.0, 1: 0.5}))
+    assert min(ends.values()) > 1, ends  # both held records to lose
+
+    restarted = start_worker(settings)
+    more = _events(seed=11, count=500, skip=4_000)
+    expected_more = asyncio.run(_publish(settings, more))
+    _wait_counts(restarted, expected_more)
+    log = restarted.log()
+    assert "Error in recovery" not in log
+    for partition in ends:
+        assert f"{changelog}[{partition}] starts at offset " in log, restarted.log_tail()
+    assert f"{changelog}[2] starts at offset " not in log
 
 
 async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> int:
