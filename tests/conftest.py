@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from pipeline.codec import Codec
 from pipeline.demo import fetch_metrics
@@ -104,6 +106,34 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None,
         for key, value in await read_to_end(settings, topic)
         if value is not None
     ]
+
+
+async def delete_first_records(
+    settings: Settings, topic: str, shares: dict[int, float]
+) -> dict[int, int]:
+    """Delete the first share of each given partition's records, as retention or
+    kafka-delete-records.sh does (1.0 empties it: its start offset moves to its end); returns
+    each partition's end offset. Kafka refuses to delete records of a topic that is only
+    compacted, as the state's changelogs are, so the topic's policy gets "delete" first, as an
+    operator bounding its disk would give it."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = {p: TopicPartition(topic, p) for p in shares}
+        ends = await consumer.end_offsets(list(tps.values()))
+    finally:
+        await consumer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        policy = {"cleanup.policy": "compact,delete"}
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, policy)])
+        await admin.delete_records(
+            {tp: RecordsToDelete(round(ends[tp] * shares[p])) for p, tp in tps.items()}
+        )
+    finally:
+        await admin.close()
+    return {p: ends[tp] for p, tp in tps.items()}
 
 
 @pytest.fixture(scope="session")

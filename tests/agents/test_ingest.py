@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
@@ -25,7 +23,7 @@ from pipeline.metrics import parse_exposition
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS, ensure_topics
-from tests.conftest import WorkerProcess, consume, wait_for
+from tests.conftest import WorkerProcess, consume, delete_first_records, wait_for
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 pytestmark = pytest.mark.broker
@@ -93,32 +91,6 @@ def test_counts_exactly_and_a_restart_does_not_recount(
     wait_for(lambda: lag_topics() == consumed, 30, "the consumer lag of the stages' topics")
 
 
-async def _cut(settings: Settings, topic: str, shares: dict[int, float]) -> dict[int, int]:
-    """Delete the first share of each given partition's records, as retention or
-    kafka-delete-records.sh does (1.0 empties it: its start offset moves to its end); returns
-    each partition's end offset. Kafka refuses to delete records of a topic that is only
-    compacted, as the state's changelogs are, so the topic's policy gets "delete" first, as an
-    operator bounding its disk would give it."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
-    await consumer.start()
-    try:
-        tps = {p: TopicPartition(topic, p) for p in shares}
-        ends = await consumer.end_offsets(list(tps.values()))
-    finally:
-        await consumer.stop()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        policy = {"cleanup.policy": "compact,delete"}
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, policy)])
-        await admin.delete_records(
-            {tp: RecordsToDelete(round(ends[tp] * shares[p])) for p, tp in tps.items()}
-        )
-    finally:
-        await admin.close()
-    return {p: ends[tp] for p, tp in tps.items()}
-
-
 def test_a_changelog_cut_by_retention_is_restored_without_hanging(
     make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
@@ -133,7 +105,7 @@ def test_a_changelog_cut_by_retention_is_restored_without_hanging(
     _wait_counts(worker, expected)
     worker.stop(signal.SIGTERM)
     changelog = f"{settings.app_id}-partition-state-changelog"
-    ends = asyncio.run(_cut(settings, changelog, {0: 1.0, 1: 0.5}))
+    ends = asyncio.run(delete_first_records(settings, changelog, {0: 1.0, 1: 0.5}))
     assert min(ends.values()) > 1, ends  # both held records to lose
 
     restarted = start_worker(settings)
