@@ -146,10 +146,9 @@ class CheckpointedPartitions(Generic[Core]):
         whole record batches (agents.batchsend), in order, so the marker is still last. Faust
         flushes this producer before it commits offsets, so the writes are durable first."""
         _, checkpoint = self.loaded[partition]
-        topic = self.table.changelog_topic.get_topic_name()
         writes = checkpoint.commit(changed, offsets, before)
         self._sent[partition] = await send_to_partition(
-            aiokafka_producer(self.app), topic, partition, writes
+            aiokafka_producer(self.app), self._changelog_name, partition, writes
         )
 
     def revoke(self, partitions: Iterable[int]) -> None:
@@ -190,7 +189,7 @@ class CheckpointedPartitions(Generic[Core]):
                 self._forget(partition)
         self._revoked.clear()
         if kept:
-            name = self.table.changelog_topic.get_topic_name()
+            name = self._changelog_name
             log.info("kept %s%s: given back in generation %d", name, sorted(kept), generation)
 
     async def warn_of_deleted_records(self) -> None:
@@ -202,7 +201,7 @@ class CheckpointedPartitions(Generic[Core]):
         those records held are gone, with the checkpoint too if all were. Faust restores from
         the new start (its reset is "earliest": faust-streaming #651 waited forever with
         "latest"); this says so once per process, as recovery itself cannot."""
-        name = self.table.changelog_topic.get_topic_name()
+        name = self._changelog_name
         tps = [
             tp
             for tp in self.app.assignor.assigned_actives()
@@ -227,8 +226,12 @@ class CheckpointedPartitions(Generic[Core]):
                     start,
                 )
 
+    @property
+    def _changelog_name(self) -> str:
+        return str(self.table.changelog_topic.get_topic_name())
+
     def _changelog(self, partition: int) -> TP:
-        return TP(self.table.changelog_topic.get_topic_name(), partition)
+        return TP(self._changelog_name, partition)
 
     def _forget(self, partition: int) -> None:
         """Forget everything of a partition: its core, its records in the table's store, and
