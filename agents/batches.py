@@ -184,20 +184,31 @@ class BatchTopic(faust.Topic):
         return cast(FetchBuffer, self._queue)
 
 
-def client_lag(consumer: Any, tp: TP) -> int | None:
-    """How many messages of ``tp`` aiokafka has not handed to Faust's consumer yet (fetched
-    or not), or None when it does not know (not assigned, not positioned, nothing fetched
-    yet). Faust reads positions only through its consumer thread, a round trip per call;
-    this reads aiokafka's subscription state, as the thread's ``position`` does itself."""
+def _client_state(consumer: Any, tp: TP) -> Any | None:
+    """aiokafka's state of ``tp`` in Faust's consumer, or None when the client is not started,
+    is in a rebalance or does not have ``tp`` assigned. Faust reads positions only through its
+    consumer thread, a round trip per call; this reads aiokafka's subscription state, as the
+    thread's ``position`` does itself."""
     try:
         client = consumer._thread._ensure_consumer()
         assignment = client._subscription.subscription.assignment
     except (AttributeError, ConsumerNotStarted):  # not started, or in a rebalance
         return None
-    state = None if assignment is None else assignment.state_value(tp)
-    if state is None or state.highwater is None or not state.has_valid_position:
-        return None
-    return int(state.highwater) - int(state.position)
+    return None if assignment is None else assignment.state_value(tp)
+
+
+def client_may_hold(consumer: Any, tp: TP) -> bool:
+    """Whether aiokafka may still hand over messages of an assigned ``tp``: it has some not
+    handed over, or it has not fetched ``tp`` once since the assignment (no position or end
+    offset yet), so it may hold any number. A client positions and fetches the partitions of
+    an assignment one by one, so a worker's first batches can come from one topic of a
+    partition before its other topics were fetched at all."""
+    state = _client_state(consumer, tp)
+    if state is None:
+        return False
+    if state.highwater is None or not state.has_valid_position:
+        return True
+    return int(state.highwater) > int(state.position)
 
 
 def batch_topic(app: faust.App, *names: str) -> BatchTopic:
@@ -252,12 +263,14 @@ class BatchConsumer:
                 fetched.ack(consumer)
 
     def unread(self, tp: TP, next_offset: int) -> bool:
-        """Whether ``tp`` has records from ``next_offset`` on that no batch has had yet: in
-        the buffer or announced to it (agents.fetch), or not yet handed over by the Kafka
-        client (fetched or not). An unknown offset counts as read: nothing waits on a guess."""
+        """Whether ``tp`` may have records from ``next_offset`` on that no batch has had yet:
+        in the buffer or announced to it (agents.fetch, as they leave the Kafka client), or
+        not yet handed over by the client (fetched or not, or not fetched once since the
+        assignment: ``client_may_hold``). What is counted as read here lets the partition's
+        watermark go past it, and events found behind it later are too late."""
         if self.channel.queue.newest.get(tp, -1) >= next_offset:
             return True
-        return (client_lag(self.app.consumer, tp) or 0) > 0
+        return client_may_hold(self.app.consumer, tp)
 
 
 def consume(app: faust.App, topic: BatchTopic, handle: Handler, name: str) -> BatchConsumer:

@@ -164,7 +164,12 @@ def test_a_backlog_read_topic_by_topic_loses_nothing_to_lateness(
         120,
         "all events processed",
     )
-    assert {t: worker.processed(t) for t in expected} == dict(expected)
+    statuses = {
+        (t, status): worker.processed(t, status)
+        for t in SOURCE_TOPICS
+        for status in ("ok", "duplicate", "too_late", "dead_letter")
+    }
+    assert {t: worker.processed(t) for t in expected} == dict(expected), repr(statuses)
     for loop, data in loops.items():
         resolved = worker.metric("loopline_resolutions_total", loop=loop)
         assert resolved == data["windows"]["7d"]["resolved"]

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
-from agents.batches import client_lag
+from agents.batches import client_may_hold
 from pipeline.codec import Codec
 from pipeline.generator import TrafficGenerator
 from pipeline.metrics import parse_exposition
@@ -223,14 +223,15 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
     assert cut["value"] == truncated
 
 
-def test_client_lag_counts_what_aiokafka_has_not_handed_over(
+def test_client_may_hold_what_aiokafka_has_not_handed_over_or_not_fetched(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """agents.batches.client_lag reads aiokafka's own state: checked against a real client."""
+    """agents.batches.client_may_hold reads aiokafka's own state: checked against a real
+    client."""
     settings = make_settings()
     topic = settings.topic("inputs")
 
-    async def scenario() -> list[int | None]:
+    async def scenario() -> list[bool]:
         await ensure_topics(settings)
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         await producer.start()
@@ -246,16 +247,16 @@ def test_client_lag_counts_what_aiokafka_has_not_handed_over(
         try:
             client.assign([tp])
             await client.seek_to_beginning(tp)
-            lags = [client_lag(faust_consumer, TP(topic, 0))]  # nothing fetched: unknown
+            holds = [client_may_hold(faust_consumer, TP(topic, 0))]  # not fetched yet: may hold any
             handed = await client.getmany(tp, timeout_ms=10_000, max_records=3)
             assert [m.offset for m in handed[tp]] == [0, 1, 2]
-            lags.append(client_lag(faust_consumer, TP(topic, 0)))
+            holds.append(client_may_hold(faust_consumer, TP(topic, 0)))
             while sum(len(ms) for ms in (await client.getmany(tp, timeout_ms=1000)).values()):
                 pass
-            lags.append(client_lag(faust_consumer, TP(topic, 0)))
-            lags.append(client_lag(faust_consumer, TP(topic, 1)))  # not assigned
-            return lags
+            holds.append(client_may_hold(faust_consumer, TP(topic, 0)))
+            holds.append(client_may_hold(faust_consumer, TP(topic, 1)))  # not assigned
+            return holds
         finally:
             await client.stop()
 
-    assert asyncio.run(scenario()) == [None, 7, 0, None]
+    assert asyncio.run(scenario()) == [True, True, False, False]
