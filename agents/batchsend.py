@@ -58,8 +58,11 @@ async def send_keyed(
     own partitioner), so a key's records land where they always did."""
     await producer.partitions_for(topic)  # the topic's metadata, for the partitioner
     by_partition: dict[int, list[Record]] = defaultdict(list)
+    partition_of: dict[bytes, int] = {}  # the partitioner hashes in Python; keys repeat
     for key, value in records:
-        partition = producer._partition(topic, None, key, value, key, value)
+        partition = partition_of.get(key)
+        if partition is None:
+            partition = partition_of[key] = producer._partition(topic, None, key, value, key, value)
         by_partition[partition].append((key, value))
     deliveries = []
     for partition, grouped in by_partition.items():

@@ -12,6 +12,7 @@ cases; then daily budgets apply per loop and per stratum (reason, category), nea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -61,9 +62,17 @@ class CandidateConfig:
 
 
 def unit_hash(case_id: str, salt: str) -> float:
-    """A number in [0, 1) fixed by the case and the salt: the sampling coin, deterministic."""
-    digest = hashlib.blake2b(f"{salt}:{case_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    """A number in [0, 1) fixed by the case and the salt: the sampling coin, deterministic.
+    The BLAKE2b of "salt:case_id", from a copy of the salt's state (drawn for every resolved
+    case, in both stages)."""
+    hashed = _salted(salt).copy()
+    hashed.update(case_id.encode())
+    return int.from_bytes(hashed.digest(), "big") / 2**64
+
+
+@functools.lru_cache(maxsize=8)
+def _salted(salt: str) -> Any:
+    return hashlib.blake2b(f"{salt}:".encode(), digest_size=8)
 
 
 _NOT_WORDS = re.compile(r"[^a-z]+")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections import Counter
@@ -19,6 +20,7 @@ from pipeline.candidates import (
     CaseProposal,
     LoopContext,
     text_fingerprint,
+    unit_hash,
 )
 from pipeline.generator import Scenario
 from pipeline.loopview import LoopView
@@ -144,3 +146,14 @@ def test_no_match_of_a_default_pattern_survives_redaction(pii: list[str], words:
         assert re.search(pattern, redacted) is None, (pattern, redacted)
     for item in pii:
         assert item not in redacted
+
+
+def test_the_coin_is_the_blake2b_of_salt_and_case_id_whatever_salts_came_before() -> None:
+    def reference(case_id: str, salt: str) -> float:
+        digest = hashlib.blake2b(f"{salt}:{case_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    pairs = [(f"case-{i}", salt) for i in range(50) for salt in ("loopline", "other", "")]
+    assert [unit_hash(c, s) for c, s in pairs] == [reference(c, s) for c, s in pairs]
+    assert unit_hash("case-1", "loopline") != unit_hash("case-1", "other")
+    assert all(0 <= unit_hash(c, s) < 1 for c, s in pairs)
