@@ -101,7 +101,7 @@ def register(
             self, full_topic: str, topic: str, status: str, record: Mapping[str, Any] | None
         ) -> None:
             self.events[(full_topic, status)] += 1
-            if status != "ok" or record is None:
+            if status != "ok" or record is None or topic == "inputs":  # inputs carry neither
                 return
             loop = config.loop_label(str(record["loop"]))
             if topic == "resolutions":
