@@ -49,8 +49,6 @@ INPUT_FIELDS = (
 TEXT_LIMIT = 2000  # characters of input text and output kept per case
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
-#: A case's shown input or resolution not seen yet (msgspec takes no Raw | None).
-NO_JSON = msgspec.Raw(b"null")
 
 
 class Case(
@@ -82,11 +80,10 @@ class Case(
     touched_ms: int = 0
     seen: dict[str, int] = msgspec.field(default_factory=dict)  # event id -> time, for dedupe
     # What an eval candidate shows of the case: its input, last resolution and verdicts.
-    # The input side as compact JSON, kept as it is inside the case's record: one buffer per
-    # case instead of a tree of dicts (several times the memory over the hours a case is
-    # held), and not a string either, whose quotes the record would escape at every write.
-    inp: msgspec.Raw = NO_JSON
-    res: msgspec.Raw = NO_JSON  # the last resolution, compact JSON likewise
+    # The input side as compact JSON text: one string per case instead of a tree of dicts,
+    # which costs several times the memory over the hours a case is held.
+    inp: str | None = None
+    res: str | None = None  # the last resolution, compact JSON likewise
     verdicts: dict[str, bool] = msgspec.field(default_factory=dict)
 
 
@@ -99,30 +96,12 @@ def case_from_record(value: bytes | msgspec.Raw | Mapping[str, Any]) -> Case:
     checkpoint that holds its values)."""
     if isinstance(value, msgspec.Raw):
         value = bytes(value)
-    data: Mapping[str, Any]
     if isinstance(value, bytes):
         try:
-            return _unquoted(_decode_case(value))
+            return _decode_case(value)
         except msgspec.DecodeError:  # written with the standard library (pipeline.fastjson)
-            data = loads(value)
-    else:
-        data = value
-    fields = {k: _as_raw(data.get(k)) for k in ("in", "re")}
-    return _unquoted(msgspec.convert({**data, **fields}, Case))
-
-
-def _as_raw(decoded: Any) -> msgspec.Raw:
-    return NO_JSON if decoded is None else msgspec.Raw(dumps(decoded))
-
-
-def _unquoted(case: Case) -> Case:
-    """Records written before 2026-11-28 hold the shown input and resolution as JSON text
-    inside a string: read as the JSON they hold."""
-    for name in ("inp", "res"):
-        raw = getattr(case, name)
-        if bytes(memoryview(raw)[:1]) == b'"':
-            setattr(case, name, msgspec.Raw(loads(raw).encode()))
-    return case
+            value = loads(value)
+    return msgspec.convert(value, Case)
 
 
 class EncodedBuckets:
@@ -420,9 +399,9 @@ class PartitionCore:
         is resolved, has its input, and may be a candidate (pipeline.candidates)."""
         resolution: dict[str, Any] | None = None  # the case's, when this record is it
         if topic == "inputs":
-            if case.inp != NO_JSON:
+            if case.inp is not None:
                 return
-            case.inp = msgspec.Raw(dumps(_shown_input(record)))
+            case.inp = dumps(_shown_input(record)).decode()
         elif topic == "resolutions":
             output = record.get("output")
             confidence = record.get("confidence")
@@ -435,7 +414,7 @@ class PartitionCore:
                 "output": None if output is None else str(output)[:TEXT_LIMIT],
                 "ts": ts,
             }
-            case.res = msgspec.Raw(dumps(resolution))
+            case.res = dumps(resolution).decode()
             if record.get("eval_passed") is not None:
                 case.verdicts["online"] = bool(record["eval_passed"])
         elif record.get("case_id") is not None:  # an eval result of a production case
@@ -444,7 +423,7 @@ class PartitionCore:
                 return  # a passed verdict is no new reason
         else:
             return
-        if case.inp == NO_JSON or case.res == NO_JSON or case.input_ms is None:
+        if case.inp is None or case.res is None or case.input_ms is None:
             return
         # Only a case the coin may pick becomes a proposal (stage 2 adds the extrinsic
         # reasons, and draws the same coin): most cases stop here, before their input is read.
