@@ -71,7 +71,7 @@ def unit_hash(case_id: str, salt: str) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def _salted(salt: str) -> Any:
+def _salted(salt: str) -> hashlib.blake2b:
     return hashlib.blake2b(f"{salt}:".encode(), digest_size=8)
 
 
