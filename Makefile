@@ -1,5 +1,11 @@
 # The README names two targets: `make demo` (the main job) and `make test` (everything CI runs).
-PYTHON ?= python3
+# The venv's interpreter: Debian's python3.11 where it can make venvs (built with profile-guided
+# and link-time optimisation and libpython linked in, as the Dockerfile's python:3.11-slim is),
+# else python3 on PATH. pyenv's default build is neither: on it the worker's own work takes
+# about a fifth more CPU (docs/benchmark.md). `make PYTHON=...` chooses another; `make clean`
+# first, as an existing .venv is kept.
+PYTHON ?= $(or $(shell for p in /usr/bin/python3.11 python3; do \
+	$$p -c 'import ensurepip, venv' 2>/dev/null && { echo $$p; break; }; done),python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PACKAGES := pipeline agents sinks schemas
