@@ -68,20 +68,17 @@ def register(
     timed = {settings.topic(name) for name in EVENT_TOPICS}  # the ones with event time
     config = settings.core_config()
 
-    latency_of: dict[str, Any] = {}  # loop -> its histogram (a labels() per call: ~1 % of all)
-
-    def observe(loop: str, seconds: float) -> None:
-        histogram = latency_of.get(loop)
-        if histogram is None:
-            histogram = latency_of[loop] = metrics.latency.labels(loop)
-        histogram.observe(seconds)
-
     def evicted(loop: str) -> None:
         metrics.evicted_cases.labels(loop).inc()
 
     def build(partition: int, records: Mapping[str, Any]) -> PartitionCore:
         return PartitionCore.from_records(
-            config, partition, records, observe, keeps_previous=True, on_evict=evicted
+            config,
+            partition,
+            records,
+            metrics.latency.observe,
+            keeps_previous=True,
+            on_evict=evicted,
         )
 
     # The cores hold the cases, so the table's store keeps no second copy of them.

@@ -3,7 +3,9 @@ time, and the process's own metrics."""
 
 from __future__ import annotations
 
-from pipeline.metrics import PartitionState, PipelineMetrics, parse_exposition
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from pipeline.metrics import LATENCY_BUCKETS, PartitionState, PipelineMetrics, parse_exposition
 
 
 def by_partition(metrics: PipelineMetrics, name: str) -> dict[str, float]:
@@ -32,3 +34,30 @@ def test_the_process_metrics_are_on_the_workers_registry() -> None:
     names = {name for name, _ in samples}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
     assert samples[("process_resident_memory_bytes", frozenset())] > 0
+
+
+def test_the_latency_histogram_exposes_what_prometheus_clients_histogram_would() -> None:
+    """The lock-free histogram against the library's own (the reference), values on the
+    bucket bounds included: a value equal to a bound counts in that bound's bucket."""
+    seconds = [0.0, 0.5, 0.50001, 1.0, 2.0, 59.9, 60.0, 86_400.0, 86_400.5, 3.25e6, 7.5]
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "loopline_resolution_latency_seconds",
+        "Seconds from a case's first input to its resolution.",
+        ["loop"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference_registry,
+    )
+    metrics = PipelineMetrics.create()
+    for n, value in enumerate(seconds):
+        loop = "refunds" if n % 3 else "triage"
+        reference.labels(loop).observe(value)
+        metrics.latency.observe(loop, value)
+    ours = parse_exposition(metrics.exposition().decode())
+    expected = parse_exposition(generate_latest(reference_registry).decode())
+    histogram = {k: v for k, v in ours.items() if k[0].startswith(reference._name)}
+    assert histogram == {k: v for k, v in expected.items() if not k[0].endswith("_created")}
+    # Hand-checked: triage has 0.0, 1.0, 60.0 and 3.25e6 (n = 0, 3, 6, 9), three up to 60 s.
+    triage = frozenset({("loop", "triage"), ("le", "60.0")})
+    assert ours[("loopline_resolution_latency_seconds_bucket", triage)] == 3
+    assert ours[("loopline_resolution_latency_seconds_count", frozenset({("loop", "triage")}))] == 4

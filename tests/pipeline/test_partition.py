@@ -118,7 +118,7 @@ def test_restore_from_changed_records_as_they_are() -> None:
 
 def test_a_case_record_is_the_same_json_in_every_form_it_is_read_from() -> None:
     case = Case(
-        "support", 1_000, [], True, 2_000, {"e1": 1_000}, '{"text":"hi"}', None, {"x": False}
+        "support", 1_000, (), True, 2_000, {"e1": 1_000}, '{"text":"hi"}', None, {"x": False}
     )
     record = dumps(case)
     # The keys and order checkpoints have always had (Case.to_json before it was a Struct).
@@ -131,7 +131,7 @@ def test_a_case_record_is_the_same_json_in_every_form_it_is_read_from() -> None:
     assert case_from_record(json.loads(record)) == case
     # Written before cases kept what a candidate shows (no "in", "re", "v").
     old = {"l": "support", "i": None, "q": [5], "r": True, "t": 5, "s": {"e2": 5}}
-    assert case_from_record(dumps(old)) == Case("support", None, [5], True, 5, {"e2": 5})
+    assert case_from_record(dumps(old)) == Case("support", None, (5,), True, 5, {"e2": 5})
     # A lone surrogate (JSON input allows one) is escaped by the standard library, read back.
     lone = Case("support", inp=json.loads('"a\\ud800"'))
     assert dumps(lone).endswith(b'"in":"a\\ud800","re":null,"v":{}}')
@@ -318,12 +318,12 @@ def test_resolutions_wait_for_their_input_until_their_case_is_past_the_lateness(
         record = resolution(event_id, case_id, seconds) | {"resolver": "HUMAN", "outcome": "X"}
         assert core.process("resolutions", case_id, record) == "ok"
     input_at("i9", "c9", 165)  # past the 160 s boundary: lateness now ends at 105 s
-    assert core.cases["c1"].pending == []  # last touched at 100 s: its input is too late now
-    assert core.cases["c2"].pending == [to_ms(at(100)), to_ms(at(150))]  # touched at 150 s
+    assert core.cases["c1"].pending == ()  # last touched at 100 s: its input is too late now
+    assert core.cases["c2"].pending == (to_ms(at(100)), to_ms(at(150)))  # touched at 150 s
     restored = PartitionCore.from_records(tight(), 0, core.changed_records())
     for state in (core, restored):
         state.process("inputs", "c8", resolution("i8", "c8", 212))  # lateness ends at 152 s
-        assert state.cases["c2"].pending == []
+        assert state.cases["c2"].pending == ()
 
 
 def event(core: PartitionCore, topic: str, case_id: str, seconds: int) -> None:
@@ -366,7 +366,7 @@ def test_the_cap_evicts_the_least_recently_touched_cases_and_restores_alike() ->
     # c2's resolution still counts (coverage, cost), but finds no input to measure latency
     # against: it waits as a resolution without input, and c1 (touched at 20 s) goes for it.
     event(core, "resolutions", "c2", 40)
-    assert sorted(core.cases) == ["c2", "c3"] and core.cases["c2"].pending == [to_ms(at(40))]
+    assert sorted(core.cases) == ["c2", "c3"] and core.cases["c2"].pending == (to_ms(at(40)),)
     buckets = list(core.buckets.values())
     assert sum(sum(b.resolutions.values()) for b in buckets) == 2
     assert sum(b.latency.count for b in buckets) == 1  # c1's 20 s only
