@@ -125,7 +125,14 @@ class CheckpointedPartitions(Generic[Core]):
     def get(self, partition: int) -> tuple[Core, Checkpoint]:
         found = self.loaded.get(partition)
         if found is None:
-            checkpoint = Checkpoint(_backing(self.table.data), f"{partition}/", self.held)
+            store = _backing(self.table.data)
+            checkpoint = Checkpoint(store, f"{partition}/", self.held)
+            # The checkpoint took the held records out of the store; so goes the memory
+            # store's note of their partition (an entry per case otherwise).
+            key_partitions = getattr(self.table.data, "_key_partition", {})
+            prefix = f"{partition}/".encode()
+            for key in [k for k in key_partitions if k.startswith(prefix) and k not in store]:
+                del key_partitions[key]
             core = self.build(partition, checkpoint.values)
             checkpoint.values = {}  # the core holds the state now
             found = self.loaded[partition] = (core, checkpoint)
