@@ -138,7 +138,8 @@ def register(
             if decoded is None:  # a tombstone
                 status = core.delete_eval_case(bytes(message.key).decode())
             else:
-                status = core.process(topic, partition_key(topic, decoded), decoded)
+                key = partition_key(topic, decoded)
+                status = core.process(topic, key, decoded, message.value)
         except Exception as exc:  # a worker never dies on one message
             if isinstance(exc, CodecError):
                 reason, error = exc.reason, str(exc)

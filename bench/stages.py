@@ -87,10 +87,10 @@ class Stages:
         core = self.cores[partition]
         expected = [RECORD_OF[topic] for topic, _ in messages]
         decoded = self.decoder.mixed_rows(expected, [value for _, value in messages])
-        for (topic, _), outcome in zip(messages, decoded, strict=True):  # in message order
+        for (topic, value), outcome in zip(messages, decoded, strict=True):  # in message order
             if outcome is None or isinstance(outcome, CodecError):  # no tombstones here
                 self.failed += 1
-            elif core.process(topic, partition_key(topic, outcome), outcome) == "ok":
+            elif core.process(topic, partition_key(topic, outcome), outcome, value) == "ok":
                 self.applied += 1
         sent = [encode_change(change) for change in core.drain()]
         previous = core.previous_records()

@@ -12,6 +12,8 @@ cases; then daily budgets apply per loop and per stratum (reason, category), nea
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import functools
 import hashlib
 import re
@@ -20,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.codec import Codec
+from pipeline.features import finite
 from pipeline.redact import Redactor
 from pipeline.windows import DAY
 
@@ -45,6 +49,38 @@ DEFAULT_SAMPLE_RATES: Mapping[str, float] = {
 }
 #: How long picked case ids and text fingerprints are remembered (never queued twice).
 MEMORY_DAYS = 8
+#: The input fields an eval candidate (and the eval case it may become) keeps.
+INPUT_FIELDS = (
+    "channel",
+    "category",
+    "language",
+    "text",
+    "tokens",
+    "features",
+    "attributes",
+    "embedding",
+)
+TEXT_LIMIT = 2000  # characters of input text and output kept per case
+
+
+def shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The input fields a candidate shows. Non-finite numbers are left out, as from the
+    features (pipeline.features): JSON has no notation for them and no distance is defined."""
+    fields = {k: record.get(k) for k in INPUT_FIELDS}
+    if fields["text"]:
+        fields["text"] = str(fields["text"])[:TEXT_LIMIT]
+    if fields["features"]:
+        fields["features"] = {k: v for k, v in fields["features"].items() if finite(v)}
+    if fields["embedding"] and not all(map(finite, fields["embedding"])):
+        fields["embedding"] = None
+    return fields
+
+
+@functools.cache
+def _input_codec() -> Codec:
+    """The schemas an input message is read with when stage 2 may pick its case: the
+    package's, as the worker reads its sources with (pipeline.worker)."""
+    return Codec.load()
 
 
 @dataclass(frozen=True)
@@ -89,7 +125,12 @@ def text_fingerprint(text: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class CaseProposal:
-    """A resolved case as stage 1 saw it: its input, its resolution and its verdicts."""
+    """A resolved case as stage 1 saw it: its input, its resolution and its verdicts.
+
+    The input comes as the fields a candidate shows (``shown_input``), or, from a worker, as
+    the input's own message (Avro single-object bytes, ``input_avro``, with ``input`` empty):
+    stage 2 reads it only when its budget may still pick the case (``with_input``), so stage 1
+    need not build and encode the shown fields of every input it holds."""
 
     case_id: str
     loop: str
@@ -98,6 +139,14 @@ class CaseProposal:
     resolution: Mapping[str, Any]  # resolver, outcome, release, confidence, cost_usd, output
     latency_seconds: float | None
     verdicts: Mapping[str, bool]  # suite or evaluator -> passed
+    input_avro: bytes | None = None
+
+    def with_input(self) -> CaseProposal:
+        """This proposal with its input read (from ``input_avro``, if it came so)."""
+        if self.input_avro is None:
+            return self
+        record = _input_codec().decode(self.input_avro, expected="InputEvent").record
+        return dataclasses.replace(self, input=shown_input(record), input_avro=None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,10 +158,12 @@ class CaseProposal:
             "resolution": dict(self.resolution),
             "latency": self.latency_seconds,
             "verdicts": dict(self.verdicts),
+            "input_avro": self.input_avro,  # base64 in JSON
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CaseProposal:
+        avro = data.get("input_avro")  # none before 2026-11-28
         return cls(
             str(data["case_id"]),
             str(data["loop"]),
@@ -121,6 +172,7 @@ class CaseProposal:
             data["resolution"],
             data["latency"],
             data["verdicts"],
+            None if avro is None else base64.b64decode(avro),
         )
 
 
@@ -239,6 +291,10 @@ class CandidateSampler:
         """The EvalCandidate record when the case is picked, else None."""
         if proposal.case_id in self.picked:
             return None
+        day = proposal.ts_ms // DAY
+        if sum(self.counts.get(day, {}).values()) >= self.config.daily_budget:
+            return None  # whatever its reasons: so its input need not be read
+        proposal = proposal.with_input()
         reasons = intrinsic_reasons(
             proposal.verdicts, proposal.resolution, self.config.confidence_floor
         )
@@ -246,10 +302,7 @@ class CandidateSampler:
         reasons += extrinsic
         if not considered(proposal.case_id, reasons, self.config):
             return None
-        day = proposal.ts_ms // DAY
         counts = self.counts.setdefault(day, Counter())
-        if sum(counts.values()) >= self.config.daily_budget:
-            return None
         primary = max(reasons, key=lambda r: (SEVERITY[r], r))
         stratum = f"{primary}/{proposal.input.get('category') or ''}"
         if counts[stratum] >= self.config.stratum_daily_cap:

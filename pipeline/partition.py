@@ -20,7 +20,14 @@ from typing import Any
 import msgspec
 
 from pipeline.aggregates import Aggregate
-from pipeline.candidates import EXTRINSIC, CaseProposal, considered, intrinsic_reasons
+from pipeline.candidates import (
+    EXTRINSIC,
+    TEXT_LIMIT,
+    CaseProposal,
+    considered,
+    intrinsic_reasons,
+    shown_input,
+)
 from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
 from pipeline.features import (
@@ -35,18 +42,9 @@ from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
 CASES = "c/"  # the key prefix of case records
-#: The input fields an eval candidate (and the eval case it may become) keeps.
-INPUT_FIELDS = (
-    "channel",
-    "category",
-    "language",
-    "text",
-    "tokens",
-    "features",
-    "attributes",
-    "embedding",
-)
-TEXT_LIMIT = 2000  # characters of input text and output kept per case
+#: The largest input message a case keeps as it came (``Case.inp_avro``); past it, the fields a
+#: candidate shows (text cut to TEXT_LIMIT), so that no input can make a case large.
+INPUT_AVRO_BYTES = 4096
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
 
@@ -63,6 +61,7 @@ class Case(
         "inp": "in",
         "res": "re",
         "verdicts": "v",
+        "inp_avro": "ia",
     },
     gc=False,
 ):
@@ -87,6 +86,13 @@ class Case(
     inp: str | None = None
     res: str | None = None  # the last resolution, compact JSON likewise
     verdicts: dict[str, bool] = msgspec.field(default_factory=dict)
+    # Or the input as its message came (Avro single-object bytes, a worker's): kept as it is,
+    # smaller than the JSON, and read only if stage 2 may pick the case (CaseProposal).
+    inp_avro: bytes | None = None
+
+    @property
+    def has_input(self) -> bool:
+        return self.inp is not None or self.inp_avro is not None
 
 
 _decode_case = msgspec.json.Decoder(Case).decode
@@ -229,19 +235,6 @@ def encode_change(change: Partial | EvalCaseChange | CaseProposal) -> bytes:
     return change.encode() if isinstance(change, Partial) else dumps(change.to_json())
 
 
-def _shown_input(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The input fields a candidate shows. Non-finite numbers are left out, as from the
-    features (pipeline.features): JSON has no notation for them and no distance is defined."""
-    fields = {k: record.get(k) for k in INPUT_FIELDS}
-    if fields["text"]:
-        fields["text"] = str(fields["text"])[:TEXT_LIMIT]
-    if fields["features"]:
-        fields["features"] = {k: v for k, v in fields["features"].items() if finite(v)}
-    if fields["embedding"] and not all(map(finite, fields["embedding"])):
-        fields["embedding"] = None
-    return fields
-
-
 class PartitionCore:
     """Feed records with ``process``; collect what stage 2 needs with ``drain``."""
 
@@ -292,9 +285,12 @@ class PartitionCore:
 
     # -- input ------------------------------------------------------------------------------
 
-    def process(self, topic: str, key: str, record: Mapping[str, Any]) -> str:
+    def process(
+        self, topic: str, key: str, record: Mapping[str, Any], message: bytes | None = None
+    ) -> str:
         """Apply one record of a source topic; returns ok, duplicate or too_late. A record
-        that cannot be counted (a non-finite amount) raises CodecError before any change."""
+        that cannot be counted (a non-finite amount) raises CodecError before any change.
+        ``message``: an input's message as it came, which its case may keep (``Case``)."""
         ts = to_ms(record["ts"])
         loop = self.config.loop_label(str(record["loop"]))
         if topic == "eval-cases":
@@ -343,7 +339,7 @@ class PartitionCore:
             raise ValueError(f"topic {topic!r} carries nothing the five numbers use")
         for verdict in verdicts_of(topic, record):  # Counter.update costs more per event
             bucket.verdicts[verdict] += 1
-        self._remember(topic, key, case, record, ts, amounts[0])
+        self._remember(topic, key, case, record, ts, amounts[0], message)
         mark = self.marks.get(topic, 0)
         if ts > mark:
             self.marks[topic] = ts
@@ -395,15 +391,25 @@ class PartitionCore:
     # -- eval candidates --------------------------------------------------------------------
 
     def _remember(
-        self, topic: str, key: str, case: Case, record: Mapping[str, Any], ts: int, cost: int
+        self,
+        topic: str,
+        key: str,
+        case: Case,
+        record: Mapping[str, Any],
+        ts: int,
+        cost: int,
+        message: bytes | None,
     ) -> None:
         """Keep what a candidate shows of the case, and propose the case to stage 2 when it
         is resolved, has its input, and may be a candidate (pipeline.candidates)."""
         resolution: dict[str, Any] | None = None  # the case's, when this record is it
         if topic == "inputs":
-            if case.inp is not None:
+            if case.has_input:
                 return
-            case.inp = dumps(_shown_input(record)).decode()
+            if message is not None and len(message) <= INPUT_AVRO_BYTES:
+                case.inp_avro = bytes(message)  # no copy of bytes; a view is copied
+            else:
+                case.inp = dumps(shown_input(record)).decode()
         elif topic == "resolutions":
             output = record.get("output")
             confidence = record.get("confidence")
@@ -425,7 +431,7 @@ class PartitionCore:
                 return  # a passed verdict is no new reason
         else:
             return
-        if case.inp is None or case.res is None or case.input_ms is None:
+        if not case.has_input or case.res is None or case.input_ms is None:
             return
         # Only a case the coin may pick becomes a proposal (stage 2 adds the extrinsic
         # reasons, and draws the same coin): most cases stop here, before their input is read.
@@ -441,10 +447,11 @@ class PartitionCore:
                 key,
                 case.loop,
                 resolved_ms,
-                loads(case.inp),
+                {} if case.inp is None else loads(case.inp),
                 resolution,
                 max(resolved_ms - case.input_ms, 0) / 1000.0,
                 dict(case.verdicts),
+                case.inp_avro,
             )
         )
 

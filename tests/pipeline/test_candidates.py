@@ -9,6 +9,7 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,13 +20,17 @@ from pipeline.candidates import (
     CandidateSampler,
     CaseProposal,
     LoopContext,
+    shown_input,
     text_fingerprint,
     unit_hash,
 )
+from pipeline.codec import Codec, CodecError
 from pipeline.generator import Scenario
 from pipeline.loopview import LoopView
+from pipeline.partition import INPUT_AVRO_BYTES
 from pipeline.processor import Processor
 from pipeline.redact import DEFAULT_PATTERNS, Redactor
+from pipeline.topics import RECORD_OF
 from pipeline.windows import DAY
 from tests.pipeline.test_alerts import START, START_MS, config, replay, stationary, traffic
 
@@ -103,6 +108,70 @@ def test_a_near_duplicate_text_is_not_queued_again() -> None:
     assert sampler.offer(_proposal("b", "where is ORDER 987? call me!"), context) is None
     assert sampler.offer(_proposal("c", "a different question"), context) is not None
     assert sampler.offer(_proposal("a", "yet another text"), context) is None  # same case
+
+
+def test_cases_that_keep_their_input_messages_give_the_same_candidates() -> None:
+    # A worker's case keeps its input as the message came (Case.inp_avro), which stage 2
+    # reads only when its budget may still pick the case; replay's keeps the shown fields.
+    # Over the same records, decoded as a worker has them, both give the same candidates.
+    codec = Codec.load()
+    wire = []
+    for topic, record in _events(2.0):
+        message = codec.encode(RECORD_OF[topic], record)
+        wire.append((topic, codec.decode(message).record, message))
+    rules = config(_rules(10_000, 10_000))
+    fields = replay(iter((topic, record) for topic, record, _ in wire), rules)
+    kept = replay(iter(()), rules)  # the eval set only
+    core, plain = kept.stage1, kept.stage1.process
+    by_record = {id(record): message for _, record, message in wire}
+
+    def with_message(topic: str, key: str, record: Any, message: bytes | None = None) -> str:
+        return plain(topic, key, record, by_record[id(record)])
+
+    core.process = with_message  # type: ignore[method-assign]
+    for topic, record, _ in wire:
+        kept.process(topic, record)
+    fields.snapshot(), kept.snapshot()  # hand the last proposals over
+    assert len(fields.candidates) > 100 and kept.candidates == fields.candidates
+    assert all(c.inp is None for c in kept.stage1.cases.values() if c.inp_avro is not None)
+    assert sum(c.inp_avro is not None for c in kept.stage1.cases.values()) > 100
+    assert all(c.inp_avro is None for c in fields.stage1.cases.values())
+
+
+def test_an_input_message_too_large_to_keep_is_kept_as_its_shown_fields() -> None:
+    codec = Codec.load()
+    topic, record = next((t, r) for t, r in _events(0.1) if t == "inputs")
+    large = dict(record, text="x" * INPUT_AVRO_BYTES)
+    core = replay(iter(()), config()).stage1
+    for n, value in enumerate((record, large)):
+        message = codec.encode("InputEvent", dict(value, case_id=f"c{n}", event_id=f"e{n}"))
+        core.process(topic, f"c{n}", codec.decode(message).record, message)
+    small_case, large_case = core.cases["c0"], core.cases["c1"]
+    assert small_case.inp is None and small_case.inp_avro is not None
+    assert large_case.inp_avro is None and large_case.inp is not None
+    assert len(large_case.inp) < 2500  # the text cut to TEXT_LIMIT (2,000 characters)
+
+
+def test_stage_2_reads_an_input_message_only_while_its_budget_may_pick_the_case() -> None:
+    context = LoopContext(frozenset({"late"}), {}, None, None)
+    codec = Codec.load()
+    _, record = next((t, r) for t, r in _events(0.1) if t == "inputs")
+    message = codec.encode("InputEvent", record)
+    read = CaseProposal(
+        "a", "refunds", START_MS, {}, {"resolver": "SYSTEM", "outcome": "FAILED"}, 1.0, {}, message
+    ).with_input()
+    assert read.input_avro is None
+    assert read.input == shown_input(codec.decode(message).record)
+
+    sampler = CandidateSampler("refunds", CandidateConfig(daily_budget=1))
+    assert sampler.offer(_proposal("a", "first"), context) is not None  # the day's budget
+    damaged = CaseProposal(
+        "b", "refunds", START_MS, {}, {"resolver": "SYSTEM", "outcome": "FAILED"}, 1.0, {}, b"?"
+    )
+    assert sampler.offer(damaged, context) is None  # refused before its input is read
+    fresh = CandidateSampler("refunds", CandidateConfig(daily_budget=1))
+    with pytest.raises(CodecError):  # read, with the budget left
+        fresh.offer(damaged, context)
 
 
 def test_candidates_leave_the_pipeline_redacted() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from pipeline.candidates import CandidateConfig, shown_input
+from pipeline.codec import Codec
 from pipeline.generator import LOOPS, Scenario, TrafficGenerator, eval_set
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
@@ -62,6 +64,15 @@ def test_a_failing_case_becomes_an_eval_case_and_moves_the_baseline(
 
     wait_for(lambda: bool(chargebacks()), 60, "a chargeback candidate")
     picked = chargebacks()[0]
+    # Its input as the worker's case kept it (the message as it came) and stage 2 read it:
+    # the fields of the input published for the case, redacted as candidates are.
+    codec = Codec.load()
+    published = next(r for t, r in traffic if t == "inputs" and r["case_id"] == picked["case_id"])
+    shown = shown_input(codec.decode(codec.encode("InputEvent", published)).record)
+    for name in ("channel", "category", "language", "tokens", "features", "attributes"):
+        assert picked[name] == shown[name], name
+    assert picked["embedding"] == pytest.approx(shown["embedding"], rel=1e-6)
+    assert picked["input_text"] == CandidateConfig().redactor()(shown["text"])
     assert worker.metric("loopline_eval_candidates_total", reason="novel_category") > 0
     window = {"loop": "refunds", "window": "1h"}
     js = {"loop": "refunds", "feature": "category", "method": "js"}
