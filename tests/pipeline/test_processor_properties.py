@@ -333,6 +333,32 @@ def test_replay_cli_uses_the_workers_configuration(tmp_path: Path) -> None:
     assert window["cost_per_resolution_usd"] == pytest.approx(8.5)
 
 
+def test_replay_cli_prints_the_rest_and_exits_1_when_a_line_is_rejected(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    input_event = {
+        "event_id": "i1",
+        "case_id": "c1",
+        "loop": "alpha",
+        "ts": 1_000,
+        "source": "api",
+        "category": "a",
+    }
+    good = json.dumps({"topic": "inputs", "record": input_event})
+    path = tmp_path / "events.jsonl"
+    command = [sys.executable, "-m", "pipeline.cli", "replay", str(path)]
+    for lines, status in (([good], 0), ([good, "{not json"], 1)):
+        path.write_text("\n".join(lines) + "\n")
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert result.returncode == status, result.stderr
+        # the line that was read counts: one input, not resolved (the ratio is null without it)
+        window = json.loads(result.stdout)["loops"]["alpha"]["windows"]["5m"]
+        assert (window["resolved"], window["uncovered_ratio"]) == (0, 1.0)
+    assert f"rejected {path}:2: not JSON" in result.stderr
+    assert "exit status 1: 1 rejected (listed above)" in result.stderr
+
+
 def test_replay_deletes_an_eval_case_on_a_null_record_with_its_key(tmp_path: Path) -> None:
     """The replay form of a tombstone, so replay and the workers agree on a deleted case."""
 
