@@ -6,11 +6,22 @@ and the archive's commands come from sinks.archive.cli.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from pipeline.cli import evalset, kafka, services, traffic
-from pipeline.settings import Settings, SettingsError
-from sinks.archive.cli import register as register_archive_commands
+# faust's own import reads its event-loop and data-dir options (-L/--loop, --datadir) out of
+# sys.argv, so `loopline gate --loop refunds` had it import a module named "refunds" and fail.
+# It is imported here first, before any command module does, with the arguments hidden from it.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import faust  # noqa: F401
+finally:
+    sys.argv = _argv
+
+from pipeline.cli import evalset, kafka, services, traffic  # noqa: E402
+from pipeline.settings import Settings, SettingsError  # noqa: E402
+from sinks.archive.cli import register as register_archive_commands  # noqa: E402
 
 
 @click.group()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -293,3 +295,30 @@ def test_the_release_gate_exit_codes(tmp_path: Path, release: str, code: int, sa
         assert "current: pass rate 70.0% (21/30) is below 90.0%" in result.output
     if release == "thin":
         assert "historical: 5 cases, need 20" in result.output
+
+
+def test_the_gate_and_the_report_take_loop_as_commands_run_from_a_shell(tmp_path: Path) -> None:
+    """As installed commands, not through CliRunner: faust reads --loop out of sys.argv when it
+    is imported (its event-loop option), which made `loopline gate --loop refunds` fail."""
+    archive = make_archive(tmp_path / "a.duckdb")
+    _write(archive, [*_verdicts("good", "CURRENT", 30, 1), *_verdicts("good", "HISTORICAL", 25, 1)])
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    gate = subprocess.run(
+        [*cli, "gate", "--loop", "refunds", "--release", "good", "--db", str(archive.path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert gate.returncode == 0, gate.stderr
+    assert gate.stdout.startswith("PASS: release good of loop refunds")
+    report = tmp_path / "week.html"
+    week = f.at(0, 0).strftime("%G-W%V")
+    options = ["--week", week, "--loop", "refunds", "-o", str(report), "--db", str(archive.path)]
+    written = subprocess.run(
+        [*cli, "report", *options],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert written.returncode == 0, written.stderr
+    assert "refunds" in report.read_text()
