@@ -74,7 +74,11 @@ class Publisher:
 
     async def start(self) -> None:
         if not self._started:
-            await self._producer.start()
+            try:
+                await self._producer.start()
+            except BaseException:  # stopped, or its connections are left open
+                await self._producer.stop()
+                raise
             self._started = True
 
     async def close(self) -> None:

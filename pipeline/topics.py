@@ -73,8 +73,8 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
     """Create the missing loopline topics; returns the full names of those it created."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
-    await admin.start()
-    try:
+    try:  # closed also when it cannot start, or its connections are left open
+        await admin.start()
         existing = set(await admin.list_topics())
         new = [
             NewTopic(
@@ -125,9 +125,9 @@ async def read_to_end(settings: Settings, name: str) -> list[tuple[bytes | None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
     )
-    await consumer.start()
     out: list[tuple[bytes | None, bytes | None]] = []
-    try:
+    try:  # stopped also when it cannot start, or its connections are left open
+        await consumer.start()
         partitions = await _assigned(consumer, topic)
         if not partitions:
             return []

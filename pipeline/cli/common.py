@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+from aiokafka.errors import KafkaError
 
 from pipeline.core import CoreConfig
 from pipeline.rules import RulesError
@@ -28,10 +30,23 @@ def err(message: str) -> None:
 def kafka_failure(settings: Settings, exc: Exception) -> str:
     """Why Kafka refused, without the password."""
     who = f" as {settings.sasl_username}" if settings.sasl_username else ""
+    name, text = type(exc).__name__, str(exc)
     return (
-        f"cannot use Kafka at {settings.bootstrap_servers} "
-        f"({settings.security_protocol}{who}): {type(exc).__name__}: {exc}"
+        f"cannot use Kafka at {settings.bootstrap_servers} ({settings.security_protocol}{who}): "
+        + (text if text.startswith(name) else f"{name}: {text}")  # aiokafka's may name it
     )
+
+
+T = TypeVar("T")
+
+
+def on_kafka(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; Kafka's refusal (unreachable, wrong password, no permission) ends the
+    command with its reason rather than a traceback."""
+    try:
+        return asyncio.run(work)
+    except KafkaError as exc:
+        raise click.ClickException(kafka_failure(settings, exc)) from None
 
 
 def core_config(settings: Settings) -> CoreConfig:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.cli.common import core_config, err, output_option, settings_of
+from pipeline.cli.common import core_config, err, on_kafka, output_option, settings_of
 from pipeline.topics import ensure_topics
 
 
@@ -63,7 +62,7 @@ def evalset_import(ctx: click.Context, file: Path) -> None:
         await ensure_topics(settings)
         return await import_eval_cases(settings, file, err)
 
-    report = asyncio.run(run())
+    report = on_kafka(settings, run())
     err(
         f"evalset import: {report.imported:,} eval cases imported, "
         f"{len(report.rejected):,} rejected"
@@ -79,7 +78,8 @@ def evalset_export(ctx: click.Context, output: Path | None) -> None:
     """Write the current eval set (the latest record of every eval_case_id) out."""
     from pipeline.evalset import read_eval_set, write_eval_set
 
-    cases = asyncio.run(read_eval_set(settings_of(ctx)))
+    settings = settings_of(ctx)
+    cases = on_kafka(settings, read_eval_set(settings))
     if output is not None and output.suffix == ".parquet":
         write_eval_set(cases, output, parquet=True)
     else:
@@ -109,7 +109,8 @@ def evalset_delete(ctx: click.Context, ids: tuple[str, ...], id_file: Path | Non
     wanted = [*ids, *(id_file.read_text().split() if id_file is not None else [])]
     if not wanted:
         raise click.UsageError("name the eval case ids to delete (arguments or --file)")
-    deleted, missing = asyncio.run(delete_eval_cases(settings_of(ctx), wanted))
+    settings = settings_of(ctx)
+    deleted, missing = on_kafka(settings, delete_eval_cases(settings, wanted))
     for eval_case_id in missing:
         err(f"evalset delete: {eval_case_id}: not in the eval set")
     err(f"evalset delete: {len(deleted):,} eval cases deleted, {len(missing):,} not found")
@@ -132,5 +133,5 @@ def evalset_age(ctx: click.Context, current_days: int | None) -> None:
     settings = settings_of(ctx)
     days = current_days or core_config(settings).rules.current_days
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    moved = asyncio.run(age_eval_set(settings, now_ms, days))
+    moved = on_kafka(settings, age_eval_set(settings, now_ms, days))
     err(f"evalset age: {moved:,} eval cases older than {days} days moved to HISTORICAL")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 
 import click
-from aiokafka.errors import KafkaError
 
-from pipeline.cli.common import err, kafka_failure, settings_of
+from pipeline.cli.common import err, on_kafka, settings_of
 from pipeline.kafka_local import BrokerError, LocalBroker
 from pipeline.topics import ensure_topics
 
@@ -99,8 +97,5 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 def topics(ctx: click.Context) -> None:
     """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
     settings = settings_of(ctx)
-    try:
-        created = asyncio.run(ensure_topics(settings))
-    except KafkaError as exc:
-        raise click.ClickException(kafka_failure(settings, exc)) from None
+    created = on_kafka(settings, ensure_topics(settings))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import click
 from aiokafka.errors import KafkaError
 
-from pipeline.cli.common import core_config, err, kafka_failure, settings_of
+from pipeline.cli.common import core_config, err, kafka_failure, on_kafka, settings_of
 from pipeline.kafka_local import BrokerError
 from pipeline.topics import ensure_topics
 
@@ -55,7 +54,7 @@ def review(ctx: click.Context, port: int | None) -> None:
         app = create_review_app(settings)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    asyncio.run(ensure_topics(settings))
+    on_kafka(settings, ensure_topics(settings))
     chosen = port or settings.review_port
     err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
     uvicorn.run(app, host=settings.web_host, port=chosen, log_level=settings.log_level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import sys
@@ -13,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.cli.common import core_config, err, settings_of
+from pipeline.cli.common import core_config, err, on_kafka, settings_of
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, publish_traffic, write_jsonl
@@ -103,7 +102,7 @@ def generate(
             await ensure_topics(settings)
             return await publish_traffic(settings, events, limits, err)
 
-        by_topic = asyncio.run(run())
+        by_topic = on_kafka(settings, run())
     err(
         f"generated {sum(by_topic.values()):,} events: {json.dumps(dict(sorted(by_topic.items())))}"
     )

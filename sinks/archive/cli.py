@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from pipeline.cli.common import on_kafka
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
     except SinkBackpressure as exc:  # the first flush sets the schema up once it can
         click.echo(f"{exc}; the sink keeps retrying", err=True)
     try:
-        asyncio.run(main())
+        on_kafka(settings, main())
     except ArchiveError as exc:
         raise _fail(exc) from None
     written = ", ".join(f"{n:,} {t}" for t, n in sorted(sink.written.items()))

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
 from pipeline.publisher import InvalidEvent, Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.conftest import consume
+from tests.conftest import consume, free_port
 
 pytestmark = pytest.mark.broker
 TS = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -83,3 +87,21 @@ async def test_unknown_topic_and_unstarted_publisher_are_clear_errors(
         await publisher.publish(
             "inputs", {"event_id": "e", "case_id": "c", "loop": "l", "ts": TS, "source": "s"}
         )
+
+
+def test_a_publisher_that_cannot_connect_raises_and_leaves_no_client_open() -> None:
+    """aiokafka warns of an unclosed producer when one is dropped after a failed start."""
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens
+
+    async def attempt() -> str:
+        try:
+            async with Publisher(settings):
+                return "it started"
+        except KafkaConnectionError as exc:
+            return str(exc)  # not the exception: its traceback would keep the publisher
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert asyncio.run(attempt()).startswith("KafkaConnectionError: Unable to bootstrap")
+        gc.collect()
+    assert [str(w.message) for w in caught if "Unclosed" in str(w.message)] == []

@@ -1,0 +1,58 @@
+"""The ``loopline`` commands as a shell runs them: Kafka's refusals end them with a reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["topics"],
+        ["generate", "--count", "3"],
+        ["evalset", "import", "{cases}"],
+        ["evalset", "export"],
+        ["evalset", "delete", "e1"],
+        ["evalset", "age"],
+        ["archive", "run", "--db", "{archive}"],
+        ["review"],
+        ["worker", "--web-port", "{web_port}"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_a_command_that_cannot_reach_kafka_says_so_and_exits_1(
+    tmp_path: Path, command: list[str]
+) -> None:
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text('{"eval_case_id": "e1", "loop": "refunds", "category": "damaged"}\n')
+    places = {"cases": cases, "archive": tmp_path / "a.duckdb", "web_port": free_port()}
+    port = free_port()  # nothing listens there
+    env = {
+        **os.environ,
+        "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+        "LOOPLINE_DATA_DIR": str(tmp_path / "data"),
+        "LOOPLINE_REVIEW_TOKEN": "a-token",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *(part.format(**places) for part in command)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"Error: cannot use Kafka at 127.0.0.1:{port} (PLAINTEXT): KafkaConnectionError: "
+        f"Unable to bootstrap from [('127.0.0.1', {port}, <AddressFamily.AF_INET: 2>)]"
+    )
+    assert "Traceback" not in done.stderr
+    assert "Unclosed" not in done.stderr  # every client is closed, also when it never started
