@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import on_kafka
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,7 @@ def archive_group() -> None:
 @click.pass_context
 def archive_run(ctx: click.Context, db: Path | None) -> None:
     """Archive every loopline topic into DuckDB until Ctrl-C (one sink per archive file)."""
+    from pipeline.cli.common import on_kafka
     from pipeline.topics import CONTRACT_TOPICS, ensure_topics
     from sinks.archive.sink import ArchiveSink
     from sinks.archive.store import ArchiveError
