@@ -34,6 +34,11 @@ class InvalidEvent(ValueError):
         self.index = index
 
 
+class TopicMissing(RuntimeError):
+    """The topic an event goes to does not exist. loopline's topics are created with their
+    partitions and compaction by ``loopline topics``, not on first use."""
+
+
 class Publisher:
     """Async, batched publisher; use ``async with Publisher(settings) as pub:``."""
 
@@ -55,6 +60,7 @@ class Publisher:
             max_batch_size=256 * 1024,
         )
         self._pending: set[asyncio.Future[Any]] = set()
+        self._existing: set[str] = set()  # topics seen to exist
         self._failures: list[BaseException] = []
         self._max_pending = max_pending
         self._started = False
@@ -133,12 +139,26 @@ class Publisher:
     async def _send(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         if not self._started:
             raise RuntimeError("Publisher is not started: use 'async with Publisher(...)'")
+        name = self._settings.topic(topic)
+        if name not in self._existing:
+            await self._require(name)
         if len(self._pending) >= self._max_pending:
             await self._drain(self._max_pending // 2)
-        future = await self._producer.send(self._settings.topic(topic), value=value, key=key)
+        future = await self._producer.send(name, value=value, key=key)
         self._pending.add(future)
         future.add_done_callback(self._delivered)
         self.sent += 1
+
+    async def _require(self, name: str) -> None:
+        """Refuse at once a send to a topic that does not exist (the producer would wait for it
+        for its request timeout, 40 s, and then name no topic)."""
+        metadata = await self._producer.client.fetch_all_metadata()
+        self._existing = set(metadata.topics())
+        if name not in self._existing:
+            raise TopicMissing(
+                f"topic {name} does not exist on {self._settings.bootstrap_servers}: "
+                "create loopline's topics first (`loopline topics`)"
+            )
 
     def _delivered(self, future: asyncio.Future[Any]) -> None:
         self._pending.discard(future)

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
-from pipeline.publisher import InvalidEvent, Publisher
+from pipeline.publisher import InvalidEvent, Publisher, TopicMissing
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import consume, free_port
@@ -105,3 +105,23 @@ def test_a_publisher_that_cannot_connect_raises_and_leaves_no_client_open() -> N
         assert asyncio.run(attempt()).startswith("KafkaConnectionError: Unable to bootstrap")
         gc.collect()
     assert [str(w.message) for w in caught if "Unclosed" in str(w.message)] == []
+
+
+async def test_a_send_to_a_topic_not_created_is_refused_with_the_remedy(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The broker creates no topic on first use (nor should it: loopline's topics need their
+    partitions and compaction), and the producer alone would wait 40 s and name no topic."""
+    settings = make_settings()  # a topic prefix of its own: none of its topics exist yet
+    event = {"event_id": "e1", "case_id": "c1", "loop": "refunds", "ts": TS, "source": "api"}
+    async with Publisher(settings) as publisher:
+        with pytest.raises(TopicMissing) as info:
+            await publisher.publish_input(event)
+    assert str(info.value) == (
+        f"topic {settings.topic('inputs')} does not exist on {settings.bootstrap_servers}: "
+        "create loopline's topics first (`loopline topics`)"
+    )
+    await ensure_topics(settings)
+    async with Publisher(settings) as publisher:
+        await publisher.publish_input(event)
+    assert await _end_offsets(settings, "inputs") == 1
