@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
+from pipeline.jsonlines import json_lines
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import read_to_end
@@ -31,31 +32,32 @@ class ImportReport:
     rejected: list[str] = field(default_factory=list)  # "file:line: reason"
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(position, row) of a JSON Lines or Parquet file; a row that is not JSON is a str."""
+def _rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """(position, row, None) of a JSON Lines or Parquet file, or (position, None, reason) for
+    a row that cannot be read (a Parquet file that cannot be read at all is one such row)."""
     with path.open("rb") as head:
         magic = head.read(4)
-    if magic == b"PAR1":
+    if magic == b"PAR1" or path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for number, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:row {number}", row
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            yield str(path), None, f"not a readable Parquet file ({exc})"
+            return
+        for number, row in enumerate(rows, 1):
+            yield f"{path}:row {number}", row, None
         return
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path}:{number}", f"not JSON ({exc.msg})"
+    for number, row, error in json_lines(path):
+        yield f"{path}:{number}", row, error
 
 
 def normalise(row: Any, now_ms: int) -> dict[str, Any]:
     """An EvalCase record from a file row: defaults filled in, ts in epoch ms, Parquet maps
     (lists of pairs) made dicts. Raises ValueError naming what is wrong."""
     if not isinstance(row, dict):
-        raise ValueError(row if isinstance(row, str) else "expected a JSON object")
+        raise ValueError("expected a JSON object")
     record = {**DEFAULTS, **{k: v for k, v in row.items() if v is not None}}
     for name in ("features", "attributes"):
         value = record.get(name, {})
@@ -68,7 +70,10 @@ def read_eval_cases(
     path: Path, codec: Codec, now_ms: int
 ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """(position, record, None) for a valid row, (position, None, reason) for a bad one."""
-    for where, row in _rows(path):
+    for where, row, error in _rows(path):
+        if error is not None:
+            yield where, None, error
+            continue
         try:
             record = normalise(row, now_ms)
             codec.validate("EvalCase", record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import fastavro
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import resolution_amounts, to_ms
+from pipeline.jsonlines import json_lines
 from pipeline.processor import Processor
 from pipeline.topics import RECORD_OF
 
@@ -35,36 +35,38 @@ class Tombstone:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            where = f"{path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield "", None, f"{where}: not JSON ({exc.msg})"
-                continue
-            if not isinstance(item, dict) or "topic" not in item or "record" not in item:
-                yield "", None, f'{where}: expected {{"topic": ..., "record": {{...}}}}'
-                continue
-            if item["record"] is None:
-                if isinstance(item.get("key"), str):
-                    yield str(item["topic"]), Tombstone(item["key"]), where
-                else:
-                    yield "", None, f'{where}: a null record (a deletion) needs a "key"'
-                continue
-            yield str(item["topic"]), item["record"], where
+    for number, item, error in json_lines(path):
+        where = f"{path}:{number}"
+        if error is not None:
+            yield "", None, f"{where}: {error}"
+            continue
+        if not isinstance(item, dict) or "topic" not in item or "record" not in item:
+            yield "", None, f'{where}: expected {{"topic": ..., "record": {{...}}}}'
+            continue
+        if item["record"] is None:
+            if isinstance(item.get("key"), str):
+                yield str(item["topic"]), Tombstone(item["key"]), where
+            else:
+                yield "", None, f'{where}: a null record (a deletion) needs a "key"'
+            continue
+        yield str(item["topic"]), item["record"], where
 
 
 def _avro(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """The records of an Avro container file; where it is damaged (truncated, a bad block),
+    one rejection says from which record on it cannot be read, and the records before count."""
+    number = 0
     with path.open("rb") as stream:
-        reader = fastavro.reader(stream)
-        schema: Any = reader.writer_schema
-        name = str(schema["name"]).rsplit(".", 1)[-1]
-        topic = TOPIC_OF.get(name, "")
-        for number, record in enumerate(reader, 1):
-            yield topic, record, f"{path}#{number}"
+        try:
+            reader = fastavro.reader(stream)
+            schema: Any = reader.writer_schema
+            topic = TOPIC_OF.get(str(schema["name"]).rsplit(".", 1)[-1], "")
+            for number, record in enumerate(reader, 1):
+                yield topic, record, f"{path}#{number}"
+        except Exception as exc:  # fastavro's errors for damaged bytes are of many kinds
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            where = f"{path}#{number + 1}"
+            yield "", None, f"{where}: the Avro file cannot be read from here on ({reason})"
 
 
 def read_events(path: Path) -> Iterator[tuple[str, Any, str]]:

@@ -140,7 +140,8 @@ def replay_cmd(
     """Run the five-numbers processing over JSON Lines / Avro files and print the snapshot.
 
     A line that cannot be read or counted is reported on stderr with its file and line, the
-    rest still counts, and the exit status is 1 (0 when every line was read).
+    rest still counts, and the exit status is 2, as for `evalset import` (0 when every line
+    was read).
 
     It uses the workers' configuration (LOOPLINE_HOURLY_RATES, SLAs, horizons), so replay and
     the live numbers agree; all but LOOPLINE_MAX_CASES_PER_PARTITION: replay is the reference,
@@ -174,5 +175,5 @@ def replay_cmd(
         f"{processor.evaluations:,} alert evaluations, {len(processor.alerts):,} alert records"
     )
     if report.rejected:  # the snapshot stands for the rest; a script must still notice
-        err(f"replay: exit status 1: {len(report.rejected):,} rejected (listed above)")
-        ctx.exit(1)
+        err(f"replay: exit status 2: {len(report.rejected):,} rejected (listed above)")
+        ctx.exit(2)

@@ -71,3 +71,26 @@ def test_current_cases_older_than_the_limit_turn_historical() -> None:
     assert aged(cases, NOW, 30) == [
         {"eval_case_id": "old", "suite": "HISTORICAL", "ts": NOW - 31 * DAY}
     ]
+
+
+def test_a_file_that_cannot_be_read_is_one_rejection_and_a_bad_line_one_row(
+    tmp_path: Path,
+) -> None:
+    good = {"eval_case_id": "p1", "loop": "refunds"}
+    whole = tmp_path / "whole.parquet"
+    pq.write_table(pa.Table.from_pylist([good]), whole)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(whole.read_bytes()[:100])  # its footer (and magic) cut off
+    not_parquet = tmp_path / "named.parquet"
+    not_parquet.write_text(json.dumps(good) + "\n")
+    for path in (truncated, not_parquet):
+        [(where, record, error)] = list(read_eval_cases(path, Codec.load(), NOW))
+        assert (where, record) == (str(path), None)
+        assert error is not None and error.startswith("not a readable Parquet file (")
+    lines = tmp_path / "cases.jsonl"
+    lines.write_bytes(b'{"eval_case_id": "x\xff"}\n' + json.dumps(good).encode() + b"\n")
+    rows = list(read_eval_cases(lines, Codec.load(), NOW))
+    assert [(where, error) for where, _, error in rows] == [
+        (f"{lines}:1", "not UTF-8 text (invalid start byte at byte 19)"),
+        (f"{lines}:2", None),
+    ]

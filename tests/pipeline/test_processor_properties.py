@@ -333,7 +333,7 @@ def test_replay_cli_uses_the_workers_configuration(tmp_path: Path) -> None:
     assert window["cost_per_resolution_usd"] == pytest.approx(8.5)
 
 
-def test_replay_cli_prints_the_rest_and_exits_1_when_a_line_is_rejected(tmp_path: Path) -> None:
+def test_replay_cli_prints_the_rest_and_exits_2_when_a_line_is_rejected(tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -348,7 +348,7 @@ def test_replay_cli_prints_the_rest_and_exits_1_when_a_line_is_rejected(tmp_path
     good = json.dumps({"topic": "inputs", "record": input_event})
     path = tmp_path / "events.jsonl"
     command = [sys.executable, "-m", "pipeline.cli", "replay", str(path)]
-    for lines, status in (([good], 0), ([good, "{not json"], 1)):
+    for lines, status in (([good], 0), ([good, "{not json"], 2)):
         path.write_text("\n".join(lines) + "\n")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         assert result.returncode == status, result.stderr
@@ -356,7 +356,36 @@ def test_replay_cli_prints_the_rest_and_exits_1_when_a_line_is_rejected(tmp_path
         window = json.loads(result.stdout)["loops"]["alpha"]["windows"]["5m"]
         assert (window["resolved"], window["uncovered_ratio"]) == (0, 1.0)
     assert f"rejected {path}:2: not JSON" in result.stderr
-    assert "exit status 1: 1 rejected (listed above)" in result.stderr
+    assert "exit status 2: 1 rejected (listed above)" in result.stderr
+
+
+def test_replay_reads_an_avro_container_and_a_damaged_one_up_to_the_damage(
+    tmp_path: Path,
+) -> None:
+    import fastavro
+
+    from pipeline.codec import Codec
+
+    schema = fastavro.parse_schema(Codec.load().schema("InputEvent"))
+    at = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    inputs = [
+        {"event_id": f"i{n}", "case_id": f"c{n}", "loop": "alpha", "ts": at, "source": "api"}
+        for n in range(5)
+    ]
+    path = tmp_path / "inputs.avro"
+    with path.open("wb") as out:
+        fastavro.writer(out, schema, inputs[:3])  # a block of three
+    first_block_ends = path.stat().st_size
+    with path.open("a+b") as out:
+        fastavro.writer(out, schema, inputs[3:])  # appended: a second block, of two
+    report = replay([path], Processor())
+    assert (report.statuses, report.rejected) == ({"ok": 5}, [])
+    damaged = tmp_path / "damaged.avro"
+    damaged.write_bytes(path.read_bytes()[: first_block_ends + 12])  # cut in the second block
+    report = replay([damaged], Processor())
+    assert report.statuses == {"ok": 3}
+    [reason] = report.rejected
+    assert reason.startswith(f"{damaged}#4: the Avro file cannot be read from here on (EOFError")
 
 
 def test_replay_deletes_an_eval_case_on_a_null_record_with_its_key(tmp_path: Path) -> None:
