@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from aiokafka.errors import KafkaError
 
 from pipeline.core import CoreConfig
+from pipeline.outputfile import OutputFile
 from pipeline.rules import RulesError
 from pipeline.settings import Settings
 
@@ -62,7 +62,7 @@ def output_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...
     return click.option(
         "--output",
         "-o",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=OutputFile(),
         default=None,
         help=help_text,
     )

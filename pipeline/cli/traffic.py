@@ -14,6 +14,7 @@ import click
 
 from pipeline.cli.common import core_config, err, on_kafka, settings_of
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
+from pipeline.outputfile import OutputFile
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, publish_traffic, write_jsonl
 
@@ -52,7 +53,7 @@ def _seconds_after_start(flag: str, what: str) -> Callable[[FC], FC]:
 @click.option("--start", default=None, help="Event time of the first case (ISO-8601); default now.")
 @click.option(
     "--jsonl",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=OutputFile(),
     default=None,
     help="Write the replay format to this file ('-' for stdout) instead of Kafka.",
 )
@@ -125,7 +126,7 @@ def generate(
 )
 @click.option(
     "--alerts",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     default=None,
     help="Write the Alert records the rules raised (JSON Lines; - for stdout).",
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from pipeline.outputfile import OutputFile
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def gate(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     default=Path("report.html"),
     show_default=True,
 )

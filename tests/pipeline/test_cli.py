@@ -56,3 +56,35 @@ def test_a_command_that_cannot_reach_kafka_says_so_and_exits_1(
     )
     assert "Traceback" not in done.stderr
     assert "Unclosed" not in done.stderr  # every client is closed, also when it never started
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["generate", "--count", "3", "--jsonl", "{out}"], "'--jsonl'"),
+        (["replay", "{events}", "--alerts", "{out}"], "'--alerts'"),
+        (["rules", "prometheus", "-o", "{out}"], "'--output' / '-o'"),
+        (["evalset", "export", "-o", "{out}"], "'--output' / '-o'"),
+        (["report", "--week", "2026-W47", "-o", "{out}"], "'-o' / '--output'"),
+    ],
+    ids=lambda value: " ".join(value[:2]) if isinstance(value, list) else None,
+)
+def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
+    tmp_path: Path, command: list[str], option: str
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text("")
+    out = tmp_path / "missing" / "out.txt"
+    places = {"out": out, "events": events}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *(part.format(**places) for part in command)],
+        env={**os.environ, "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr  # click's status for a bad argument
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: Invalid value for {option}: {out}: the folder {out.parent} does not exist"
+    )
