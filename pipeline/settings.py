@@ -102,7 +102,16 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _log_level(raw: str) -> str:
+    """Lower case, as uvicorn takes it (Faust and logging take either)."""
+    value = raw.strip().lower()
+    if value not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("must be one of debug, info, warning, error, critical")
+    return value
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
+    "log_level": _log_level,
     "partitions": _positive_int,
     "replication_factor": _positive_int,
     "web_port": _port,

@@ -31,6 +31,7 @@ def test_defaults_and_environment_values() -> None:
     assert Settings().core_config().max_cases_per_partition == 0  # no cap by default
     assert Settings.from_env({"LOOPLINE_INSTANCE_ID": "worker-0"}).instance_id == "worker-0"
     assert Settings.from_env({"LOOPLINE_INSTANCE_ID": ""}).instance_id is None  # dynamic
+    assert Settings.from_env({"LOOPLINE_LOG_LEVEL": " WARNING "}).log_level == "warning"
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,7 @@ def test_defaults_and_environment_values() -> None:
         ("LOOPLINE_MAX_CASES_PER_PARTITION", "-1", "must be an integer, 0 or more"),
         ("LOOPLINE_SESSION_TIMEOUT_SECONDS", "3", "must be between 6 and 1800 seconds"),
         ("LOOPLINE_INSTANCE_ID", "pod 1", "may hold only letters"),
+        ("LOOPLINE_LOG_LEVEL", "chatty", "must be one of debug, info, warning, error, critical"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
