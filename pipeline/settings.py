@@ -103,7 +103,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _log_level(raw: str) -> str:
-    """Lower case, as uvicorn takes it (Faust and logging take either)."""
+    """One of the levels the worker (Faust), the review page (uvicorn) and the sink all know."""
     value = raw.strip().lower()
     if value not in ("debug", "info", "warning", "error", "critical"):
         raise ValueError("must be one of debug, info, warning, error, critical")
