@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 import click
 from aiokafka.errors import KafkaError
 
+from pipeline.clitypes import OutputFile
 from pipeline.core import CoreConfig
-from pipeline.outputfile import OutputFile
 from pipeline.rules import RulesError
 from pipeline.settings import Settings
 

@@ -8,6 +8,7 @@ import click
 from aiokafka.errors import KafkaError
 
 from pipeline.cli.common import core_config, err, kafka_failure, on_kafka, settings_of
+from pipeline.clitypes import positive_number
 from pipeline.kafka_local import BrokerError
 from pipeline.topics import ensure_topics
 
@@ -62,9 +63,19 @@ def review(ctx: click.Context, port: int | None) -> None:
 
 @click.command("demo")
 @click.option(
-    "--duration", type=float, default=30.0, show_default=True, help="Seconds of generated traffic."
+    "--duration",
+    type=positive_number(),
+    default=30.0,
+    show_default=True,
+    help="Seconds of generated traffic.",
 )
-@click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
+@click.option(
+    "--rate",
+    type=positive_number(),
+    default=500.0,
+    show_default=True,
+    help="Events per second.",
+)
 @click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
 @click.option(
     "--stay", is_flag=True, help="After the traffic, keep everything running until Ctrl-C."

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from pipeline.cli.common import core_config, err, on_kafka, settings_of
+from pipeline.clitypes import FiniteFloat, OutputFile, positive_number
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
-from pipeline.outputfile import OutputFile
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, publish_traffic, write_jsonl
 
@@ -24,7 +24,12 @@ FC = TypeVar("FC", bound=Callable[..., Any])
 def _parse_start(value: str | None) -> datetime:
     if value is None:
         return datetime.now(UTC).replace(microsecond=0)
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO-8601 time, e.g. 2026-11-25T12:00:00Z", param_hint="--start"
+        ) from None
     if parsed.tzinfo is None:
         raise click.BadParameter("give a timezone, e.g. 2026-11-25T12:00:00Z", param_hint="--start")
     return parsed
@@ -32,20 +37,22 @@ def _parse_start(value: str | None) -> datetime:
 
 def _seconds_after_start(flag: str, what: str) -> Callable[[FC], FC]:
     """One of the scenario's changes: when, in seconds of event time after --start."""
-    return click.option(flag, type=float, default=None, help=f"Seconds after start when {what}.")
+    return click.option(
+        flag, type=FiniteFloat(min=0), default=None, help=f"Seconds after start when {what}."
+    )
 
 
 @click.command("generate")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Events to emit.")
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=positive_number(),
     default=None,
     help="Seconds to run (JSON Lines: seconds of event time).",
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=positive_number(),
     default=None,
     help="Events per second (default: as fast as possible).",
 )

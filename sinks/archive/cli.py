@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pipeline.outputfile import OutputFile
+from pipeline.clitypes import FiniteFloat, OutputFile
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def query(ctx: click.Context, sql: str, fmt: str, db: Path | None) -> None:
 @click.command("gate")
 @click.option("--loop", "loop_name", required=True, help="The loop the release serves.")
 @click.option("--release", required=True, help="The release to judge.")
-@click.option("--min-pass-rate", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option("--min-pass-rate", type=FiniteFloat(0, 1), default=0.9, show_default=True)
 @click.option(
     "--min-cases",
     type=click.IntRange(min=1),

@@ -88,3 +88,47 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: Invalid value for {option}: {out}: the folder {out.parent} does not exist"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "last_line"),
+    [
+        (
+            ["gate", "--loop", "l", "--release", "r", "--min-pass-rate", "nan"],
+            "'--min-pass-rate': nan",
+        ),
+        (["generate", "--duration", "nan", "--jsonl", "-"], "'--duration': nan"),
+        (["generate", "--count", "3", "--rate", "inf", "--jsonl", "-"], "'--rate': inf"),
+        (["generate", "--count", "3", "--drift-at", "nan", "--jsonl", "-"], "'--drift-at': nan"),
+        (["demo", "--rate", "nan"], "'--rate': nan"),
+    ],
+    ids=lambda value: " ".join(value[:2]) if isinstance(value, list) else None,
+)
+def test_a_number_that_is_not_finite_is_refused(command: list[str], last_line: str) -> None:
+    """click's FloatRange lets nan through every bound: `gate --min-pass-rate nan` passed a
+    release at 70 %, and a duration of nan never ended."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    expected = f"Error: Invalid value for {last_line} is not a finite number"
+    assert done.stderr.strip().splitlines()[-1] == expected
+
+
+def test_a_start_time_that_is_not_iso_8601_is_refused() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--count", "1", "--start", "yesterday"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for --start: 'yesterday' is not an ISO-8601 time, "
+        "e.g. 2026-11-25T12:00:00Z"
+    )

@@ -1,11 +1,13 @@
-"""The type of the command line's output file options (``-o``, ``--jsonl``, ``--alerts``).
+"""Parameter types of the command line that click lacks: output files whose folder exists,
+and positive finite numbers.
 
 Outside pipeline.cli so that the archive's commands (sinks.archive.cli, which pipeline.cli
-imports) can use it without a circular import.
+imports) can use them without a circular import.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,22 @@ class OutputFile(click.Path):
         if not os.access(folder, os.W_OK | os.X_OK):
             self.fail(f"{path}: the folder {folder} is not writable", param, ctx)
         return path
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, without nan and inf: nan compares false with any bound, so it passed
+    every range (a release gate's --min-pass-rate nan passed every release), and a duration or
+    rate of either never ends or fails deep inside the work."""
+
+    name = "finite number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = float(super().convert(value, param, ctx))
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+def positive_number() -> FiniteFloat:
+    """A finite number above 0 (durations, rates)."""
+    return FiniteFloat(min=0, min_open=True)
