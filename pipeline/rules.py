@@ -8,6 +8,7 @@ at all is a valid configuration. Durations are seconds or text such as "90s", "5
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ def _duration_ms(raw: Any) -> int:
         raise ValueError("expected a duration such as 30s, 5m or 1h")
     if isinstance(raw, int | float):
         seconds = float(raw)
+        if not math.isfinite(seconds):
+            raise ValueError(f"a duration must be a finite number, got {raw}")
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(raw))
         if not match:
@@ -63,7 +66,11 @@ Reason = Literal[
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # No nan or inf: nan passes no bound check it meets later (a threshold of nan never
+    # fires), and an infinite one never fires either.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class Rule(_Model):

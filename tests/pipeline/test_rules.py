@@ -74,6 +74,10 @@ def test_loop_overrides_merge_key_by_key_over_the_defaults(tmp_path: Path) -> No
         ('[drift]\nwindow = "3h"\n', "drift.window: at most 2h"),
         ('[defaults.drift]\nseverity = "PAGE"\n', "defaults.drift.severity"),
         ("evaluation_interval = = 1", "not valid TOML"),
+        # nan passes no bound it meets later, inf never fires: neither is a threshold
+        ("[defaults.cost_budget]\nmax_usd = inf\n", "max_usd: Input should be a finite number"),
+        ("[drift.thresholds]\njs = nan\n", "drift.thresholds.js: Input should be a finite number"),
+        ("[defaults.cost_budget]\nfor = inf\n", "for: Value error, a duration must be a finite"),
     ],
 )
 def test_a_bad_file_is_refused_with_the_key_named(tmp_path: Path, text: str, message: str) -> None:
