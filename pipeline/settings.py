@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -30,15 +31,24 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _positive_float(raw: str) -> float:
+def _finite(raw: str) -> float:
+    """A number that is not nan or inf: either passes or fails later checks wrongly (a rate of
+    nan makes every cost nan, an interval of inf never snapshots)."""
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _finite(raw)
     if not value > 0:
         raise ValueError("must be a positive number")
     return value
 
 
 def _non_negative_float(raw: str) -> float:
-    value = float(raw)
+    value = _finite(raw)
     if not value >= 0:
         raise ValueError("must be a number, 0 or more")
     return value
@@ -85,7 +95,7 @@ def _per_loop(raw: str) -> dict[str, float]:
         loop, sep, number = item.partition("=")
         if not sep or not loop.strip():
             raise ValueError(f"expected loop=number pairs separated by commas, got {item!r}")
-        value = float(number)
+        value = _finite(number)
         if value < 0:
             raise ValueError(f"{loop.strip()}: must not be negative")
         values[loop.strip()] = value

@@ -47,6 +47,11 @@ def test_defaults_and_environment_values() -> None:
         ("LOOPLINE_SESSION_TIMEOUT_SECONDS", "3", "must be between 6 and 1800 seconds"),
         ("LOOPLINE_INSTANCE_ID", "pod 1", "may hold only letters"),
         ("LOOPLINE_LOG_LEVEL", "chatty", "must be one of debug, info, warning, error, critical"),
+        # nan fails no bound check, inf passes them: a rate of nan made every cost nan
+        ("LOOPLINE_HOURLY_RATES", "refunds=nan", "'refunds=nan': must be a finite number"),
+        ("LOOPLINE_LOOP_SLA_SECONDS", "refunds=inf", "must be a finite number"),
+        ("LOOPLINE_SNAPSHOT_INTERVAL_SECONDS", "inf", "must be a finite number"),
+        ("LOOPLINE_ARCHIVE_HOLD_SECONDS", "nan", "must be a finite number"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
