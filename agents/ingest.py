@@ -139,7 +139,7 @@ def register(
                 status = core.delete_eval_case(bytes(message.key).decode())
             else:
                 key = partition_key(topic, decoded)
-                status = core.process(topic, key, decoded, message.value)
+                status = core.process(topic, key, decoded, message.value, message.timestamp)
         except Exception as exc:  # a worker never dies on one message
             if isinstance(exc, CodecError):
                 reason, error = exc.reason, str(exc)

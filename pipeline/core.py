@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.codec import CodecError
@@ -20,6 +20,8 @@ class CoreConfig:
     bucket_ms: int = 10_000
     dedupe_horizon_ms: int = HOUR
     allowed_lateness_ms: int = HOUR
+    # How far an event's ts may be ahead of its Kafka message's own time (check_not_ahead).
+    max_ahead_ms: int = HOUR
     default_sla_ms: int = HOUR
     sla_ms: Mapping[str, int] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)
@@ -63,6 +65,26 @@ def resolution_amounts(record: Mapping[str, Any]) -> tuple[int, int]:
     counted nowhere else."""
     cost = _scaled(record, "model_cost_usd", 1e9) + _scaled(record, "other_cost_usd", 1e9)
     return cost, _scaled(record, "human_minutes", 1e6)
+
+
+def check_not_ahead(ts_ms: int, sent_ms: int | None, max_ahead_ms: int) -> None:
+    """Refuse an event stamped further ahead of its Kafka message's own time (the producer's
+    clock, or the broker's) than ``max_ahead_ms``: its partition's watermark would follow it,
+    and every event after it would be too late, for as long as the clock is wrong. Replay has
+    no message times (``sent_ms`` None) and does not check."""
+    if sent_ms is None or sent_ms < 0 or ts_ms - sent_ms <= max_ahead_ms:
+        return
+    raise CodecError(
+        "future_ts",
+        f"ts {_iso(ts_ms)} is {(ts_ms - sent_ms) / 1000:,.0f} s ahead of its message's time "
+        f"{_iso(sent_ms)}; at most {max_ahead_ms / 1000:,.0f} s is allowed "
+        "(LOOPLINE_MAX_AHEAD_SECONDS)",
+        "ts",
+    )
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 def _scaled(record: Mapping[str, Any], name: str, scale: float) -> int:

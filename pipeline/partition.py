@@ -28,7 +28,7 @@ from pipeline.candidates import (
     intrinsic_reasons,
     shown_input,
 )
-from pipeline.core import CoreConfig, resolution_amounts, to_ms, verdicts_of
+from pipeline.core import CoreConfig, check_not_ahead, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
 from pipeline.features import (
     FeatureStats,
@@ -286,10 +286,16 @@ class PartitionCore:
     # -- input ------------------------------------------------------------------------------
 
     def process(
-        self, topic: str, key: str, record: Mapping[str, Any], message: bytes | None = None
+        self,
+        topic: str,
+        key: str,
+        record: Mapping[str, Any],
+        message: bytes | None = None,
+        sent_ms: int | None = None,
     ) -> str:
         """Apply one record of a source topic; returns ok, duplicate or too_late. A record
-        that cannot be counted (a non-finite amount) raises CodecError before any change.
+        that cannot be counted (a non-finite amount, or a ts too far ahead of ``sent_ms``, its
+        message's own time: pipeline.core.check_not_ahead) raises CodecError before any change.
         ``message``: an input's message as it came, which its case may keep (``Case``)."""
         ts = to_ms(record["ts"])
         loop = self.config.loop_label(str(record["loop"]))
@@ -302,6 +308,7 @@ class PartitionCore:
                 self.eval_case_loops[eval_case_id] = loop
                 self._changed_eval_cases.add(eval_case_id)
             return "ok"
+        check_not_ahead(ts, sent_ms, self.config.max_ahead_ms)
         amounts = resolution_amounts(record) if topic == "resolutions" else (0, 0)
         if ts <= self.watermark_ms - self.config.allowed_lateness_ms:
             return "too_late"

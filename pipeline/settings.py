@@ -134,6 +134,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "snapshot_interval_seconds": _positive_float,
     "dedupe_horizon_seconds": _positive_int,
     "allowed_lateness_seconds": _positive_int,
+    "max_ahead_seconds": _positive_int,
     "max_cases_per_partition": _non_negative_int,
     "sla_seconds": _positive_int,
     "loop_sla_seconds": _per_loop,
@@ -176,6 +177,8 @@ class Settings:
     snapshot_interval_seconds: float = 5.0
     dedupe_horizon_seconds: int = 3600
     allowed_lateness_seconds: int = 3600
+    # How far an event's ts may be ahead of its Kafka message's time (dead letter future_ts).
+    max_ahead_seconds: int = 3600
     # The most cases one source partition's state holds (least recently touched evicted
     # first, counted in loopline_evicted_cases_total); 0 = no cap.
     max_cases_per_partition: int = 0
@@ -248,6 +251,7 @@ class Settings:
             bucket_ms=self.bucket_seconds * 1000,
             dedupe_horizon_ms=self.dedupe_horizon_seconds * 1000,
             allowed_lateness_ms=self.allowed_lateness_seconds * 1000,
+            max_ahead_ms=self.max_ahead_seconds * 1000,
             default_sla_ms=self.sla_seconds * 1000,
             sla_ms={loop: int(s * 1000) for loop, s in self.loop_sla_seconds.items()},
             hourly_rates=dict(self.hourly_rates),

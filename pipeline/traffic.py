@@ -8,9 +8,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.generator import EVENTS_PER_CASE
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 
@@ -80,6 +82,13 @@ async def publish_traffic(
                 if ahead > 0.005:
                     await asyncio.sleep(ahead)
     return meter.by_topic
+
+
+def ending_now(now: datetime, count: int, cases_per_second: float) -> datetime:
+    """The start from which ``count`` generated events end their event time at about ``now``:
+    published unpaced, they would otherwise run far ahead of the clock, and the workers refuse
+    events stamped more than LOOPLINE_MAX_AHEAD_SECONDS ahead of their messages."""
+    return now - timedelta(seconds=round(count / (cases_per_second * EVENTS_PER_CASE)))
 
 
 def write_jsonl(

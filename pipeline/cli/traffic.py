@@ -16,7 +16,7 @@ from pipeline.cli.common import core_config, err, on_kafka, settings_of
 from pipeline.clitypes import FiniteFloat, OutputFile, positive_number
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.topics import ensure_topics
-from pipeline.traffic import Limits, publish_traffic, write_jsonl
+from pipeline.traffic import Limits, ending_now, publish_traffic, write_jsonl
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -98,6 +98,14 @@ def generate(
         quality_drop_release=quality_drop_release,
     )
     cases_per_second = rate / EVENTS_PER_CASE if rate else 20.0
+    if jsonl is None and rate is None and start is None and count is not None:
+        begin = ending_now(begin, count, cases_per_second)
+    elif jsonl is None and rate is None and start is None:
+        err(
+            "generate: unpaced, event time runs ahead of the clock, and the workers refuse "
+            "events stamped more than LOOPLINE_MAX_AHEAD_SECONDS ahead (future_ts): "
+            "give --rate, --count or an earlier --start"
+        )
     events = TrafficGenerator(seed, begin, cases_per_second, scenario)
     by_topic: dict[str, Any]
     if jsonl is not None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -179,14 +180,20 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
     not_finite = Codec.load().encode(
         "ResolutionEvent", {**template, "event_id": "nan-cost", "model_cost_usd": float("nan")}
     )
+    # Valid, but stamped a day ahead of its message's time (a clock gone wrong): followed, it
+    # would carry its partition's watermark a day ahead and make the events after it too late.
+    an_input = next(r for t, r in before if t == "inputs")
+    ahead = datetime.now(UTC) + timedelta(days=1)
+    future = Codec.load().encode("InputEvent", {**an_input, "event_id": "ahead", "ts": ahead})
     bad_offset = asyncio.run(_send_raw(settings, "inputs", b"case-x", not_avro))
     cut_offset = asyncio.run(_send_raw(settings, "resolutions", b"case-y", truncated))
     asyncio.run(_send_raw(settings, "resolutions", b"case-z", not_finite))
+    asyncio.run(_send_raw(settings, "inputs", str(an_input["case_id"]).encode(), future))
     expected = asyncio.run(_publish(settings, after)) + Counter(t for t, _ in before)
 
     _wait_counts(worker, expected)
-    wait_for(lambda: worker.metric("loopline_dead_letters_total") >= 3, 60, "3 dead letters")
-    assert worker.processed("inputs", "dead_letter") == 1
+    wait_for(lambda: worker.metric("loopline_dead_letters_total") >= 4, 60, "4 dead letters")
+    assert worker.processed("inputs", "dead_letter") == 2
     assert worker.processed("resolutions", "dead_letter") == 2
     assert (
         worker.metric(
@@ -207,10 +214,24 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
         == 1
     )
 
-    dead = [d for _, d in asyncio.run(consume(settings, "dlq", 3))]
+    assert (
+        worker.metric(
+            "loopline_dead_letters_total", topic=settings.topic("inputs"), reason="future_ts"
+        )
+        == 1
+    )
+
+    dead = [d for _, d in asyncio.run(consume(settings, "dlq", 4))]
     (nan,) = [d for d in dead if d["reason"] == "invalid"]
     assert nan["error"] == "Resolution.model_cost_usd: nan is not a finite amount"
-    letters = {d["source_topic"]: d for d in dead if d["reason"] != "invalid"}
+    (early,) = [d for d in dead if d["reason"] == "future_ts"]
+    stamped = re.escape(ahead.isoformat(timespec="seconds"))
+    assert re.fullmatch(  # a day less the moments between stamping and sending it
+        rf"ts {stamped} is 86,[34]\d\d s ahead of its message's time \S+; "
+        r"at most 3,600 s is allowed \(LOOPLINE_MAX_AHEAD_SECONDS\)",
+        early["error"],
+    ), early["error"]
+    letters = {d["source_topic"]: d for d in dead if d["reason"] not in ("invalid", "future_ts")}
     header = letters[settings.topic("inputs")]
     assert (header["source_partition"], header["source_offset"]) == (0, bad_offset)
     assert header["event_id"] == f"{settings.topic('inputs')}:0:{bad_offset}"

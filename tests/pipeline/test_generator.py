@@ -15,6 +15,7 @@ import pytest
 from pipeline.codec import Codec
 from pipeline.generator import Scenario, TrafficGenerator
 from pipeline.topics import RECORD_OF
+from pipeline.traffic import ending_now
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 START_MS = int(START.timestamp() * 1000)
@@ -128,3 +129,17 @@ def test_generate_cli_rejects_missing_or_bad_limits(args: list[str]) -> None:
     )
     assert result.returncode == 2
     assert "count" in result.stderr or "rate" in result.stderr
+
+
+def test_unpaced_traffic_from_ending_now_ends_about_now_not_in_the_future() -> None:
+    """What `generate --count N` publishes without --rate or --start: its event time must not
+    run past the workers' LOOPLINE_MAX_AHEAD_SECONDS (1 h), or its events are refused."""
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    count, rate = 50_000, 20.0  # about 17 minutes of event time at 48 events a second
+    begin = ending_now(now, count, rate)
+    assert begin == datetime(2026, 11, 28, 11, 42, 38, tzinfo=UTC)  # 50,000 / 48 = 1,042 s
+    stamps = [record["ts"] for _, record in islice(TrafficGenerator(1, begin, rate), count)]
+    now_ms = int(now.timestamp() * 1000)
+    assert min(stamps) >= int(begin.timestamp() * 1000)
+    # ends within minutes of now (the last resolutions trail their inputs), never an hour on
+    assert abs(max(stamps) - now_ms) < 15 * 60_000

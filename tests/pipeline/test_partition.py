@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.aggregates import Aggregate
+from pipeline.codec import CodecError
 from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
@@ -217,6 +218,34 @@ def at(seconds: int) -> datetime:
 def tight() -> CoreConfig:
     """A minute of lateness (the SLA, and so the state's horizon, as by default)."""
     return CoreConfig(allowed_lateness_ms=MINUTE)
+
+
+def test_an_event_stamped_too_far_ahead_of_its_message_is_refused_before_any_change() -> None:
+    """One event with a clock a day ahead would carry the watermark a day ahead: every event
+    after it would be too late. Against its message's own time it is refused instead."""
+    day = 86_400
+
+    def event(n: int, seconds: int) -> dict[str, Any]:
+        return {"event_id": f"i{n}", "case_id": f"c{n}", "loop": "refunds", "ts": at(seconds)}
+
+    sent = to_ms(at(0))  # every message published at the start
+    followed = PartitionCore(tight())  # replay: no message times, nothing to check against
+    assert followed.process("inputs", "c1", event(1, day)) == "ok"
+    assert followed.process("inputs", "c2", event(2, 10)) == "too_late"
+    guarded = PartitionCore(tight())  # an hour allowed by default
+    with pytest.raises(CodecError) as refused:
+        guarded.process("inputs", "c1", event(1, day), sent_ms=sent)
+    assert (refused.value.reason, refused.value.field) == ("future_ts", "ts")
+    assert str(refused.value) == (
+        "ts 2026-11-26T09:00:00+00:00 is 86,400 s ahead of its message's time "
+        "2026-11-25T09:00:00+00:00; at most 3,600 s is allowed (LOOPLINE_MAX_AHEAD_SECONDS)"
+    )
+    assert (guarded.watermark_ms, guarded.cases, guarded.buckets) == (0, {}, {})
+    assert guarded.process("inputs", "c2", event(2, 10), sent_ms=sent) == "ok"
+    assert guarded.process("inputs", "c3", event(3, 3600), sent_ms=sent) == "ok"  # the bound
+    with pytest.raises(CodecError):
+        guarded.process("inputs", "c4", event(4, 3601), sent_ms=sent)
+    assert guarded.process("inputs", "c5", event(5, 3601), sent_ms=-1) == "ok"  # no time: -1
 
 
 def test_a_held_watermark_waits_for_the_slowest_topic_still_to_be_read() -> None:
