@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -47,6 +48,20 @@ def on_kafka(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except KafkaError as exc:
         raise click.ClickException(kafka_failure(settings, exc)) from None
+
+
+def require_free_port(host: str, port: int, what: str, setting: str) -> None:
+    """End the command with the reason when another process listens on the port it would
+    serve on, before any work (the server's own failure comes later, inside a traceback).
+    SO_REUSEADDR as asyncio's and uvicorn's servers bind: a closing connection is no owner."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve {what} on {host}:{port}: {exc.strerror} ({setting})"
+            ) from None
 
 
 def core_config(settings: Settings) -> CoreConfig:

@@ -7,7 +7,14 @@ import dataclasses
 import click
 from aiokafka.errors import KafkaError
 
-from pipeline.cli.common import core_config, err, kafka_failure, on_kafka, settings_of
+from pipeline.cli.common import (
+    core_config,
+    err,
+    kafka_failure,
+    on_kafka,
+    require_free_port,
+    settings_of,
+)
 from pipeline.clitypes import positive_number
 from pipeline.kafka_local import BrokerError
 from pipeline.topics import ensure_topics
@@ -29,6 +36,8 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
     if web_port is not None:
         settings = dataclasses.replace(settings, web_port=web_port)
     core_config(settings)  # a bad rules file stops the worker here, with the reason
+    where = "LOOPLINE_WEB_PORT or --web-port"
+    require_free_port(settings.web_host, settings.web_port, "/metrics", where)
     try:
         run_worker(settings)
     except KafkaError as exc:
@@ -55,8 +64,10 @@ def review(ctx: click.Context, port: int | None) -> None:
         app = create_review_app(settings)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    on_kafka(settings, ensure_topics(settings))
     chosen = port or settings.review_port
+    where = "LOOPLINE_REVIEW_PORT or --port"
+    require_free_port(settings.web_host, chosen, "the review page", where)
+    on_kafka(settings, ensure_topics(settings))
     err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
     uvicorn.run(app, host=settings.web_host, port=chosen, log_level=settings.log_level)
 

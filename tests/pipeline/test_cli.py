@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,4 +132,37 @@ def test_a_start_time_that_is_not_iso_8601_is_refused() -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "Error: Invalid value for --start: 'yesterday' is not an ISO-8601 time, "
         "e.g. 2026-11-25T12:00:00Z"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "what", "setting"),
+    [
+        (["worker", "--web-port", "{port}"], "/metrics", "LOOPLINE_WEB_PORT or --web-port"),
+        (["review", "--port", "{port}"], "the review page", "LOOPLINE_REVIEW_PORT or --port"),
+    ],
+    ids=["worker", "review"],
+)
+def test_a_port_another_process_listens_on_is_named_before_any_work(
+    command: list[str], what: str, setting: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *(p.format(port=port) for p in command)],
+            env={
+                **os.environ,
+                "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # never reached
+                "LOOPLINE_REVIEW_TOKEN": "a-token",
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot serve {what} on 127.0.0.1:{port}: Address already in use ({setting})"
     )
