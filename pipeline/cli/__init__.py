@@ -25,6 +25,7 @@ from sinks.archive.cli import register as register_archive_commands  # noqa: E40
 
 
 @click.group()
+@click.version_option(package_name="loopline", prog_name="loopline")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """loopline: telemetry for AI-native operational loops, on Kafka."""

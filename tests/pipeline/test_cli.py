@@ -166,3 +166,16 @@ def test_a_port_another_process_listens_on_is_named_before_any_work(
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: cannot serve {what} on 127.0.0.1:{port}: Address already in use ({setting})"
     )
+
+
+def test_the_version_is_the_installed_package_s() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout == f"loopline, version {version('loopline')}\n"
