@@ -13,7 +13,10 @@ block of an in-memory Avro object container file, and three guards keep the resu
    the last real record's end is checked by the same rule, and exactly N + 1 rows are read
    (arrow-avro does not return when bytes are left over after a block's last row, so nothing
    past the requested rows is ever asked for).
-3. Any failure sends the batch to the per-record codec, which names each bad record's error (a
+3. Every timestamp-millis must be a time the per-record codec can decode (years 1 to 9999,
+   what a datetime holds): Arrow holds any long, and one event stamped in the year 3,000,000
+   reached the workers as a number and failed the archive's whole batch in DuckDB.
+4. Any failure sends the batch to the per-record codec, which names each bad record's error (a
    dead letter) and decodes the rest. Records of an older writer schema take that path too,
    since they need schema resolution.
 
@@ -34,6 +37,7 @@ from typing import Any
 
 import fastavro
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.types as pat
 from polars_avro._avro_rs import AvroSource  # pinned minor version: see pyproject.toml
 from polars_avro._source import seekable_factory
@@ -226,7 +230,21 @@ def _read(framing: _Framing, bodies: list[bytes]) -> pa.Table | None:
     for body, first in zip(bodies, ids, strict=False):
         if first is None or not body.startswith(_string(first)):
             return None
-    return pa.Table.from_batches([chunk.slice(0, len(bodies))])
+    records = chunk.slice(0, len(bodies))
+    for column in records.columns:
+        if pat.is_timestamp(column.type) and not _datetimes(column):
+            return None
+    return pa.Table.from_batches([records])
+
+
+#: The epoch milliseconds a datetime holds, as fastavro decodes a timestamp-millis.
+_FIRST_MS, _LAST_MS = -62_135_596_800_000, 253_402_300_799_999
+
+
+def _datetimes(column: pa.Array) -> bool:
+    """Whether every value of a timestamp column is one the per-record codec decodes."""
+    low, high = pc.min_max(column.cast(pa.int64())).values()
+    return not low.is_valid or (low.as_py() >= _FIRST_MS and high.as_py() <= _LAST_MS)
 
 
 def to_rows(table: pa.Table) -> list[dict[str, Any]]:

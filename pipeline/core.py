@@ -95,16 +95,27 @@ def _scaled(record: Mapping[str, Any], name: str, scale: float) -> int:
     return round(scaled)
 
 
+#: The event times loopline counts: from the epoch up to the year 9999, whose last days are left
+#: for the bucket ends and windows computed from a time (a datetime stops at the year 9999). An
+#: Avro timestamp-millis is any long; one outside these could not be shown as a time at all.
+END_MS = 253_370_764_800_000  # 9999-01-01T00:00:00Z, not included
+
+
 def to_ms(value: Any) -> int:
-    """Event time in epoch milliseconds from an aware datetime, epoch ms or ISO-8601 text."""
+    """Event time in epoch milliseconds from an aware datetime, epoch ms or ISO-8601 text;
+    a time before 1970 or from the year 9999 on is refused (``invalid``)."""
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: event times must carry a timezone")
-        return round(value.timestamp() * 1000)
+        return to_ms(round(value.timestamp() * 1000))
     if isinstance(value, bool):
         raise ValueError(f"not a timestamp: {value!r}")
     if isinstance(value, int):
-        return value
+        if 0 <= value < END_MS:
+            return value
+        raise CodecError(
+            "invalid", f"ts: {value} ms is not between 1970-01-01 and 9999-01-01", "ts"
+        )
     if isinstance(value, str):
         return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
     raise ValueError(f"not a timestamp: {value!r}")

@@ -269,3 +269,19 @@ def test_mixed_rows_decode_each_type_at_once_and_keep_message_order() -> None:
     assert isinstance(got[3], CodecError) and got[3].reason == "bad_header"
     rows = [o for o in got if not isinstance(o, CodecError)]
     assert rows == [_in_ms(CODEC.decode(v).record) for v in (inputs[0], result, inputs[1])]
+
+
+@pytest.mark.parametrize("ts", [253_402_300_800_000, -62_135_596_800_001, 99_999_999_999_999_999])
+def test_a_time_no_datetime_holds_is_named_like_the_codec_does(ts: int) -> None:
+    """Arrow holds any long; the codec decodes a timestamp-millis into a datetime (years 1 to
+    9999). The last times a datetime holds still go into the table."""
+    first, last = -62_135_596_800_000, 253_402_300_799_999
+    edges = [
+        CODEC.encode("InputEvent", {**_variant("InputEvent", n), "ts": t})
+        for n, t in ((1, first), (2, last))
+    ]
+    assert DECODER.decode("InputEvent", edges).table is not None
+    values = [*edges, CODEC.encode("InputEvent", {**_variant("InputEvent", 3), "ts": ts})]
+    outcomes = _outcomes(DECODER.decode("InputEvent", values), 3)
+    assert outcomes == _reference(values, "InputEvent")
+    assert outcomes[2][:2] == ("error", "bad_value")

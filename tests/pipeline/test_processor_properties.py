@@ -388,6 +388,31 @@ def test_replay_reads_an_avro_container_and_a_damaged_one_up_to_the_damage(
     assert reason.startswith(f"{damaged}#4: the Avro file cannot be read from here on (EOFError")
 
 
+def test_replay_refuses_times_before_1970_or_from_the_year_9999(tmp_path: Path) -> None:
+    """JSON holds any number: a ts of 10**17 ms crashed replay printing the snapshot (no
+    datetime holds the year 3,170,843), and one before 1970 is no event time either."""
+    base = {"case_id": "c1", "loop": "alpha", "source": "api"}
+    lines = [
+        {"topic": "inputs", "record": {**base, "event_id": "i1", "ts": 1_000}},
+        {"topic": "inputs", "record": {**base, "event_id": "i2", "ts": 10**17}},
+        {"topic": "inputs", "record": {**base, "event_id": "i3", "ts": -5_000}},
+        {"topic": "inputs", "record": {**base, "event_id": "i4", "ts": 253_370_764_799_999}},
+        {"topic": "inputs", "record": {**base, "event_id": "i5", "ts": 253_370_764_800_000}},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    processor = Processor()
+    report = replay([path], processor)
+    assert report.statuses == {"ok": 2}
+    assert report.rejected == [
+        f"{path}:2: ts: 100000000000000000 ms is not between 1970-01-01 and 9999-01-01",
+        f"{path}:3: ts: -5000 ms is not between 1970-01-01 and 9999-01-01",
+        f"{path}:5: ts: 253370764800000 ms is not between 1970-01-01 and 9999-01-01",
+    ]
+    # the last time counted: the snapshot as of its bucket's end (10 s buckets)
+    assert processor.snapshot()["as_of"] == "9999-01-01T00:00:00Z"
+
+
 def test_replay_deletes_an_eval_case_on_a_null_record_with_its_key(tmp_path: Path) -> None:
     """The replay form of a tombstone, so replay and the workers agree on a deleted case."""
 

@@ -88,3 +88,24 @@ def test_a_batch_the_sink_cannot_take_at_once_is_retried_record_by_record(
     assert len(calls) == 1 and runner.progress.dead_letters == 0
     assert sink.flush() == {("t.inputs", 2): 3}
     assert fetch(archive, "SELECT event_id FROM inputs ORDER BY 1") == [("i0",), ("i1",), ("i2",)]
+
+
+def test_an_event_stamped_past_the_year_9999_is_a_dead_letter_and_the_batch_is_archived(
+    tmp_path: Path,
+) -> None:
+    """Decoded at once into Arrow it was a valid long, and DuckDB then refused the whole batch
+    ("Could not convert TimestampTZ"): the sink stopped at it, and again after every restart."""
+    codec = Codec.load()
+    archive = make_archive(tmp_path / "a.duckdb")
+    sink = make_sink(archive)
+    runner = SinkRunner(Settings(topic_prefix="t."), sink, ("inputs",), "g", codec=codec)
+    far = {**input_event("i2", "c2", at(1)), "ts": 99_999_999_999_999_999}
+    records = [input_event("i1", "c1", at(0)), far, input_event("i3", "c3", at(2))]
+    values = [codec.encode("InputEvent", r) for r in records]
+    messages = [Message("t.inputs", 0, 10 + i, v) for i, v in enumerate(values)]
+    asyncio.run(runner._add_partition(messages))
+    assert sink.flush() == {("t.inputs", 0): 13}
+    assert fetch(archive, "SELECT event_id FROM inputs ORDER BY 1") == [("i1",), ("i3",)]
+    assert fetch(archive, "SELECT event_id, reason FROM dead_letters") == [
+        ("t.inputs:0:11", "bad_value")
+    ]
