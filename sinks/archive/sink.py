@@ -8,12 +8,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sinks.archive.store import Archive
 from sinks.archive.tables import Table
 from sinks.base import BatchingSink, BatchPolicy, Segments, segment_rows
 
 log = logging.getLogger(__name__)
+
+
+def _repeats_a_key(column: pa.ChunkedArray) -> bool:
+    """Whether some map of the column holds one key twice (valid Avro binary, not a dict)."""
+    for chunk in column.chunks:
+        # The keys of each map as a list array: a map's own .keys ignore a slice, and compute
+        # functions on a map array may abort the process (pyarrow's list_parent_indices does).
+        keys = pa.ListArray.from_arrays(chunk.offsets, chunk.keys)
+        pairs = pa.table({"row": pc.list_parent_indices(keys), "key": pc.list_flatten(keys)})
+        if pairs.group_by(["row", "key"]).aggregate([]).num_rows != pairs.num_rows:
+            return True
+    return False
 
 
 class ArchiveSink(BatchingSink):
@@ -59,7 +72,13 @@ class ArchiveSink(BatchingSink):
         self, topic: str, records: pa.Table, source: str, partition: int, last_offset: int
     ) -> None:
         """Buffer many decoded records of ``topic`` (an Arrow table of the record's fields)
-        read from ``source[partition]`` up to ``last_offset``."""
+        read from ``source[partition]`` up to ``last_offset``. Raises ValueError for a map
+        holding a key twice, which DuckDB refuses (the whole batch's write would fail, again
+        after every restart); the caller then adds the records one by one, as the codec
+        decodes them (the last value of a key)."""
+        for name, column in zip(records.column_names, records.columns, strict=True):
+            if pa.types.is_map(column.type) and _repeats_a_key(column):
+                raise ValueError(f"{topic}.{name}: a map holds a key twice")
         table = self.tables[topic]
         self.add_arrow(table.name, table.rows_of_batch(records), source, partition, last_offset)
 
