@@ -13,6 +13,19 @@ import pytest
 from tests.conftest import free_port
 
 
+def loopline(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A ``loopline`` command as a shell runs it (not CliRunner: the process's own imports and
+    argv matter, see test_views' gate test), with ``env`` added to this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -36,19 +49,11 @@ def test_a_command_that_cannot_reach_kafka_says_so_and_exits_1(
     places = {"cases": cases, "archive": tmp_path / "a.duckdb", "web_port": free_port()}
     port = free_port()  # nothing listens there
     env = {
-        **os.environ,
         "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
         "LOOPLINE_DATA_DIR": str(tmp_path / "data"),
         "LOOPLINE_REVIEW_TOKEN": "a-token",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *(part.format(**places) for part in command)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = loopline(*(part.format(**places) for part in command), env=env)
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last == (
@@ -77,14 +82,8 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
     events.write_text("")
     out = tmp_path / "missing" / "out.txt"
     places = {"out": out, "events": events}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *(part.format(**places) for part in command)],
-        env={**os.environ, "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    unused = {"LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    done = loopline(*(part.format(**places) for part in command), env=unused)
     assert done.returncode == 2, done.stderr  # click's status for a bad argument
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: Invalid value for {option}: {out}: the folder {out.parent} does not exist"
@@ -108,26 +107,14 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
 def test_a_number_that_is_not_finite_is_refused(command: list[str], last_line: str) -> None:
     """click's FloatRange lets nan through every bound: `gate --min-pass-rate nan` passed a
     release at 70 %, and a duration of nan never ended."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *command],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = loopline(*command)
     assert done.returncode == 2, done.stderr
     expected = f"Error: Invalid value for {last_line} is not a finite number"
     assert done.stderr.strip().splitlines()[-1] == expected
 
 
 def test_a_start_time_that_is_not_iso_8601_is_refused() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", "--count", "1", "--start", "yesterday"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = loopline("generate", "--count", 1, "--start", "yesterday")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "Error: Invalid value for --start: 'yesterday' is not an ISO-8601 time, "
@@ -150,18 +137,11 @@ def test_a_port_another_process_listens_on_is_named_before_any_work(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *(p.format(port=port) for p in command)],
-            env={
-                **os.environ,
-                "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # never reached
-                "LOOPLINE_REVIEW_TOKEN": "a-token",
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        env = {
+            "LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # never reached
+            "LOOPLINE_REVIEW_TOKEN": "a-token",
+        }
+        done = loopline(*(p.format(port=port) for p in command), env=env)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: cannot serve {what} on 127.0.0.1:{port}: Address already in use ({setting})"
@@ -171,11 +151,6 @@ def test_a_port_another_process_listens_on_is_named_before_any_work(
 def test_the_version_is_the_installed_package_s() -> None:
     from importlib.metadata import version
 
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    done = loopline("--version")
+    assert done.returncode == 0, done.stderr
     assert done.stdout == f"loopline, version {version('loopline')}\n"
