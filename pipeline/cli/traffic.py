@@ -57,7 +57,12 @@ def _seconds_after_start(flag: str, what: str) -> Callable[[FC], FC]:
     help="Events per second (default: as fast as possible).",
 )
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--start", default=None, help="Event time of the first case (ISO-8601); default now.")
+@click.option(
+    "--start",
+    default=None,
+    help="Event time of the first case (ISO-8601); default now, or, published unpaced with "
+    "--count, so that the events end about now.",
+)
 @click.option(
     "--jsonl",
     type=OutputFile(),
