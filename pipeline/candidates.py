@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.codec import Codec
-from pipeline.features import finite
+from pipeline.features import CATEGORY_CHARS, category_text, finite
 from pipeline.redact import Redactor
 from pipeline.windows import DAY
 
@@ -238,7 +238,7 @@ def extrinsic_reasons(proposal: CaseProposal, context: LoopContext) -> tuple[lis
     """(reasons, drifted features the case is on)."""
     found = []
     category = proposal.input.get("category")
-    if category and category not in context.covered:
+    if category and category_text(category) not in context.covered:
         found.append("novel_category")
     on_drifted = []
     for feature, rare in sorted(context.usual_values.items()):
@@ -249,7 +249,7 @@ def extrinsic_reasons(proposal: CaseProposal, context: LoopContext) -> tuple[lis
             low, high = rare
             if isinstance(value, float) and not low <= value <= high:
                 on_drifted.append(feature)
-        elif str(value) not in rare:
+        elif category_text(value) not in rare:
             on_drifted.append(feature)
     if on_drifted:
         found.append("drifted_feature")
@@ -265,14 +265,22 @@ def _above(value: float | None, threshold: float | None) -> bool:
 
 
 def _feature_value(fields: Mapping[str, Any], feature: str) -> Any:
+    """The input's value of a feature as the summaries name it (keys cut: category_text)."""
     if feature.startswith("attributes."):
-        return (fields.get("attributes") or {}).get(feature[len("attributes.") :])
+        return _by_cut_key(fields.get("attributes"), feature[len("attributes.") :])
     if feature.startswith("features."):
-        found = (fields.get("features") or {}).get(feature[len("features.") :])
+        found = _by_cut_key(fields.get("features"), feature[len("features.") :])
         return None if found is None else float(found)
     if feature == "tokens":
         return None if fields.get("tokens") is None else float(fields["tokens"])
     return fields.get(feature)
+
+
+def _by_cut_key(values: Mapping[str, Any] | None, key: str) -> Any:
+    found = (values or {}).get(key)
+    if found is None and len(key) == CATEGORY_CHARS:  # the key may have been longer
+        found = next((v for k, v in (values or {}).items() if category_text(k) == key), None)
+    return found
 
 
 class CandidateSampler:

@@ -27,6 +27,11 @@ EXACT_VALUES = 512
 #: worker and replay fold alike.
 CATEGORY_VALUES = 1000
 OTHER = "other"
+#: Characters of a categorical value or a map key that are kept: a free-text value (a stack
+#: trace in an attribute, say) is no category, and up to CATEGORY_VALUES distinct ones of any
+#: length made a bucket's partial larger than a Kafka message may be (the worker then stopped
+#: at every restart). Inputs and eval cases are cut alike, so coverage and drift compare.
+CATEGORY_CHARS = 100
 #: Keys of the attributes map (categorical) and of the features map (numeric) a summary keeps
 #: apart; past that every key of the map folds into one feature, attributes.other or
 #: features.other, by the same union rule, so no producer can grow the state without bound.
@@ -91,18 +96,26 @@ def values_from_json(data: Mapping[str, Any] | None) -> FeatureValues:
     )
 
 
+def category_text(value: Any) -> str:
+    """A categorical value or a map key as the summaries keep it: its first CATEGORY_CHARS."""
+    text = str(value)
+    return text if len(text) <= CATEGORY_CHARS else text[:CATEGORY_CHARS]
+
+
 def feature_values(record: Mapping[str, Any]) -> FeatureValues:
     """Features of an InputEvent or EvalCase record (both carry the same input fields).
     Missing values are left out; non-finite numbers too, since no distance is defined for them."""
-    categorical = {name: str(record[name]) for name in CATEGORICAL if record.get(name) is not None}
+    categorical = {
+        name: category_text(record[name]) for name in CATEGORICAL if record.get(name) is not None
+    }
     for key, value in (record.get("attributes") or {}).items():
-        categorical[f"attributes.{key}"] = str(value)
+        categorical[ATTRIBUTES + category_text(key)] = category_text(value)
     numeric: dict[str, float] = {}
     if record.get("tokens") is not None:
         numeric["tokens"] = float(record["tokens"])
     for key, value in (record.get("features") or {}).items():
         if finite(value):
-            numeric[f"features.{key}"] = float(value)
+            numeric[NUMBERS + category_text(key)] = float(value)
     embedding = record.get("embedding")
     unit = _unit(embedding) if embedding else None
     return FeatureValues(categorical, numeric, None if unit is None else tuple(unit))
@@ -244,15 +257,15 @@ class FeatureStats:
         for name in CATEGORICAL:
             value = record.get(name)
             if value is not None:
-                self._count(name, str(value))
+                self._count(name, category_text(value))
         for key, value in (record.get("attributes") or {}).items():
-            self._count(ATTRIBUTES + key, str(value))
+            self._count(ATTRIBUTES + category_text(key), category_text(value))
         tokens = record.get("tokens")
         if tokens is not None:
             self._number("tokens", float(tokens))
         for key, value in (record.get("features") or {}).items():
             if finite(value):
-                self._number(NUMBERS + key, float(value))
+                self._number(NUMBERS + category_text(key), float(value))
         embedding = record.get("embedding")
         unit = _unit(embedding) if embedding else None
         if unit is not None:

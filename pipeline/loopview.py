@@ -30,7 +30,13 @@ from pipeline.candidates import (
 )
 from pipeline.core import CoreConfig
 from pipeline.drift import Baseline, evaluate, no_drift
-from pipeline.features import FeatureStats, FeatureValues, values_from_json, values_to_json
+from pipeline.features import (
+    FeatureStats,
+    FeatureValues,
+    category_text,
+    values_from_json,
+    values_to_json,
+)
 from pipeline.featurewindow import FeatureWindow
 from pipeline.openbuckets import OpenBuckets
 from pipeline.partition import EvalCaseChange, Partial
@@ -130,7 +136,8 @@ class LoopState:
         """The categories the loop's eval cases have (computed once per change of the set:
         every candidate offer asks)."""
         if self._covered is None:
-            self._covered = frozenset(c for c, _ in self.eval_cases.values() if c)
+            # cut as the inputs' categories are (pipeline.features.category_text)
+            self._covered = frozenset(category_text(c) for c, _ in self.eval_cases.values() if c)
         return self._covered
 
     @property

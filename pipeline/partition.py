@@ -33,6 +33,7 @@ from pipeline.fastjson import dumps, loads
 from pipeline.features import (
     FeatureStats,
     FeatureValues,
+    category_text,
     feature_values,
     finite,
     values_from_json,
@@ -331,7 +332,8 @@ class PartitionCore:
         bucket = self._bucket(loop, ts)
         bucket.events += 1
         if topic == "inputs":
-            bucket.inputs[record.get("category") or ""] += 1
+            category = record.get("category")
+            bucket.inputs["" if category is None else category_text(category)] += 1
             bucket.features.add_record(record)
             changed = self._bucket_key(loop, ts)
             self._changed_features.add(changed)

@@ -20,6 +20,7 @@ from pipeline.candidates import (
     CandidateSampler,
     CaseProposal,
     LoopContext,
+    extrinsic_reasons,
     shown_input,
     text_fingerprint,
     unit_hash,
@@ -226,3 +227,36 @@ def test_the_coin_is_the_blake2b_of_salt_and_case_id_whatever_salts_came_before(
     assert [unit_hash(c, s) for c, s in pairs] == [reference(c, s) for c, s in pairs]
     assert unit_hash("case-1", "loopline") != unit_hash("case-1", "other")
     assert all(0 <= unit_hash(c, s) < 1 for c, s in pairs)
+
+
+def test_long_categorical_values_are_judged_as_the_summaries_cut_them() -> None:
+    """The eval set's categories and the drifted features' usual values are kept cut to 100
+    characters (pipeline.features.category_text): a case is judged on its values cut alike."""
+    long = "refund because " + "x" * 400
+    key = "k" * 150  # an attribute key, cut too
+    context = LoopContext(
+        frozenset({long[:100]}), {f"attributes.{key[:100]}": frozenset({"y" * 100})}, None, None
+    )
+    usual = CaseProposal(
+        "c1",
+        "refunds",
+        START_MS,
+        {"category": long + " (other words)", "attributes": {key: "y" * 300}},
+        {"resolver": "SYSTEM", "outcome": "RESOLVED"},
+        1.0,
+        {},
+    )
+    assert extrinsic_reasons(usual, context) == ([], [])
+    odd = CaseProposal(
+        "c2",
+        "refunds",
+        START_MS,
+        {"category": "damaged", "attributes": {key: "z"}},
+        {"resolver": "SYSTEM", "outcome": "RESOLVED"},
+        1.0,
+        {},
+    )
+    assert extrinsic_reasons(odd, context) == (
+        ["novel_category", "drifted_feature"],
+        [f"attributes.{key[:100]}"],
+    )

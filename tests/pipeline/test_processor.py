@@ -350,3 +350,24 @@ def test_a_loops_changed_buckets_go_to_stage_2_one_message_each() -> None:
     assert [(p.loop, dict(p.buckets)) for p in core.drain() if isinstance(p, Partial)] == [
         ("refunds", {})
     ]
+
+
+def test_long_categorical_values_are_cut_alike_for_inputs_and_the_eval_set() -> None:
+    """A free-text value is no category: only its first 100 characters are kept, so 1,000
+    distinct long values cannot make a bucket's partial larger than a Kafka message. An input
+    and an eval case with the same long category still cover each other; so do two inputs
+    whose categories differ only past the cut."""
+    proc = Processor()
+    long = "refund because " + "x" * 400
+    proc.process(*_eval_case("ec-1", long + " (from the eval set)"))
+    proc.process(*_input("i1", "c1", 1, long + " (one)"))
+    proc.process(*_input("i2", "c2", 2, long + " (two)"))
+    proc.process(*_input("i3", "c3", 3, "damaged"))
+    record = {**_input("i4", "c4", 4, None)[1], "attributes": {"trace": "t" * 5000 + "1"}}
+    proc.process("inputs", record)
+    window = proc.snapshot(T0 + 10 * S)["loops"]["refunds"]["windows"]["5m"]
+    # categorised inputs: two with the long category (covered), "damaged" (not): 1 of 3
+    assert window["uncovered_ratio"] == pytest.approx(1 / 3)
+    (bucket,) = [b for b in proc.stage1.buckets.values() if b.inputs]
+    assert dict(bucket.inputs) == {long[:100]: 2, "damaged": 1, "": 1}
+    assert dict(bucket.features.categorical["attributes.trace"]) == {"t" * 100: 1}
