@@ -27,12 +27,16 @@ import numpy.typing as npt
 
 from pipeline.features import (
     ATTRIBUTES,
+    CATEGORY_BYTES,
+    EMBEDDING_LENGTHS,
     NUMBERS,
     FeatureStats,
     FeatureValues,
     NumericSummary,
-    fold_categories,
+    categories_fold,
+    category_bytes,
     fold_keys,
+    heavy_map,
     total_counts,
 )
 from pipeline.windows import HOUR
@@ -66,6 +70,10 @@ class DriftConfig:
         return override.get(method, self.thresholds.get(method, DEFAULT_THRESHOLDS[method]))
 
 
+def _concatenated(parts: list[list[float]]) -> list[float]:
+    return [x for part in parts for x in part]
+
+
 class Baseline:
     """The feature distributions of one loop's eval set."""
 
@@ -82,11 +90,24 @@ class Baseline:
                 numeric.setdefault(name, []).append(number)
             if case.embedding is not None:
                 embedding.setdefault(len(case.embedding), []).append(case.embedding)
-        # Folded like the traffic's summaries (pipeline.features): map keys, then values.
-        fold_keys(self.categorical, ATTRIBUTES, total_counts)
-        fold_keys(numeric, NUMBERS, lambda parts: [x for part in parts for x in part])
-        for name, counts in self.categorical.items():
-            self.categorical[name] = fold_categories(counts)
+        # Folded like the traffic's summaries (pipeline.features): map keys, then values,
+        # then maps by their weight; and the shortest embedding lengths kept.
+        attributes_folded = fold_keys(self.categorical, ATTRIBUTES, total_counts)
+        folded = {name for name, counts in self.categorical.items() if categories_fold(counts)}
+        for name in folded:
+            self.categorical[name] = total_counts([self.categorical[name]])
+        if not attributes_folded and heavy_map(
+            self.categorical,
+            ATTRIBUTES,
+            lambda name, counts: CATEGORY_BYTES + 1 if name in folded else category_bytes(counts),
+        ):
+            fold_keys(self.categorical, ATTRIBUTES, total_counts, force=True)
+        if not fold_keys(numeric, NUMBERS, _concatenated) and heavy_map(
+            numeric, NUMBERS, lambda _, values: NumericSummary.of(values).weight()
+        ):
+            fold_keys(numeric, NUMBERS, _concatenated, force=True)
+        for length in sorted(embedding)[EMBEDDING_LENGTHS:]:
+            del embedding[length]
         self.numeric: dict[str, Floats] = {k: np.sort(np.array(v)) for k, v in numeric.items()}
         self.embedding: dict[int, Floats] = {
             dim: np.mean(np.array(vectors), axis=0) for dim, vectors in embedding.items()

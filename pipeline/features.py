@@ -9,6 +9,7 @@ and workers its inputs went through.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from operator import add
 from typing import Any, TypeVar
 
-from pipeline.sketch import SignedSketch, add_counts
+from pipeline.sketch import BIN_BYTES, SKETCH_BINS, SignedSketch, add_counts
 
 CATEGORICAL = ("channel", "category", "language")
 #: Distinct values a NumericSummary keeps exactly; past that it becomes a sketch (1 % bound).
@@ -37,6 +38,27 @@ CATEGORY_CHARS = 100
 #: features.other, by the same union rule, so no producer can grow the state without bound.
 KEYS_PER_MAP = 100
 ATTRIBUTES, NUMBERS = "attributes.", "features."
+# A summary's size is what bounds a bucket's partial message and checkpoint record, and Kafka
+# refuses a message past its limit (the worker then stopped at every restart). So besides the
+# counts above, the summary's size in JSON bytes (at most) has its own caps, each decided, like
+# the others, by the union of the values alone (``FeatureStats.normalize``), so any merge order
+# still gives the same summary; ``FEATURES_BYTES`` is what they add up to.
+#: JSON bytes of a categorical feature's counts past which it folds into OTHER.
+CATEGORY_BYTES = 32 * 1024
+#: Weight (JSON bytes, a folded feature counting CATEGORY_BYTES + 1) of the features of one map
+#: past which the whole map folds into one feature, attributes.other or features.other.
+MAP_BYTES = 512 * 1024
+#: JSON bytes of an exact numeric value and its count at most.
+NUMBER_BYTES = 36
+#: Embeddings longer than this are left out of the summaries (and the baseline).
+EMBEDDING_DIMS = 4096
+#: Embedding lengths a summary keeps, the shortest ones (one per model; two while it changes).
+EMBEDDING_LENGTHS = 2
+#: The JSON of a normalized FeatureStats is at most this long (tests/pipeline/test_drift.py
+#: builds the largest one): three categorical features and a folded map at CATEGORY_BYTES each,
+#: two maps at MAP_BYTES plus the feature that last passed it, tokens, the embeddings, and up to
+#: 100 keys per map of 100 characters, escaped, named up to three times.
+FEATURES_BYTES = 2 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -45,9 +67,27 @@ def finite(value: Any) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def fold_categories(counts: Counter[str]) -> Counter[str]:
-    """The counts as kept: each value's, or all under OTHER past CATEGORY_VALUES values."""
-    return counts if len(counts) <= CATEGORY_VALUES else total_counts([counts])
+def categories_fold(counts: Mapping[str, int]) -> bool:
+    """Whether a categorical feature's counts fold into OTHER: past CATEGORY_VALUES values,
+    or past CATEGORY_BYTES."""
+    return len(counts) > CATEGORY_VALUES or category_bytes(counts) > CATEGORY_BYTES
+
+
+def category_bytes(counts: Mapping[str, int]) -> int:
+    """The counts' JSON bytes at most, whichever encoder writes them: the values as ASCII-only
+    JSON (every other encoding is as short or shorter), and up to 12 bytes a count."""
+    return len(json.dumps(list(counts), separators=(",", ":"))) + 11 * len(counts)
+
+
+def heavy_map(table: Mapping[str, T], prefix: str, weight: Callable[[str, T], int]) -> bool:
+    """Whether the ``prefix`` features of ``table`` weigh more than MAP_BYTES together."""
+    total = 0
+    for name, value in table.items():
+        if name.startswith(prefix):
+            total += weight(name, value)
+            if total > MAP_BYTES:
+                return True
+    return False
 
 
 def fold_keys(
@@ -65,6 +105,10 @@ def fold_keys(
 def total_counts(parts: list[Counter[str]]) -> Counter[str]:
     """Value counts (of one feature or several) folded: everything under OTHER."""
     return Counter({OTHER: sum(sum(counts.values()) for counts in parts)})
+
+
+def _number_weight(_: str, summary: NumericSummary) -> int:
+    return summary.weight()
 
 
 def _merged_summaries(parts: list[NumericSummary]) -> NumericSummary:
@@ -116,13 +160,18 @@ def feature_values(record: Mapping[str, Any]) -> FeatureValues:
     for key, value in (record.get("features") or {}).items():
         if finite(value):
             numeric[NUMBERS + category_text(key)] = float(value)
-    embedding = record.get("embedding")
-    unit = _unit(embedding) if embedding else None
+    unit = _unit(record.get("embedding"))
     return FeatureValues(categorical, numeric, None if unit is None else tuple(unit))
 
 
-def _unit(vector: Iterable[float]) -> list[float] | None:
+def _unit(vector: Iterable[float] | None) -> list[float] | None:
+    """The vector scaled to length 1; None when it is missing, zero, not finite or longer than
+    EMBEDDING_DIMS."""
+    if not vector:
+        return None
     values = [float(v) for v in vector]
+    if len(values) > EMBEDDING_DIMS:
+        return None
     norm = math.hypot(*values)  # inf with any infinite value (even with a NaN), else NaN
     if norm == 0 or not math.isfinite(norm):
         return None
@@ -197,6 +246,28 @@ class NumericSummary:
             assert other.sketch is not None
             self._to_sketch().merge(other.sketch)
 
+    def limit(self) -> None:
+        """Collapse the sketch's smallest bins past SKETCH_BINS (pipeline.sketch)."""
+        if self.sketch is not None and self.sketch.collapse():
+            self._json = None
+
+    def weight(self) -> int:
+        """JSON bytes at most; a sketch weighs at least as much as any exact summary, so the
+        weight only grows as values are added or merged."""
+        if self.exact is not None:  # {"x":[...],"n":[...]}
+            return NUMBER_BYTES * len(self.exact) + 16
+        assert self.sketch is not None  # {"s":{"p":{...},"n":{...},"z":...}}: two bins' worth
+        positive, negative = self.sketch.positive, self.sketch.negative
+        bins = min(len(positive), SKETCH_BINS) + min(len(negative), SKETCH_BINS)
+        return max(NUMBER_BYTES * (EXACT_VALUES + 1), BIN_BYTES * (bins + 2))
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> NumericSummary:
+        summary = cls()
+        for value in values:
+            summary.add(value)
+        return summary
+
     def points(self) -> list[tuple[float, int]]:
         """(value, count) pairs: the values themselves, or sketch bins within 1 % of them."""
         if self.exact is not None:
@@ -266,8 +337,7 @@ class FeatureStats:
         for key, value in (record.get("features") or {}).items():
             if finite(value):
                 self._number(NUMBERS + category_text(key), float(value))
-        embedding = record.get("embedding")
-        unit = _unit(embedding) if embedding else None
+        unit = _unit(record.get("embedding"))
         if unit is not None:
             self._add_embedding(unit, 1)
 
@@ -320,6 +390,8 @@ class FeatureStats:
         return True
 
     def merge(self, other: FeatureStats) -> None:
+        """Add ``other``'s counts, folding by value and key counts; the size caps are left to
+        ``normalize``."""
         for name, counts in other.categorical.items():
             mine = self.categorical.get(name)
             if mine is None:
@@ -338,7 +410,33 @@ class FeatureStats:
         for prefix in (ATTRIBUTES, NUMBERS):
             self._fold_keys(prefix, prefix in self.folded_maps or prefix in other.folded_maps)
 
+    def normalize(self) -> FeatureStats:
+        """Apply the size caps: a categorical feature past CATEGORY_BYTES folds, a map past
+        MAP_BYTES folds, sketches keep SKETCH_BINS bins a sign, and the EMBEDDING_LENGTHS
+        shortest embedding lengths stay. Each depends only on the union of the values (a weight
+        never shrinks as values are added), so the normalized merge of normalized parts is the
+        normalized whole. ``merge`` leaves this to its caller, who merges many parts at once."""
+        for name in [n for n, c in self.categorical.items() if n not in self.folded]:
+            if category_bytes(self.categorical[name]) > CATEGORY_BYTES:
+                self._fold(name)
+        if ATTRIBUTES not in self.folded_maps and heavy_map(
+            self.categorical, ATTRIBUTES, self._category_weight
+        ):
+            self._fold_keys(ATTRIBUTES, force=True)
+        if NUMBERS not in self.folded_maps and heavy_map(self.numeric, NUMBERS, _number_weight):
+            self._fold_keys(NUMBERS, force=True)
+        for summary in self.numeric.values():
+            summary.limit()
+        for length in sorted(self.embedding)[EMBEDDING_LENGTHS:]:
+            del self.embedding[length]
+        return self
+
+    def _category_weight(self, name: str, counts: Counter[str]) -> int:
+        return CATEGORY_BYTES + 1 if name in self.folded else category_bytes(counts)
+
     def to_json(self) -> dict[str, Any]:
+        """The normalized summary: what is sent and stored stays within FEATURES_BYTES."""
+        self.normalize()
         return {
             "c": {name: dict(counts) for name, counts in self.categorical.items()},
             "n": {name: summary.to_json() for name, summary in self.numeric.items()},

@@ -51,10 +51,11 @@ class FeatureWindow:
                 stats = FeatureStats()
                 for part in parts:
                     stats.merge(part.features)
-                cached = self.cache[group] = (version, stats)
+                cached = self.cache[group] = (version, stats.normalize())
             total.merge(cached[1])
         for part in edges:
             total.merge(part.features)
+        total.normalize()  # the size caps, once for the window (pipeline.features)
         oldest = start // (per * size) - 1
         for group in [g for g in self.cache if g < oldest]:
             del self.cache[group]

@@ -19,6 +19,12 @@ from ddsketch.mapping import LogarithmicMapping
 
 RELATIVE_ACCURACY = 0.01
 _MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
+#: Bins a SignedSketch keeps per sign: the largest magnitudes, the smaller ones collapsed into
+#: the smallest kept bin, as DDSketch's collapsing stores do. 2,048 bins hold values across
+#: about 17 orders of magnitude at the full accuracy; past that the smallest ones lose it.
+SKETCH_BINS = 2048
+#: JSON bytes of one bin and its count at most (a key of up to 6 characters, counts below 10^10).
+BIN_BYTES = 20
 
 K = TypeVar("K")
 
@@ -114,6 +120,23 @@ class SignedSketch:
         add_counts(self.positive, other.positive)
         add_counts(self.negative, other.negative)
         self.zero += other.zero
+
+    def collapse(self) -> bool:
+        """Keep SKETCH_BINS bins per sign; returns whether any were collapsed. The bins kept
+        are the largest keys of the union of the values, and every smaller one adds to the
+        smallest kept, so collapsing before or after a merge gives the same sketch."""
+        changed = False
+        for store in (self.positive, self.negative):
+            if len(store) > SKETCH_BINS:
+                keys = sorted(store, reverse=True)
+                floor = keys[SKETCH_BINS - 1]
+                store[floor] += sum(store.pop(key) for key in keys[SKETCH_BINS:])
+                changed = True
+        return changed
+
+    @property
+    def bins(self) -> int:
+        return len(self.positive) + len(self.negative)
 
     def points(self) -> list[tuple[float, int]]:
         """(representative value, count) of every bin: each value within 1 % of its bin's."""
