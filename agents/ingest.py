@@ -32,7 +32,7 @@ from pipeline.metrics import PipelineMetrics
 from pipeline.partition import CASES, PartitionCore, encode_change
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
-from pipeline.topics import EVENT_TOPICS, RECORD_OF, SOURCE_TOPICS
+from pipeline.topics import EVENT_TOPICS, PARTITION_STATE, RECORD_OF, SOURCE_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def register(
         )
 
     # The cores hold the cases, so the table's store keeps no second copy of them.
-    table = state_table(app, "partition-state", settings.partitions)
+    table = state_table(app, PARTITION_STATE, settings.partitions)
     states = CheckpointedPartitions(app, table, build, held=(CASES,))
 
     class Tally:

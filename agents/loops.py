@@ -25,6 +25,7 @@ from pipeline.fastjson import loads
 from pipeline.loopview import LoopView, iso, partial_from_json
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import Settings
+from pipeline.topics import LOOP_STATE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def register(
     def build(partition: int, records: Mapping[str, Any]) -> LoopView:
         return LoopView.from_records(config, records.items())
 
-    views = CheckpointedPartitions(app, state_table(app, "loop-state", settings.partitions), build)
+    views = CheckpointedPartitions(app, state_table(app, LOOP_STATE, settings.partitions), build)
 
     async def merge(by_partition: dict[int, list[Any]]) -> None:
         for partition, messages in by_partition.items():

@@ -14,6 +14,7 @@ from faust.types import TP
 
 from agents.batchsend import Sent, send_to_partition
 from pipeline.checkpoint import Checkpoint
+from pipeline.topics import STATE_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 Core = TypeVar("Core")
@@ -35,7 +36,10 @@ def state_table(app: faust.App, name: str, partitions: int) -> Any:
         key_type=bytes,  # bytes -> the "raw" serializer, for writes and for recovery alike
         value_type=bytes,
         help="loopline checkpointed state (pipeline.checkpoint)",
-        extra_topic_configs={"segment.ms": str(CHANGELOG_SEGMENT_MS)},
+        extra_topic_configs={
+            "segment.ms": str(CHANGELOG_SEGMENT_MS),
+            "max.message.bytes": str(STATE_MESSAGE_BYTES),
+        },
     )
 
 

@@ -11,7 +11,7 @@ from pipeline.codec import Codec
 from pipeline.kafka_security import faust_credentials
 from pipeline.metrics import CONTENT_TYPE_LATEST, PartitionState, PipelineMetrics
 from pipeline.settings import Settings
-from pipeline.topics import SOURCE_TOPICS
+from pipeline.topics import SOURCE_TOPICS, STATE_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ def faust_app(settings: Settings) -> faust.App:
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,
         consumer_max_fetch_size=4 << 20,
-        # A batch's changelog records go out in few, large produce requests.
+        # A batch's changelog records go out in few, large produce requests; a bucket's
+        # partial and checkpoint records may be larger than Kafka's default message limit.
         producer_max_batch_size=512 << 10,
+        producer_max_request_size=STATE_MESSAGE_BYTES,
         # No standby copies of the tables: with the memory store a standby's copy is never
         # used (a partition that moves to it is restored from its changelog's first record,
         # and Faust drops other partitions' keys when a recovery ends), and keeping it up to

@@ -620,10 +620,10 @@ class PartitionCore:
         if self._watermark_changed:
             for loop in self.known_loops:
                 by_loop.setdefault(loop, {})
-        # One message per bucket: with every feature at as many distinct values as it keeps
-        # exactly, a bucket's summaries take ~130 KB for the generator's 8 features (more with
-        # more features) and a Kafka message is 1 MiB at most; stage 2 keeps the latest of
-        # each bucket, so splitting changes nothing but the size.
+        # One message per bucket: a bucket's summaries encode within FEATURES_BYTES
+        # (pipeline.features), and the partials topic takes STATE_MESSAGE_BYTES
+        # (pipeline.topics); stage 2 keeps the latest of each bucket, so splitting changes
+        # nothing but the size.
         for loop in sorted(by_loop):
             buckets = by_loop[loop]
             if not buckets:  # only the watermark moved

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: max.message.bytes of the topics that carry a bucket's state: the partials topic and the state
+#: tables' changelogs. A bucket's input features encode within pipeline.features.FEATURES_BYTES
+#: (2 MiB), a changelog envelope holds a record twice (its value and the one before it), and
+#: the counts come on top. Kafka's default (1 MB) refused the largest buckets: the worker's send
+#: failed, and the worker stopped again after every restart.
+STATE_MESSAGE_BYTES = 8 * 1024 * 1024
+#: The worker's checkpointed tables (agents.state); Faust names their changelogs after them.
+PARTITION_STATE, LOOP_STATE = "partition-state", "loop-state"  # stage 1's and stage 2's
+STATE_TABLES = (PARTITION_STATE, LOOP_STATE)
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a topic's own setting
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,13 @@ class TopicSpec:
     record: str
     compacted: bool = False
     internal: bool = False  # the engine's own (stage 1 -> stage 2), not part of the contract
+    carries_state: bool = False  # messages up to STATE_MESSAGE_BYTES
+
+    def configs(self) -> dict[str, str]:
+        configs = {"cleanup.policy": "compact"} if self.compacted else {}
+        if self.carries_state:
+            configs["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
+        return configs
 
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -33,7 +55,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("alerts", "Alert"),
     TopicSpec("eval-candidates", "EvalCandidate"),
     TopicSpec("reviews", "ReviewDecision"),
-    TopicSpec("partials", "", internal=True),
+    TopicSpec("partials", "", internal=True, carries_state=True),
 )
 
 #: Topics that services publish to and the worker consumes, by logical name.
@@ -69,8 +91,15 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
     return None
 
 
+def changelog_topic(settings: Settings, table: str) -> str:
+    """The changelog Faust gives the worker's table ``table`` (app id, table, "changelog")."""
+    return f"{settings.app_id}-{table}-changelog"
+
+
 async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
-    """Create the missing loopline topics; returns the full names of those it created."""
+    """Create the missing loopline topics; returns the full names of those it created. Topics
+    that carry state and exist with a smaller message limit (made by an earlier version, or
+    changelogs made by Faust) get STATE_MESSAGE_BYTES."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:  # closed also when it cannot start, or its connections are left open
@@ -81,7 +110,7 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
                 name=settings.topic(t.name),
                 num_partitions=settings.partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs={"cleanup.policy": "compact"} if t.compacted else {},
+                topic_configs=t.configs(),
             )
             for t in wanted
             if settings.topic(t.name) not in existing
@@ -94,9 +123,46 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
                     detail = rest[0] if rest and rest[0] else f"error code {code}"
                     raise RuntimeError(f"cannot create topic {topic}: {detail}")
             await _wait_for_leaders(admin, [t.name for t in new])
+        stateful = [settings.topic(t.name) for t in wanted if t.carries_state]
+        stateful += [changelog_topic(settings, table) for table in STATE_TABLES]
+        await _raise_message_limits(admin, [name for name in stateful if name in existing])
         return [t.name for t in new]
     finally:
         await admin.close()
+
+
+async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """Give each topic max.message.bytes = STATE_MESSAGE_BYTES where it has less. AlterConfigs
+    replaces a topic's own settings as a whole, so the others are written back as they are. A
+    broker that refuses is warned about, not fatal: the worker runs until a bucket is larger."""
+    if not names:
+        return
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    )
+    for response in described:
+        for error, _message, _, name, entries in response.resources:
+            limit = next((int(e[1]) for e in entries if e[0] == "max.message.bytes"), None)
+            if error or limit is None or limit >= STATE_MESSAGE_BYTES:
+                continue
+            own = {e[0]: e[1] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG}
+            own["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
+            altered = await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, name, own)]
+            )
+            for code, reason, *_ in (r for a in altered for r in a.resources):
+                if code:
+                    log.warning(
+                        "cannot raise max.message.bytes of topic %s from %d to %d (%s): set it "
+                        "with kafka-configs.sh --alter --entity-type topics --entity-name %s "
+                        "--add-config max.message.bytes=%d",
+                        name, limit, STATE_MESSAGE_BYTES, reason or f"error code {code}",
+                        name, STATE_MESSAGE_BYTES,
+                    )  # fmt: skip
+                else:
+                    log.info(
+                        "max.message.bytes of topic %s raised to %d", name, STATE_MESSAGE_BYTES
+                    )
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generator import LOOPS, Scenario, TrafficGenerator, eval_set, input_fields
-from pipeline.processor import Processor
+from pipeline.partition import PartitionCore, encode_change
+from pipeline.processor import Processor, partition_key
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
 from tests.agents.test_ingest import _publish
@@ -214,3 +215,83 @@ def test_an_alert_episode_survives_a_sigkill_without_a_second_firing(
     drift = [r for r in records if r["fingerprint"] == "drift/refunds"]
     assert [r["state"] for r in drift] == ["FIRING"], drift
     assert len({r["event_id"] for r in records}) == len(records)
+
+
+def _bulky_inputs(count: int, start_ms: int) -> list[tuple[str, dict[str, Any]]]:
+    """Inputs of one 10 s bucket whose features are just under every size cap (values and keys
+    that JSON writes at six bytes a character, 100 attributes, 100 numbers, two embedding
+    lengths): the bucket's partial is larger than Kafka's default message limit."""
+    rng, events = random.Random(3), []
+    for i in range(count):
+        fields = input_fields(rng, LOOPS[1], drifted=False)
+        fields.update(
+            channel=f"{i % 100:03d}" + "\x01" * 37,
+            category=f"{i:03d}" + "\x02" * 37,
+            language=f"{i:03d}" + "\x03" * 37,
+            attributes={f"{k:02d}" + "\x01" * 98: f"{i:03d}" + "\x01" * 4 for k in range(100)},
+            features={
+                f"{k:02d}" + "\x02" * 98: -1.2345678901234567e-300 * (1 + i / 1e6 + k / 1e3)
+                for k in range(100)
+            },
+            embedding=[rng.uniform(-1, 1) for _ in range(4096 - i % 2)],
+        )
+        case = {"event_id": f"bulky-{i}", "case_id": f"bulky-{i}", "source": "test"}
+        events.append(("inputs", {**case, "loop": "refunds", "ts": start_ms + i, **fields}))
+    return events
+
+
+def test_a_bucket_past_kafkas_default_message_limit_is_sent_stored_and_restored(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """Until 2026-11-28 such a bucket's partial (1.1 MB here) was refused by the broker, and
+    the worker stopped on it after every restart. Now the partials topic and the changelogs take
+    messages up to STATE_MESSAGE_BYTES, and a summary's size caps keep it below that."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[drift]\nmin_samples = 100\n")
+    settings = make_settings(rules=rules, partitions=1)
+    start_ms = int(START.timestamp() * 1000) + 1
+    bulky = _bulky_inputs(120, start_ms)
+    later = TrafficGenerator(6, START + timedelta(seconds=30), 5.0, Scenario(), REFUNDS)
+    tick = [next(e for e in later if e[0] == "inputs")]  # moves event time past the bucket
+    cases = [("eval-cases", c) for c in eval_set(2, START - timedelta(days=1), 100, REFUNDS)]
+    for n, (_, case) in enumerate(cases):
+        case["channel"] = f"{n % 50:03d}" + "\x01" * 37  # half of the traffic's channels
+    events = cases + bulky + tick
+
+    core = PartitionCore(settings.core_config())
+    for topic, record in bulky:
+        assert core.process(topic, partition_key(topic, record), record) == "ok"
+    assert max(len(encode_change(c)) for c in core.drain()) > 1_048_588  # Kafka's default
+    replayed = Processor(settings.core_config())
+    for topic, record in events:
+        replayed.process(topic, record)
+    js = replayed.snapshot()["loops"]["refunds"]["drift"]["features"]["channel"]["js"]
+    assert 0 < js < 1
+
+    expected = asyncio.run(_publish(settings, events))
+    worker = start_worker(settings)
+    wait_for(
+        lambda: all(worker.processed(t) >= expected[t] for t in SOURCE_TOPICS),
+        120,
+        f"all events processed (log {worker.log_path})",
+    )
+    channel = {"loop": "refunds", "feature": "channel", "method": "js"}
+    wait_for(lambda: _gauge(worker, "loopline_drift_score", **channel) == js, 30, "replay's js")
+    assert worker.metric("loopline_dead_letters_total") == 0 and not worker.exited()
+    time.sleep(3)  # past the checkpoint of the last batch
+    worker.stop(signal.SIGKILL)
+
+    restarted = start_worker(settings)  # restores the bucket from the changelog
+    more = [next(e for e in later if e[0] == "inputs")]
+    asyncio.run(_publish(settings, more))
+    wait_for(lambda: restarted.processed("inputs") >= 1, 120, f"log {restarted.log_path}")
+    replayed.process(*more[0])
+    js = replayed.snapshot()["loops"]["refunds"]["drift"]["features"]["channel"]["js"]
+    wait_for(
+        lambda: _gauge(restarted, "loopline_drift_score", **channel) == js,
+        30,
+        "the restored worker's js to equal replay's",
+    )
+    assert not restarted.exited()
