@@ -329,14 +329,19 @@ class FeatureStats:
             value = record.get(name)
             if value is not None:
                 self._count(name, category_text(value))
-        for key, value in (record.get("attributes") or {}).items():
-            self._count(ATTRIBUTES + category_text(key), category_text(value))
+        # Keys that agree in their first CATEGORY_CHARS are one feature, the last value kept,
+        # as in feature_values (so the eval set's side counts them alike).
+        attributes = record.get("attributes") or {}
+        cut = {category_text(key): category_text(value) for key, value in attributes.items()}
+        for key, text in cut.items():
+            self._count(ATTRIBUTES + key, text)
         tokens = record.get("tokens")
         if tokens is not None:
             self._number("tokens", float(tokens))
-        for key, value in (record.get("features") or {}).items():
-            if finite(value):
-                self._number(NUMBERS + category_text(key), float(value))
+        numbers = record.get("features") or {}
+        kept = {category_text(key): float(value) for key, value in numbers.items() if finite(value)}
+        for key, number in kept.items():
+            self._number(NUMBERS + key, number)
         unit = _unit(record.get("embedding"))
         if unit is not None:
             self._add_embedding(unit, 1)

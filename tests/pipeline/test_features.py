@@ -234,3 +234,19 @@ def test_the_largest_summary_stays_within_features_bytes() -> None:
     after = dumps(stats.to_json())
     assert stats.folded_maps == {"attributes.", "features."}
     assert len(after) < len(dumps(before)) / 2
+
+
+def test_map_keys_alike_in_their_first_100_characters_are_one_feature_on_both_sides() -> None:
+    """Two keys of one record that agree in their first CATEGORY_CHARS count once, with the
+    last value, for inputs (add_record) as for eval cases (feature_values)."""
+    long = "k" * features.CATEGORY_CHARS
+    record = {
+        "attributes": {long + "1": "a", long + "2": "b"},
+        "features": {long + "1": 1.0, long + "2": 2.0, long + "3": float("nan")},
+    }
+    stats = _stats([record])
+    assert stats.categorical == {"attributes." + long: {"b": 1}}
+    assert stats.numeric["features." + long].points() == [(2.0, 1)]
+    values = feature_values(record)
+    assert values.categorical == {"attributes." + long: "b"}
+    assert values.numeric == {"features." + long: 2.0}
