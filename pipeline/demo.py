@@ -283,8 +283,7 @@ def _run_demo(
     broker = LocalBroker(settings.kafka_home, settings.bootstrap_port)
     started_broker = not broker.status().running
     echo(broker.up(echo=echo).describe())
-    created = asyncio.run(ensure_topics(settings))
-    echo(f"topics: created {', '.join(created)}" if created else "topics: all exist")
+    echo(f"topics: {asyncio.run(ensure_topics(settings)).describe()}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     worker_log = settings.data_dir / "demo-worker.log"
     url = f"http://{settings.web_host}:{settings.web_port}/metrics"

@@ -310,6 +310,9 @@ class FeatureStats:
     embedding: dict[int, tuple[list[float], int]] = field(default_factory=dict)
     folded: set[str] = field(default_factory=set)  # categorical features past CATEGORY_VALUES
     folded_maps: set[str] = field(default_factory=set)  # ATTRIBUTES, NUMBERS past KEYS_PER_MAP
+    # category_bytes of each unfolded categorical feature, by how many values it had then:
+    # values are only ever added, so the same number of values is the same set of them.
+    _sizes: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.categorical or self.numeric or self.embedding)
@@ -331,17 +334,22 @@ class FeatureStats:
                 self._count(name, category_text(value))
         # Keys that agree in their first CATEGORY_CHARS are one feature, the last value kept,
         # as in feature_values (so the eval set's side counts them alike).
-        attributes = record.get("attributes") or {}
-        cut = {category_text(key): category_text(value) for key, value in attributes.items()}
-        for key, text in cut.items():
-            self._count(ATTRIBUTES + key, text)
+        attributes = record.get("attributes")
+        if attributes:
+            if max(map(len, attributes)) > CATEGORY_CHARS:
+                attributes = {category_text(key): value for key, value in attributes.items()}
+            for key, value in attributes.items():
+                self._count(ATTRIBUTES + key, category_text(value))
         tokens = record.get("tokens")
         if tokens is not None:
             self._number("tokens", float(tokens))
-        numbers = record.get("features") or {}
-        kept = {category_text(key): float(value) for key, value in numbers.items() if finite(value)}
-        for key, number in kept.items():
-            self._number(NUMBERS + key, number)
+        numbers = record.get("features")
+        if numbers:
+            if max(map(len, numbers)) > CATEGORY_CHARS:
+                numbers = {category_text(k): v for k, v in numbers.items() if finite(v)}
+            for key, value in numbers.items():
+                if finite(value):
+                    self._number(NUMBERS + key, float(value))
         unit = _unit(record.get("embedding"))
         if unit is not None:
             self._add_embedding(unit, 1)
@@ -421,8 +429,8 @@ class FeatureStats:
         shortest embedding lengths stay. Each depends only on the union of the values (a weight
         never shrinks as values are added), so the normalized merge of normalized parts is the
         normalized whole. ``merge`` leaves this to its caller, who merges many parts at once."""
-        for name in [n for n, c in self.categorical.items() if n not in self.folded]:
-            if category_bytes(self.categorical[name]) > CATEGORY_BYTES:
+        for name in [n for n in self.categorical if n not in self.folded]:
+            if self._bytes(name) > CATEGORY_BYTES:
                 self._fold(name)
         if ATTRIBUTES not in self.folded_maps and heavy_map(
             self.categorical, ATTRIBUTES, self._category_weight
@@ -436,8 +444,15 @@ class FeatureStats:
             del self.embedding[length]
         return self
 
-    def _category_weight(self, name: str, counts: Counter[str]) -> int:
-        return CATEGORY_BYTES + 1 if name in self.folded else category_bytes(counts)
+    def _category_weight(self, name: str, _: Counter[str]) -> int:
+        return CATEGORY_BYTES + 1 if name in self.folded else self._bytes(name)
+
+    def _bytes(self, name: str) -> int:
+        counts = self.categorical[name]
+        known = self._sizes.get(name)
+        if known is None or known[0] != len(counts):
+            known = self._sizes[name] = (len(counts), category_bytes(counts))
+        return known[1]
 
     def to_json(self) -> dict[str, Any]:
         """The normalized summary: what is sent and stored stays within FEATURES_BYTES."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -91,13 +91,28 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
     return None
 
 
+class Ensured(NamedTuple):
+    """What ``ensure_topics`` did: the topics it created and those whose limit it raised."""
+
+    created: list[str]
+    raised: list[str]
+
+    def describe(self) -> str:
+        said = [f"created {', '.join(self.created)}" if self.created else "all exist"]
+        if self.raised:
+            said.append(
+                f"max.message.bytes raised to {STATE_MESSAGE_BYTES} for {', '.join(self.raised)}"
+            )
+        return "; ".join(said)
+
+
 def changelog_topic(settings: Settings, table: str) -> str:
     """The changelog Faust gives the worker's table ``table`` (app id, table, "changelog")."""
     return f"{settings.app_id}-{table}-changelog"
 
 
-async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
-    """Create the missing loopline topics; returns the full names of those it created. Topics
+async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> Ensured:
+    """Create the missing loopline topics (full names in ``created``). Topics
     that carry state and exist with a smaller message limit (made by an earlier version, or
     changelogs made by Faust) get STATE_MESSAGE_BYTES."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
@@ -125,18 +140,20 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
             await _wait_for_leaders(admin, [t.name for t in new])
         stateful = [settings.topic(t.name) for t in wanted if t.carries_state]
         stateful += [changelog_topic(settings, table) for table in STATE_TABLES]
-        await _raise_message_limits(admin, [name for name in stateful if name in existing])
-        return [t.name for t in new]
+        raised = await _raise_message_limits(admin, [n for n in stateful if n in existing])
+        return Ensured([t.name for t in new], raised)
     finally:
         await admin.close()
 
 
-async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:
     """Give each topic max.message.bytes = STATE_MESSAGE_BYTES where it has less. AlterConfigs
     replaces a topic's own settings as a whole, so the others are written back as they are. A
-    broker that refuses is warned about, not fatal: the worker runs until a bucket is larger."""
+    broker that refuses is warned about, not fatal: the worker runs until a bucket is larger.
+    Returns the topics raised."""
+    raised: list[str] = []
     if not names:
-        return
+        return raised
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
@@ -160,9 +177,8 @@ async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) ->
                         name, STATE_MESSAGE_BYTES,
                     )  # fmt: skip
                 else:
-                    log.info(
-                        "max.message.bytes of topic %s raised to %d", name, STATE_MESSAGE_BYTES
-                    )
+                    raised.append(name)
+    return raised
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -36,9 +36,9 @@ def run_app(settings: Settings, build: Callable[[], faust.App]) -> None:
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
     loop = worker_event_loop()
     asyncio.set_event_loop(loop)
-    created = loop.run_until_complete(ensure_topics(settings))
-    if created:
-        log.info("created topics %s", ", ".join(created))
+    ensured = loop.run_until_complete(ensure_topics(settings))
+    if ensured.created or ensured.raised:
+        log.info("topics: %s", ensured.describe())
     app = build()
     gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
     gc.set_threshold(*GC_THRESHOLDS)

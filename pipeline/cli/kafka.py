@@ -97,5 +97,4 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 def topics(ctx: click.Context) -> None:
     """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
     settings = settings_of(ctx)
-    created = on_kafka(settings, ensure_topics(settings))
-    click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+    click.echo(f"topics: {on_kafka(settings, ensure_topics(settings)).describe()}")

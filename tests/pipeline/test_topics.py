@@ -70,8 +70,12 @@ def test_topics_carrying_state_take_large_messages_new_or_existing(
             [NewTopic(older.topic("partials"), 1, 1), NewTopic(changelog, 1, 1, None, compacted)],
         )
     )
-    created = asyncio.run(ensure_topics(older))
-    assert older.topic("partials") not in created and older.topic("inputs") in created
+    ensured = asyncio.run(ensure_topics(older))
+    assert older.topic("partials") not in ensured.created
+    assert older.topic("inputs") in ensured.created
+    assert ensured.raised == [older.topic("partials"), changelog]
+    raised = f"max.message.bytes raised to {STATE_MESSAGE_BYTES} for {older.topic('partials')}"
+    assert ensured.describe().endswith(f"; {raised}, {changelog}")
     limit = {"max.message.bytes": str(STATE_MESSAGE_BYTES)}
 
     def raised() -> bool:  # the broker applies altered configs shortly after it answers
