@@ -54,10 +54,10 @@ NUMBER_BYTES = 36
 EMBEDDING_DIMS = 4096
 #: Embedding lengths a summary keeps, the shortest ones (one per model; two while it changes).
 EMBEDDING_LENGTHS = 2
-#: The JSON of a normalized FeatureStats is at most this long (tests/pipeline/test_drift.py
-#: builds the largest one): three categorical features and a folded map at CATEGORY_BYTES each,
-#: two maps at MAP_BYTES plus the feature that last passed it, tokens, the embeddings, and up to
-#: 100 keys per map of 100 characters, escaped, named up to three times.
+#: The JSON of a normalized FeatureStats is at most this long (tests/pipeline/test_features.py
+#: builds the largest one, ~1.5 MB): three categorical features at CATEGORY_BYTES, two maps at
+#: MAP_BYTES, tokens' sketch, two embeddings of EMBEDDING_DIMS, and the names of 100 keys a map
+#: of 100 characters that JSON escapes.
 FEATURES_BYTES = 2 * 1024 * 1024
 T = TypeVar("T")
 

@@ -158,9 +158,12 @@ async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) ->
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
     for response in described:
-        for error, _message, _, name, entries in response.resources:
+        for error, _, _, name, entries in response.resources:
+            if error:
+                log.warning("cannot read the settings of topic %s: error code %d", name, error)
+                continue
             limit = next((int(e[1]) for e in entries if e[0] == "max.message.bytes"), None)
-            if error or limit is None or limit >= STATE_MESSAGE_BYTES:
+            if limit is None or limit >= STATE_MESSAGE_BYTES:
                 continue
             own = {e[0]: e[1] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG}
             own["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
