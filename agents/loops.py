@@ -22,6 +22,7 @@ from agents.state import CheckpointedPartitions, state_table
 from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec
 from pipeline.fastjson import loads
+from pipeline.formats import NewerFormat
 from pipeline.loopview import LoopView, iso, partial_from_json
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import Settings
@@ -51,6 +52,8 @@ def register(
             for message in checkpoint.unapplied(messages):
                 try:
                     view.apply(partial_from_json(loads(message.value)))
+                except NewerFormat:
+                    raise  # the worker stops: its partitions go to a worker that reads it
                 except Exception as exc:  # never stop merging over one bad partial
                     log.exception("bad partial")
                     reason = "processing_error"

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import msgspec
 
 from pipeline.fastjson import dumps, loads
+from pipeline.formats import FORMAT_VERSION, check_format
 
 MARKER = "~checkpoint"
 
@@ -131,6 +132,7 @@ class Checkpoint:
         marker = store.get(self.prefix + MARKER.encode())
         if marker is not None:
             data = loads(marker)
+            check_format(data, f"the checkpointed state of {prefix!r}")
             self.committed = newest = int(data["g"])
             self.offsets = {str(t): int(o) for t, o in data["offsets"].items()}
         for full, raw in [(k, v) for k, v in store.items() if k.startswith(self.prefix)]:
@@ -217,7 +219,7 @@ class Checkpoint:
             if value is None:
                 self._deleted.add(key)
         self.offsets.update(offsets)
-        marker = dumps({"g": g, "offsets": self.offsets})
+        marker = dumps({"g": g, "offsets": self.offsets, "v": FORMAT_VERSION})
         self.store[self.prefix + MARKER.encode()] = marker
         writes.append((self.prefix + MARKER.encode(), marker))
         self.committed, self.generation = g, g + 1

@@ -38,6 +38,7 @@ from pipeline.features import (
     values_to_json,
 )
 from pipeline.featurewindow import FeatureWindow
+from pipeline.formats import check_format
 from pipeline.openbuckets import OpenBuckets
 from pipeline.partition import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
@@ -455,7 +456,9 @@ class LoopView:
 
 
 def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange | CaseProposal:
-    """A stage-1 message's JSON back into a Partial, an EvalCaseChange or a CaseProposal."""
+    """A stage-1 message's JSON back into a Partial, an EvalCaseChange or a CaseProposal;
+    pipeline.formats.NewerFormat if a newer loopline wrote it."""
+    check_format(data, "a stage-1 message")
     if data["kind"] == "eval_case":
         return EvalCaseChange.from_json(data)
     if data["kind"] == "case":

@@ -39,6 +39,7 @@ from pipeline.features import (
     values_from_json,
     values_to_json,
 )
+from pipeline.formats import FORMAT_VERSION
 from pipeline.windows import align_up
 
 WATERMARK_KEY = "w"
@@ -191,6 +192,7 @@ class Partial:
     def _json(self, buckets: list[list[Any]]) -> dict[str, Any]:
         return {
             "kind": "partial",
+            "v": FORMAT_VERSION,
             "p": self.partition,
             "loop": self.loop,
             "wm": self.watermark_ms,
@@ -233,7 +235,9 @@ class EvalCaseChange:
 def encode_change(change: Partial | EvalCaseChange | CaseProposal) -> bytes:
     """A drained change as the partials topic carries it to stage 2 (read back by
     pipeline.loopview.partial_from_json)."""
-    return change.encode() if isinstance(change, Partial) else dumps(change.to_json())
+    if isinstance(change, Partial):
+        return change.encode()
+    return dumps({**change.to_json(), "v": FORMAT_VERSION})
 
 
 class PartitionCore:

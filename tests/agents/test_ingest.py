@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -19,12 +20,13 @@ from faust.types import TP
 
 from agents.batches import client_may_hold
 from pipeline.codec import Codec
+from pipeline.formats import FORMAT_VERSION
 from pipeline.generator import TrafficGenerator
 from pipeline.metrics import parse_exposition
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS, ensure_topics
-from tests.conftest import WorkerProcess, consume, delete_first_records, wait_for
+from tests.conftest import WorkerProcess, consume, delete_first_records, read_topic, wait_for
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 pytestmark = pytest.mark.broker
@@ -281,3 +283,23 @@ def test_client_may_hold_what_aiokafka_has_not_handed_over_or_not_fetched(
             await client.stop()
 
     assert asyncio.run(scenario()) == [True, True, False, False]
+
+
+def test_a_partial_in_a_newer_format_stops_the_worker_instead_of_being_misread(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """What a newer loopline's stage 1 wrote (a mixed rollout) is neither merged as this version
+    understands it nor dead-lettered (its counts would be lost): the worker stops, saying why,
+    and nothing of it reaches the DLQ."""
+    settings = make_settings()
+    worker = start_worker(settings)
+    asyncio.run(_publish(settings, _events(seed=3, count=50)))
+    newer = {"kind": "partial", "v": FORMAT_VERSION + 1, "p": 0, "loop": "refunds", "wm": 0}
+    asyncio.run(_send_raw(settings, "partials", b"refunds", json.dumps(newer).encode()))
+    wait_for(worker.exited, 60, f"the worker to stop (log {worker.log_path})")
+    assert (
+        f"a stage-1 message written in format {FORMAT_VERSION + 1} by a newer loopline; "
+        f"this worker reads format {FORMAT_VERSION} at most" in worker.log()
+    )
+    assert "bad partial" not in worker.log()
+    assert asyncio.run(read_topic(settings, "dlq")) == []

@@ -17,10 +17,11 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from pipeline.checkpoint import Checkpoint, Write, encode_envelope, next_offsets
+from pipeline.checkpoint import MARKER, Checkpoint, Write, encode_envelope, next_offsets
 from pipeline.core import CoreConfig
+from pipeline.formats import FORMAT_VERSION, NewerFormat
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import CASES, PartitionCore
+from pipeline.partition import CASES, PartitionCore, encode_change
 from pipeline.processor import partition_key
 
 T0 = 1_795_000_000_000
@@ -286,3 +287,36 @@ def test_unapplied_takes_each_offset_once_from_the_checkpointed_offsets_on() -> 
     ]
     # the batch's checkpoint goes on after the highest offset of each topic, not the last one
     assert next_offsets(handed) == {"inputs": 15, "resolutions": 5, "eval-results": 1}
+
+
+def test_state_written_in_a_newer_format_is_refused_not_misread() -> None:
+    """A marker says which format its state was written in; a worker that knows only older
+    ones stops (pipeline.formats) rather than restoring what it would misread."""
+    store: dict[bytes, Any] = {}
+    checkpoint = Checkpoint(store, "0/")
+    checkpoint.commit({"a": {"n": 1}}, {"source": 1})
+    marker = json.loads(store[b"0/" + MARKER.encode()])
+    assert marker["v"] == FORMAT_VERSION
+    assert Checkpoint(store, "0/").values == {"a": {"n": 1}}
+    store[b"0/" + MARKER.encode()] = json.dumps({**marker, "v": FORMAT_VERSION + 1}).encode()
+    with pytest.raises(NewerFormat, match=r"format 2 by a newer loopline; this worker reads"):
+        Checkpoint(store, "0/")
+    del marker["v"]  # written before markers carried a version: format 1
+    store[b"0/" + MARKER.encode()] = json.dumps(marker).encode()
+    assert Checkpoint(store, "0/").values == {"a": {"n": 1}}
+
+
+def test_a_stage_1_message_in_a_newer_format_is_refused_not_misread() -> None:
+    core = PartitionCore(CoreConfig())
+    record = {"event_id": "i1", "case_id": "c1", "loop": "refunds", "ts": 10_000}
+    core.process("inputs", "c1", {**record, "source": "test"})
+    core.process("eval-cases", "e1", {"eval_case_id": "e1", "loop": "refunds", "ts": 0})
+    messages = [json.loads(encode_change(change)) for change in core.drain()]
+    assert {m["kind"] for m in messages} == {"partial", "eval_case"}
+    for message in messages:
+        assert message["v"] == FORMAT_VERSION
+        partial_from_json(message)  # read as it is
+        del message["v"]
+        partial_from_json(message)  # written before messages carried a version
+        with pytest.raises(NewerFormat, match="a stage-1 message written in format 2"):
+            partial_from_json({**message, "v": FORMAT_VERSION + 1})
