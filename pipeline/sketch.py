@@ -134,10 +134,6 @@ class SignedSketch:
                 changed = True
         return changed
 
-    @property
-    def bins(self) -> int:
-        return len(self.positive) + len(self.negative)
-
     def points(self) -> list[tuple[float, int]]:
         """(representative value, count) of every bin: each value within 1 % of its bin's."""
         found = [(-float(_MAPPING.value(k)), n) for k, n in self.negative.items()]
