@@ -7,16 +7,30 @@ events: windows are merges of buckets, global numbers are merges of partials.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.features import FeatureStats
+from pipeline.features import CATEGORY_CHARS, FeatureStats
 from pipeline.sketch import LatencySketch, add_counts
 
 SUITES = ("CURRENT", "HISTORICAL")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+#: Distinct input categories an aggregate counts apart, for uncovered_ratio. A producer that
+#: puts an id in ``category`` would otherwise grow every bucket, partial message and checkpoint
+#: record (past Kafka's message limit: a worker stopped at every restart) and every window
+#: without bound. Past it, the categories first in a fixed order (a hash of the category)
+#: keep their counts and the others' inputs count under FOLDED_CATEGORIES.
+INPUT_CATEGORIES = 1000
+#: Where the folded categories' inputs are counted: longer than any category
+#: (CATEGORY_CHARS), so no input's or eval case's category is this key and its inputs count as
+#: categorised and uncovered, by workers of older versions too.
+FOLDED_CATEGORIES = "(categories past the cap)" + "." * CATEGORY_CHARS
+# An aggregate may hold up to twice as many before it folds, so that folding is rare; what it
+# writes and computes is folded to INPUT_CATEGORIES.
+_SPARE_CATEGORIES = 2 * INPUT_CATEGORIES
 
 
 @dataclass
@@ -53,11 +67,20 @@ class Aggregate:
         self.human_micro_minutes += other.human_micro_minutes
         self.latency.merge(other.latency)
         add_counts(self.inputs, other.inputs)
+        if len(self.inputs) > _SPARE_CATEGORIES:
+            fold_categories(self.inputs)
         self.unresolved += other.unresolved
         self.events += other.events
         self.dead_letters += other.dead_letters
         if features and other.features:
             self.features.merge(other.features)
+
+    def add_input(self, category: str) -> None:
+        """Count an input of ``category`` ("" for none, cut as category_text cuts it)."""
+        inputs = self.inputs
+        inputs[category] += 1
+        if len(inputs) > _SPARE_CATEGORIES:
+            fold_categories(inputs)
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregate], features: bool = True) -> Aggregate:
@@ -72,6 +95,7 @@ class Aggregate:
     def counts_json(self) -> dict[str, Any]:
         """Everything but the input features: what a late resolution changes in an old bucket
         (pipeline.partition sends and stores the two apart)."""
+        fold_categories(self.inputs)
         return {
             "resolutions": [[r, o, n] for (r, o), n in self.resolutions.items()],
             "verdicts": [[s, p, n] for (s, p), n in self.verdicts.items()],
@@ -124,6 +148,7 @@ class Aggregate:
     def numbers(self, hourly_rate: float, covered: Set[str]) -> dict[str, Any]:
         """The window numbers of DESIGN.md's snapshot; a ratio with no denominator is None."""
         resolved = self.resolved
+        fold_categories(self.inputs)
         categorised = sum(n for c, n in self.inputs.items() if c)
         uncovered = sum(n for c, n in self.inputs.items() if c and c not in covered)
         return {
@@ -152,6 +177,28 @@ class Aggregate:
     def pass_rate(self, suites: tuple[str, ...]) -> float | None:
         passed = sum(n for (s, p), n in self.verdicts.items() if s in suites and p)
         return _ratio(passed, self.verdict_count(suites))
+
+
+def fold_categories(inputs: Counter[str]) -> None:
+    """Keep the counts of the INPUT_CATEGORIES categories first in a fixed order and count the
+    others' inputs under FOLDED_CATEGORIES. A category first among the union of some inputs'
+    categories is first among any part of them that has it, so which are kept depends only on
+    that union: partitions, buckets and workers, folded and merged in any order, give exactly
+    the counts of one pass folded once."""
+    if len(inputs) <= INPUT_CATEGORIES:
+        return
+    names = [c for c in inputs if c and c != FOLDED_CATEGORIES]
+    if len(names) <= INPUT_CATEGORIES:
+        return
+    names.sort(key=category_order)
+    inputs[FOLDED_CATEGORIES] += sum(inputs.pop(c) for c in names[INPUT_CATEGORIES:])
+
+
+def category_order(category: str) -> tuple[bytes, str]:
+    """The fixed order of fold_categories: by a hash, so that no kind of name is favoured
+    (the kept ones are a sample of the categories), the same in every process."""
+    digest = hashlib.blake2b(category.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return digest, category
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

@@ -337,7 +337,7 @@ class PartitionCore:
         bucket.events += 1
         if topic == "inputs":
             category = record.get("category")
-            bucket.inputs["" if category is None else category_text(category)] += 1
+            bucket.add_input("" if category is None else category_text(category))
             bucket.features.add_record(record)
             changed = self._bucket_key(loop, ts)
             self._changed_features.add(changed)
