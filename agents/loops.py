@@ -21,9 +21,10 @@ from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, state_table
 from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec
+from pipeline.core import iso
 from pipeline.fastjson import loads
 from pipeline.formats import NewerFormat
-from pipeline.loopview import LoopView, iso, partial_from_json
+from pipeline.loopview import LoopView, partial_from_json
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import Settings
 from pipeline.topics import LOOP_STATE

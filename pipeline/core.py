@@ -76,15 +76,17 @@ def check_not_ahead(ts_ms: int, sent_ms: int | None, max_ahead_ms: int) -> None:
         return
     raise CodecError(
         "future_ts",
-        f"ts {_iso(ts_ms)} is {(ts_ms - sent_ms) / 1000:,.0f} s ahead of its message's time "
-        f"{_iso(sent_ms)}; at most {max_ahead_ms / 1000:,.0f} s is allowed "
+        f"ts {iso(ts_ms)} is {(ts_ms - sent_ms) / 1000:,.0f} s ahead of its message's time "
+        f"{iso(sent_ms)}; at most {max_ahead_ms / 1000:,.0f} s is allowed "
         "(LOOPLINE_MAX_AHEAD_SECONDS)",
         "ts",
     )
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+def iso(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 in UTC, as snapshots and error texts show event time."""
+    text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
 
 
 def _scaled(record: Mapping[str, Any], name: str, scale: float) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from pipeline.candidates import (
     context_from_json,
     context_to_json,
 )
-from pipeline.core import CoreConfig
+from pipeline.core import CoreConfig, iso
 from pipeline.drift import Baseline, evaluate, no_drift
 from pipeline.features import (
     FeatureStats,
@@ -472,8 +471,3 @@ def partial_from_json(data: Mapping[str, Any]) -> Partial | EvalCaseChange | Cas
         elif "f" not in entry[1]:  # left out: unchanged (before 2026-11-26 always inside)
             with_features = False
     return Partial(int(data["p"]), str(data["loop"]), int(data["wm"]), buckets, None, with_features)
-
-
-def iso(ms: int) -> str:
-    text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")

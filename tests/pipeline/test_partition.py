@@ -237,8 +237,8 @@ def test_an_event_stamped_too_far_ahead_of_its_message_is_refused_before_any_cha
         guarded.process("inputs", "c1", event(1, day), sent_ms=sent)
     assert (refused.value.reason, refused.value.field) == ("future_ts", "ts")
     assert str(refused.value) == (
-        "ts 2026-11-26T09:00:00+00:00 is 86,400 s ahead of its message's time "
-        "2026-11-25T09:00:00+00:00; at most 3,600 s is allowed (LOOPLINE_MAX_AHEAD_SECONDS)"
+        "ts 2026-11-26T09:00:00Z is 86,400 s ahead of its message's time "
+        "2026-11-25T09:00:00Z; at most 3,600 s is allowed (LOOPLINE_MAX_AHEAD_SECONDS)"
     )
     assert (guarded.watermark_ms, guarded.cases, guarded.buckets) == (0, {}, {})
     assert guarded.process("inputs", "c2", event(2, 10), sent_ms=sent) == "ok"
