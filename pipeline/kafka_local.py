@@ -206,6 +206,11 @@ class LocalBroker:
             f'user_{user["LOOPLINE_SASL_USERNAME"]}="{user["LOOPLINE_SASL_PASSWORD"]}";'
         )
         return [
+            # ACLs can be tried on the secure listener: a principal may do what no ACL denies,
+            # and the plain listener and the controller (ANONYMOUS) are super users.
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found=true",
+            "super.users=User:ANONYMOUS",
             "sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
             "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
             "org.apache.kafka.common.security.scram.ScramLoginModule required;",
@@ -216,26 +221,28 @@ class LocalBroker:
             f"ssl.key.password={password}",
         ]
 
-    def _add_scram_user(self, libs: Path) -> None:
-        """The client's SCRAM credential, stored by the controller (through the plain listener)."""
-        user = self.secure_env()
-        done = subprocess.run(
-            self._java_cmd(
-                libs,
-                "kafka.admin.ConfigCommand",
-                "--bootstrap-server",
-                self.bootstrap,
-                "--alter",
-                "--entity-type",
-                "users",
-                "--entity-name",
-                user["LOOPLINE_SASL_USERNAME"],
-                "--add-config",
-                f"SCRAM-SHA-512=[iterations=4096,password={user['LOOPLINE_SASL_PASSWORD']}]",
-            ),
+    def tool(self, main: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run one of Kafka's command-line tools (``kafka.admin.AclCommand``, say) against this
+        broker's plain listener, where ``--bootstrap-server`` is ``self.bootstrap``."""
+        return subprocess.run(
+            self._java_cmd(self.libs_dir(), main, "--bootstrap-server", self.bootstrap, *args),
             capture_output=True,
             text=True,
             check=False,
+        )
+
+    def _add_scram_user(self) -> None:
+        """The client's SCRAM credential, stored by the controller (through the plain listener)."""
+        user = self.secure_env()
+        done = self.tool(
+            "kafka.admin.ConfigCommand",
+            "--alter",
+            "--entity-type",
+            "users",
+            "--entity-name",
+            user["LOOPLINE_SASL_USERNAME"],
+            "--add-config",
+            f"SCRAM-SHA-512=[iterations=4096,password={user['LOOPLINE_SASL_PASSWORD']}]",
         )
         if done.returncode != 0:
             raise BrokerError("could not create the SCRAM user (see the broker log)")
@@ -407,7 +414,7 @@ class LocalBroker:
                 )
             if _port_open(self.host, self.port) and asyncio.run(_metadata_ok(self.bootstrap)):
                 if self.secure:
-                    self._add_scram_user(libs)
+                    self._add_scram_user()
                 return self.status()
             time.sleep(0.5)
         self.down()

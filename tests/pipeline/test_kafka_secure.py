@@ -1,11 +1,13 @@
 """SASL over TLS: `loopline kafka up --secure` gives a SCRAM+TLS listener; the SDK and a worker
 connect with the right credentials, and a worker with a wrong password stops with a clear error
-that does not show the password."""
+that does not show the password. Its ACLs: a broker that refuses to raise a topic's message
+limit gets a warning, not a stop."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,11 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import NewTopic
 
 from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
+from pipeline.topics import STATE_MESSAGE_BYTES, ensure_topics
 from tests.agents.test_ingest import _publish
 from tests.conftest import TEST_KAFKA_PORT, WorkerProcess, free_port, settings_env, wait_for
+from tests.pipeline.test_topics import _create, _own_configs
 
 pytestmark = pytest.mark.broker
 SECURE_PORT = TEST_KAFKA_PORT + 200  # its own broker: plain port, controller +1, SASL_SSL +2
@@ -36,15 +41,14 @@ def secure_broker() -> Iterator[LocalBroker]:
 def secure_settings(secure_broker: LocalBroker, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         base = Settings.from_env(secure_broker.secure_env())
-        return dataclasses.replace(
-            base,
-            topic_prefix="secure.",
-            app_id=f"loopline-secure-{free_port()}",
-            data_dir=tmp_path / "data",
-            web_port=free_port(),
-            snapshot_interval_seconds=1.0,
-            **overrides,  # type: ignore[arg-type]
-        )
+        values: dict[str, object] = {
+            "topic_prefix": "secure.",
+            "app_id": f"loopline-secure-{free_port()}",
+            "data_dir": tmp_path / "data",
+            "web_port": free_port(),
+            "snapshot_interval_seconds": 1.0,
+        }
+        return dataclasses.replace(base, **(values | overrides))  # type: ignore[arg-type]
 
     return make
 
@@ -90,3 +94,39 @@ def test_a_wrong_password_stops_the_worker_with_a_clear_error(
     assert f"cannot use Kafka at {settings.bootstrap_servers} (SASL_SSL as loopline)" in output
     assert "invalid credentials" in output
     assert "not-the-password" not in output
+
+
+def test_a_limit_the_broker_refuses_to_raise_is_warned_about_and_the_rest_goes_on(
+    secure_broker: LocalBroker,
+    secure_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A partials topic made before with Kafka's default limit, and an ACL that denies the
+    worker's user AlterConfigs on it: ensure_topics warns with the command that raises it,
+    creates the other topics, raises nothing, and returns (the worker starts)."""
+    settings = secure_settings(topic_prefix=f"refused{free_port()}.")
+    plain = Settings.from_env({"LOOPLINE_BOOTSTRAP_SERVERS": secure_broker.bootstrap})
+    plain = dataclasses.replace(plain, topic_prefix=settings.topic_prefix)
+    partials = settings.topic("partials")
+    asyncio.run(_create(plain, [NewTopic(partials, 1, 1)]))
+    user = f"User:{settings.sasl_username}"
+    for acl in (
+        ("--allow-principal", user, "--operation", "All", "--topic", "*"),
+        ("--deny-principal", user, "--operation", "AlterConfigs", "--topic", partials),
+    ):
+        done = secure_broker.tool("kafka.admin.AclCommand", "--add", *acl)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.topics"):
+        ensured = asyncio.run(ensure_topics(settings))
+    assert ensured.raised == []
+    assert settings.topic("inputs") in ensured.created and partials not in ensured.created
+    (warning,) = [r.getMessage() for r in caplog.records if partials in r.getMessage()]
+    assert warning.startswith(
+        f"cannot raise max.message.bytes of topic {partials} from 1048588 to {STATE_MESSAGE_BYTES}"
+    ), warning
+    assert warning.endswith(
+        f"set it with kafka-configs.sh --alter --entity-type topics --entity-name {partials} "
+        f"--add-config max.message.bytes={STATE_MESSAGE_BYTES}"
+    ), warning
+    assert asyncio.run(_own_configs(plain, [partials])) == {partials: {}}  # as it was
