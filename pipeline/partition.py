@@ -12,6 +12,7 @@ so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pipeline.candidates import (
     intrinsic_reasons,
     shown_input,
 )
+from pipeline.codec import CodecError
 from pipeline.core import CoreConfig, check_not_ahead, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
 from pipeline.features import (
@@ -49,6 +51,15 @@ CASES = "c/"  # the key prefix of case records
 INPUT_AVRO_BYTES = 4096
 #: Where dead letters whose loop cannot be read are counted.
 UNKNOWN_LOOP = "unknown"
+#: Event ids a case remembers for dedupe. A case is an input, its resolutions and verdicts: a
+#: producer that puts one case_id on everything would otherwise grow one case (re-encoded at
+#: each of its events, into one changelog record) without bound, past Kafka's message limit.
+#: Past it, ids older than the dedupe horizon are forgotten, and if that is not enough, the
+#: event is a dead letter ``too_many_events``.
+CASE_EVENTS = 1000
+#: An event id longer than this is remembered by a digest of it (``dedupe_digest``), so that
+#: ids of any length keep a case's record small.
+EVENT_ID_CHARS = 100
 
 
 class Case(
@@ -98,6 +109,13 @@ class Case(
 
 
 _decode_case = msgspec.json.Decoder(Case).decode
+
+
+def dedupe_digest(event_id: str) -> str:
+    """How a case remembers an event id longer than EVENT_ID_CHARS: "#" and a BLAKE2b-128
+    digest (an id written so would have to be found from the digest, which no one can)."""
+    data = event_id.encode("utf-8", "surrogatepass")
+    return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def case_from_record(value: bytes | msgspec.Raw | Mapping[str, Any]) -> Case:
@@ -319,11 +337,31 @@ class PartitionCore:
             return "too_late"
         case = self.cases.get(key)
         event_id = str(record["event_id"])
+        written = event_id  # as state written before 2026-11-28 (night) may hold a long one
+        if len(event_id) > EVENT_ID_CHARS:
+            event_id = dedupe_digest(event_id)
+        forgotten: list[str] = []
         if case is not None:
             first = case.seen.get(event_id)
-            if first is not None and first >= self.watermark_ms - self.config.dedupe_horizon_ms:
+            if first is None and written is not event_id:
+                first = case.seen.get(written)
+            horizon = self.watermark_ms - self.config.dedupe_horizon_ms
+            if first is not None and first >= horizon:
                 return "duplicate"
+            if first is None and len(case.seen) >= CASE_EVENTS:
+                forgotten = [i for i, seen_ms in case.seen.items() if seen_ms < horizon]
+                if len(case.seen) - len(forgotten) >= CASE_EVENTS:
+                    raise CodecError(
+                        "too_many_events",
+                        f"case {key!r} has {len(case.seen):,} events within the dedupe horizon "
+                        f"already; a case holds at most {CASE_EVENTS:,} (is case_id set per "
+                        "case?)",
+                        "case_id",
+                    )
         self._changing(key)
+        if case is not None:
+            for old_id in forgotten:  # past the horizon: they no longer make a duplicate
+                del case.seen[old_id]
         if case is None:
             cap = self.config.max_cases_per_partition
             if cap and len(self.cases) >= cap:

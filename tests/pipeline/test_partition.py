@@ -4,6 +4,7 @@ travel only when they changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -21,7 +22,14 @@ from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import Case, Partial, PartitionCore, case_from_record, encode_change
+from pipeline.partition import (
+    CASE_EVENTS,
+    Case,
+    Partial,
+    PartitionCore,
+    case_from_record,
+    encode_change,
+)
 from pipeline.processor import partition_key
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -429,3 +437,66 @@ def test_the_cap_evicts_the_least_recently_touched_cases_and_restores_alike() ->
     for state in (core, restored):
         event(state, "inputs", "c4", 50)  # c3 (30 s) goes, not c2 (40 s)
         assert sorted(state.cases) == ["c2", "c4"]
+
+
+def _verdict(event_id: str, case_id: str, seconds: int) -> dict[str, Any]:
+    return {
+        "event_id": event_id,
+        "case_id": case_id,
+        "loop": "refunds",
+        "ts": at(seconds),
+        "suite": "CURRENT",
+        "evaluator": "judge",
+        "passed": True,
+    }
+
+
+def _state(core: PartitionCore) -> bytes:
+    cases = {k: msgspec.to_builtins(c) for k, c in core.cases.items()}
+    return dumps([cases, [[list(k), a.to_json()] for k, a in core.buckets.items()]])
+
+
+def test_one_case_id_on_everything_is_held_to_case_events_ids() -> None:
+    """A producer that puts one case_id on every event: the case remembers CASE_EVENTS event
+    ids; the next new one is refused before any change (a dead letter too_many_events), a
+    duplicate still counts as one, and ids past the dedupe horizon (1 h) make room."""
+    core = PartitionCore(CoreConfig())
+    for n in range(CASE_EVENTS):  # one a second, from 0 s to 999 s
+        assert core.process("eval-results", "hot", _verdict(f"e{n}", "hot", n)) == "ok"
+    before = _state(core)
+    with pytest.raises(CodecError) as refused:
+        core.process("eval-results", "hot", _verdict("one-more", "hot", 1000))
+    assert (refused.value.reason, refused.value.field) == ("too_many_events", "case_id")
+    assert str(refused.value) == (
+        "case 'hot' has 1,000 events within the dedupe horizon already; a case holds at most "
+        "1,000 (is case_id set per case?)"
+    )
+    assert _state(core) == before
+    assert core.process("eval-results", "hot", _verdict("e5", "hot", 1000)) == "duplicate"
+
+    # Another case's event at 4,100 s puts the horizon at 500 s: e0..e499 no longer dedupe,
+    # so the case forgets them and takes the new one (and e0 again, counted as new).
+    assert core.process("eval-results", "calm", _verdict("c1", "calm", 4100)) == "ok"
+    assert core.process("eval-results", "hot", _verdict("one-more", "hot", 4100)) == "ok"
+    assert sorted(core.cases["hot"].seen) == sorted(
+        [f"e{n}" for n in range(500, 1000)] + ["one-more"]
+    )
+    assert core.process("eval-results", "hot", _verdict("e0", "hot", 4100)) == "ok"
+    assert core.process("eval-results", "hot", _verdict("e600", "hot", 4100)) == "duplicate"
+
+
+def test_a_long_event_id_is_remembered_by_its_digest_and_still_dedupes() -> None:
+    core = PartitionCore(CoreConfig())
+    long_id = "x" * 5000
+    assert core.process("eval-results", "c1", _verdict(long_id, "c1", 1)) == "ok"
+    assert core.process("eval-results", "c1", _verdict(long_id, "c1", 2)) == "duplicate"
+    assert core.process("eval-results", "c1", _verdict(long_id + "y", "c1", 3)) == "ok"
+    expected = "#" + hashlib.blake2b(long_id.encode(), digest_size=16).hexdigest()
+    assert expected in core.cases["c1"].seen and len(core.cases["c1"].seen) == 2
+    assert all(len(i) == 33 for i in core.cases["c1"].seen)
+    # The bucket counted two verdicts, not three.
+    (bucket,) = core.buckets.values()
+    assert bucket.verdicts == {("CURRENT", True): 2}
+    # A case from state written before the digests holds the id itself: still a duplicate.
+    core.cases["c1"].seen[long_id + "z"] = to_ms(at(3))
+    assert core.process("eval-results", "c1", _verdict(long_id + "z", "c1", 4)) == "duplicate"
