@@ -477,7 +477,9 @@ class PartitionCore:
             if record.get("eval_passed") is not None:
                 case.verdicts["online"] = bool(record["eval_passed"])
         elif record.get("case_id") is not None:  # an eval result of a production case
-            case.verdicts[str(record.get("evaluator") or record["suite"])] = bool(record["passed"])
+            # by its first CATEGORY_CHARS, as a case holds up to CASE_EVENTS of them
+            evaluator = category_text(record.get("evaluator") or record["suite"])
+            case.verdicts[evaluator] = bool(record["passed"])
             if record["passed"]:
                 return  # a passed verdict is no new reason
         else:

@@ -485,6 +485,13 @@ def test_one_case_id_on_everything_is_held_to_case_events_ids() -> None:
     assert core.process("eval-results", "hot", _verdict("e600", "hot", 4100)) == "duplicate"
 
 
+def test_a_case_keeps_an_evaluators_name_to_its_first_100_characters() -> None:
+    core = PartitionCore(CoreConfig())
+    record = _verdict("e1", "c1", 1) | {"evaluator": "j" * 100 + "udge", "passed": False}
+    assert core.process("eval-results", "c1", record) == "ok"
+    assert core.cases["c1"].verdicts == {"j" * 100: False}
+
+
 def test_a_long_event_id_is_remembered_by_its_digest_and_still_dedupes() -> None:
     core = PartitionCore(CoreConfig())
     long_id = "x" * 5000
