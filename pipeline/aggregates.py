@@ -7,13 +7,12 @@ events: windows are merges of buckets, global numbers are merges of partials.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.features import CATEGORY_CHARS, FeatureStats
+from pipeline.features import CATEGORY_CHARS, FeatureStats, stable_digest
 from pipeline.sketch import LatencySketch, add_counts
 
 SUITES = ("CURRENT", "HISTORICAL")
@@ -197,8 +196,7 @@ def fold_categories(inputs: Counter[str]) -> None:
 def category_order(category: str) -> tuple[bytes, str]:
     """The fixed order of fold_categories: by a hash, so that no kind of name is favoured
     (the kept ones are a sample of the categories), the same in every process."""
-    digest = hashlib.blake2b(category.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return digest, category
+    return stable_digest(category, 8), category
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

@@ -9,6 +9,7 @@ and workers its inputs went through.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -138,6 +139,12 @@ def values_from_json(data: Mapping[str, Any] | None) -> FeatureValues:
     return FeatureValues(
         dict(data["c"]), dict(data["n"]), None if embedding is None else tuple(embedding)
     )
+
+
+def stable_digest(text: str, size: int) -> bytes:
+    """A BLAKE2b digest of ``size`` bytes of ``text``, the same in every process (unlike
+    ``hash``), of any str (a lone surrogate from JSON input too)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=size).digest()
 
 
 def category_text(value: Any) -> str:

@@ -12,7 +12,6 @@ so the worker persists exactly what changed (pipeline.checkpoint). No Kafka here
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pipeline.features import (
     category_text,
     feature_values,
     finite,
+    stable_digest,
     values_from_json,
     values_to_json,
 )
@@ -114,8 +114,7 @@ _decode_case = msgspec.json.Decoder(Case).decode
 def dedupe_digest(event_id: str) -> str:
     """How a case remembers an event id longer than EVENT_ID_CHARS: "#" and a BLAKE2b-128
     digest (an id written so would have to be found from the digest, which no one can)."""
-    data = event_id.encode("utf-8", "surrogatepass")
-    return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    return "#" + stable_digest(event_id, 16).hex()
 
 
 def case_from_record(value: bytes | msgspec.Raw | Mapping[str, Any]) -> Case:
