@@ -350,12 +350,14 @@ class PartitionCore:
             if first is None and len(case.seen) >= CASE_EVENTS:
                 forgotten = [i for i, seen_ms in case.seen.items() if seen_ms < horizon]
                 if len(case.seen) - len(forgotten) >= CASE_EVENTS:
+                    # the key: a case_id, or an eval result's eval_case_id (it has no case_id)
+                    name = "case_id" if record.get("case_id") is not None else "eval_case_id"
                     raise CodecError(
                         "too_many_events",
-                        f"case {key!r} has {len(case.seen):,} events within the dedupe horizon "
-                        f"already; a case holds at most {CASE_EVENTS:,} (is case_id set per "
+                        f"{name} {key!r} has {len(case.seen):,} events within the dedupe "
+                        f"horizon already; one holds at most {CASE_EVENTS:,} (is {name} set per "
                         "case?)",
-                        "case_id",
+                        name,
                     )
         self._changing(key)
         if case is not None:

@@ -468,7 +468,7 @@ def test_one_case_id_on_everything_is_held_to_case_events_ids() -> None:
         core.process("eval-results", "hot", _verdict("one-more", "hot", 1000))
     assert (refused.value.reason, refused.value.field) == ("too_many_events", "case_id")
     assert str(refused.value) == (
-        "case 'hot' has 1,000 events within the dedupe horizon already; a case holds at most "
+        "case_id 'hot' has 1,000 events within the dedupe horizon already; one holds at most "
         "1,000 (is case_id set per case?)"
     )
     assert _state(core) == before
@@ -483,6 +483,15 @@ def test_one_case_id_on_everything_is_held_to_case_events_ids() -> None:
     )
     assert core.process("eval-results", "hot", _verdict("e0", "hot", 4100)) == "ok"
     assert core.process("eval-results", "hot", _verdict("e600", "hot", 4100)) == "duplicate"
+
+    # An eval case's results (no case_id) are held by the eval case alike, and named so.
+    for n in range(CASE_EVENTS):
+        record = _verdict(f"h{n}", "", 4100) | {"case_id": None, "eval_case_id": "ec-7"}
+        assert core.process("eval-results", "ec-7", record) == "ok"
+    with pytest.raises(CodecError) as refused:
+        core.process("eval-results", "ec-7", record | {"event_id": "h-more"})
+    assert refused.value.field == "eval_case_id"
+    assert str(refused.value).startswith("eval_case_id 'ec-7' has 1,000 events"), refused.value
 
 
 def test_a_case_keeps_an_evaluators_name_to_its_first_100_characters() -> None:
