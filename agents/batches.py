@@ -34,6 +34,7 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
+from agents.fence import Fence, Fenced
 from agents.raw import RawSchema
 
 log = logging.getLogger(__name__)
@@ -222,18 +223,37 @@ class BatchConsumer:
     """Hands every batch of a subscription to ``handle``, its records (aiokafka's) grouped by
     partition in offset order, and acks the batch only after ``handle`` returned."""
 
-    def __init__(self, app: faust.App, topic: BatchTopic, handle: Handler, name: str) -> None:
+    def __init__(
+        self, app: faust.App, topic: BatchTopic, handle: Handler, name: str, fence: Fence
+    ) -> None:
         self.app = app
         self.channel = cast(BatchTopic, aiter(topic))  # subscribes: the consumer fetches it
         self.handle = handle
         self.name = name
+        self.fence = fence
+        self.generation = 0  # the consumer generation the batch in hand was taken in
+
+    async def ensure_member(self, batch: dict[int, list[Any]]) -> None:
+        """For ``handle`` to call before it writes anything of ``batch``: raises Fenced when
+        this worker may no longer own its partitions. Either a rebalance came while the batch
+        was in hand (Faust waits for it, but not forever: the stalled worker of
+        tests/agents/test_distributed.py rejoined and had its state forgotten meanwhile), or
+        the process stood still and the group has dropped it (agents.fence)."""
+        current = self.app.consumer_generation_id
+        if current != self.generation:
+            raise Fenced(
+                f"a rebalance (generation {self.generation} -> {current}) came while a batch "
+                "was in hand: its partitions may have another owner or be restored anew, so "
+                "it writes nothing of the batch and stops; restarted, it rejoins"
+            )
+        await self.fence.ensure_member(batch)
 
     def fresh(self, taken: list[Fetched]) -> list[Fetched]:
         """What of ``taken`` to handle, tracked as in hand: nothing during a rebalance, and
         nothing fetched before the last one (both are fetched again after it)."""
         if not self.app.flow_control.is_active():
             return []
-        current = self.app.consumer_generation_id
+        current = self.generation = self.app.consumer_generation_id
         in_hand = cast(Any, self.app.consumer)._unacked_messages  # what wait_empty waits for
         kept = [fetched for fetched in taken if fetched.generation_id == current]
         in_hand.update(kept)
@@ -251,6 +271,10 @@ class BatchConsumer:
                 by_partition[fetched.tp.partition].extend(fetched.records)
             try:
                 await self.handle(by_partition)
+            except Fenced as exc:
+                log.error("%s: %s", self.name, exc)
+                await self.app.crash(exc)
+                return
             except Exception as exc:
                 log.exception(
                     "%s: a batch failed; stopping the worker (restarted, it resumes from its "
@@ -273,8 +297,10 @@ class BatchConsumer:
         return client_may_hold(self.app.consumer, tp)
 
 
-def consume(app: faust.App, topic: BatchTopic, handle: Handler, name: str) -> BatchConsumer:
+def consume(
+    app: faust.App, topic: BatchTopic, handle: Handler, name: str, fence: Fence
+) -> BatchConsumer:
     """Subscribe to ``topic`` and run a BatchConsumer of it while the app runs."""
-    batches = BatchConsumer(app, topic, handle, name)
+    batches = BatchConsumer(app, topic, handle, name, fence)
     app.task(batches.run)
     return batches

@@ -21,6 +21,7 @@ from faust.types import TP
 
 from agents.batches import BatchTopic, batch_topic, consume
 from agents.batchsend import Record, send_keyed
+from agents.fence import Fence
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
 from pipeline.arrowcodec import ArrowDecoder
@@ -60,7 +61,12 @@ class DeadLetters:
 
 
 def register(
-    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: BatchTopic
+    app: faust.App,
+    settings: Settings,
+    codec: Codec,
+    metrics: PipelineMetrics,
+    partials: BatchTopic,
+    fence: Fence,
 ) -> Any:
     source = batch_topic(app, *(settings.topic(name) for name in SOURCE_TOPICS))
     dead_letters = DeadLetters(app, settings, codec, metrics)
@@ -182,17 +188,19 @@ def register(
             core.hold(later)
             for change in core.drain():
                 outgoing.append((change.loop.encode(), encode_change(change)))
+        await batches.ensure_member(by_partition)  # nothing written if it lost them
         for failure in failures:  # durable before the checkpoint: nothing lost
             await dead_letters.send(*failure)
         # The partials are durable before a checkpoint says their events were applied: the
         # producer sends each partition's batches on their own, so a checkpoint could otherwise
         # land first, and a crash then would lose partials that are never resent.
         await asyncio.gather(*await send_keyed(aiokafka_producer(app), partials_topic, outgoing))
+        await batches.ensure_member(by_partition)  # and no checkpoint if it lost them since
         for partition, positions in offsets.items():
             core, _ = states.get(partition)
             previous = core.previous_records()
             await states.commit(partition, core.changed_records(), positions, previous)
         tally.publish()
 
-    batches = consume(app, source, ingest, "loopline.ingest")
+    batches = consume(app, source, ingest, "loopline.ingest", fence)
     return states

@@ -16,6 +16,7 @@ from typing import Any, cast
 import faust
 
 from agents.batches import BatchTopic, consume
+from agents.fence import Fence
 from agents.ingest import DeadLetters
 from agents.raw import raw_topic
 from agents.state import CheckpointedPartitions, state_table
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def register(
-    app: faust.App, settings: Settings, codec: Codec, metrics: PipelineMetrics, partials: BatchTopic
+    app: faust.App,
+    settings: Settings,
+    codec: Codec,
+    metrics: PipelineMetrics,
+    partials: BatchTopic,
+    fence: Fence,
 ) -> Any:
     dead_letters = DeadLetters(app, settings, codec, metrics)
     snapshots = raw_topic(app, settings.topic("metrics"))
@@ -58,7 +64,9 @@ def register(
                 except Exception as exc:  # never stop merging over one bad partial
                     log.exception("bad partial")
                     reason = "processing_error"
+                    await merges.ensure_member(by_partition)
                     await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
+            await merges.ensure_member(by_partition)  # nothing written if it lost them
             # Alerts are durable before the checkpoint that records their episode state;
             # after a crash in between, the same records (same event_id) are sent again.
             for alert in view.evaluate():
@@ -76,7 +84,7 @@ def register(
             view.candidates = []
             await views.commit(partition, view.changed_records(), next_offsets(messages))
 
-    consume(app, partials, merge, "loopline.loops")
+    merges = consume(app, partials, merge, "loopline.loops", fence)
 
     partials_topic = partials.get_topic_name()
 

@@ -22,6 +22,7 @@ from typing import Any
 import faust
 
 from agents.batches import batch_topic, consume
+from agents.fence import Fence, StallWatch
 from pipeline.app import faust_app
 from pipeline.codec import Codec
 from pipeline.settings import Settings
@@ -61,9 +62,8 @@ class Handler:
 
 def faust_only_app(settings: Settings, handler: Handler) -> faust.App:
     app = faust_app(settings)
-    consume(
-        app, batch_topic(app, *map(settings.topic, SOURCE_TOPICS)), handler.handle, "faust-only"
-    )
+    topic = batch_topic(app, *map(settings.topic, SOURCE_TOPICS))
+    consume(app, topic, handler.handle, "faust-only", Fence(app, StallWatch(5.0)))
     return app
 
 

@@ -67,6 +67,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     # agents import pipeline, so they are wired in here, not at import
     from agents import ingest, loops
     from agents.batches import batch_topic
+    from agents.fence import Fence, StallWatch
     from agents.state import records_to_restore
 
     app = faust_app(settings)
@@ -76,8 +77,16 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         return web.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     partials = batch_topic(app, settings.topic("partials"))
-    stage1 = ingest.register(app, settings, codec, metrics, partials)
-    stage2 = loops.register(app, settings, codec, metrics, partials)
+    watch = StallWatch(settings.session_timeout_seconds / 3)
+
+    @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
+    async def tick() -> None:
+        """The event loop's pulse: a gap in it is a stall of the whole process."""
+        watch.tick()
+
+    stage1_fence = Fence(app, watch, settings.fault_stall_at_check)
+    stage1 = ingest.register(app, settings, codec, metrics, partials, stage1_fence)
+    stage2 = loops.register(app, settings, codec, metrics, partials, Fence(app, watch))
     metrics.restore_remaining.set_function(lambda: records_to_restore(app))
     metrics.partitions.watch(
         lambda: {

@@ -136,6 +136,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_lateness_seconds": _positive_int,
     "max_ahead_seconds": _positive_int,
     "max_cases_per_partition": _non_negative_int,
+    "fault_stall_at_check": _non_negative_int,
     "sla_seconds": _positive_int,
     "loop_sla_seconds": _per_loop,
     "hourly_rates": _per_loop,
@@ -182,6 +183,9 @@ class Settings:
     # The most cases one source partition's state holds (least recently touched evicted
     # first, counted in loopline_evicted_cases_total); 0 = no cap.
     max_cases_per_partition: int = 0
+    # Fault injection, for tests: stage 1 stops its own process (SIGSTOP) at its Nth check of
+    # its membership, with a batch in hand and nothing of it written (agents.fence); 0 = never.
+    fault_stall_at_check: int = 0
     sla_seconds: int = 3600
     loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)

@@ -12,6 +12,7 @@ from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 
 from agents.batches import BatchConsumer, BatchTopic, FetchBuffer, Fetched, batch_topic
+from agents.fence import Fence, Fenced, StallWatch
 
 
 def run(app: faust.App, coro: Any) -> Any:
@@ -150,7 +151,8 @@ class Recorder:
 
 
 def consumer_of(app: faust.App, handle: Any) -> BatchConsumer:
-    batches = BatchConsumer(app, BatchTopic(app, topics=["t"]), handle, "test")
+    topic = BatchTopic(app, topics=["t"])
+    batches = BatchConsumer(app, topic, handle, "test", Fence(app, StallWatch(5.0)))
     conductor: Any = app.topics
     run(app, conductor._update_indices())  # as the worker does when it subscribes
     assert conductor.acks_enabled_for("t")
@@ -228,6 +230,21 @@ def test_a_failing_batch_stops_the_worker_and_acks_nothing(app: faust.App) -> No
     consumer: Any = app.consumer
     assert not any(one.acked for one in slices) and not consumer._acked
     assert set(consumer._unacked_messages) == set(slices)  # still in hand
+
+
+def test_a_batch_taken_before_a_rebalance_may_write_nothing(app: faust.App) -> None:
+    """Taken in generation 3; a rebalance while it is in hand (Faust's wait for it timed out)
+    makes ensure_member refuse, before any write; in the same generation it lets it write."""
+    batches = consumer_of(app, Recorder(app))
+    cast_app: Any = app
+    cast_app.consumer_generation_id = 3
+    app.flow_control.resume()
+    assert batches.fresh([fetched(0, 1, generation=3)])
+    batch = {0: [record(0, 1)]}
+    run(app, batches.ensure_member(batch))  # no stall, no rebalance: at once
+    cast_app.consumer_generation_id = 4
+    with pytest.raises(Fenced, match=r"a rebalance \(generation 3 -> 4\) came while"):
+        run(app, batches.ensure_member(batch))
 
 
 def test_what_is_still_buffered_of_a_partition_is_unread(app: faust.App) -> None:

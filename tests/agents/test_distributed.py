@@ -249,3 +249,74 @@ def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
     kept = [line for line in first.log().splitlines() if f" kept {changelog}[" in line]
     assert kept, first.log_tail()
     assert " restored " not in first.log()
+
+
+async def _marker_generations(settings: Settings, topic: str) -> dict[int, list[int]]:
+    """Each partition's checkpoint markers' generations, in the order the changelog holds them."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    found: dict[int, list[int]] = {}
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        async with asyncio.timeout(60):
+            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+                for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
+                    for m in messages:
+                        if m.key is not None and m.key.endswith(b"~checkpoint") and m.value:
+                            found.setdefault(tp.partition, []).append(json.loads(m.value)["g"])
+    finally:
+        await consumer.stop()
+    return found
+
+
+def _stopped(worker: WorkerProcess) -> bool:
+    """Whether the worker's process is stopped (SIGSTOP): its state in /proc is T."""
+    stat = f"/proc/{worker.proc.pid}/stat"
+    with open(stat) as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_worker_that_stood_still_past_its_session_timeout_writes_nothing_after_it(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    """A worker stops (SIGSTOP, from LOOPLINE_FAULT_STALL_AT_CHECK) with a batch in hand and
+    nothing of it written, as a VM freeze would stop it; another worker takes its partitions
+    over once the group drops it (15 s) and counts everything; then it gets SIGCONT. It must
+    not write its batch after the new owner's writes (agents.fence): it stops. A write of it
+    would show as a checkpoint marker older than the one before it in its changelog partition,
+    which a later restore would take for the newest state (before the fence: markers [1, 2,
+    3, 4, 5, 7, ..., 11, 6], and once [2, ..., 7, 1] from a store forgotten in a rebalance)."""
+    settings = make_settings()
+    events = _traffic(37, 20_000)
+    asyncio.run(_publish(settings, events))
+    stalled = start_worker(dataclasses.replace(settings, fault_stall_at_check=20))
+    wait_for(lambda: stalled.exited() or _stopped(stalled), 120, "the worker to stop itself")
+    assert not stalled.exited(), stalled.log_tail()
+    try:
+        taker = start_worker(dataclasses.replace(settings, web_port=free_port()))
+        _wait_exact(settings, events, [taker])  # it took every partition over and went on
+    finally:
+        log_size = len(stalled.log())
+        stalled.proc.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: stalled.exited() or "Successfully synced group" in stalled.log()[log_size:],
+        60,
+        "the stalled worker to stop or rejoin",
+        every=1,
+    )
+    time.sleep(3)  # what it would still write, it has written by now
+    for table in ("partition-state", "loop-state"):
+        changelog = f"{settings.app_id}-{table}-changelog"
+        generations = asyncio.run(_marker_generations(settings, changelog))
+        assert generations, changelog
+        for partition, gs in generations.items():
+            assert gs == sorted(set(gs)), f"{changelog}[{partition}] markers {gs}"
+    wait_for(stalled.exited, 30, "the stalled worker to stop", every=1)
+    assert "writes nothing of the batch" in stalled.log(), stalled.log_tail()
+    _wait_exact(settings, events, [taker])

@@ -14,6 +14,7 @@ from faust.types import TP
 
 from agents import dispatch
 from agents.batches import BatchConsumer, batch_topic
+from agents.fence import Fence, StallWatch
 from agents.fetch import FetchLoop, announce_in_thread, install
 from agents.raw import raw_topic
 from agents.state import state_table
@@ -39,7 +40,7 @@ class Subscribed:
     def __init__(self, app: faust.App) -> None:
         self.app: Any = cast(Any, app)
         topic = batch_topic(app, "t")
-        self.batches = BatchConsumer(app, topic, self.handle, "test")
+        self.batches = BatchConsumer(app, topic, self.handle, "test", Fence(app, StallWatch(5.0)))
         self.batches.channel.queue.size = 2
         aiter(raw_topic(app, "other"))
         run(app, self.app.topics._update_indices())
