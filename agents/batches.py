@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -39,6 +40,8 @@ from agents.raw import RawSchema
 
 log = logging.getLogger(__name__)
 
+#: The exit status of a worker that found it may no longer own its partitions (agents.fence).
+FENCED_EXIT_CODE = 75
 #: Records per batch at most. 10,000 was measured twice (docs/benchmark.md): its gain was
 #: within the shared machine's noise, and it cost median freshness (before the fetch loop) or
 #: memory (after it), so batches stay at 2,000.
@@ -239,6 +242,10 @@ class BatchConsumer:
         was in hand (Faust waits for it, but not forever: the stalled worker of
         tests/agents/test_distributed.py rejoined and had its state forgotten meanwhile), or
         the process stood still and the group has dropped it (agents.fence)."""
+        self._same_generation()
+        await self.fence.ensure_member(batch, self.generation)
+
+    def _same_generation(self) -> None:
         current = self.app.consumer_generation_id
         if current != self.generation:
             raise Fenced(
@@ -246,7 +253,6 @@ class BatchConsumer:
                 "was in hand: its partitions may have another owner or be restored anew, so "
                 "it writes nothing of the batch and stops; restarted, it rejoins"
             )
-        await self.fence.ensure_member(batch)
 
     def fresh(self, taken: list[Fetched]) -> list[Fetched]:
         """What of ``taken`` to handle, tracked as in hand: nothing during a rebalance, and
@@ -272,9 +278,12 @@ class BatchConsumer:
             try:
                 await self.handle(by_partition)
             except Fenced as exc:
-                log.error("%s: %s", self.name, exc)
-                await self.app.crash(exc)
-                return
+                # At once, as SIGKILL would stop it (the checkpoints are made for that): a clean
+                # stop goes through the rebalance it is in, writes on meanwhile and can hang
+                # there, holding partitions it no longer processes.
+                log.critical("%s: %s", self.name, exc)
+                logging.shutdown()
+                os._exit(FENCED_EXIT_CODE)
             except Exception as exc:
                 log.exception(
                     "%s: a batch failed; stopping the worker (restarted, it resumes from its "

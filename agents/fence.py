@@ -11,7 +11,8 @@ So the event loop ticks (``StallWatch``), and a batch handler asks ``Fence.ensur
 before its writes: when the loop has not ticked for a third of the session timeout since the
 last check, the worker commits again the offsets its group already has for the batch's
 partitions, which the coordinator refuses from a member it has dropped. A refused worker raises
-``Fenced``, writes nothing, and stops (agents.batches); restarted, it rejoins and restores.
+``Fenced``, writes nothing more, and exits at once (agents.batches); restarted, it rejoins and
+restores.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ class Fence:
         self.stall_at_check = stall_at_check  # LOOPLINE_FAULT_STALL_AT_CHECK, for tests
         self.checks = 0
 
-    async def ensure_member(self, batch: dict[int, list[Any]]) -> None:
+    async def ensure_member(self, batch: dict[int, list[Any]], generation: int) -> None:
         """Return at once unless the process stalled since the last check; then raise
         ``Fenced`` unless the group still counts this worker the owner of ``batch``'s
-        partitions."""
+        partitions in ``generation``, the consumer generation the batch was taken in."""
         self.checks += 1
         if self.checks == self.stall_at_check:
+            # this stage's writes so far delivered: what it has in hand is all it could write
+            await self.app.producer.flush()
             log.warning("LOOPLINE_FAULT_STALL_AT_CHECK: stopping the process (SIGSTOP)")
             os.kill(os.getpid(), signal.SIGSTOP)
         checked_at = self.watch.clock()
@@ -91,7 +94,8 @@ class Fence:
                     offsets[tp] = record.offset if committed is None else committed
         owned = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(offsets))
         log.warning("the process stood still; checking it still owns %s", owned)
-        if not await consumer._thread.call_thread(_commit_again, consumer._thread, offsets):
+        thread = consumer._thread
+        if not await thread.call_thread(_commit_again, thread, offsets, generation):
             raise Fenced(
                 "the group dropped this worker while the process stood still (longer than "
                 "LOOPLINE_SESSION_TIMEOUT_SECONDS): another worker may own its partitions, so "
@@ -100,15 +104,19 @@ class Fence:
         self.checked_at = checked_at
 
 
-async def _commit_again(thread: Any, offsets: dict[TopicPartition, int]) -> bool:
+async def _commit_again(thread: Any, offsets: dict[TopicPartition, int], generation: int) -> bool:
     """On the consumer's thread: commit ``offsets`` (what the group has already, or where the
-    batch starts) as this member; False if the client or the coordinator says it is not one."""
+    batch starts) as this member of ``generation``; False if the client or the coordinator says
+    it is not one. The client may have rejoined first, or rejoin while the commit waits (its
+    heartbeat heard of it): as another member, so its generation is checked on both sides."""
     client = thread._ensure_consumer()
-    if not set(offsets) <= client.assignment():
+    if client._coordinator.generation != generation or not set(offsets) <= client.assignment():
         return False
     try:
         await client.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
     except KafkaError as exc:  # CommitFailedError: "the group has already rebalanced"
-        log.warning("membership check refused: %r", exc)
+        # Refused in a rebalance too: a member dropped rejoins as a new one, whose
+        # partitions and state may differ, so "rebalance in progress" is no proof either.
+        log.warning("membership check refused: %r", exc.__cause__ or exc)
         return False
-    return True
+    return bool(client._coordinator.generation == generation)
