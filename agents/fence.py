@@ -35,9 +35,10 @@ class Fenced(RuntimeError):
 
 
 class StallWatch:
-    """Notes when the process stalled: ``tick`` is called every ``interval`` by the event
-    loop, and a tick (or a look) that comes more than ``threshold`` after the one before means
-    the whole process, heartbeats included, stood still."""
+    """Notes when the process stalled: the event loop calls ``tick`` every half second
+    (pipeline.app), and a tick (or a look) that comes more than ``threshold`` after the one
+    before means the process stood still, heartbeats included (or the loop was blocked that
+    long, which costs one needless check)."""
 
     def __init__(self, threshold: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
