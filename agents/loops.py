@@ -56,6 +56,7 @@ def register(
     async def merge(by_partition: dict[int, list[Any]]) -> None:
         for partition, messages in by_partition.items():
             view, checkpoint = views.get(partition)
+            failures = []
             for message in checkpoint.unapplied(messages):
                 try:
                     view.apply(partial_from_json(loads(message.value)))
@@ -63,10 +64,11 @@ def register(
                     raise  # the worker stops: its partitions go to a worker that reads it
                 except Exception as exc:  # never stop merging over one bad partial
                     log.exception("bad partial")
-                    reason = "processing_error"
-                    await merges.ensure_member(by_partition)
-                    await dead_letters.send(message, reason, f"{type(exc).__name__}: {exc}")
+                    error = f"{type(exc).__name__}: {exc}"
+                    failures.append((message, "processing_error", error))
             await merges.ensure_member(by_partition)  # nothing written if it lost them
+            for failure in failures:  # durable before the checkpoint: nothing lost
+                await dead_letters.send(*failure)
             # Alerts are durable before the checkpoint that records their episode state;
             # after a crash in between, the same records (same event_id) are sent again.
             for alert in view.evaluate():

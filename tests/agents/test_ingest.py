@@ -304,3 +304,29 @@ def test_a_partial_in_a_newer_format_stops_the_worker_instead_of_being_misread(
     )
     assert "bad partial" not in worker.log()
     assert asyncio.run(read_topic(settings, "dlq")) == []
+
+
+def test_a_partial_that_cannot_be_read_is_a_dead_letter_and_merging_goes_on(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """Stage 2 never stops over one bad message of the partials topic: it goes to the DLQ with
+    reason processing_error, its bytes and position, and the loops' numbers still come."""
+    settings = make_settings()
+    worker = start_worker(settings)
+    broken = b'{"kind": "partial", "v": 1}'  # no partition, loop or buckets
+    offset = asyncio.run(_send_raw(settings, "partials", b"refunds", broken))
+    events = _events(seed=4, count=200)
+    asyncio.run(_publish(settings, events))
+    wait_for(lambda: worker.processed("inputs") > 0, 90, "the worker to count inputs")
+    ((_, letter),) = asyncio.run(consume(settings, "dlq", 1))
+    assert letter["reason"] == "processing_error"
+    assert letter["error"].startswith("KeyError: "), letter["error"]
+    assert letter["source_topic"] == settings.topic("partials")
+    assert (letter["source_partition"], letter["source_offset"]) == (0, offset)
+    assert letter["value"] == broken and letter["key"] == b"refunds"
+    wait_for(
+        lambda: "loopline_coverage_ratio{" in (worker.metrics_text() or ""),
+        90,
+        "the loops' numbers on /metrics",
+    )
+    assert not worker.exited()
