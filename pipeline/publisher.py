@@ -14,6 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from pipeline import kafka_outage
 from pipeline.codec import Codec, CodecError
 from pipeline.events import EvalResult, InputEvent, ResolutionEvent, _Event
 from pipeline.kafka_security import client_options
@@ -80,6 +81,7 @@ class Publisher:
 
     async def start(self) -> None:
         if not self._started:
+            kafka_outage.install()  # a broker restart must not spin the caller's process
             try:
                 await self._producer.start()
             except BaseException:  # stopped, or its connections are left open

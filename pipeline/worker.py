@@ -11,6 +11,7 @@ import faust
 import uvloop
 
 from agents import dispatch, fetch
+from pipeline import kafka_outage
 from pipeline.app import create_app
 from pipeline.codec import Codec
 from pipeline.metrics import PipelineMetrics
@@ -34,6 +35,7 @@ def run_app(settings: Settings, build: Callable[[], faust.App]) -> None:
     """Run the Faust app that ``build`` makes as the worker runs: on uvloop, with the topics
     created, the collector thresholds below and fewer per-message costs (``make_worker``)."""
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
+    kafka_outage.install()
     loop = worker_event_loop()
     asyncio.set_event_loop(loop)
     ensured = loop.run_until_complete(ensure_topics(settings))

@@ -19,6 +19,7 @@ try:
 finally:
     sys.argv = _argv
 
+from pipeline import kafka_outage  # noqa: E402
 from pipeline.cli import evalset, kafka, services, traffic  # noqa: E402
 from pipeline.settings import Settings, SettingsError  # noqa: E402
 from sinks.archive.cli import register as register_archive_commands  # noqa: E402
@@ -29,6 +30,7 @@ from sinks.archive.cli import register as register_archive_commands  # noqa: E40
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """loopline: telemetry for AI-native operational loops, on Kafka."""
+    kafka_outage.install()
     try:
         ctx.obj = Settings.from_env()
     except SettingsError as exc:
