@@ -1,14 +1,16 @@
-"""A broker restart under traffic (an upgrade, a host reboot): the worker rides it out, loses
-nothing and counts nothing twice."""
+"""A broker restart under traffic (an upgrade, a host reboot): the worker and the archive sink
+wait it out, calmly, lose nothing and count nothing twice."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,8 @@ from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
 from tests.agents.test_distributed import _traffic, _wait_exact
 from tests.agents.test_ingest import _publish
-from tests.conftest import WorkerProcess, free_broker_port, wait_for
+from tests.conftest import CliProcess, WorkerProcess, free_broker_port, process_factory, wait_for
+from tests.sinks.test_archive_sink import _events, _ids, _query, _wait_rows, archive_process
 
 pytestmark = pytest.mark.broker
 
@@ -26,6 +29,18 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _outage(broker: LocalBroker, process: CliProcess, seconds: float) -> tuple[float, int]:
+    """Stop the broker for ``seconds`` and start it again: the CPU time and the log lines the
+    process spent meanwhile."""
+    broker.down()
+    lines, cpu = len(process.log().splitlines()), _cpu_seconds(process.proc.pid)
+    time.sleep(seconds)
+    lines, cpu = len(process.log().splitlines()) - lines, _cpu_seconds(process.proc.pid) - cpu
+    broker.up(echo=lambda line: print(line, file=sys.stderr))
+    assert not process.exited(), process.log_tail()
+    return cpu, lines
 
 
 @pytest.fixture
@@ -49,11 +64,7 @@ def test_a_broker_restart_under_traffic_loses_nothing_and_counts_nothing_twice(
     asyncio.run(_publish(settings, first))
     worker = start_worker(settings)
     wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
-    own_broker.down()
-    lines, cpu = len(worker.log().splitlines()), _cpu_seconds(worker.proc.pid)
-    time.sleep(20)  # longer than the session timeout (15 s)
-    lines, cpu = len(worker.log().splitlines()) - lines, _cpu_seconds(worker.proc.pid) - cpu
-    own_broker.up(echo=lambda line: print(line, file=sys.stderr))
+    cpu, lines = _outage(own_broker, worker, 20)  # longer than the session timeout (15 s)
     asyncio.run(_publish(settings, second))
     _wait_exact(settings, events, [worker])
     # While the broker was away the worker waited, and said so in a few lines: aiokafka alone
@@ -61,3 +72,41 @@ def test_a_broker_restart_under_traffic_loses_nothing_and_counts_nothing_twice(
     # (pipeline.kafka_outage).
     assert cpu < 2.0, f"{cpu:.1f} s of CPU in a 20 s outage"
     assert lines < 100, "\n".join(worker.log().splitlines()[-lines:][:60])
+
+
+@pytest.fixture
+def start_archive(tmp_path: Path) -> Iterator[Callable[[Settings], CliProcess]]:
+    yield from process_factory(tmp_path, "archive", archive_process, signal.SIGKILL)
+
+
+def test_the_archive_sink_waits_out_a_broker_restart_and_archives_each_event_once(
+    own_broker: LocalBroker,
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], CliProcess],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        bootstrap_servers=own_broker.bootstrap,
+        archive_path=tmp_path / "a.duckdb",
+        archive_batch_rows=1500,
+        archive_batch_seconds=0.5,
+    )
+    first, second = _events(4000), _events(2000, skip=4000)
+    asyncio.run(_publish(settings, first))
+    archive = start_archive(settings)
+    _wait_rows(settings, {"inputs": len(_ids(first, "inputs"))}, archive)
+    cpu, lines = _outage(own_broker, archive, 20)
+    asyncio.run(_publish(settings, second))
+    both = first + second
+    expected = {
+        t.replace("-", "_"): len(_ids(both, t)) for t in ("inputs", "resolutions", "eval-results")
+    }
+    _wait_rows(settings, expected, archive)
+    archive.stop()
+    assert archive.proc.returncode == 0, archive.log()[-2000:]
+    for table, count in expected.items():
+        assert _query(settings, f"SELECT count(*), count(DISTINCT event_id) FROM {table}") == [
+            (count, count)
+        ]
+    assert cpu < 2.0, f"{cpu:.1f} s of CPU in a 20 s outage"
+    assert lines < 100, "\n".join(archive.log().splitlines()[-lines:][:60])
