@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any
 
 import faust
@@ -16,12 +14,6 @@ from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS, STATE_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
-#: How long a crashed worker may take to stop cleanly (leave its group, close its clients).
-#: Faust's stop can hang in its wait for the streams (a failed batch stays in hand, never
-#: acked): past this the process exits as SIGKILL would stop it, which its checkpoints are
-#: made for, so that a supervisor restarts it instead of it holding its partitions idle.
-STOP_GRACE_SECONDS = 20.0
-CRASH_EXIT_CODE = 1
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -79,15 +71,6 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     from agents.state import records_to_restore
 
     app = faust_app(settings)
-    clean_crash = app.crash
-
-    async def crash(reason: BaseException) -> None:
-        deadline = threading.Timer(STOP_GRACE_SECONDS, os._exit, (CRASH_EXIT_CODE,))
-        deadline.daemon = True
-        deadline.start()
-        await clean_crash(reason)
-
-    app.crash = crash  # type: ignore[method-assign]
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

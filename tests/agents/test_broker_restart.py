@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
+from pipeline.worker import STOP_GRACE_SECONDS, UNSTOPPED_EXIT_CODE
 from tests.agents.test_distributed import _traffic, _wait_exact
 from tests.agents.test_ingest import _publish
 from tests.conftest import CliProcess, WorkerProcess, free_broker_port, process_factory, wait_for
@@ -72,6 +73,32 @@ def test_a_broker_restart_under_traffic_loses_nothing_and_counts_nothing_twice(
     # (pipeline.kafka_outage).
     assert cpu < 2.0, f"{cpu:.1f} s of CPU in a 20 s outage"
     assert lines < 100, "\n".join(worker.log().splitlines()[-lines:][:60])
+
+
+def test_a_worker_asked_to_stop_while_the_broker_is_away_stops_and_loses_nothing(
+    own_broker: LocalBroker,
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    """Faust's clean stop waits for the batch in hand, whose writes wait for the broker (up to
+    Faust's 20 min producer timeout): it hung for as long as the broker was away. Now the
+    process exits STOP_GRACE_SECONDS after it was asked to, as SIGKILL would stop it."""
+    settings = make_settings(bootstrap_servers=own_broker.bootstrap)
+    events = _traffic(43, 12_000)
+    first, second = events[:6000], events[6000:]
+    asyncio.run(_publish(settings, first))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    own_broker.down()
+    asked = time.monotonic()
+    worker.stop(signal.SIGTERM)
+    waited = time.monotonic() - asked
+    assert worker.proc.returncode == UNSTOPPED_EXIT_CODE, worker.log_tail()
+    assert STOP_GRACE_SECONDS <= waited < STOP_GRACE_SECONDS + 15, waited
+    assert "the worker did not stop within 20 s (is the broker reachable?)" in worker.log()
+    own_broker.up(echo=lambda line: print(line, file=sys.stderr))
+    asyncio.run(_publish(settings, second))
+    _wait_exact(settings, events, [start_worker(settings)])
 
 
 @pytest.fixture
