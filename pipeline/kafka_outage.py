@@ -15,6 +15,8 @@ in a 20 s restart. With ``install()``:
   and at most a second after it is back;
 - an aiokafka warning or error that repeats word for word (its fetcher and coordinator retry
   every 100 ms) is logged once per REPEAT_WINDOW_SECONDS, with how many times it repeated meanwhile.
+
+And ``stop_consumer`` stops a consumer whose fetches could not reach the broker.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.client import AIOKafkaClient
+
+log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 1.0
 REPEAT_WINDOW_SECONDS = 10.0
@@ -101,3 +106,17 @@ def install() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name == "aiokafka" or name.startswith("aiokafka."):
             logging.getLogger(name).addFilter(repeats)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, but for the CancelledError of aiokafka's own fetch tasks: its fetcher
+    cancels the fetch requests in flight or waiting to retry (the broker away) and awaits them
+    without catching it, so a clean stop ended in a traceback, skipping what came after it. A
+    cancellation of the caller's own task still goes through."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("the Kafka consumer stopped with fetches to the broker unfinished")

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from pipeline import kafka_outage
 from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter_of
@@ -160,7 +161,7 @@ class SinkRunner:
         finally:
             if self._writing is None:
                 await asyncio.to_thread(self.sink.close)
-            await self._consumer.stop()
+            await kafka_outage.stop_consumer(self._consumer)
             await self._producer.stop()
         return self.progress
 

@@ -133,3 +133,35 @@ def test_install_wraps_the_refresh_once_and_filters_every_aiokafka_logger(
     for name in ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator"):
         filters = logging.getLogger(name).filters
         assert sum(isinstance(f, RepeatFilter) for f in filters) == 1, name
+
+
+class _Consumer:
+    """A consumer whose stop() raises what aiokafka's does with a fetch in flight."""
+
+    def __init__(self, started: asyncio.Event | None = None) -> None:
+        self.started = started
+
+    async def stop(self) -> None:
+        if self.started is not None:  # a stop that takes a while: the caller may be cancelled
+            self.started.set()
+            await asyncio.sleep(10)
+        raise asyncio.CancelledError
+
+
+def test_a_consumer_stopped_with_its_fetches_unfinished_stops_without_raising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    asyncio.run(kafka_outage.stop_consumer(_Consumer()))  # type: ignore[arg-type]
+    assert "stopped with fetches to the broker unfinished" in caplog.text
+
+
+def test_a_cancelled_caller_is_still_cancelled() -> None:
+    async def run() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(kafka_outage.stop_consumer(_Consumer(started)))  # type: ignore[arg-type]
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
