@@ -72,7 +72,7 @@ def main() -> None:
         raise SystemExit(f"usage: faust_only.py {{{','.join(MODES)}}} N")
     settings = Settings.from_env()
     handler = Handler(sys.argv[1], int(sys.argv[2]))
-    run_app(settings, lambda: faust_only_app(settings, handler))
+    run_app(settings, lambda s: faust_only_app(s, handler))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -91,11 +91,18 @@ def key_of(topic: str, record: Mapping[str, Any]) -> bytes | None:
     return None
 
 
+class TopicLayoutError(RuntimeError):
+    """The source topics exist with different partition counts (not co-partitioned)."""
+
+
 class Ensured(NamedTuple):
-    """What ``ensure_topics`` did: the topics it created and those whose limit it raised."""
+    """What ``ensure_topics`` did: the topics it created, those whose limit it raised and the
+    state changelogs it gave more partitions; and the source topics' partition count."""
 
     created: list[str]
     raised: list[str]
+    grown: list[str]
+    partitions: int
 
     def describe(self) -> str:
         said = [f"created {', '.join(self.created)}" if self.created else "all exist"]
@@ -103,6 +110,8 @@ class Ensured(NamedTuple):
             said.append(
                 f"max.message.bytes raised to {STATE_MESSAGE_BYTES} for {', '.join(self.raised)}"
             )
+        if self.grown:
+            said.append(f"partitions added to {', '.join(self.grown)}")
         return "; ".join(said)
 
 
@@ -138,12 +147,67 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
                     detail = rest[0] if rest and rest[0] else f"error code {code}"
                     raise RuntimeError(f"cannot create topic {topic}: {detail}")
             await _wait_for_leaders(admin, [t.name for t in new])
+        partitions, grown = await _align_partitions(
+            admin, settings, existing | {t.name for t in new}
+        )
         stateful = [settings.topic(t.name) for t in wanted if t.carries_state]
         stateful += [changelog_topic(settings, table) for table in STATE_TABLES]
         raised = await _raise_message_limits(admin, [n for n in stateful if n in existing])
-        return Ensured([t.name for t in new], raised)
+        return Ensured([t.name for t in new], raised, grown, partitions)
     finally:
         await admin.close()
+
+
+async def _align_partitions(
+    admin: AIOKafkaAdminClient, settings: Settings, made: set[str]
+) -> tuple[int, list[str]]:
+    """The source topics' partition count (LOOPLINE_PARTITIONS while none exists), once they
+    are found co-partitioned, and the state changelogs given more partitions to match.
+
+    A worker joins a case's events (keyed by case_id) within one partition number of every
+    source topic: with one topic given more partitions, a case's input and resolution land in
+    different partitions and are never joined, and the numbers go wrong without an error, so
+    that is refused. Each stage writes its checkpoint to the changelog partition of the number
+    it reads (stage 1: the source topics; stage 2: partials), so a changelog with fewer
+    partitions failed every batch of the new ones; it gets partitions added (the records it
+    holds stay where they are). Only topics in ``made`` are described: a metadata request for
+    another would have a broker that auto-creates topics make it, with its default count."""
+    sources = [settings.topic(name) for name in SOURCE_TOPICS]
+    partials = settings.topic("partials")
+    feeds = {
+        changelog_topic(settings, PARTITION_STATE): sources,
+        changelog_topic(settings, LOOP_STATE): [partials],
+    }
+    described = [n for n in [*sources, partials, *feeds] if n in made]
+    counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(described)}
+    found = {name: counts[name] for name in sources if counts.get(name)}
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{name} {count}" for name, count in found.items())
+        raise TopicLayoutError(
+            f"the source topics have different partition counts ({listed}): a case's events "
+            "are joined within one partition, so each needs the same count. Add partitions to "
+            "the others (kafka-topics.sh --alter --topic NAME --partitions N); cases open at "
+            "that moment are split (README, Guarantees: partition counts)"
+        )
+    wanted = {
+        changelog: max((counts.get(feed, 0) for feed in fed), default=0)
+        for changelog, fed in feeds.items()
+    }
+    grow = {
+        changelog: NewPartitions(count)
+        for changelog, count in wanted.items()
+        if 0 < counts.get(changelog, 0) < count
+    }
+    if grow:
+        response = await admin.create_partitions(grow)
+        for topic, code, message in response.topic_errors:
+            if code:
+                raise TopicLayoutError(
+                    f"cannot add partitions to {topic} (to {grow[topic].total_count}, as its "
+                    f"stage reads): {message or f'error code {code}'}"
+                )
+        await _wait_for_leaders(admin, sorted(grow))
+    return next(iter(found.values()), settings.partitions), sorted(grow)
 
 
 async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -35,24 +36,37 @@ GC_THRESHOLDS = (50_000, 20, 100)
 #: which its checkpoints are made for: a supervisor restarts a crashed worker instead of it
 #: holding its partitions idle, and an operator's stop stops.
 STOP_GRACE_SECONDS = 20.0
+PRE_START_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 UNSTOPPED_EXIT_CODE = 1
 
 
 def run_worker(settings: Settings) -> None:
-    run_app(settings, lambda: create_app(settings, PipelineMetrics.create(), Codec.load()))
+    run_app(settings, lambda s: create_app(s, PipelineMetrics.create(), Codec.load()))
 
 
-def run_app(settings: Settings, build: Callable[[], faust.App]) -> None:
+def run_app(settings: Settings, build: Callable[[Settings], faust.App]) -> None:
     """Run the Faust app that ``build`` makes as the worker runs: on uvloop, with the topics
-    created, the collector thresholds below and fewer per-message costs (``make_worker``)."""
+    created, the collector thresholds below and fewer per-message costs (``make_worker``).
+    ``build`` gets the settings with the source topics' partition count, which is what the
+    worker reads whatever LOOPLINE_PARTITIONS says (an operator may have added partitions)."""
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
+    # What is logged before Faust sets up its logging (it replaces these handlers), as it logs.
+    logging.basicConfig(level=settings.log_level.upper(), format=PRE_START_LOG_FORMAT)
     kafka_outage.install()
     loop = worker_event_loop()
     asyncio.set_event_loop(loop)
     ensured = loop.run_until_complete(ensure_topics(settings))
-    if ensured.created or ensured.raised:
+    if ensured.created or ensured.raised or ensured.grown:
         log.info("topics: %s", ensured.describe())
-    app = build()
+    if ensured.partitions != settings.partitions:
+        log.warning(
+            "the source topics have %d partitions, LOOPLINE_PARTITIONS says %d: the worker "
+            "goes by the topics",
+            ensured.partitions,
+            settings.partitions,
+        )
+        settings = dataclasses.replace(settings, partitions=ensured.partitions)
+    app = build(settings)
     gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
     gc.set_threshold(*GC_THRESHOLDS)
     make_worker(app, settings, loop).execute_from_commandline()

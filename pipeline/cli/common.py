@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -14,6 +15,7 @@ from pipeline.clitypes import OutputFile
 from pipeline.core import CoreConfig
 from pipeline.rules import RulesError
 from pipeline.settings import Settings
+from pipeline.topics import TopicLayoutError
 
 
 def settings_of(ctx: click.Context) -> Settings:
@@ -41,13 +43,22 @@ def kafka_failure(settings: Settings, exc: Exception) -> str:
 T = TypeVar("T")
 
 
-def on_kafka(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; Kafka's refusal (unreachable, wrong password, no permission) ends the
-    command with its reason rather than a traceback."""
+@contextlib.contextmanager
+def kafka_refusals_as_reasons(settings: Settings) -> Iterator[None]:
+    """Kafka's refusal (unreachable, wrong password, no permission) or source topics that are
+    not co-partitioned end the command with the reason, not a traceback."""
     try:
-        return asyncio.run(work)
+        yield
     except KafkaError as exc:
         raise click.ClickException(kafka_failure(settings, exc)) from None
+    except TopicLayoutError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def on_kafka(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, with Kafka's refusals as the command's reason."""
+    with kafka_refusals_as_reasons(settings):
+        return asyncio.run(work)
 
 
 def require_free_port(host: str, port: int, what: str, setting: str) -> None:

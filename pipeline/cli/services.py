@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import click
-from aiokafka.errors import KafkaError
 
 from pipeline.cli.common import (
     core_config,
     err,
-    kafka_failure,
+    kafka_refusals_as_reasons,
     on_kafka,
     require_free_port,
     settings_of,
@@ -38,10 +37,8 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
     core_config(settings)  # a bad rules file stops the worker here, with the reason
     where = "LOOPLINE_WEB_PORT or --web-port"
     require_free_port(settings.web_host, settings.web_port, "/metrics", where)
-    try:
+    with kafka_refusals_as_reasons(settings):
         run_worker(settings)
-    except KafkaError as exc:
-        raise click.ClickException(kafka_failure(settings, exc)) from None
 
 
 @click.command("review")

@@ -11,7 +11,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from pipeline.settings import Settings
-from pipeline.topics import STATE_MESSAGE_BYTES, changelog_topic, ensure_topics
+from pipeline.topics import (
+    SOURCE_TOPICS,
+    STATE_MESSAGE_BYTES,
+    TopicLayoutError,
+    changelog_topic,
+    ensure_topics,
+)
+from tests.conftest import settings_env
+from tests.pipeline.test_cli import loopline
 
 pytestmark = pytest.mark.broker
 _OWN = 1  # DescribeConfigs' config_source of a topic's own setting
@@ -87,3 +95,32 @@ def test_topics_carrying_state_take_large_messages_new_or_existing(
             break
         asyncio.run(asyncio.sleep(0.1))
     assert raised()
+
+
+def test_source_topics_with_different_partition_counts_are_refused_with_the_reason(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """An operator who gives inputs more partitions than resolutions splits every case's input
+    from its resolution: never joined, and no error said so. The worker now refuses to start."""
+    settings = make_settings()  # 4 partitions
+    inputs, resolutions = settings.topic("inputs"), settings.topic("resolutions")
+    asyncio.run(_create(settings, [NewTopic(inputs, 6, 1), NewTopic(resolutions, 4, 1)]))
+    with pytest.raises(TopicLayoutError) as refused:
+        asyncio.run(ensure_topics(settings))
+    listed = f"{inputs} 6, {resolutions} 4, {settings.topic('eval-results')} 4, " + (
+        f"{settings.topic('eval-cases')} 4"
+    )
+    assert str(refused.value).startswith(
+        f"the source topics have different partition counts ({listed}): a case's events are "
+        "joined within one partition, so each needs the same count."
+    )
+    worker = loopline("worker", env=settings_env(settings))
+    assert worker.returncode == 1
+    assert f"Error: the source topics have different partition counts ({listed})" in (worker.stderr)
+    assert "Traceback" not in worker.stderr
+
+    # The same count everywhere, other than LOOPLINE_PARTITIONS (made by hand, say): accepted.
+    tag = uuid.uuid4().hex[:10]
+    even = make_settings(topic_prefix=f"e{tag}.", app_id=f"loopline-e{tag}")
+    asyncio.run(_create(even, [NewTopic(even.topic(t), 2, 1) for t in SOURCE_TOPICS]))
+    assert even.topic("inputs") not in asyncio.run(ensure_topics(even)).created
