@@ -5,8 +5,8 @@ aiokafka (0.14) starts a metadata refresh as soon as anyone asks for one, and it
 sender asks again the moment a refresh ends while a partition's leader is unknown. With the
 broker down and its port refusing connections at once (a restart, an upgrade), that was a
 loop without a pause: a worker spun a core and logged about 4,500 errors a second
-("Unable connect to node", "Unable to update metadata"; aio-libs/aiokafka#496), 120,000 lines
-in a 20 s restart. With ``install()``:
+("Unable connect to node", "Unable to update metadata"; aio-libs/aiokafka#496), over 100,000
+lines in a 20 s restart. With ``install()``:
 
 - a refresh that reached no broker waits before it reports back, doubling from the client's
   ``retry_backoff_ms`` (100 ms) to MAX_BACKOFF_SECONDS, as the Java client's

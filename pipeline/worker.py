@@ -50,7 +50,7 @@ def run_app(settings: Settings, build: Callable[[Settings], faust.App]) -> None:
     ``build`` gets the settings with the source topics' partition count, which is what the
     worker reads whatever LOOPLINE_PARTITIONS says (an operator may have added partitions)."""
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
-    # What is logged before Faust sets up its logging (it replaces these handlers), as it logs.
+    # Lines logged before Faust sets up its logging (which replaces this handler) were dropped.
     logging.basicConfig(level=settings.log_level.upper(), format=PRE_START_LOG_FORMAT)
     kafka_outage.install()
     loop = worker_event_loop()
