@@ -17,7 +17,7 @@ import pytest
 from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
 from pipeline.worker import STOP_GRACE_SECONDS, UNSTOPPED_EXIT_CODE
-from tests.agents.test_distributed import _traffic, _wait_exact
+from tests.agents.test_distributed import Events, _traffic, _wait_exact
 from tests.agents.test_ingest import _publish
 from tests.conftest import CliProcess, WorkerProcess, free_broker_port, process_factory, wait_for
 from tests.sinks.test_archive_sink import _events, _ids, _query, _wait_rows, archive_process
@@ -54,22 +54,32 @@ def own_broker() -> Iterator[LocalBroker]:
     shutil.rmtree(broker.instance_dir, ignore_errors=True)
 
 
+def _worker_midway(
+    broker: LocalBroker,
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+    seed: int,
+) -> tuple[Settings, Events, WorkerProcess]:
+    """12,000 events of which the first 6,000 are published, and a worker counting them."""
+    settings = make_settings(bootstrap_servers=broker.bootstrap)
+    events = _traffic(seed, 12_000)
+    asyncio.run(_publish(settings, events[:6000]))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    return settings, events, worker
+
+
 def test_a_broker_restart_under_traffic_loses_nothing_and_counts_nothing_twice(
     own_broker: LocalBroker,
     make_settings: Callable[..., Settings],
     start_worker: Callable[[Settings], WorkerProcess],
 ) -> None:
-    settings = make_settings(bootstrap_servers=own_broker.bootstrap)
-    events = _traffic(41, 12_000)
-    first, second = events[:6000], events[6000:]
-    asyncio.run(_publish(settings, first))
-    worker = start_worker(settings)
-    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    settings, events, worker = _worker_midway(own_broker, make_settings, start_worker, 41)
     cpu, lines = _outage(own_broker, worker, 20)  # longer than the session timeout (15 s)
-    asyncio.run(_publish(settings, second))
+    asyncio.run(_publish(settings, events[6000:]))
     _wait_exact(settings, events, [worker])
     # While the broker was away the worker waited, and said so in a few lines: aiokafka alone
-    # retried its metadata without a pause, a core busy and ~90,000 lines in these 20 s
+    # retried its metadata without a pause, a core busy and over 100,000 lines in these 20 s
     # (pipeline.kafka_outage).
     assert cpu < 2.0, f"{cpu:.1f} s of CPU in a 20 s outage"
     assert lines < 100, "\n".join(worker.log().splitlines()[-lines:][:60])
@@ -83,12 +93,7 @@ def test_a_worker_asked_to_stop_while_the_broker_is_away_stops_and_loses_nothing
     """Faust's clean stop waits for the batch in hand, whose writes wait for the broker (up to
     Faust's 20 min producer timeout): it hung for as long as the broker was away. Now the
     process exits STOP_GRACE_SECONDS after it was asked to, as SIGKILL would stop it."""
-    settings = make_settings(bootstrap_servers=own_broker.bootstrap)
-    events = _traffic(43, 12_000)
-    first, second = events[:6000], events[6000:]
-    asyncio.run(_publish(settings, first))
-    worker = start_worker(settings)
-    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    settings, events, worker = _worker_midway(own_broker, make_settings, start_worker, 43)
     own_broker.down()
     asked = time.monotonic()
     worker.stop(signal.SIGTERM)
@@ -97,7 +102,7 @@ def test_a_worker_asked_to_stop_while_the_broker_is_away_stops_and_loses_nothing
     assert STOP_GRACE_SECONDS <= waited < STOP_GRACE_SECONDS + 15, waited
     assert "the worker did not stop within 20 s (is the broker reachable?)" in worker.log()
     own_broker.up(echo=lambda line: print(line, file=sys.stderr))
-    asyncio.run(_publish(settings, second))
+    asyncio.run(_publish(settings, events[6000:]))
     _wait_exact(settings, events, [start_worker(settings)])
 
 
