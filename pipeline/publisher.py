@@ -35,13 +35,20 @@ class InvalidEvent(ValueError):
         self.index = index
 
 
+class NotDelivered(RuntimeError):
+    """Kafka did not confirm some events within the producer's request timeout (the broker
+    away, say): they were not written and are not retried."""
+
+
 class TopicMissing(RuntimeError):
     """The topic an event goes to does not exist. loopline's topics are created with their
     partitions and compaction by ``loopline topics``, not on first use."""
 
 
 class Publisher:
-    """Async, batched publisher; use ``async with Publisher(settings) as pub:``."""
+    """Async, batched publisher; use ``async with Publisher(settings) as pub:``. Events Kafka
+    has not confirmed within ``request_timeout_ms`` are not written: ``flush`` (and a later
+    ``publish``) raises NotDelivered."""
 
     def __init__(
         self,
@@ -50,12 +57,14 @@ class Publisher:
         *,
         linger_ms: int = 10,
         max_pending: int = 20_000,
+        request_timeout_ms: int = 40_000,
     ) -> None:
         self._settings = settings
         self._codec = codec or Codec.load()
         self._producer = AIOKafkaProducer(
             **client_options(settings),
             linger_ms=linger_ms,
+            request_timeout_ms=request_timeout_ms,
             acks="all",
             enable_idempotence=True,
             max_batch_size=256 * 1024,
@@ -173,7 +182,7 @@ class Publisher:
         if self._failures:
             first, count = self._failures[0], len(self._failures)
             self._failures.clear()
-            raise RuntimeError(f"{count} event(s) were not delivered: {first}") from first
+            raise NotDelivered(f"{count} event(s) were not delivered: {first}") from first
 
     async def flush(self) -> None:
         await self._producer.flush()

@@ -22,6 +22,7 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 FOLLOWED = ("eval-candidates", "reviews", "eval-cases")
+DECISION_TIMEOUT_MS = 10_000
 
 
 class ReviewFeed:
@@ -34,7 +35,10 @@ class ReviewFeed:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.publisher = Publisher(self.settings, self.codec, linger_ms=0)
+        # A reviewer waits for a decision to be confirmed: at most this long, then told.
+        self.publisher = Publisher(
+            self.settings, self.codec, linger_ms=0, request_timeout_ms=DECISION_TIMEOUT_MS
+        )
         await self.publisher.start()
         self._task = asyncio.create_task(self._follow())
 

@@ -9,6 +9,7 @@ queue hides it from everyone else meanwhile.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -25,10 +27,12 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from pipeline.publisher import NotDelivered
 from pipeline.review.feed import ReviewFeed
 from pipeline.review.queue import Filters, ReviewError, ReviewQueue
 from pipeline.settings import Settings
 
+log = logging.getLogger(__name__)
 PAGE_SIZE = 50
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 Handler = Callable[[Request], Awaitable[Response]]
@@ -143,9 +147,14 @@ def create_review_app(settings: Settings) -> Starlette:
                 notes=str(form.get("notes", "")).strip() or None,
             )
         except ReviewError as exc:
-            query = urlencode({"error": str(exc)})
-            return RedirectResponse(f"/candidates/{candidate_id}?{query}", 303)
-        await follow.publish_decision(decision, eval_case)
+            return _back_to(candidate_id, str(exc))
+        try:
+            await follow.publish_decision(decision, eval_case)
+        except (KafkaError, NotDelivered) as exc:  # the queue is as it was: the claim holds
+            log.warning("a decision on %s was not saved: %s", candidate_id, exc)
+            return _back_to(
+                candidate_id, f"not saved: Kafka did not confirm the decision ({exc}); try again"
+            )
         following = queue.pending(Filters(), reviewer, _now_ms())
         target = f"/candidates/{following[0]['candidate_id']}" if following else "/"
         return RedirectResponse(target, 303)
@@ -176,3 +185,8 @@ def create_review_app(settings: Settings) -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def _back_to(candidate_id: str, error: str) -> Response:
+    """The candidate's page again, saying why the decision was not taken."""
+    return RedirectResponse(f"/candidates/{candidate_id}?{urlencode({'error': error})}", 303)

@@ -8,16 +8,21 @@ import asyncio
 import random
 import re
 import shutil
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from pipeline.kafka_local import LocalBroker
 from pipeline.publisher import Publisher
+from pipeline.review.feed import DECISION_TIMEOUT_MS
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.conftest import free_port, read_topic
+from tests.conftest import free_broker_port, free_port, read_topic
 from tests.review.conftest import ReviewProcess
 from tests.sinks.factories import candidate, eval_case
 
@@ -147,3 +152,53 @@ def test_reviewers_log_in_filter_claim_accept_and_reject(
         "chargeback",
     )
     assert accepted["features"] == {"order_value_usd": 120.0} and accepted["tokens"] == 480
+
+
+def test_a_decision_the_broker_cannot_take_is_refused_on_the_page_and_taken_once_back(
+    make_settings: Callable[..., Settings],
+    start_review: Callable[[Settings], ReviewProcess],
+) -> None:
+    """With the broker away a decision used to end in "Internal Server Error" after 40 s and
+    be lost. Now the reviewer is told on the candidate's page within DECISION_TIMEOUT_MS (the
+    claim and the queue as they were), and the same decision, made again once the broker is
+    back, is written once."""
+    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
+    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
+    broker.up(echo=lambda line: print(line, file=sys.stderr))
+    try:
+        settings = make_settings(
+            bootstrap_servers=broker.bootstrap, review_token=TOKEN, review_port=free_port()
+        )
+        asyncio.run(_publish(settings))
+        review = start_review(settings)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+            )
+            ana = browser.new_context().new_page()
+            _login(ana, review.url, "ana")
+            ana.goto(f"{review.url}/candidates/k-second")
+            expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+            broker.down()
+            asked = time.monotonic()
+            ana.keyboard.press("r")
+            alert = ana.get_by_role("alert")
+            expect(alert).to_contain_text("not saved: Kafka did not confirm", timeout=30_000)
+            assert time.monotonic() - asked < DECISION_TIMEOUT_MS / 1000 + 10
+            expect(alert).to_contain_text("try again")
+            assert ana.url.startswith(f"{review.url}/candidates/k-second?error=")
+
+            # up() runs its own event loop, which Playwright's thread already has
+            restart = threading.Thread(target=broker.up, kwargs={"echo": lambda _: None})
+            restart.start()
+            restart.join()
+            ana.goto(f"{review.url}/candidates/k-second")  # still ana's: her claim held
+            expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+            ana.keyboard.press("r")
+            expect(ana).not_to_have_url(re.compile(r"/candidates/k-second"), timeout=30_000)
+            browser.close()
+        reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
+        assert [(r["candidate_id"], r["decision"]) for r in reviews] == [("k-second", "REJECTED")]
+    finally:
+        broker.down()
+        shutil.rmtree(broker.instance_dir, ignore_errors=True)
