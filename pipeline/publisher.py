@@ -36,8 +36,8 @@ class InvalidEvent(ValueError):
 
 
 class NotDelivered(RuntimeError):
-    """Kafka did not confirm some events within the producer's request timeout (the broker
-    away, say): they were not written and are not retried."""
+    """Kafka refused some events, or they waited past the producer's request timeout for a
+    partition leader: they were not written and are not retried."""
 
 
 class TopicMissing(RuntimeError):
@@ -47,8 +47,9 @@ class TopicMissing(RuntimeError):
 
 class Publisher:
     """Async, batched publisher; use ``async with Publisher(settings) as pub:``. Events Kafka
-    has not confirmed within ``request_timeout_ms`` are not written: ``flush`` (and a later
-    ``publish``) raises NotDelivered."""
+    refuses (or that wait longer than ``request_timeout_ms`` for a partition leader) are not
+    written: the next ``publish``, ``flush`` or ``close`` raises NotDelivered. A broker that is
+    down with its leaders still known is waited for (aiokafka retries those sends)."""
 
     def __init__(
         self,
@@ -153,6 +154,8 @@ class Publisher:
         name = self._settings.topic(topic)
         if name not in self._existing:
             await self._require(name)
+        if self._failures:  # said at once, not after max_pending more sends
+            raise self._not_delivered()
         if len(self._pending) >= self._max_pending:
             await self._drain(self._max_pending // 2)
         future = await self._producer.send(name, value=value, key=key)
@@ -180,9 +183,15 @@ class Publisher:
         while len(self._pending) > keep:
             await asyncio.wait(set(self._pending), return_when=asyncio.FIRST_COMPLETED)
         if self._failures:
-            first, count = self._failures[0], len(self._failures)
+            failed = self._not_delivered()
             self._failures.clear()
-            raise NotDelivered(f"{count} event(s) were not delivered: {first}") from first
+            raise failed
+
+    def _not_delivered(self) -> NotDelivered:
+        first = self._failures[0]
+        failed = NotDelivered(f"{len(self._failures):,} event(s) were not delivered: {first}")
+        failed.__cause__ = first
+        return failed
 
     async def flush(self) -> None:
         await self._producer.flush()

@@ -13,6 +13,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.clitypes import OutputFile
 from pipeline.core import CoreConfig
+from pipeline.publisher import NotDelivered
 from pipeline.rules import RulesError
 from pipeline.settings import Settings
 from pipeline.topics import TopicLayoutError
@@ -45,11 +46,12 @@ T = TypeVar("T")
 
 @contextlib.contextmanager
 def kafka_refusals_as_reasons(settings: Settings) -> Iterator[None]:
-    """Kafka's refusal (unreachable, wrong password, no permission) or source topics that are
-    not co-partitioned end the command with the reason, not a traceback."""
+    """Kafka's refusal (unreachable, wrong password, no permission, events not confirmed) or
+    source topics that are not co-partitioned end the command with the reason, not a
+    traceback."""
     try:
         yield
-    except KafkaError as exc:
+    except (KafkaError, NotDelivered) as exc:
         raise click.ClickException(kafka_failure(settings, exc)) from None
     except TopicLayoutError as exc:
         raise click.ClickException(str(exc)) from None

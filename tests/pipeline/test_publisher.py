@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError
 
 from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
-from pipeline.publisher import InvalidEvent, Publisher, TopicMissing
+from pipeline.publisher import InvalidEvent, NotDelivered, Publisher, TopicMissing
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import consume, free_port
@@ -125,3 +127,34 @@ async def test_a_send_to_a_topic_not_created_is_refused_with_the_remedy(
     async with Publisher(settings) as publisher:
         await publisher.publish_input(event)
     assert await _end_offsets(settings, "inputs") == 1
+
+
+async def test_an_event_the_broker_refused_is_said_at_the_next_publish(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A send the broker refuses fails after publish() returned. The publisher used to say so
+    only once 20,000 sends were pending, or at flush: a caller publishing steadily (`loopline
+    generate`) went on for minutes past the failure. Now the next publish raises."""
+    settings = make_settings()
+    await ensure_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:  # the broker refuses inputs' messages larger than 200 bytes
+        limit = {"max.message.bytes": "200"}
+        topic = ConfigResource(ConfigResourceType.TOPIC, settings.topic("inputs"), limit)
+        await admin.alter_configs([topic])
+    finally:
+        await admin.close()
+    await asyncio.sleep(1)  # the broker applies altered configs shortly after it answers
+    publisher = Publisher(settings, linger_ms=0)
+    await publisher.start()
+    try:
+        large = InputEvent("e1", "case-1", "refunds", TS, "api", text="x" * 500)
+        await publisher.publish_input(large)
+        await asyncio.sleep(2)  # refused meanwhile
+        with pytest.raises(NotDelivered, match=r"^1 event\(s\) were not delivered: "):
+            await publisher.publish_input(InputEvent("e2", "case-2", "refunds", TS, "api"))
+    finally:
+        with pytest.raises(NotDelivered):
+            await publisher.close()  # and said again at close, with everything not delivered
+    assert await _end_offsets(settings, "inputs") == 0
