@@ -35,7 +35,8 @@ class ReviewFeed:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # A reviewer waits for a decision to be confirmed: at most this long, then told.
+        # A reviewer waits for the decision: one that cannot find its topic's leader (the
+        # broker away) fails after this long, not aiokafka's 40 s.
         self.publisher = Publisher(
             self.settings, self.codec, linger_ms=0, request_timeout_ms=DECISION_TIMEOUT_MS
         )
