@@ -4,7 +4,6 @@ wait it out, calmly, lose nothing and count nothing twice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.throughput import cpu_seconds
 from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
 from pipeline.worker import STOP_GRACE_SECONDS, UNSTOPPED_EXIT_CODE
@@ -25,20 +25,13 @@ from tests.sinks.test_archive_sink import _events, _ids, _query, _wait_rows, arc
 pytestmark = pytest.mark.broker
 
 
-def _cpu_seconds(pid: int) -> float:
-    """The CPU time a process has used so far (user and system, from /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _outage(broker: LocalBroker, process: CliProcess, seconds: float) -> tuple[float, int]:
     """Stop the broker for ``seconds`` and start it again: the CPU time and the log lines the
     process spent meanwhile."""
     broker.down()
-    lines, cpu = len(process.log().splitlines()), _cpu_seconds(process.proc.pid)
+    lines, cpu = len(process.log().splitlines()), cpu_seconds(process.proc.pid)
     time.sleep(seconds)
-    lines, cpu = len(process.log().splitlines()) - lines, _cpu_seconds(process.proc.pid) - cpu
+    lines, cpu = len(process.log().splitlines()) - lines, cpu_seconds(process.proc.pid) - cpu
     broker.up(echo=lambda line: print(line, file=sys.stderr))
     assert not process.exited(), process.log_tail()
     return cpu, lines
