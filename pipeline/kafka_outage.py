@@ -16,7 +16,8 @@ lines in a 20 s restart. With ``install()``:
 - an aiokafka warning or error that repeats word for word (its fetcher and coordinator retry
   every 100 ms) is logged once per REPEAT_WINDOW_SECONDS, with how many times it repeated meanwhile.
 
-And ``stop_consumer`` stops a consumer whose fetches could not reach the broker.
+And ``stop_consumer`` stops a consumer whose fetches could not reach the broker;
+``give_up_sends`` lets a producer stop that holds sends the broker never took.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +122,18 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         if task is not None and task.cancelling():
             raise
         log.warning("the Kafka consumer stopped with fetches to the broker unfinished")
+
+
+async def give_up_sends(producer: AIOKafkaProducer, reason: str) -> None:
+    """Fail every send ``producer`` holds with KafkaTimeoutError(reason). While the broker is
+    away with its leaders known, aiokafka retries a send without end, and its ``stop`` waits for
+    them all (aio-libs/aiokafka#1101): without this, a process stopping then hangs. aiokafka has
+    no public way to drop them. Its sender is stopped first (it ends the requests in flight,
+    which put their batches back), so that none is sent or put back after; then its
+    accumulator's ``fail_all`` fails them, once every batch is marked in flight, as the callback
+    of a batch sent before removes it from there (a KeyError otherwise)."""
+    await producer._sender.close()
+    accumulator = producer._message_accumulator
+    for batches in accumulator._batches.values():
+        accumulator._pending_batches.update(batches)
+    accumulator.fail_all(KafkaTimeoutError(reason))

@@ -8,7 +8,7 @@ producer (linger) and all of them are confirmed by ``flush`` and ``close``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -99,12 +99,25 @@ class Publisher:
                 raise
             self._started = True
 
-    async def close(self) -> None:
-        """Flush every pending send (raising the first delivery error), then stop."""
+    async def close(self, give_up_seconds: float | None = None) -> None:
+        """Flush every pending send (raising the first delivery error), then stop. With
+        ``give_up_seconds``, sends still unconfirmed after that many seconds (a broker away with
+        its leaders known, which aiokafka retries without end) are given up: NotDelivered."""
         if not self._started:
             return
         try:
-            await self.flush()
+            if give_up_seconds is None:
+                await self.flush()
+            else:
+                try:
+                    await asyncio.wait_for(self.flush(), give_up_seconds)
+                except TimeoutError:
+                    reason = f"not confirmed within {give_up_seconds:g} s of closing"
+                    await kafka_outage.give_up_sends(self._producer, reason)
+                    await asyncio.sleep(0)  # the futures' callbacks count them
+                    failed = self._not_delivered() if self._failures else NotDelivered(reason)
+                    self._failures.clear()
+                    raise failed from None
         finally:
             await self._producer.stop()
             self._started = False
@@ -148,7 +161,25 @@ class Publisher:
     async def publish_eval_result(self, event: EvalResult | Mapping[str, Any]) -> None:
         await self.publish("eval-results", event)
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+    async def publish_confirmed(self, events: Sequence[tuple[str, Event]]) -> None:
+        """Send (topic, event) pairs, all valid or none sent, and return once Kafka has
+        confirmed every one of them, not waiting for other sends; raises NotDelivered if any
+        was not written. Their failures are said here only, not by a later call."""
+        encoded = [
+            (topic, *self.encode(topic, event, i)) for i, (topic, event) in enumerate(events)
+        ]
+        sent = [await self._send(topic, key, value, tracked=False) for topic, key, value in encoded]
+        outcomes = await asyncio.gather(*sent, return_exceptions=True)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            failed = NotDelivered(f"{len(failures)} event(s) were not delivered: {failures[0]}")
+            raise failed from failures[0]
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes | None, tracked: bool = True
+    ) -> asyncio.Future[Any]:
+        """Hand one message to the producer. A ``tracked`` send is confirmed by ``flush`` (its
+        failure raised there or by the next send); an untracked one by awaiting its future."""
         if not self._started:
             raise RuntimeError("Publisher is not started: use 'async with Publisher(...)'")
         name = self._settings.topic(topic)
@@ -158,10 +189,12 @@ class Publisher:
             raise self._not_delivered()
         if len(self._pending) >= self._max_pending:
             await self._drain(self._max_pending // 2)
-        future = await self._producer.send(name, value=value, key=key)
-        self._pending.add(future)
-        future.add_done_callback(self._delivered)
+        future: asyncio.Future[Any] = await self._producer.send(name, value=value, key=key)
+        if tracked:
+            self._pending.add(future)
+            future.add_done_callback(self._delivered)
         self.sent += 1
+        return future
 
     async def _require(self, name: str) -> None:
         """Refuse at once a send to a topic that does not exist (the producer would wait for it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import click
 
@@ -17,6 +18,8 @@ from pipeline.cli.common import (
 from pipeline.clitypes import positive_number
 from pipeline.kafka_local import BrokerError
 from pipeline.topics import ensure_topics
+
+REVIEW_LOG_FORMAT = "[%(asctime)s] [%(levelname)s] %(name)s: %(message)s"
 
 
 @click.command("worker")
@@ -66,6 +69,8 @@ def review(ctx: click.Context, port: int | None) -> None:
     require_free_port(settings.web_host, chosen, "the review page", where)
     on_kafka(settings, ensure_topics(settings))
     err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
+    # the page's own lines (a decision Kafka confirmed late, the queue loaded) at the log level
+    logging.basicConfig(level=settings.log_level.upper(), format=REVIEW_LOG_FORMAT)
     uvicorn.run(app, host=settings.web_host, port=chosen, log_level=settings.log_level)
 
 

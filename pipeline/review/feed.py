@@ -16,13 +16,21 @@ from aiokafka import AIOKafkaConsumer
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
 from pipeline.kafka_security import client_options
-from pipeline.publisher import Publisher
+from pipeline.publisher import NotDelivered, Publisher
 from pipeline.review.queue import ReviewQueue
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 FOLLOWED = ("eval-candidates", "reviews", "eval-cases")
 DECISION_TIMEOUT_MS = 10_000
+#: How long a reviewer waits for Kafka to confirm a decision. Past it the page says so and the
+#: send goes on (aiokafka retries it while the broker's leaders are known): a little longer
+#: than DECISION_TIMEOUT_MS, so that a send refused for want of a leader is said as refused.
+DECISION_WAIT_SECONDS = DECISION_TIMEOUT_MS / 1000 + 2
+
+
+class DecisionUnconfirmed(RuntimeError):
+    """Kafka did not confirm a decision within DECISION_WAIT_SECONDS; it is still being sent."""
 
 
 class ReviewFeed:
@@ -33,6 +41,7 @@ class ReviewFeed:
         self.publisher: Publisher | None = None  # made in start(): it needs the running loop
         self.ready = asyncio.Event()  # set once the topics were read up to their end
         self._task: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()  # decisions not confirmed in time
 
     async def start(self) -> None:
         # A reviewer waits for the decision: one that cannot find its topic's leader (the
@@ -49,18 +58,58 @@ class ReviewFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.publisher is not None:
-            await self.publisher.close()
+            waiting = sorted(self.queue.unconfirmed)
+            try:  # bounded: the broker may be away for good
+                await self.publisher.close(give_up_seconds=DECISION_WAIT_SECONDS)
+            except NotDelivered as exc:
+                log.error(
+                    "the page stopped before Kafka confirmed the decisions on %s (%s): they are "
+                    "not saved, and those candidates are open again at the next start",
+                    ", ".join(waiting) or "a candidate",
+                    exc,
+                )
 
     async def publish_decision(
         self, decision: dict[str, Any], eval_case: dict[str, Any] | None
     ) -> None:
-        """Both records durable before the queue counts the decision (then the page moves on)."""
+        """Both records durable before the queue counts the decision (then the page moves on).
+        Raises DecisionUnconfirmed when Kafka has not confirmed them within
+        DECISION_WAIT_SECONDS: the queue holds the candidate as ``unconfirmed`` (open to no
+        one) until the send ends, confirmed (decided) or failed (open again)."""
         if self.publisher is None:
             raise RuntimeError("the review feed is not started")
-        await self.publisher.publish("reviews", decision)
+        sending = asyncio.create_task(self._publish(self.publisher, decision, eval_case))
+        done, _ = await asyncio.wait({sending}, timeout=DECISION_WAIT_SECONDS)
+        if sending in done:
+            return sending.result()  # raises what the send raised
+        candidate_id = str(decision["candidate_id"])
+        self.queue.hold_unconfirmed(decision)
+        self._sending.add(sending)
+        sending.add_done_callback(lambda task: self._settled(candidate_id, task))
+        raise DecisionUnconfirmed(f"Kafka has not confirmed it within {DECISION_WAIT_SECONDS:g} s")
+
+    def _settled(self, candidate_id: str, sending: asyncio.Task[None]) -> None:
+        """A decision not confirmed in time ended: decided (``_publish`` recorded it) or not
+        written, when the candidate is open again."""
+        self._sending.discard(sending)
+        self.queue.release_unconfirmed(candidate_id)
+        if sending.cancelled():
+            return
+        failed = sending.exception()
+        if failed is None:
+            log.info("Kafka confirmed the decision on %s late", candidate_id)
+        else:
+            log.warning(
+                "the decision on %s was not written (%s); it is open again", candidate_id, failed
+            )
+
+    async def _publish(
+        self, publisher: Publisher, decision: dict[str, Any], eval_case: dict[str, Any] | None
+    ) -> None:
+        sends: list[tuple[str, dict[str, Any]]] = [("reviews", decision)]
         if eval_case is not None:
-            await self.publisher.publish("eval-cases", eval_case)
-        await self.publisher.flush()
+            sends.append(("eval-cases", eval_case))
+        await publisher.publish_confirmed(sends)
         self.queue.add_decision(decision)
         if eval_case is not None:
             self.queue.add_eval_case(eval_case)

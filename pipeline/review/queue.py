@@ -54,6 +54,8 @@ class ReviewQueue:
     decided: dict[str, str] = field(default_factory=dict)  # candidate id -> decision
     claims: dict[str, Claim] = field(default_factory=dict)
     eval_cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # candidate id -> the decision sent for it that Kafka has not confirmed yet
+    unconfirmed: dict[str, str] = field(default_factory=dict)
 
     # -- feeds ------------------------------------------------------------------------------
 
@@ -68,10 +70,18 @@ class ReviewQueue:
     def add_eval_case(self, record: Mapping[str, Any]) -> None:
         self.eval_cases[str(record["eval_case_id"])] = dict(record)
 
+    def hold_unconfirmed(self, record: Mapping[str, Any]) -> None:
+        """A decision was sent and Kafka has not confirmed it yet: its candidate is open to no
+        one until ``release_unconfirmed`` (then decided, by ``add_decision``, or open again)."""
+        self.unconfirmed[str(record["candidate_id"])] = str(record["decision"])
+
+    def release_unconfirmed(self, candidate_id: str) -> None:
+        self.unconfirmed.pop(candidate_id, None)
+
     # -- asks -------------------------------------------------------------------------------
 
     def _open_to(self, candidate_id: str, reviewer: str, now_ms: int) -> bool:
-        if candidate_id in self.decided:
+        if candidate_id in self.decided or candidate_id in self.unconfirmed:
             return False
         claim = self.claims.get(candidate_id)
         return claim is None or claim.reviewer == reviewer or claim.expires_ms <= now_ms
@@ -101,6 +111,11 @@ class ReviewQueue:
             raise ReviewError(f"no candidate {candidate_id}")
         if candidate_id in self.decided:
             raise ReviewError(f"{candidate_id} was already decided ({self.decided[candidate_id]})")
+        if candidate_id in self.unconfirmed:
+            raise ReviewError(
+                f"{candidate_id} was decided ({self.unconfirmed[candidate_id]}), and Kafka has "
+                "not confirmed it yet: it is written once Kafka is back"
+            )
         claim = self.claims.get(candidate_id)
         if claim is not None and claim.reviewer != reviewer and claim.expires_ms > now_ms:
             raise ReviewError(f"{candidate_id} is being reviewed by {claim.reviewer}")

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from pipeline.publisher import NotDelivered
-from pipeline.review.feed import ReviewFeed
+from pipeline.review.feed import DecisionUnconfirmed, ReviewFeed
 from pipeline.review.queue import Filters, ReviewError, ReviewQueue
 from pipeline.settings import Settings
 
@@ -150,6 +150,9 @@ def create_review_app(settings: Settings) -> Starlette:
             return _back_to(candidate_id, str(exc))
         try:
             await follow.publish_decision(decision, eval_case)
+        except DecisionUnconfirmed as exc:  # still being sent: its page says so until it ends
+            log.warning("a decision on %s is not confirmed yet: %s", candidate_id, exc)
+            return RedirectResponse(f"/candidates/{candidate_id}", 303)
         except (KafkaError, NotDelivered) as exc:  # the queue is as it was: the claim holds
             log.warning("a decision on %s was not saved: %s", candidate_id, exc)
             return _back_to(

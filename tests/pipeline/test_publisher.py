@@ -34,6 +34,20 @@ async def _end_offsets(settings: Settings, topic: str) -> int:
         await consumer.stop()
 
 
+async def _inputs_of_at_most_200_bytes(settings: Settings) -> None:
+    """Create the topics; the broker refuses inputs' messages larger than 200 bytes."""
+    await ensure_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        limit = {"max.message.bytes": "200"}
+        topic = ConfigResource(ConfigResourceType.TOPIC, settings.topic("inputs"), limit)
+        await admin.alter_configs([topic])
+    finally:
+        await admin.close()
+    await asyncio.sleep(1)  # the broker applies altered configs shortly after it answers
+
+
 async def test_invalid_event_in_a_batch_sends_nothing(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -136,16 +150,7 @@ async def test_an_event_the_broker_refused_is_said_at_the_next_publish(
     only once 20,000 sends were pending, or at flush: a caller publishing steadily (`loopline
     generate`) went on for minutes past the failure. Now the next publish raises."""
     settings = make_settings()
-    await ensure_topics(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:  # the broker refuses inputs' messages larger than 200 bytes
-        limit = {"max.message.bytes": "200"}
-        topic = ConfigResource(ConfigResourceType.TOPIC, settings.topic("inputs"), limit)
-        await admin.alter_configs([topic])
-    finally:
-        await admin.close()
-    await asyncio.sleep(1)  # the broker applies altered configs shortly after it answers
+    await _inputs_of_at_most_200_bytes(settings)
     publisher = Publisher(settings, linger_ms=0)
     await publisher.start()
     try:
@@ -158,3 +163,29 @@ async def test_an_event_the_broker_refused_is_said_at_the_next_publish(
         with pytest.raises(NotDelivered):
             await publisher.close()  # and said again at close, with everything not delivered
     assert await _end_offsets(settings, "inputs") == 0
+
+
+async def test_publish_confirmed_waits_for_its_own_events_and_says_their_failure_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The review page's way to publish a decision: it returns once Kafka has confirmed those
+    events, and a refusal among them is raised there and nowhere else."""
+    settings = make_settings()
+    await _inputs_of_at_most_200_bytes(settings)
+    small = InputEvent("e1", "case-1", "refunds", TS, "api")
+    large = InputEvent("e2", "case-2", "refunds", TS, "api", text="x" * 500)
+    resolution = ResolutionEvent(
+        "e3", "case-1", "refunds", TS, Resolver.SYSTEM, Outcome.RESOLVED, "r1"
+    )
+    async with Publisher(settings, linger_ms=0) as publisher:
+        with pytest.raises(InvalidEvent, match=r"event #1 of the batch"):
+            await publisher.publish_confirmed([("inputs", small), ("inputs", {"loop": "x"})])
+        assert publisher.sent == 0
+        await publisher.publish_confirmed([("inputs", small), ("resolutions", resolution)])
+        assert await _end_offsets(settings, "inputs") == 1  # confirmed: there already
+        assert await _end_offsets(settings, "resolutions") == 1
+        with pytest.raises(NotDelivered, match=r"^1 event\(s\) were not delivered: "):
+            await publisher.publish_confirmed([("inputs", large), ("resolutions", resolution)])
+        await publisher.publish_input(small)  # said once: neither here nor at close
+    assert await _end_offsets(settings, "inputs") == 2
+    assert await _end_offsets(settings, "resolutions") == 2

@@ -113,3 +113,25 @@ def test_the_queue_is_ordered_by_priority_and_filtered() -> None:
         "mid",
     ]
     assert queue.facets()["loop"] == ["kyc-review", "refunds"]
+
+
+def test_a_decision_kafka_has_not_confirmed_holds_its_candidate_from_everyone() -> None:
+    """The page's decision on k1 was sent and not confirmed yet (the broker away): nobody may
+    open or decide k1 meanwhile, its own reviewer neither, or it would be written twice."""
+    queue = _queue(candidate("k1", TS, priority=2.0), candidate("k2", TS, priority=1.0))
+    decision, _ = queue.decide("k1", "ana", "REJECTED", MS)
+    queue.hold_unconfirmed(decision)
+    for reviewer in ("ana", "omar"):
+        assert [c["candidate_id"] for c in queue.pending(Filters(), reviewer, MS)] == ["k2"]
+        with pytest.raises(ReviewError, match=r"k1 was decided \(REJECTED\), and Kafka has not"):
+            queue.claim("k1", reviewer, MS + 120_000)  # past ana's claim too
+    # Kafka confirmed it: decided for good.
+    queue.add_decision(decision)
+    queue.release_unconfirmed("k1")
+    with pytest.raises(ReviewError, match="already decided"):
+        queue.claim("k1", "ana", MS)
+    # Or it was not written: open again, to anyone once ana's claim has expired.
+    queue.hold_unconfirmed(queue.decide("k2", "ana", "REJECTED", MS)[0])
+    queue.release_unconfirmed("k2")
+    assert [c["candidate_id"] for c in queue.pending(Filters(), "omar", MS + 60_000)] == ["k2"]
+    assert queue.claim("k2", "omar", MS + 60_000).reviewer == "omar"
