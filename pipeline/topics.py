@@ -129,10 +129,13 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
     try:  # closed also when it cannot start, or its connections are left open
         await admin.start()
         existing = set(await admin.list_topics())
+        source_partitions = await _source_partitions(admin, settings, existing)
         new = [
             NewTopic(
                 name=settings.topic(t.name),
-                num_partitions=settings.partitions,
+                num_partitions=source_partitions
+                if t.name in SOURCE_TOPICS
+                else settings.partitions,
                 replication_factor=settings.replication_factor,
                 topic_configs=t.configs(),
             )
@@ -158,6 +161,40 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
         await admin.close()
 
 
+async def _source_partitions(
+    admin: AIOKafkaAdminClient, settings: Settings, existing: set[str]
+) -> int:
+    """The partition count a missing source topic is created with: the existing source
+    topics' (refused, before anything is created, when they differ), else LOOPLINE_PARTITIONS.
+    A source topic created with another count than the others would split cases."""
+    present = [settings.topic(n) for n in SOURCE_TOPICS if settings.topic(n) in existing]
+    if not present:
+        return settings.partitions
+    counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(present)}
+    _require_co_partitioned({name: count for name, count in counts.items() if count})
+    found = max(counts.values())
+    if found and found != settings.partitions and len(present) < len(SOURCE_TOPICS):
+        log.warning(
+            "creating the missing source topics with %d partitions, as the existing ones have "
+            "(LOOPLINE_PARTITIONS is %d)",
+            found,
+            settings.partitions,
+        )
+    return found or settings.partitions
+
+
+def _require_co_partitioned(found: dict[str, int]) -> None:
+    """Refuse source topics (name -> partition count) with different counts."""
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{name} {count}" for name, count in found.items())
+        raise TopicLayoutError(
+            f"the source topics have different partition counts ({listed}): a case's events "
+            "are joined within one partition, so each needs the same count. Add partitions to "
+            "the others (kafka-topics.sh --alter --topic NAME --partitions N); cases open at "
+            "that moment are split (README, Guarantees: partition counts)"
+        )
+
+
 async def _align_partitions(
     admin: AIOKafkaAdminClient, settings: Settings, made: set[str]
 ) -> tuple[int, list[str]]:
@@ -181,14 +218,7 @@ async def _align_partitions(
     described = [n for n in [*sources, partials, *feeds] if n in made]
     counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(described)}
     found = {name: counts[name] for name in sources if counts.get(name)}
-    if len(set(found.values())) > 1:
-        listed = ", ".join(f"{name} {count}" for name, count in found.items())
-        raise TopicLayoutError(
-            f"the source topics have different partition counts ({listed}): a case's events "
-            "are joined within one partition, so each needs the same count. Add partitions to "
-            "the others (kafka-topics.sh --alter --topic NAME --partitions N); cases open at "
-            "that moment are split (README, Guarantees: partition counts)"
-        )
+    _require_co_partitioned(found)
     wanted = {
         changelog: max((counts.get(feed, 0) for feed in fed), default=0)
         for changelog, fed in feeds.items()

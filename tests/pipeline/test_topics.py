@@ -14,6 +14,7 @@ from pipeline.settings import Settings
 from pipeline.topics import (
     SOURCE_TOPICS,
     STATE_MESSAGE_BYTES,
+    TOPICS,
     TopicLayoutError,
     changelog_topic,
     ensure_topics,
@@ -39,6 +40,20 @@ async def _own_configs(settings: Settings, names: list[str]) -> dict[str, dict[s
         for response in described
         for resource in response.resources
     }
+
+
+async def _partition_counts(settings: Settings, source_topics: list[str]) -> dict[str, int]:
+    """The partition count of each existing source topic, and of no other."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        sources = [settings.topic(t) for t in SOURCE_TOPICS if settings.topic(t) in existing]
+        described = await admin.describe_topics(sources)
+    finally:
+        await admin.close()
+    assert sorted(sources) == sorted(source_topics)
+    return {t["topic"]: len(t["partitions"]) for t in described}
 
 
 async def _create(settings: Settings, topics: list[NewTopic]) -> None:
@@ -107,9 +122,7 @@ def test_source_topics_with_different_partition_counts_are_refused_with_the_reas
     asyncio.run(_create(settings, [NewTopic(inputs, 6, 1), NewTopic(resolutions, 4, 1)]))
     with pytest.raises(TopicLayoutError) as refused:
         asyncio.run(ensure_topics(settings))
-    listed = f"{inputs} 6, {resolutions} 4, {settings.topic('eval-results')} 4, " + (
-        f"{settings.topic('eval-cases')} 4"
-    )
+    listed = f"{inputs} 6, {resolutions} 4"  # refused before the other two were created
     assert str(refused.value).startswith(
         f"the source topics have different partition counts ({listed}): a case's events are "
         "joined within one partition, so each needs the same count."
@@ -118,9 +131,30 @@ def test_source_topics_with_different_partition_counts_are_refused_with_the_reas
     assert worker.returncode == 1
     assert f"Error: the source topics have different partition counts ({listed})" in (worker.stderr)
     assert "Traceback" not in worker.stderr
+    assert asyncio.run(_partition_counts(settings, [inputs, resolutions])) == {
+        inputs: 6,
+        resolutions: 4,
+    }  # and no other source topic was made
 
     # The same count everywhere, other than LOOPLINE_PARTITIONS (made by hand, say): accepted.
     tag = uuid.uuid4().hex[:10]
     even = make_settings(topic_prefix=f"e{tag}.", app_id=f"loopline-e{tag}")
     asyncio.run(_create(even, [NewTopic(even.topic(t), 2, 1) for t in SOURCE_TOPICS]))
     assert even.topic("inputs") not in asyncio.run(ensure_topics(even)).created
+
+
+def test_a_missing_source_topic_is_created_with_the_count_of_the_existing_ones(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """inputs was made by hand with 6 partitions and LOOPLINE_PARTITIONS says 4: the other
+    source topics used to be created with 4, and then refused as not co-partitioned, leaving
+    the operator topics to delete. Now they are created with 6."""
+    settings = make_settings()  # 4 partitions
+    asyncio.run(_create(settings, [NewTopic(settings.topic("inputs"), 6, 1)]))
+    ensured = asyncio.run(ensure_topics(settings))
+    assert ensured.partitions == 6
+    sources = [settings.topic(t) for t in SOURCE_TOPICS]
+    assert sorted(ensured.created) == sorted(
+        [settings.topic(t.name) for t in TOPICS if t.name != "inputs"]
+    )
+    assert asyncio.run(_partition_counts(settings, sources)) == dict.fromkeys(sources, 6)
