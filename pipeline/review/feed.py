@@ -41,7 +41,8 @@ class ReviewFeed:
         self.publisher: Publisher | None = None  # made in start(): it needs the running loop
         self.ready = asyncio.Event()  # set once the topics were read up to their end
         self._task: asyncio.Task[None] | None = None
-        self._sending: set[asyncio.Task[None]] = set()  # decisions not confirmed in time
+        # the sends of decisions not confirmed in time (a task needs a reference to run on)
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # A reviewer waits for the decision: one that cannot find its topic's leader (the
@@ -79,14 +80,19 @@ class ReviewFeed:
         if self.publisher is None:
             raise RuntimeError("the review feed is not started")
         sending = asyncio.create_task(self._publish(self.publisher, decision, eval_case))
-        done, _ = await asyncio.wait({sending}, timeout=DECISION_WAIT_SECONDS)
-        if sending in done:
-            return sending.result()  # raises what the send raised
-        candidate_id = str(decision["candidate_id"])
-        self.queue.hold_unconfirmed(decision)
-        self._sending.add(sending)
-        sending.add_done_callback(lambda task: self._settled(candidate_id, task))
-        raise DecisionUnconfirmed(f"Kafka has not confirmed it within {DECISION_WAIT_SECONDS:g} s")
+        try:
+            await asyncio.wait({sending}, timeout=DECISION_WAIT_SECONDS)
+        finally:
+            if not sending.done():  # timed out, or the request went away: the send goes on
+                candidate_id = str(decision["candidate_id"])
+                self.queue.hold_unconfirmed(decision)
+                self._sending.add(sending)
+                sending.add_done_callback(lambda task: self._settled(candidate_id, task))
+        if not sending.done():
+            raise DecisionUnconfirmed(
+                f"Kafka has not confirmed it within {DECISION_WAIT_SECONDS:g} s"
+            )
+        sending.result()  # raises what the send raised
 
     def _settled(self, candidate_id: str, sending: asyncio.Task[None]) -> None:
         """A decision not confirmed in time ended: decided (``_publish`` recorded it) or not
