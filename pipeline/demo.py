@@ -352,10 +352,16 @@ def _run_demo(
             f"none in this run (each loop samples at most {budget:,} a day, and the count "
             "is kept across runs: an earlier run today may have used it up)"
         )
+        # the page stops with the demo: where to review is said as the run allows
+        where = (
+            f"review them at {review_url} (token in {token_source})"
+            if stay
+            else f"review them: '.venv/bin/loopline demo --stay' keeps the page at {review_url} "
+            f"running after its traffic (token in {token_source})"
+        )
         echo(
             f"\neval candidates sampled to {settings.topic('eval-candidates')}, by reason (a "
-            f"case may have several): {listed}\nreview them at {review_url} "
-            f"(token in {token_source})"
+            f"case may have several): {listed}\n{where}"
         )
         if stay:
             echo(
