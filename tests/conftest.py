@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,16 @@ def kafka_bootstrap() -> Iterator[str]:
     yield broker.bootstrap
     if not was_running:
         broker.down()
+
+
+@pytest.fixture
+def own_broker() -> Iterator[LocalBroker]:
+    """A broker of the test's own, which it may stop and start without the other tests'."""
+    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
+    broker.up(echo=lambda line: print(line, file=sys.stderr))
+    yield broker
+    broker.down()
+    shutil.rmtree(broker.instance_dir, ignore_errors=True)
 
 
 @pytest.fixture

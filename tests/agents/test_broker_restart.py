@@ -4,7 +4,6 @@ wait it out, calmly, lose nothing and count nothing twice."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ from pipeline.settings import Settings
 from pipeline.worker import STOP_GRACE_SECONDS, UNSTOPPED_EXIT_CODE
 from tests.agents.test_distributed import Events, _traffic, _wait_exact
 from tests.agents.test_ingest import _publish
-from tests.conftest import CliProcess, WorkerProcess, free_broker_port, process_factory, wait_for
+from tests.conftest import CliProcess, WorkerProcess, process_factory, wait_for
 from tests.sinks.test_archive_sink import _events, _ids, _query, _wait_rows, archive_process
 
 pytestmark = pytest.mark.broker
@@ -35,16 +34,6 @@ def _outage(broker: LocalBroker, process: CliProcess, seconds: float) -> tuple[f
     broker.up(echo=lambda line: print(line, file=sys.stderr))
     assert not process.exited(), process.log_tail()
     return cpu, lines
-
-
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    """A broker of this test's own, which it may stop and start without the other tests'."""
-    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
-    broker.up(echo=lambda line: print(line, file=sys.stderr))
-    yield broker
-    broker.down()
-    shutil.rmtree(broker.instance_dir, ignore_errors=True)
 
 
 def _worker_midway(

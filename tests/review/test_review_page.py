@@ -8,21 +8,21 @@ import asyncio
 import random
 import re
 import shutil
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from pipeline.kafka_local import LocalBroker
 from pipeline.publisher import Publisher
 from pipeline.review.feed import DECISION_TIMEOUT_MS, DECISION_WAIT_SECONDS
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.conftest import free_broker_port, free_port, read_topic
+from tests.conftest import free_port, read_topic
 from tests.review.conftest import ReviewProcess
 from tests.sinks.factories import candidate, eval_case
 
@@ -83,17 +83,46 @@ def _login(page: Page, url: str, name: str, token: str = TOKEN, then: str = "") 
     page.click("button[type=submit]")
 
 
+def _seeded_page(
+    make_settings: Callable[..., Settings],
+    start_review: Callable[[Settings], ReviewProcess],
+    broker: LocalBroker,
+) -> tuple[Settings, ReviewProcess]:
+    """The seeded candidates on ``broker`` and a review page on them."""
+    settings = make_settings(
+        bootstrap_servers=broker.bootstrap, review_token=TOKEN, review_port=free_port()
+    )
+    asyncio.run(_publish(settings))
+    return settings, start_review(settings)
+
+
+def _browser(playwright: Playwright) -> Browser:
+    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+    )
+
+
+@contextmanager
+def _logged_in(review: ReviewProcess, reviewer: str) -> Iterator[tuple[Browser, Page]]:
+    """A browser, and a page of it logged in to ``review`` as ``reviewer``."""
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_context().new_page()
+        _login(page, review.url, reviewer)
+        yield browser, page
+
+
 def test_reviewers_log_in_filter_claim_accept_and_reject(
     make_settings: Callable[..., Settings],
     start_review: Callable[[Settings], ReviewProcess],
 ) -> None:
-    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
     settings = make_settings(review_token=TOKEN, review_port=free_port())
     asyncio.run(_publish(settings))
     review = start_review(settings)
     url = review.url
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = _browser(p)
         ana = browser.new_context().new_page()
         # Without a login the page refuses: the queue redirects, a decision is forbidden.
         ana.goto(f"{url}/")
@@ -157,56 +186,42 @@ def test_reviewers_log_in_filter_claim_accept_and_reject(
 def test_a_decision_the_broker_cannot_take_is_refused_on_the_page_and_taken_once_back(
     make_settings: Callable[..., Settings],
     start_review: Callable[[Settings], ReviewProcess],
+    own_broker: LocalBroker,
 ) -> None:
     """With the broker away a decision used to end in "Internal Server Error" after 40 s and
     be lost. Now the reviewer is told on the candidate's page within DECISION_TIMEOUT_MS (the
     claim and the queue as they were), and the same decision, made again once the broker is
     back, is written once."""
-    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
-    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
-    broker.up(echo=lambda line: print(line, file=sys.stderr))
-    try:
-        settings = make_settings(
-            bootstrap_servers=broker.bootstrap, review_token=TOKEN, review_port=free_port()
-        )
-        asyncio.run(_publish(settings))
-        review = start_review(settings)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
-            )
-            ana = browser.new_context().new_page()
-            _login(ana, review.url, "ana")
-            ana.goto(f"{review.url}/candidates/k-second")
-            expect(ana.locator("#input-text")).to_contain_text("parcel came late")
-            broker.down()
-            asked = time.monotonic()
-            ana.keyboard.press("r")
-            alert = ana.get_by_role("alert")
-            expect(alert).to_contain_text("not saved: Kafka did not confirm", timeout=30_000)
-            assert time.monotonic() - asked < DECISION_TIMEOUT_MS / 1000 + 10
-            expect(alert).to_contain_text("try again")
-            assert ana.url.startswith(f"{review.url}/candidates/k-second?error=")
+    settings, review = _seeded_page(make_settings, start_review, own_broker)
+    with _logged_in(review, "ana") as (browser, ana):
+        ana.goto(f"{review.url}/candidates/k-second")
+        expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+        own_broker.down()
+        asked = time.monotonic()
+        ana.keyboard.press("r")
+        alert = ana.get_by_role("alert")
+        expect(alert).to_contain_text("not saved: Kafka did not confirm", timeout=30_000)
+        assert time.monotonic() - asked < DECISION_TIMEOUT_MS / 1000 + 10
+        expect(alert).to_contain_text("try again")
+        assert ana.url.startswith(f"{review.url}/candidates/k-second?error=")
 
-            # up() runs its own event loop, which Playwright's thread already has
-            restart = threading.Thread(target=broker.up, kwargs={"echo": lambda _: None})
-            restart.start()
-            restart.join()
-            ana.goto(f"{review.url}/candidates/k-second")  # still ana's: her claim held
-            expect(ana.locator("#input-text")).to_contain_text("parcel came late")
-            ana.keyboard.press("r")
-            expect(ana).not_to_have_url(re.compile(r"/candidates/k-second"), timeout=30_000)
-            browser.close()
-        reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
-        assert [(r["candidate_id"], r["decision"]) for r in reviews] == [("k-second", "REJECTED")]
-    finally:
-        broker.down()
-        shutil.rmtree(broker.instance_dir, ignore_errors=True)
+        # up() runs its own event loop, which Playwright's thread already has
+        restart = threading.Thread(target=own_broker.up, kwargs={"echo": lambda _: None})
+        restart.start()
+        restart.join()
+        ana.goto(f"{review.url}/candidates/k-second")  # still ana's: her claim held
+        expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+        ana.keyboard.press("r")
+        expect(ana).not_to_have_url(re.compile(r"/candidates/k-second"), timeout=30_000)
+        browser.close()
+    reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
+    assert [(r["candidate_id"], r["decision"]) for r in reviews] == [("k-second", "REJECTED")]
 
 
 def test_a_decision_kafka_does_not_confirm_is_held_then_written_once_or_said_lost_at_stop(
     make_settings: Callable[..., Settings],
     start_review: Callable[[Settings], ReviewProcess],
+    own_broker: LocalBroker,
 ) -> None:
     """Once the page has sent a decision, the broker's leaders are known, and aiokafka retries
     a later send for as long as the broker is away: a decision used to leave the reviewer's
@@ -214,71 +229,55 @@ def test_a_decision_kafka_does_not_confirm_is_held_then_written_once_or_said_los
     within DECISION_WAIT_SECONDS that the decision waits for Kafka and holds the candidate
     from everyone; once the broker is back it is written, once. A page stopped meanwhile stops
     within the same bound and says which decision was not saved."""
-    assert CHROMIUM, "Debian's chromium is needed (make test installs it)"
-    broker = LocalBroker(Settings.from_env().kafka_home, free_broker_port())
-    broker.up(echo=lambda line: print(line, file=sys.stderr))
-    try:
-        settings = make_settings(
-            bootstrap_servers=broker.bootstrap, review_token=TOKEN, review_port=free_port()
+    settings, review = _seeded_page(make_settings, start_review, own_broker)
+    with _logged_in(review, "ana") as (browser, ana):
+        ana.goto(f"{review.url}/candidates/k-top")
+        ana.keyboard.press("r")  # written: the producer knows the leaders from now on
+        expect(ana).to_have_url(f"{review.url}/candidates/k-second")
+        expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+
+        own_broker.down()
+        asked = time.monotonic()
+        ana.keyboard.press("r")
+        alert = ana.get_by_role("alert")
+        expect(alert).to_contain_text(
+            "k-second was decided (REJECTED), and Kafka has not confirmed it yet",
+            timeout=60_000,
         )
-        asyncio.run(_publish(settings))
-        review = start_review(settings)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
-            )
-            ana = browser.new_context().new_page()
-            _login(ana, review.url, "ana")
-            ana.goto(f"{review.url}/candidates/k-top")
-            ana.keyboard.press("r")  # written: the producer knows the leaders from now on
-            expect(ana).to_have_url(f"{review.url}/candidates/k-second")
-            expect(ana.locator("#input-text")).to_contain_text("parcel came late")
+        assert time.monotonic() - asked < DECISION_WAIT_SECONDS + 10
+        omar = browser.new_context().new_page()
+        _login(omar, review.url, "omar")
+        expect(omar.locator("h1")).to_contain_text("998 open")  # not k-top nor k-second
+        omar.goto(f"{review.url}/candidates/k-second")
+        expect(omar.get_by_role("alert")).to_contain_text("Kafka has not confirmed it yet")
 
-            broker.down()
-            asked = time.monotonic()
-            ana.keyboard.press("r")
-            alert = ana.get_by_role("alert")
-            expect(alert).to_contain_text(
-                "k-second was decided (REJECTED), and Kafka has not confirmed it yet",
-                timeout=60_000,
-            )
-            assert time.monotonic() - asked < DECISION_WAIT_SECONDS + 10
-            omar = browser.new_context().new_page()
-            _login(omar, review.url, "omar")
-            expect(omar.locator("h1")).to_contain_text("998 open")  # not k-top nor k-second
-            omar.goto(f"{review.url}/candidates/k-second")
-            expect(omar.get_by_role("alert")).to_contain_text("Kafka has not confirmed it yet")
+        restart = threading.Thread(target=own_broker.up, kwargs={"echo": lambda _: None})
+        restart.start()
+        restart.join()
+        deadline = time.monotonic() + 60
+        while "Kafka confirmed the decision on k-second late" not in review.log():
+            assert time.monotonic() < deadline, review.log_tail()
+            time.sleep(0.5)
+        omar.goto(f"{review.url}/candidates/k-second")
+        expect(omar.get_by_role("alert")).to_contain_text("already decided (REJECTED)")
 
-            restart = threading.Thread(target=broker.up, kwargs={"echo": lambda _: None})
-            restart.start()
-            restart.join()
-            deadline = time.monotonic() + 60
-            while "Kafka confirmed the decision on k-second late" not in review.log():
-                assert time.monotonic() < deadline, review.log_tail()
-                time.sleep(0.5)
-            omar.goto(f"{review.url}/candidates/k-second")
-            expect(omar.get_by_role("alert")).to_contain_text("already decided (REJECTED)")
+        own_broker.down()  # again, and the page is stopped before it comes back
+        ana.goto(f"{review.url}/candidates/k0000")
+        expect(ana.locator("#input-text")).to_contain_text("request number 0 ")
+        ana.keyboard.press("r")
+        expect(ana.get_by_role("alert")).to_contain_text(
+            "k0000 was decided (REJECTED), and Kafka has not", timeout=60_000
+        )
+        browser.close()
+    stopping = time.monotonic()
+    review.stop()
+    assert time.monotonic() - stopping < DECISION_WAIT_SECONDS + 10
+    lost = r"before Kafka confirmed the decisions on k0000 \(.*\): they are not saved"
+    assert re.search(lost, review.log())
 
-            broker.down()  # again, and the page is stopped before it comes back
-            ana.goto(f"{review.url}/candidates/k0000")
-            expect(ana.locator("#input-text")).to_contain_text("request number 0 ")
-            ana.keyboard.press("r")
-            expect(ana.get_by_role("alert")).to_contain_text(
-                "k0000 was decided (REJECTED), and Kafka has not", timeout=60_000
-            )
-            browser.close()
-        stopping = time.monotonic()
-        review.stop()
-        assert time.monotonic() - stopping < DECISION_WAIT_SECONDS + 10
-        lost = r"before Kafka confirmed the decisions on k0000 \(.*\): they are not saved"
-        assert re.search(lost, review.log())
-
-        broker.up(echo=lambda _: None)
-        reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
-        assert [(r["candidate_id"], r["decision"]) for r in reviews] == [
-            ("k-top", "REJECTED"),
-            ("k-second", "REJECTED"),
-        ]
-    finally:
-        broker.down()
-        shutil.rmtree(broker.instance_dir, ignore_errors=True)
+    own_broker.up(echo=lambda _: None)
+    reviews = [r for _, r in asyncio.run(read_topic(settings, "reviews"))]
+    assert [(r["candidate_id"], r["decision"]) for r in reviews] == [
+        ("k-top", "REJECTED"),
+        ("k-second", "REJECTED"),
+    ]
