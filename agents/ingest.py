@@ -23,7 +23,12 @@ from agents.batches import BatchTopic, batch_topic, consume
 from agents.batchsend import Record, send_keyed
 from agents.fence import Fence
 from agents.raw import raw_topic
-from agents.state import CheckpointedPartitions, aiokafka_producer, state_table
+from agents.state import (
+    CheckpointedPartitions,
+    aiokafka_producer,
+    aligned_topics,
+    state_table,
+)
 from pipeline.arrowcodec import ArrowDecoder
 from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec, CodecError
@@ -89,7 +94,7 @@ def register(
 
     # The cores hold the cases, so the table's store keeps no second copy of them.
     table = state_table(app, PARTITION_STATE, settings.partitions)
-    states = CheckpointedPartitions(app, table, build, held=(CASES,))
+    states = CheckpointedPartitions(app, table, build, (CASES,), aligned_topics(settings))
 
     class Tally:
         """Counter increments of one batch, applied at once (a labelled inc costs microseconds,

@@ -19,7 +19,7 @@ from agents.batches import BatchTopic, consume
 from agents.fence import Fence
 from agents.ingest import DeadLetters
 from agents.raw import raw_topic
-from agents.state import CheckpointedPartitions, state_table
+from agents.state import CheckpointedPartitions, aligned_topics, state_table
 from pipeline.checkpoint import next_offsets
 from pipeline.codec import Codec
 from pipeline.core import iso
@@ -51,7 +51,8 @@ def register(
     def build(partition: int, records: Mapping[str, Any]) -> LoopView:
         return LoopView.from_records(config, records.items())
 
-    views = CheckpointedPartitions(app, state_table(app, LOOP_STATE, settings.partitions), build)
+    table = state_table(app, LOOP_STATE, settings.partitions)
+    views = CheckpointedPartitions(app, table, build, align_topics=aligned_topics(settings))
 
     async def merge(by_partition: dict[int, list[Any]]) -> None:
         for partition, messages in by_partition.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Set
 from typing import Any, Generic, TypeVar, cast
 
 import faust
@@ -14,7 +14,8 @@ from faust.types import TP
 
 from agents.batchsend import Sent, send_to_partition
 from pipeline.checkpoint import Checkpoint
-from pipeline.topics import STATE_MESSAGE_BYTES
+from pipeline.settings import Settings
+from pipeline.topics import STATE_MESSAGE_BYTES, ensure_topics
 
 log = logging.getLogger(__name__)
 Core = TypeVar("Core")
@@ -82,6 +83,16 @@ def records_to_restore(app: faust.App) -> int:
     return max(0, int(recovery.active_remaining_total()))
 
 
+def aligned_topics(settings: Settings) -> Callable[[], Awaitable[str]]:
+    """``ensure_topics`` for a running worker, saying what it did: it gives each state
+    changelog as many partitions as the topics its stage reads."""
+
+    async def align() -> str:
+        return (await ensure_topics(settings)).describe()
+
+    return align
+
+
 def aiokafka_producer(app: faust.App) -> Any:
     """aiokafka's producer, under Faust's."""
     return cast(Any, app.producer)._ensure_producer()
@@ -105,11 +116,15 @@ class CheckpointedPartitions(Generic[Core]):
         table: Any,
         build: Callable[[int, Mapping[str, Any]], Core],
         held: tuple[str, ...] = (),
+        align_topics: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.app = app
         self.table = table
         self.build = build
         self.held = held  # key prefixes of records the cores hold (pipeline.checkpoint)
+        # gives the changelog as many partitions as the topic it checkpoints (says what it did)
+        self.align_topics = align_topics
+        self._writable: set[int] = set()  # changelog partitions the producer knows of
         self.loaded: dict[int, tuple[Core, Checkpoint]] = {}
         self._sent: dict[int, Sent] = {}  # each loaded partition's last changelog writes
         self._revoked: dict[int, int] = {}  # kept until the assignment: -> its generation
@@ -158,9 +173,30 @@ class CheckpointedPartitions(Generic[Core]):
         flushes this producer before it commits offsets, so the writes are durable first."""
         _, checkpoint = self.loaded[partition]
         writes = checkpoint.commit(changed, offsets, before)
+        producer = aiokafka_producer(self.app)
+        if partition not in self._writable:
+            await self._changelog_partition(producer, partition)
         self._sent[partition] = await send_to_partition(
-            aiokafka_producer(self.app), self._changelog_name, partition, writes
+            producer, self._changelog_name, partition, writes
         )
+
+    async def _changelog_partition(self, producer: Any, partition: int) -> None:
+        """Make sure the changelog has ``partition`` and the producer knows it. Partitions
+        added to the topics a stage reads while the worker runs (an operator scaling out) are
+        assigned to it after its next metadata refresh, and the changelog had fewer: every
+        batch of a new partition failed, and the worker stopped (status 1)."""
+        name = self._changelog_name
+        if partition not in await producer.partitions_for(name):
+            if self.align_topics is not None:
+                said = await self.align_topics()
+                log.warning("%s has no partition %d yet; topics: %s", name, partition, said)
+            await producer.client.force_metadata_update()
+            if partition not in await producer.partitions_for(name):
+                raise RuntimeError(
+                    f"{name} has no partition {partition}: give it as many as the topics its "
+                    "stage reads (`loopline topics` does)"
+                )
+        self._writable.add(partition)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Keep the state of these partitions until the assignment (``settle``), with Faust's

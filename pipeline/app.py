@@ -48,6 +48,9 @@ def faust_app(settings: Settings) -> faust.App:
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,
         consumer_max_fetch_size=4 << 20,
+        # Partitions added to the topics are assigned after the consumer's next metadata
+        # refresh: within half a minute, not Faust's 5 minutes of their events left unread.
+        consumer_metadata_max_age_ms=30_000,
         # A batch's changelog records go out in few, large produce requests; a bucket's
         # partial and checkpoint records may be larger than Kafka's default message limit.
         producer_max_batch_size=512 << 10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import signal
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
+from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import (
     LOOP_STATE,
@@ -81,6 +83,40 @@ def test_a_worker_goes_on_after_partitions_are_added_to_the_source_topics(
         changelogs[1]: 4,  # stage 2 reads partials, which kept its 4
     }
     assert "the source topics have 6 partitions, LOOPLINE_PARTITIONS says 4" in restarted.log()
+
+
+def test_a_running_worker_takes_the_partitions_added_to_the_source_topics(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    """Partitions added while the worker runs, and nothing else done: the worker used to
+    notice them after Faust's 5-minute metadata refresh and then stop at its first batch of a
+    new partition (its changelog had none); now it takes them within half a minute, gives
+    its changelog the partitions, and goes on, the same process."""
+    settings = make_settings()  # LOOPLINE_PARTITIONS 4
+    first, second = _by_first_appearance(_traffic(59, 10_000), 5000)
+    asyncio.run(_publish(settings, first))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    sources = [settings.topic(t) for t in SOURCE_TOPICS]
+    asyncio.run(_add_partitions(settings, sources, 6))
+    asyncio.run(_publish_only(settings, second))  # no `loopline topics` in between
+    assert {p for p in range(6)} <= _written(settings, settings.topic("inputs"))
+
+    _wait_exact(settings, first + second, [worker])  # it asserts the worker never exited
+    changelogs = [changelog_topic(settings, t) for t in (PARTITION_STATE, LOOP_STATE)]
+    assert asyncio.run(_partition_counts(settings, changelogs)) == {
+        changelogs[0]: 6,
+        changelogs[1]: 4,
+    }
+    grown = f"{changelogs[0]} has no partition [45] yet; topics: all exist; partitions added to "
+    assert re.search(grown + re.escape(changelogs[0]), worker.log())
+
+
+async def _publish_only(settings: Settings, events: Events) -> None:
+    async with Publisher(settings) as publisher:
+        for topic, record in events:
+            await publisher.publish(topic, record)
 
 
 def _written(settings: Settings, topic: str) -> set[int]:
