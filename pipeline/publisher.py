@@ -40,6 +40,13 @@ class NotDelivered(RuntimeError):
     partition leader: they were not written and are not retried."""
 
 
+def not_delivered(failures: list[BaseException]) -> NotDelivered:
+    """NotDelivered for these delivery failures (at least one), caused by the first."""
+    failed = NotDelivered(f"{len(failures):,} event(s) were not delivered: {failures[0]}")
+    failed.__cause__ = failures[0]
+    return failed
+
+
 class TopicMissing(RuntimeError):
     """The topic an event goes to does not exist. loopline's topics are created with their
     partitions and compaction by ``loopline topics``, not on first use."""
@@ -172,8 +179,7 @@ class Publisher:
         outcomes = await asyncio.gather(*sent, return_exceptions=True)
         failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if failures:
-            failed = NotDelivered(f"{len(failures)} event(s) were not delivered: {failures[0]}")
-            raise failed from failures[0]
+            raise not_delivered(failures)
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, tracked: bool = True
@@ -221,10 +227,7 @@ class Publisher:
             raise failed
 
     def _not_delivered(self) -> NotDelivered:
-        first = self._failures[0]
-        failed = NotDelivered(f"{len(self._failures):,} event(s) were not delivered: {first}")
-        failed.__cause__ = first
-        return failed
+        return not_delivered(self._failures)
 
     async def flush(self) -> None:
         await self._producer.flush()
