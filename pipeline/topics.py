@@ -218,6 +218,7 @@ async def _align_partitions(
     described = [n for n in [*sources, partials, *feeds] if n in made]
     counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(described)}
     found = {name: counts[name] for name in sources if counts.get(name)}
+    # checked again after creating: another process may have made a source topic meanwhile
     _require_co_partitioned(found)
     wanted = {
         changelog: max((counts.get(feed, 0) for feed in fed), default=0)
