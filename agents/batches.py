@@ -201,6 +201,16 @@ def _client_state(consumer: Any, tp: TP) -> Any | None:
     return None if assignment is None else assignment.state_value(tp)
 
 
+def client_position(consumer: Any, tp: TP) -> int | None:
+    """The offset aiokafka fetches ``tp`` from next (None when it has none: not assigned, in
+    a rebalance, or not positioned yet). It moves only as records are handed over and when the
+    partition is seeked, so a position unlike the one a fetch left says it was seeked since."""
+    state = _client_state(consumer, tp)
+    if state is None or not state.has_valid_position:
+        return None
+    return int(state.position)
+
+
 def client_may_hold(consumer: Any, tp: TP) -> bool:
     """Whether aiokafka may still hand over messages of an assigned ``tp``: it has some not
     handed over, or it has not fetched ``tp`` once since the assignment (no position or end

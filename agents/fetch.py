@@ -13,13 +13,15 @@ once, in slices of at most a batch (``Fetched``), each checked, bookkept and ack
 - records before the partition's read offset are dropped, as Faust drops them, and a
   slice covers the offsets from the last one read on, so what Kafka skipped (compacted or
   transaction markers) is acked with it, as Faust's gaps are; a fetch that waited out the end
-  of a rebalance is dropped if its partition was seeked meanwhile (it is fetched again);
+  of a rebalance is dropped if the Kafka client's partition was seeked after it (it is
+  fetched again from there), and kept otherwise (nothing fetches it again);
 - the app's flow control and the producer buffer are waited for before each hand-over, as
   the conductor waits before each message; a fetch is put whole, and a buffer holding more
   than its limit holds the loop before the next fetch (Faust's put into a full queue does);
 - the offsets fetched for a buffer are announced to it in the consumer's thread, as the
   Kafka client hands them over (``announce_in_thread``), so that they are never out of sight
-  of ``BatchConsumer.unread`` between the client and the buffer;
+  of ``BatchConsumer.unread`` between the client and the buffer, and the client's position
+  after the fetch is noted there too;
 - ``broker_commit_every`` commits as Faust's loop does.
 
 Records of the state tables' changelogs, read while they recover, go into their stores a
@@ -37,7 +39,7 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
-from agents.batches import BatchTopic, FetchBuffer, Fetched
+from agents.batches import BatchTopic, FetchBuffer, Fetched, client_position
 from agents.restore import RecordsRestore
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,13 @@ def install(consumer: Any) -> None:
     announced to its buffer in the consumer's thread."""
     fetch_loop = FetchLoop(consumer)
     consumer._drain_messages = fetch_loop.run
-    announce_in_thread(consumer._thread, fetch_loop.buffer_of)
+    announce_in_thread(consumer._thread, fetch_loop.fetched)
 
 
-def announce_in_thread(thread: Any, buffer_of: Callable[[str], FetchBuffer | None]) -> None:
-    """Announce each fetch of a batch topic to its buffer in Faust's consumer thread, as the
-    Kafka client hands it over (``_fetch_records``), before it crosses to the main thread.
+def announce_in_thread(thread: Any, fetched: Callable[[TP, list[Any]], None]) -> None:
+    """Call ``fetched`` (``FetchLoop.fetched``) with each partition's records in Faust's
+    consumer thread, as the Kafka client hands them over (``_fetch_records``), before they
+    cross to the main thread.
 
     The client's position moves past a fetch in that thread, and the fetch reaches the fetch
     loop only after the main thread ran whatever was ready before it: a batch handled in
@@ -93,10 +96,9 @@ def announce_in_thread(thread: Any, buffer_of: Callable[[str], FetchBuffer | Non
 
     async def announced(*args: Any, **kwargs: Any) -> Any:
         records = await fetch_records(*args, **kwargs)
-        for tp, fetched in records.items():
-            buffer = buffer_of(tp.topic)
-            if buffer is not None and fetched:
-                buffer.announce(tp, fetched[-1].offset)
+        for tp, handed in records.items():
+            if handed:
+                fetched(tp, handed)
         return records
 
     thread._fetch_records = announced
@@ -115,6 +117,19 @@ class FetchLoop:
         self.restore = RecordsRestore(self.app)
         self.read_offset: dict[TP, int | None] = consumer._read_offset
         self.since_yield = 0  # messages handed over one by one since the loop last yielded
+        # the Kafka client's position of each batch topic's partition after its last fetch
+        self.fetched_to: dict[TP, int | None] = {}
+
+    def position_of(self, tp: TP) -> int | None:
+        return client_position(self.consumer, tp)
+
+    def fetched(self, tp: TP, records: list[Any]) -> None:
+        """In the consumer's thread, as the client hands ``records`` over: announce them to
+        their buffer (if their topic has one) and note the client's position after them."""
+        buffer = self.buffer_of(tp.topic)
+        if buffer is not None:
+            buffer.announce(tp, records[-1].offset)
+            self.fetched_to[tp] = self.position_of(tp)
 
     async def run(self, fetcher: Any) -> None:
         consumer = self.consumer
@@ -181,18 +196,9 @@ class FetchLoop:
     ) -> None:
         """Put what ``tp``'s fetch brings from its read offset on, in slices of a batch."""
         app = self.app
-        read = self.read_offset.get(tp)
-        fetched = from_read_offset(fetched, read)
-        if not fetched:
-            return
-        # What Kafka skipped after the last offset read (compacted, transaction markers) is
-        # acked with the slice, as Faust's gaps are (after a seek, the read offset is the next
-        # one to read, and the fetch starts there).
-        head = fetched[0].offset
-        first = head if read is None or head <= read else read + 1
+        position = self.fetched_to.get(tp)  # the client's, after this fetch
         size = buffer.size
-        for start in range(0, len(fetched), size):
-            part = fetched[start : start + size]
+        while fetched:
             await self.commit_if_due()
             await app.flow_control.acquire()
             await app.producer.buffer.wait_until_ebb()
@@ -200,15 +206,26 @@ class FetchLoop:
                 await self.rebalanced(generation)
             if app.consumer_generation_id != generation:
                 return
-            if self.read_offset.get(tp) != read:
-                # Seeked meanwhile (at the end of a recovery, to the committed offset): the
-                # Kafka client fetches from there again. Put, this fetch made the next one
-                # pass from its last record on (Faust's read offset is the last one read, and
-                # a fetch passes from it), so that record came twice in one batch.
+            if self.position_of(tp) != position:
+                # Seeked after this fetch (at the end of a recovery, to the committed offset):
+                # the Kafka client fetches from there again. Put, it would come twice.
                 return
+            # Faust's recovery seeks a partition in the client, and only after the others
+            # sets its read offset (the next one to read): a fetch the client made between
+            # the two is from the new position on, and nothing fetches it again. Dropped,
+            # its records were lost (the next fetch's slice covered them, below).
+            read = self.read_offset.get(tp)
+            fetched = from_read_offset(fetched, read)
+            if not fetched:
+                return
+            # What Kafka skipped after the last offset read (compacted, transaction markers)
+            # is acked with the slice, as Faust's gaps are (after a seek, the read offset is
+            # the next one to read, and the fetch starts there).
+            head = fetched[0].offset
+            first = head if read is None or head <= read else read + 1
+            part, fetched = fetched[:size], fetched[size:]
             buffer.put_fetched(Fetched(tp, part, first, generation))
-            first = part[-1].offset + 1
-            read = self.read_offset[tp] = part[-1].offset
+            self.read_offset[tp] = part[-1].offset
 
     def restored(self, records: dict[TP, list[Any]], generation: int) -> dict[TP, list[Any]]:
         """Put the state tables' changelog records into their stores (agents.restore) under

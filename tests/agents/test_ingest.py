@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
-from agents.batches import client_may_hold
+from agents.batches import client_may_hold, client_position
 from pipeline.codec import Codec
 from pipeline.core import iso, to_ms
 from pipeline.formats import FORMAT_VERSION
@@ -250,10 +250,12 @@ def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
 def test_client_may_hold_what_aiokafka_has_not_handed_over_or_not_fetched(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """agents.batches.client_may_hold reads aiokafka's own state: checked against a real
-    client."""
+    """agents.batches.client_may_hold and client_position read aiokafka's own state: checked
+    against a real client. The position moves as records are handed over and with a seek."""
     settings = make_settings()
     topic = settings.topic("inputs")
+
+    positions: list[int | None] = []
 
     async def scenario() -> list[bool]:
         await ensure_topics(settings)
@@ -275,6 +277,10 @@ def test_client_may_hold_what_aiokafka_has_not_handed_over_or_not_fetched(
             handed = await client.getmany(tp, timeout_ms=10_000, max_records=3)
             assert [m.offset for m in handed[tp]] == [0, 1, 2]
             holds.append(client_may_hold(faust_consumer, TP(topic, 0)))
+            positions.append(client_position(faust_consumer, TP(topic, 0)))
+            client.seek(tp, 1)
+            positions.append(client_position(faust_consumer, TP(topic, 0)))
+            positions.append(client_position(faust_consumer, TP(topic, 1)))  # not assigned
             while sum(len(ms) for ms in (await client.getmany(tp, timeout_ms=1000)).values()):
                 pass
             holds.append(client_may_hold(faust_consumer, TP(topic, 0)))
@@ -284,6 +290,7 @@ def test_client_may_hold_what_aiokafka_has_not_handed_over_or_not_fetched(
             await client.stop()
 
     assert asyncio.run(scenario()) == [True, True, False, False]
+    assert positions == [3, 1, None]
 
 
 def test_a_partial_in_a_newer_format_stops_the_worker_instead_of_being_misread(
