@@ -289,7 +289,8 @@ def process_factory(
     tmp_path: Path, name: str, kind: Callable[[Settings, Path], Process], sig: int
 ) -> Iterator[Callable[[Settings], Process]]:
     """A fixture body: start processes of ``kind`` (each logging to tmp_path/<name>-N.log) and
-    stop every one still running with ``sig`` at teardown, also those that failed to start."""
+    stop every one still running with ``sig`` at teardown, also those that failed to start;
+    one that does not stop is killed, and the teardown fails naming it."""
     started: list[Process] = []
 
     def start(settings: Settings) -> Process:
@@ -299,8 +300,15 @@ def process_factory(
         return process
 
     yield start
-    for process in started:
-        process.stop(sig)
+    unstopped = []
+    for process in started:  # every one, even after one that does not stop
+        try:
+            process.stop(sig)
+        except subprocess.TimeoutExpired:
+            process.proc.kill()  # not left running to load the tests after this one
+            process.proc.wait(timeout=30)
+            unstopped.append(process.log_path.name)
+    assert not unstopped, f"did not stop on {signal.Signals(sig).name} within 90 s: {unstopped}"
 
 
 @pytest.fixture
