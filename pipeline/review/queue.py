@@ -97,8 +97,13 @@ class ReviewQueue:
         return found
 
     def facets(self) -> dict[str, list[str]]:
-        """The filter values the queue holds: loops, reasons, categories."""
-        undecided = [c for cid, c in self.candidates.items() if cid not in self.decided]
+        """The filter values of the candidates still to decide: loops, reasons, categories
+        (not of those decided, or held as decided until Kafka confirms it)."""
+        undecided = [
+            c
+            for cid, c in self.candidates.items()
+            if cid not in self.decided and cid not in self.unconfirmed
+        ]
         return {
             "loop": sorted({c["loop"] for c in undecided}),
             "reason": sorted({r for c in undecided for r in c["reasons"]}),

@@ -118,9 +118,12 @@ def test_the_queue_is_ordered_by_priority_and_filtered() -> None:
 def test_a_decision_kafka_has_not_confirmed_holds_its_candidate_from_everyone() -> None:
     """The page's decision on k1 was sent and not confirmed yet (the broker away): nobody may
     open or decide k1 meanwhile, its own reviewer neither, or it would be written twice."""
-    queue = _queue(candidate("k1", TS, priority=2.0), candidate("k2", TS, priority=1.0))
+    queue = _queue(
+        candidate("k1", TS, loop="kyc-review", priority=2.0), candidate("k2", TS, priority=1.0)
+    )
     decision, _ = queue.decide("k1", "ana", "REJECTED", MS)
     queue.hold_unconfirmed(decision)
+    assert queue.facets()["loop"] == ["refunds"]  # the filters offer no loop of k1's alone
     for reviewer in ("ana", "omar"):
         assert [c["candidate_id"] for c in queue.pending(Filters(), reviewer, MS)] == ["k2"]
         with pytest.raises(ReviewError, match=r"k1 was decided \(REJECTED\), and Kafka has not"):
