@@ -56,7 +56,12 @@ class Publisher:
     """Async, batched publisher; use ``async with Publisher(settings) as pub:``. Events Kafka
     refuses (or that wait longer than ``request_timeout_ms`` for a partition leader) are not
     written: the next ``publish``, ``flush`` or ``close`` raises NotDelivered. A broker that is
-    down with its leaders still known is waited for (aiokafka retries those sends)."""
+    down with its leaders still known is waited for (aiokafka retries those sends), except
+    when the ``async with`` block is left by an exception (Ctrl-C too): then what Kafka has
+    not confirmed within ``GIVE_UP_SECONDS`` is given up and counted in NotDelivered."""
+
+    #: How long a publisher left by an exception waits for Kafka to confirm its sends.
+    GIVE_UP_SECONDS = 5.0
 
     def __init__(
         self,
@@ -94,7 +99,9 @@ class Publisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        # Left by an exception, the caller is going away: not waiting without end for a
+        # broker that is down (`loopline generate` Ctrl-C'd took 40 s, or for ever).
+        await self.close(give_up_seconds=None if exc_type is None else self.GIVE_UP_SECONDS)
 
     async def start(self) -> None:
         if not self._started:

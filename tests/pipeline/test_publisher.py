@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import time
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError
 
 from pipeline.events import InputEvent, Outcome, ResolutionEvent, Resolver
+from pipeline.kafka_local import LocalBroker
 from pipeline.publisher import InvalidEvent, NotDelivered, Publisher, TopicMissing
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -189,3 +192,26 @@ async def test_publish_confirmed_waits_for_its_own_events_and_says_their_failure
         await publisher.publish_input(small)  # said once: neither here nor at close
     assert await _end_offsets(settings, "inputs") == 2
     assert await _end_offsets(settings, "resolutions") == 2
+
+
+async def test_a_publisher_left_by_an_exception_gives_up_what_kafka_does_not_confirm(
+    make_settings: Callable[..., Settings], own_broker: LocalBroker
+) -> None:
+    """The broker went down after the first send (its leaders known: aiokafka retries such
+    sends without end) and the caller is going away (an exception, Ctrl-C): the publisher
+    does not wait for the broker, and says how many events were not written."""
+    settings = dataclasses.replace(make_settings(), bootstrap_servers=own_broker.bootstrap)
+    await ensure_topics(settings)
+    left = time.monotonic()
+    with pytest.raises(NotDelivered, match=r"^3 event\(s\) were not delivered: ") as raised:
+        async with Publisher(settings, linger_ms=0) as publisher:
+            await publisher.publish_input(InputEvent("e0", "case-0", "refunds", TS, "api"))
+            await publisher.flush()
+            await asyncio.to_thread(own_broker.down)
+            for n in range(1, 4):
+                await publisher.publish_input(InputEvent(f"e{n}", f"case-{n}", "refunds", TS, "x"))
+            left = time.monotonic()
+            raise RuntimeError("the caller's own failure")
+    waited = time.monotonic() - left
+    assert Publisher.GIVE_UP_SECONDS <= waited < Publisher.GIVE_UP_SECONDS + 10, waited
+    assert isinstance(raised.value.__context__, RuntimeError)  # the caller's, kept
