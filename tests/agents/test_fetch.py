@@ -5,6 +5,7 @@ generation rules; records of other topics take Faust's own per-message path."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -250,6 +251,7 @@ class Client:
     and its fetches, noted as Faust's consumer thread notes them (``announce_in_thread``)."""
 
     def __init__(self, subscribed: Subscribed) -> None:
+        self.app = subscribed.app
         self.loop = subscribed.loop
         self.positions: dict[TP, int] = {}
         self.loop.position_of = self.positions.get  # type: ignore[method-assign]
@@ -260,6 +262,20 @@ class Client:
         self.loop.fetched(tp, handed)
         return {tp: handed}
 
+    async def deliver_at_recovery_end(
+        self, fetched: dict[TP, list[Any]], meanwhile: Callable[[], None]
+    ) -> None:
+        """Deliver ``fetched`` at the end of a rebalance's recovery: ``meanwhile`` happens
+        while it waits, then Faust resumes its flow (clearing the buffers) and the rebalance
+        ends."""
+        self.app.rebalancing = True
+        delivering = asyncio.ensure_future(self.loop.deliver(fetched, None))
+        await asyncio.sleep(0.05)
+        meanwhile()
+        self.app.flow_control.resume()
+        self.app.rebalancing = False
+        await asyncio.wait_for(delivering, 1.0)
+
 
 def test_a_fetch_waiting_for_a_rebalance_to_end_is_dropped_if_its_partition_was_seeked(
     app: faust.App,
@@ -269,21 +285,17 @@ def test_a_fetch_waiting_for_a_rebalance_to_end_is_dropped_if_its_partition_was_
     # again, and this fetch, put, would have let its last record through once more.
     subscribed = Subscribed(app)
     client = Client(subscribed)
-    subscribed.app.rebalancing = True
-    queue = subscribed.batches.channel.queue
+
+    def perform_seek() -> None:
+        client.positions[T0] = 3  # the client's seek, then
+        subscribed.consumer._read_offset[T0] = 3  # Faust's read offset
 
     async def scenario() -> None:
-        delivering = asyncio.ensure_future(subscribed.loop.deliver(client.fetch(T0, 3, 4), None))
-        await asyncio.sleep(0.05)
-        client.positions[T0] = 3  # Faust's perform_seek: the client's seek, then
-        subscribed.consumer._read_offset[T0] = 3  # its read offset
-        app.flow_control.resume()
-        subscribed.app.rebalancing = False
-        await asyncio.wait_for(delivering, 1.0)
+        await client.deliver_at_recovery_end(client.fetch(T0, 3, 4), perform_seek)
         await subscribed.loop.deliver(client.fetch(T0, 3, 4, 5), None)  # fetched again
 
     run(app, scenario())
-    assert queue.records == 3
+    assert subscribed.batches.channel.queue.records == 3
     assert subscribed.slices() == [(T0, [3, 4], 3, 0), (T0, [5], 5, 0)]
 
 
@@ -296,16 +308,13 @@ def test_a_fetch_after_the_clients_seek_is_kept_when_faust_sets_its_read_offset_
     # (the distributed test's joining worker: 25 partials, a loop's numbers short for good).
     subscribed = Subscribed(app)
     client = Client(subscribed)
-    subscribed.app.rebalancing = True
     client.positions[T0] = 3  # seeked to the committed offset
 
+    def perform_seek_returns() -> None:
+        subscribed.consumer._read_offset[T0] = 3
+
     async def scenario() -> None:
-        delivering = asyncio.ensure_future(subscribed.loop.deliver(client.fetch(T0, 3, 4), None))
-        await asyncio.sleep(0.05)
-        subscribed.consumer._read_offset[T0] = 3  # perform_seek returns
-        app.flow_control.resume()
-        subscribed.app.rebalancing = False
-        await asyncio.wait_for(delivering, 1.0)
+        await client.deliver_at_recovery_end(client.fetch(T0, 3, 4), perform_seek_returns)
         await subscribed.loop.deliver(client.fetch(T0, 5, 6), None)
 
     run(app, scenario())
