@@ -80,8 +80,12 @@ class ReviewQueue:
 
     # -- asks -------------------------------------------------------------------------------
 
+    def _settled(self, candidate_id: str) -> bool:
+        """Decided, or held as decided until Kafka confirms it."""
+        return candidate_id in self.decided or candidate_id in self.unconfirmed
+
     def _open_to(self, candidate_id: str, reviewer: str, now_ms: int) -> bool:
-        if candidate_id in self.decided or candidate_id in self.unconfirmed:
+        if self._settled(candidate_id):
             return False
         claim = self.claims.get(candidate_id)
         return claim is None or claim.reviewer == reviewer or claim.expires_ms <= now_ms
@@ -99,11 +103,7 @@ class ReviewQueue:
     def facets(self) -> dict[str, list[str]]:
         """The filter values of the candidates still to decide: loops, reasons, categories
         (not of those decided, or held as decided until Kafka confirms it)."""
-        undecided = [
-            c
-            for cid, c in self.candidates.items()
-            if cid not in self.decided and cid not in self.unconfirmed
-        ]
+        undecided = [c for cid, c in self.candidates.items() if not self._settled(cid)]
         return {
             "loop": sorted({c["loop"] for c in undecided}),
             "reason": sorted({r for c in undecided for r in c["reasons"]}),
