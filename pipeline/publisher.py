@@ -100,7 +100,7 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         # Left by an exception, the caller is going away: not waiting without end for a
-        # broker that is down (`loopline generate` Ctrl-C'd took 40 s, or for ever).
+        # broker that is down (`loopline generate` Ctrl-C'd waited for ever).
         await self.close(give_up_seconds=None if exc_type is None else self.GIVE_UP_SECONDS)
 
     async def start(self) -> None:
@@ -129,7 +129,8 @@ class Publisher:
                     reason = f"not confirmed within {give_up_seconds:g} s of closing"
                     await kafka_outage.give_up_sends(self._producer, reason)
                     await asyncio.sleep(0)  # the futures' callbacks count them
-                    failed = self._not_delivered() if self._failures else NotDelivered(reason)
+                    failures = self._failures
+                    failed = not_delivered(failures) if failures else NotDelivered(reason)
                     self._failures.clear()
                     raise failed from None
         finally:
@@ -199,7 +200,7 @@ class Publisher:
         if name not in self._existing:
             await self._require(name)
         if self._failures:  # said at once, not after max_pending more sends
-            raise self._not_delivered()
+            raise not_delivered(self._failures)
         if len(self._pending) >= self._max_pending:
             await self._drain(self._max_pending // 2)
         future: asyncio.Future[Any] = await self._producer.send(name, value=value, key=key)
@@ -229,12 +230,9 @@ class Publisher:
         while len(self._pending) > keep:
             await asyncio.wait(set(self._pending), return_when=asyncio.FIRST_COMPLETED)
         if self._failures:
-            failed = self._not_delivered()
+            failed = not_delivered(self._failures)
             self._failures.clear()
             raise failed
-
-    def _not_delivered(self) -> NotDelivered:
-        return not_delivered(self._failures)
 
     async def flush(self) -> None:
         await self._producer.flush()
