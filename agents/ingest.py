@@ -125,7 +125,7 @@ def register(
             for triple, n in self.verdicts.items():
                 metrics.eval_verdicts.labels(*triple).inc(n)
 
-    decoder = ArrowDecoder(codec)
+    decoder = ArrowDecoder(codec, light_inputs=True)
 
     def decode(messages: list[Any]) -> list[Any]:
         """Per message: its record, the CodecError it fails with, or None for a tombstone of

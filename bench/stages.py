@@ -75,7 +75,7 @@ class Stages:
     """The worker's two stages over in-memory batches; ``view`` has the numbers."""
 
     def __init__(self, config: CoreConfig, partitions: int) -> None:
-        self.decoder = ArrowDecoder(Codec.load())
+        self.decoder = ArrowDecoder(Codec.load(), light_inputs=True)
         self.cores = {p: PartitionCore(config, p, keeps_previous=True) for p in range(partitions)}
         self.checkpoints = {p: Checkpoint({}, f"{p}/", (CASES,)) for p in range(partitions)}
         self.view = LoopView(config)

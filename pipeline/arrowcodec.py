@@ -32,7 +32,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import fastavro
@@ -42,7 +41,9 @@ import pyarrow.types as pat
 from polars_avro._avro_rs import AvroSource  # pinned minor version: see pyproject.toml
 from polars_avro._source import seekable_factory
 
+from pipeline.arrowrows import to_rows
 from pipeline.codec import HEADER_SIZE, MAGIC, Codec, CodecError
+from pipeline.featurecolumns import InputColumns
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,11 @@ class _Framing:
 class ArrowDecoder:
     """Decodes batches of one record type's messages into Arrow, falling back per record."""
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, light_inputs: bool = False) -> None:
         self.codec = codec
+        # Rows of InputEvent tables as pipeline.featurecolumns' light rows (stage 1's): their
+        # features stay in Arrow until the core adds them to their buckets a batch at once.
+        self.light_inputs = light_inputs
         self._framing: dict[str, _Framing] = {}
         for name in codec.names:
             raw = codec.schema(name)
@@ -174,7 +178,10 @@ class ArrowDecoder:
         out: list[Any] = [None] * len(values)  # each index is set below: a row, record or error
         if batch.table is not None:
             try:
-                rows = to_rows(batch.table)
+                if self.light_inputs and expected == "InputEvent":
+                    rows = InputColumns(batch.table).light_rows()
+                else:
+                    rows = to_rows(batch.table)
             except Exception:  # none is known; the codec still decodes every record
                 log.exception("reading %s rows from Arrow failed; decoding one by one", expected)
                 for index in batch.table_index:
@@ -245,33 +252,3 @@ def _datetimes(column: pa.Array) -> bool:
     """Whether every value of a timestamp column is one the per-record codec decodes."""
     low, high = pc.min_max(column.cast(pa.int64())).values()
     return not low.is_valid or (low.as_py() >= _FIRST_MS and high.as_py() <= _LAST_MS)
-
-
-def to_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The table's rows as records for the pure core (pipeline.partition): the codec's values,
-    except that a timestamp-millis is its epoch milliseconds (what the core computes with)
-    rather than a datetime. Column by column: Arrow's own row conversion makes a datetime per
-    timestamp and a list of pairs per map, which together cost more than fastavro's decoding."""
-    names = table.column_names
-    columns = [_values(table.column(name).combine_chunks()) for name in names]
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
-
-
-def _values(column: pa.Array) -> list[Any]:
-    kind = column.type
-    if pat.is_timestamp(kind) and kind.unit == "ms":
-        return column.cast(pa.int64()).to_pylist()  # type: ignore[no-any-return]
-    if pat.is_dictionary(kind):  # an Avro enum
-        return column.cast(pa.string()).to_pylist()  # type: ignore[no-any-return]
-    if pat.is_map(kind):
-        offsets = column.offsets.to_pylist()
-        keys, items = _values(column.keys), _values(column.items)
-        maps: list[Any] = [
-            dict(zip(keys[start:end], items[start:end], strict=True))
-            for start, end in pairwise(offsets)
-        ]
-        if column.null_count:
-            valid = column.is_valid().to_pylist()
-            maps = [m if ok else None for m, ok in zip(maps, valid, strict=True)]
-        return maps
-    return column.to_pylist()  # type: ignore[no-any-return]

@@ -326,9 +326,9 @@ class FeatureStats:
 
     def add(self, values: FeatureValues) -> None:
         for name, value in values.categorical.items():
-            self._count(name, value)
+            self.count(name, value)
         for name, number in values.numeric.items():
-            self._number(name, number)
+            self.number(name, number)
         if values.embedding is not None:
             self._add_embedding(list(values.embedding), 1)
 
@@ -338,7 +338,7 @@ class FeatureStats:
         for name in CATEGORICAL:
             value = record.get(name)
             if value is not None:
-                self._count(name, category_text(value))
+                self.count(name, category_text(value))
         # Keys that agree in their first CATEGORY_CHARS are one feature, the last value kept,
         # as in feature_values (so the eval set's side counts them alike).
         attributes = record.get("attributes")
@@ -346,22 +346,23 @@ class FeatureStats:
             if max(map(len, attributes)) > CATEGORY_CHARS:
                 attributes = {category_text(key): value for key, value in attributes.items()}
             for key, value in attributes.items():
-                self._count(ATTRIBUTES + key, category_text(value))
+                self.count(ATTRIBUTES + key, category_text(value))
         tokens = record.get("tokens")
         if tokens is not None:
-            self._number("tokens", float(tokens))
+            self.number("tokens", float(tokens))
         numbers = record.get("features")
         if numbers:
             if max(map(len, numbers)) > CATEGORY_CHARS:
                 numbers = {category_text(k): v for k, v in numbers.items() if finite(v)}
             for key, value in numbers.items():
                 if finite(value):
-                    self._number(NUMBERS + key, float(value))
+                    self.number(NUMBERS + key, float(value))
         unit = _unit(record.get("embedding"))
         if unit is not None:
             self._add_embedding(unit, 1)
 
-    def _count(self, name: str, value: str) -> None:
+    def count(self, name: str, value: str, n: int = 1) -> None:
+        """Count ``value`` of categorical feature ``name`` ``n`` times."""
         if ATTRIBUTES in self.folded_maps and name.startswith(ATTRIBUTES):
             name = ATTRIBUTES + OTHER
         counts = self.categorical.get(name)
@@ -370,13 +371,14 @@ class FeatureStats:
             if name.startswith(ATTRIBUTES) and self._fold_keys(ATTRIBUTES):
                 name, counts = ATTRIBUTES + OTHER, self.categorical[ATTRIBUTES + OTHER]
         if name in self.folded:
-            counts[OTHER] += 1
+            counts[OTHER] += n
         else:
-            counts[value] += 1
+            counts[value] += n
             if len(counts) > CATEGORY_VALUES:
                 self._fold(name)
 
-    def _number(self, name: str, number: float) -> None:
+    def number(self, name: str, number: float, n: int = 1) -> None:
+        """Add ``number`` to numeric feature ``name`` ``n`` times."""
         if NUMBERS in self.folded_maps and name.startswith(NUMBERS):
             name = NUMBERS + OTHER
         summary = self.numeric.get(name)
@@ -384,7 +386,7 @@ class FeatureStats:
             summary = self.numeric[name] = NumericSummary()
             if name.startswith(NUMBERS) and self._fold_keys(NUMBERS):
                 summary = self.numeric[NUMBERS + OTHER]
-        summary.add(number)
+        summary.add(number, n)
 
     def _add_embedding(self, vector: list[float], count: int) -> None:
         found = self.embedding.get(len(vector))

@@ -31,6 +31,7 @@ from pipeline.candidates import (
 from pipeline.codec import CodecError
 from pipeline.core import CoreConfig, check_not_ahead, resolution_amounts, to_ms, verdicts_of
 from pipeline.fastjson import dumps, loads
+from pipeline.featurecolumns import FEATURE_ROW, InputColumns
 from pipeline.features import (
     FeatureStats,
     FeatureValues,
@@ -298,6 +299,9 @@ class PartitionCore:
         self.eval_case_loops: dict[str, str] = {}
         self._changed_eval_cases: set[str] = set()
         self._proposals: list[CaseProposal] = []
+        # (bucket key, FEATURE_ROW handle) of the inputs of light rows whose features are yet
+        # to be added: added a batch at once, before anything reads the buckets
+        self._deferred_features: list[tuple[tuple[str, int], tuple[InputColumns, int]]] = []
         self._watermark_changed = False
         self.horizon_ms = config.case_horizon_ms
         # For a checkpoint that keeps no copy of the cases (pipeline.checkpoint, "held"): each
@@ -377,8 +381,12 @@ class PartitionCore:
         if topic == "inputs":
             category = record.get("category")
             bucket.add_input("" if category is None else category_text(category))
-            bucket.features.add_record(record)
             changed = self._bucket_key(loop, ts)
+            handle = record.get(FEATURE_ROW)
+            if handle is None:
+                bucket.features.add_record(record)
+            else:  # a light row (pipeline.featurecolumns): added with its batch
+                self._deferred_features.append((changed, handle))
             self._changed_features.add(changed)
             self._unsent_features.add(changed)
             self._input(loop, key, case, ts)
@@ -461,6 +469,9 @@ class PartitionCore:
             if message is not None and len(message) <= INPUT_AVRO_BYTES:
                 case.inp_avro = bytes(message)  # no copy of bytes; a view is copied
             else:
+                handle = record.get(FEATURE_ROW)
+                if handle is not None:  # a light row: the whole record
+                    record = handle[0].record(handle[1])
                 case.inp = dumps(shown_input(record)).decode()
         elif topic == "resolutions":
             output = record.get("output")
@@ -590,9 +601,25 @@ class PartitionCore:
 
     # -- time -------------------------------------------------------------------------------
 
+    def add_deferred_features(self) -> None:
+        """Add the features of the light rows processed since the last call to their buckets,
+        each bucket's rows at once and in order (pipeline.featurecolumns). ``drain``,
+        ``changed_records`` and ``advance`` call it first; whoever reads ``buckets`` after
+        processing light rows must too."""
+        deferred = self._deferred_features
+        if not deferred:
+            return
+        self._deferred_features = []
+        rows: dict[tuple[tuple[str, int], InputColumns], list[int]] = {}
+        for bucket_key, (columns, row) in deferred:
+            rows.setdefault((bucket_key, columns), []).append(row)
+        for (bucket_key, columns), of_bucket in rows.items():
+            columns.add_to(self.buckets[bucket_key].features, of_bucket)
+
     def advance(self, watermark_ms: int) -> None:
         """Move event time forward: drop unjoined resolutions past the allowed lateness, and
         cases and buckets past the horizon (they can no longer change)."""
+        self.add_deferred_features()  # before a bucket they belong to can close
         if watermark_ms > self.watermark_ms:
             self.watermark_ms = watermark_ms
             self._watermark_changed = True
@@ -656,6 +683,7 @@ class PartitionCore:
         """What changed since the last drain, for stage 2: the eval cases seen, one Partial
         per loop whose buckets (or whose partition's watermark) moved, the cases proposed as
         eval candidates."""
+        self.add_deferred_features()
         yield from self._eval_cases
         self._eval_cases = []
         by_loop: dict[str, dict[int, Aggregate]] = {}
@@ -691,6 +719,7 @@ class PartitionCore:
         a bucket's counts ("b/") and its input features ("f/", written only when they changed)
         come already encoded (msgspec.Raw), as their partials sent them, and so do the cases
         ("c/"), encoded here so that a later change to a case cannot reach this batch's record."""
+        self.add_deferred_features()
         records: dict[str, Any] = {}
         encoded = self._encoded
         for loop, index in self._changed_buckets:

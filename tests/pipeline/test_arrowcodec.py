@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.arrowcodec import ArrowDecoder, DecodedBatch, to_rows
+from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
+from pipeline.arrowrows import to_rows
 from pipeline.codec import Codec, CodecError, default_schema_dir
 from tests.pipeline.test_codec import RECORDS
 
