@@ -16,6 +16,10 @@ embeddings are normalised by ``math.hypot`` as ``add_record`` does and summed on
 other (``np.add.accumulate``), so the float sums round alike. A batch whose maps hold a key
 longer than CATEGORY_CHARS, or a key twice in one row (Avro allows it; the codec keeps the
 last), is added row by row with ``add_record``.
+
+The columns are turned into numpy codes once per batch (``_Prepared``); each bucket's rows are
+then counted with a stable sort (``_first_counts``): Arrow's group-by costs about a millisecond
+a call, more than the rows of a bucket took one by one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from numpy.typing import NDArray
 
 from pipeline.arrowrows import column_values, to_rows
 from pipeline.features import (
@@ -36,6 +41,7 @@ from pipeline.features import (
     EMBEDDING_DIMS,
     NUMBERS,
     FeatureStats,
+    category_text,
 )
 
 #: The key of a light input row that holds its (InputColumns, row) handle: no Avro field
@@ -48,11 +54,12 @@ LIGHT_FIELDS = ("event_id", "case_id", "loop", "ts", "source", "category")
 class InputColumns:
     """One decoded batch of InputEvent records (an Arrow table of one chunk)."""
 
-    __slots__ = ("_full", "table")
+    __slots__ = ("_full", "_prepared", "table")
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table.combine_chunks()
         self._full: list[dict[str, Any]] | None = None
+        self._prepared: _Prepared | None = None
 
     def light_rows(self) -> list[dict[str, Any]]:
         """The rows with only LIGHT_FIELDS and the FEATURE_ROW handle."""
@@ -72,94 +79,122 @@ class InputColumns:
         return self._full[row]
 
     def add_to(self, stats: FeatureStats, rows: Sequence[int]) -> None:
-        """``stats.add_record`` of each row of ``rows``, in order, at once."""
-        taken = self.table.take(pa.array(rows, pa.int64())).combine_chunks()
-        attributes = _map_entries(taken.column("attributes").chunk(0))
-        numbers = _map_entries(taken.column("features").chunk(0))
-        if attributes is None or numbers is None:  # a long or repeated key: as add_record does
+        """``stats.add_record`` of each row of ``rows`` (ascending), in order, at once."""
+        if self._prepared is None:
+            self._prepared = _Prepared(self.table)
+        prepared = self._prepared
+        if not prepared.plain:  # a long or repeated key: as add_record does
             for row in rows:
                 stats.add_record(self.record(row))
             return
-        for name in CATEGORICAL:
-            column = taken.column(name).chunk(0).drop_null()
-            for value, n in _counts(_cut(column)):
-                stats.count(name, value, n)
-        keys, values = attributes
-        for key, value, n in _pair_counts(keys, _cut(values)):
-            stats.count(ATTRIBUTES + key, value, n)
-        tokens = taken.column("tokens").chunk(0).drop_null()
-        for value, n in _counts(tokens):
+        picked = np.asarray(rows, np.int64)
+        for name, (codes, values) in prepared.categorical.items():
+            found = codes[picked]
+            for code, n in _first_counts(found[found >= 0]):
+                stats.count(name, values[code], n)
+        selected = np.zeros(self.table.num_rows, bool)
+        selected[picked] = True
+        entries = prepared.attributes
+        chosen = selected[entries.rows]
+        for key, value, n in _first_counts(entries.keys[chosen], entries.values[chosen]):
+            stats.count(ATTRIBUTES + entries.key_names[key], entries.value_names[value], n)
+        tokens = prepared.tokens[picked][prepared.has_tokens[picked]]
+        for value, n in _first_counts(tokens):
             stats.number("tokens", float(value), n)
-        keys, values = numbers
-        finite = pc.is_finite(values)
-        for key, value, n in _pair_counts(keys.filter(finite), values.filter(finite)):
-            stats.number(NUMBERS + key, float(value), n)
-        _add_embeddings(stats, taken.column("embedding").chunk(0))
+        numbers = prepared.numbers
+        chosen = selected[numbers.rows] & numbers.finite
+        for key, number, n in _first_counts(numbers.keys[chosen], numbers.numbers[chosen]):
+            stats.number(NUMBERS + numbers.key_names[key], number, n)
+        _add_embeddings(stats, prepared, picked)
 
 
-def _cut(column: pa.Array) -> pa.Array:
-    """Strings as the summaries keep them (pipeline.features.category_text)."""
-    if len(column) and pc.max(pc.utf8_length(column)).as_py() > CATEGORY_CHARS:
-        return pc.utf8_slice_codeunits(column, 0, CATEGORY_CHARS)  # code points, as str does
-    return column
+class _Entries:
+    """A map column's entries: the row each belongs to, its key as a code into ``key_names``,
+    and its value as a code into ``value_names`` (strings) or as ``numbers``."""
+
+    def __init__(self, column: pa.MapArray) -> None:
+        offsets = column.offsets.to_numpy()  # into the whole of keys and items
+        first, last = int(offsets[0]), int(offsets[-1])
+        self.rows = np.repeat(np.arange(len(column)), np.diff(offsets))
+        self.keys, self.key_names = _codes(column.keys.slice(first, last - first))
+        items = column.items.slice(first, last - first)
+        if pa.types.is_string(items.type):
+            self.values, names = _codes(items)
+            self.value_names = [category_text(name) for name in names]
+        else:
+            self.numbers = items.to_numpy(zero_copy_only=False)
+            self.finite = np.isfinite(self.numbers)
+
+    def plain(self) -> bool:
+        """No key longer than CATEGORY_CHARS, none twice in a row."""
+        if any(len(name) > CATEGORY_CHARS for name in self.key_names):
+            return False
+        pairs = self.rows * max(len(self.key_names), 1) + self.keys
+        return len(np.unique(pairs)) == len(pairs)
 
 
-def _counts(column: pa.Array) -> list[tuple[Any, int]]:
-    """(value, count) of each distinct value, in the order values first appear."""
-    if not len(column):
+class _Prepared:
+    """A batch's feature columns as numpy arrays, made once for all of its buckets."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.categorical: dict[str, tuple[NDArray[np.int64], list[str]]] = {}
+        for name in CATEGORICAL:
+            codes, names = _codes(table.column(name).chunk(0))
+            self.categorical[name] = codes, [category_text(value) for value in names]
+        self.attributes = _Entries(table.column("attributes").chunk(0))
+        self.numbers = _Entries(table.column("features").chunk(0))
+        self.plain = self.attributes.plain() and self.numbers.plain()
+        tokens = table.column("tokens").chunk(0)
+        self.has_tokens = tokens.is_valid().to_numpy(zero_copy_only=False)
+        self.tokens = tokens.fill_null(0).to_numpy(zero_copy_only=False)
+        embedding = table.column("embedding").chunk(0)
+        self.offsets = embedding.offsets.to_numpy()  # into the whole of embedding.values
+        self.vectors = embedding.values.to_numpy(zero_copy_only=False).astype(np.float64)
+        self.has_embedding = embedding.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _codes(column: pa.Array) -> tuple[NDArray[np.int64], list[str]]:
+    """A string column as codes into its distinct values (in the order they first appear),
+    -1 for null."""
+    encoded = pc.dictionary_encode(column)
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, encoded.dictionary.to_pylist()
+
+
+def _first_counts(*columns: NDArray[Any]) -> list[tuple[Any, ...]]:
+    """(values..., count) of each distinct combination of the columns' values, in the order
+    combinations first appear, as Python values: a stable sort, so that each run of equal
+    values starts at its first appearance (floats compare as a Counter's keys do: -0.0 is
+    0.0, and the value kept is the first one)."""
+    size = len(columns[0])
+    if not size:
         return []
-    found = pc.value_counts(column)
-    return list(zip(found.field(0).to_pylist(), found.field(1).to_pylist(), strict=True))
+    order = np.lexsort(columns[::-1])
+    change = np.zeros(size, bool)
+    change[0] = True
+    for column in columns:
+        ordered = column[order]
+        change[1:] |= ordered[1:] != ordered[:-1]
+    starts = np.flatnonzero(change)
+    counts = np.diff(np.append(starts, size))
+    firsts = order[starts]
+    by_first = np.argsort(firsts, kind="stable")
+    found = [column[firsts[by_first]].tolist() for column in columns]
+    return list(zip(*found, counts[by_first].tolist(), strict=True))
 
 
-def _pair_counts(keys: pa.Array, values: pa.Array) -> list[tuple[str, Any, int]]:
-    """(key, value, count) of each distinct pair, in the order pairs first appear."""
-    if not len(keys):
-        return []
-    grouped = pa.table({"k": keys, "v": values}).group_by(["k", "v"], use_threads=False)
-    found = grouped.aggregate([([], "count_all")])
-    return list(
-        zip(
-            found.column("k").to_pylist(),
-            found.column("v").to_pylist(),
-            found.column("count_all").to_pylist(),
-            strict=True,
-        )
-    )
-
-
-def _map_entries(column: pa.MapArray) -> tuple[pa.Array, pa.Array] | None:
-    """A map column's keys and values, flat; None if a key is longer than CATEGORY_CHARS or
-    appears twice in one row (``add_record`` cuts and dedupes those, row by row)."""
-    offsets = column.offsets
-    first, last = offsets[0].as_py(), offsets[-1].as_py()
-    keys = column.keys.slice(first, last - first)
-    values = column.items.slice(first, last - first)
-    if not len(keys):
-        return keys, values
-    if pc.max(pc.utf8_length(keys)).as_py() > CATEGORY_CHARS:
-        return None
-    sizes = np.diff(offsets.to_numpy())
-    rows = np.repeat(np.arange(len(sizes)), sizes)
-    distinct = pa.table({"r": rows, "k": keys}).group_by(["r", "k"], use_threads=False)
-    if distinct.aggregate([]).num_rows != len(keys):
-        return None
-    return keys, values
-
-
-def _add_embeddings(stats: FeatureStats, column: pa.ListArray) -> None:
+def _add_embeddings(stats: FeatureStats, prepared: _Prepared, rows: NDArray[np.int64]) -> None:
     """Each row's unit vector added to the sum of its length, in row order."""
-    offsets = column.offsets.to_numpy()  # into the whole of column.values
-    lengths = np.diff(offsets)
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(valid & (lengths > 0) & (lengths <= EMBEDDING_DIMS))
+    offsets = prepared.offsets
+    lengths = offsets[rows + 1] - offsets[rows]
+    usable_rows = prepared.has_embedding[rows] & (lengths > 0) & (lengths <= EMBEDDING_DIMS)
+    rows, lengths = rows[usable_rows], lengths[usable_rows]
     if not len(rows):
         return
-    flat = column.values.to_numpy(zero_copy_only=False).astype(np.float64)
-    distinct, first = np.unique(lengths[rows], return_index=True)
+    distinct, first = np.unique(lengths, return_index=True)
     for length in distinct[np.argsort(first)].tolist():  # in the order they first appear
-        of_length = rows[lengths[rows] == length]
-        vectors = flat[offsets[of_length][:, None] + np.arange(length)]
+        of_length = rows[lengths == length]
+        vectors = prepared.vectors[offsets[of_length][:, None] + np.arange(length)]
         norms = np.array([math.hypot(*vector) for vector in vectors.tolist()])
         usable = (norms != 0) & np.isfinite(norms)  # as pipeline.features._unit
         if not usable.any():

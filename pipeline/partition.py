@@ -619,7 +619,6 @@ class PartitionCore:
     def advance(self, watermark_ms: int) -> None:
         """Move event time forward: drop unjoined resolutions past the allowed lateness, and
         cases and buckets past the horizon (they can no longer change)."""
-        self.add_deferred_features()  # before a bucket they belong to can close
         if watermark_ms > self.watermark_ms:
             self.watermark_ms = watermark_ms
             self._watermark_changed = True
@@ -650,6 +649,8 @@ class PartitionCore:
             self._changing(key)
             del self.cases[key]
         last_closed = horizon // bucket_ms  # buckets ending at or before the horizon
+        if any(key[1] < last_closed for key, _ in self._deferred_features):
+            self.add_deferred_features()  # before a bucket they belong to closes
         for bucket_key in [k for k in self.buckets if k[1] < last_closed]:
             aggregate = self.buckets.pop(bucket_key)
             self._changed_buckets.add(bucket_key)
