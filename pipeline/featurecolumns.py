@@ -62,8 +62,13 @@ class InputColumns:
         self._prepared: _Prepared | None = None
 
     def light_rows(self) -> list[dict[str, Any]]:
-        """The rows with only LIGHT_FIELDS and the FEATURE_ROW handle."""
+        """The rows with only LIGHT_FIELDS and the FEATURE_ROW handle. The feature columns are
+        read here, so that a table Arrow cannot read fails where the caller can still decode
+        its messages one by one (pipeline.arrowcodec), not when the batch drains."""
         table = self.table
+        self._prepared = _Prepared(table)
+        if not self._prepared.plain:  # added row by row: read the whole records now too
+            self._full = to_rows(table)
         names = [name for name in LIGHT_FIELDS if name in table.column_names]
         columns = [column_values(table.column(name).chunk(0)) for name in names]
         handles = [(self, row) for row in range(table.num_rows)]

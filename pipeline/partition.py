@@ -448,6 +448,21 @@ class PartitionCore:
             self._changed_eval_cases.add(eval_case_id)
         return "ok"
 
+    def add_deferred_features(self) -> None:
+        """Add the features of the light rows processed since the last call to their buckets,
+        each bucket's rows at once and in order (pipeline.featurecolumns). ``drain``,
+        ``changed_records`` and ``advance`` call it first; whoever reads ``buckets`` after
+        processing light rows must too."""
+        deferred = self._deferred_features
+        if not deferred:
+            return
+        self._deferred_features = []
+        rows: dict[tuple[tuple[str, int], InputColumns], list[int]] = {}
+        for bucket_key, (columns, row) in deferred:
+            rows.setdefault((bucket_key, columns), []).append(row)
+        for (bucket_key, columns), of_bucket in rows.items():
+            columns.add_to(self.buckets[bucket_key].features, of_bucket)
+
     # -- eval candidates --------------------------------------------------------------------
 
     def _remember(
@@ -600,21 +615,6 @@ class PartitionCore:
                 self.on_latency(loop, seconds)
 
     # -- time -------------------------------------------------------------------------------
-
-    def add_deferred_features(self) -> None:
-        """Add the features of the light rows processed since the last call to their buckets,
-        each bucket's rows at once and in order (pipeline.featurecolumns). ``drain``,
-        ``changed_records`` and ``advance`` call it first; whoever reads ``buckets`` after
-        processing light rows must too."""
-        deferred = self._deferred_features
-        if not deferred:
-            return
-        self._deferred_features = []
-        rows: dict[tuple[tuple[str, int], InputColumns], list[int]] = {}
-        for bucket_key, (columns, row) in deferred:
-            rows.setdefault((bucket_key, columns), []).append(row)
-        for (bucket_key, columns), of_bucket in rows.items():
-            columns.add_to(self.buckets[bucket_key].features, of_bucket)
 
     def advance(self, watermark_ms: int) -> None:
         """Move event time forward: drop unjoined resolutions past the allowed lateness, and

@@ -208,3 +208,18 @@ def test_a_case_keeps_what_it_shows_of_a_large_input_from_a_light_row() -> None:
     assert full.inp_avro is None and full.inp is not None  # the large-input path
     assert '"attributes":{"tier":"gold"}' in full.inp
     assert light == full
+
+
+def test_a_table_whose_features_cannot_be_read_is_decoded_one_by_one(monkeypatch: Any) -> None:
+    """Reading the feature columns happens while the batch is decoded, where a failure still
+    leaves the per-record codec (never at drain time, where it would stop the worker)."""
+    records = [_input(1, channel="chat"), _input(2, tokens=3)]
+    values = [CODEC.encode("InputEvent", record) for record in records]
+
+    def broken(table: pa.Table) -> None:
+        raise ValueError("unreadable")
+
+    monkeypatch.setattr("pipeline.featurecolumns._Prepared", broken)
+    rows = LIGHT.rows("InputEvent", values)
+    assert [FEATURE_ROW in row for row in rows] == [False, False]
+    assert rows == [CODEC.decode(value, expected="InputEvent").record for value in values]
