@@ -4,6 +4,7 @@ decoded record with FeatureStats.add_record gives, folds, float sums and fallbac
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ from pipeline.core import CoreConfig
 from pipeline.featurecolumns import FEATURE_ROW, InputColumns
 from pipeline.features import CATEGORY_CHARS, KEYS_PER_MAP, OTHER, FeatureStats
 from pipeline.partition import PartitionCore
+from tests.sinks.factories import at, input_event
 
 CODEC = Codec.load()
 FULL = ArrowDecoder(CODEC)
@@ -23,23 +25,14 @@ LIGHT = ArrowDecoder(CODEC, light_inputs=True)
 
 
 def _input(n: int, **fields: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "event_id": f"e{n}",
-        "case_id": f"c{n}",
-        "loop": "refunds",
-        "ts": 1_764_000_000_000 + n * 1000,
-        "source": "test",
-        "channel": None,
-        "category": None,
-        "language": None,
+    """An InputEvent with no features but ``fields``."""
+    empty: dict[str, Any] = {
+        **dict.fromkeys(("channel", "category", "language", "text", "embedding", "tokens")),
         "features": {},
         "attributes": {},
-        "text": None,
-        "embedding": None,
-        "tokens": None,
     }
-    record.update(fields)
-    return record
+    ts = fields.pop("ts", at(1, n))
+    return input_event(f"e{n}", f"c{n}", ts, **{**empty, **fields})
 
 
 def _decoded(records: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
@@ -179,7 +172,7 @@ def test_the_core_adds_light_rows_before_a_bucket_closes() -> None:
     records = [
         _input(1, channel="chat", embedding=[1.0, 0.0]),
         _input(2, channel="mail", embedding=[0.0, 1.0]),
-        _input(3, channel="chat", ts=_input(3)["ts"] + late),
+        _input(3, channel="chat", ts=at(1, 3) + timedelta(milliseconds=late)),
     ]
     drained = []
     for rows in _decoded(records):
