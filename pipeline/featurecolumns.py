@@ -2,7 +2,7 @@
 decodes (pipeline.arrowcodec), instead of input by input from Python dicts.
 
 Adding an input's features one by one (``FeatureStats.add_record``) and first turning its maps
-and embedding into Python objects were about a quarter of a worker's time. Here a batch's inputs
+and embedding into Python objects were about a fifth of a worker's time. Here a batch's inputs
 stay in Arrow: the core (pipeline.partition) gets light rows (the fields it joins and counts
 by, and a ``FEATURE_ROW`` handle), notes which bucket each input went to, and adds each
 bucket's rows at once before anything reads the bucket.
@@ -11,9 +11,9 @@ The result is the summary ``add_record`` gives, exactly, not within a bound: cou
 per distinct value (the summaries' folds depend only on the union of the values, so adding a
 value n times at once folds alike), each feature's values come in the order they first appear
 (the features themselves may not, when an input lacks one that a later one has: nothing reads
-their order, as merges across partitions change it anyway), and
-embeddings are normalised by ``math.hypot`` as ``add_record`` does and summed one row after the
-other (``np.add.accumulate``), so the float sums round alike. A batch whose maps hold a key
+their order, as merges across partitions change it anyway), and embeddings are normalised by
+``math.hypot`` as ``add_record`` does and summed one row after the other
+(``np.add.accumulate``), so the float sums round alike. A batch whose maps hold a key
 longer than CATEGORY_CHARS, or a key twice in one row (Avro allows it; the codec keeps the
 last), is added row by row with ``add_record``.
 
