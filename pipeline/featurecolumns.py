@@ -196,8 +196,7 @@ def _add_embeddings(stats: FeatureStats, prepared: _Prepared, rows: NDArray[np.i
     rows, lengths = rows[usable_rows], lengths[usable_rows]
     if not len(rows):
         return
-    distinct, first = np.unique(lengths, return_index=True)
-    for length in distinct[np.argsort(first)].tolist():  # in the order they first appear
+    for length, _ in _first_counts(lengths):  # in the order they first appear
         of_length = rows[lengths == length]
         vectors = prepared.vectors[offsets[of_length][:, None] + np.arange(length)]
         norms = np.array([math.hypot(*vector) for vector in vectors.tolist()])
