@@ -42,7 +42,7 @@ typecheck: install
 # The tests start the real broker themselves (port $(TEST_KAFKA_PORT)); it is stopped
 # afterwards whether the tests pass or fail.
 pytest: install tools
-	LOOPLINE_TEST_KAFKA_PORT=$(TEST_KAFKA_PORT) $(BIN)/pytest; status=$$?; \
+	TEST_KAFKA_PORT=$(TEST_KAFKA_PORT) $(BIN)/pytest; status=$$?; \
 	$(BIN)/loopline kafka down --port $(TEST_KAFKA_PORT); exit $$status
 
 test: lint typecheck pytest

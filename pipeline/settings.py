@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -226,6 +227,20 @@ class Settings:
         settings = cls(**values)
         settings.check_security()
         return settings
+
+    @classmethod
+    def unknown_variables(cls, env: Mapping[str, str] | None = None) -> list[str]:
+        """A sentence for each LOOPLINE_* variable that names no setting, with the setting it
+        is likely a typo of: ``from_env`` ignores such a variable, so without this a typo (say
+        LOOPLINE_HOURLY_RATE) silently left the default in force (human time priced at 0)."""
+        source = os.environ if env is None else env
+        known = [f"LOOPLINE_{f.name.upper()}" for f in fields(cls)]
+        found = []
+        for var in sorted(v for v in source if v.startswith("LOOPLINE_") and v not in known):
+            close = difflib.get_close_matches(var, known, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            found.append(f"{var} is not a loopline setting and is ignored{hint}")
+        return found
 
     def check_security(self) -> None:
         """SASL needs a username and a password; a CA file must exist."""

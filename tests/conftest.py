@@ -29,7 +29,7 @@ from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.settings import Settings
 from pipeline.topics import read_to_end
 
-TEST_KAFKA_PORT = int(os.environ.get("LOOPLINE_TEST_KAFKA_PORT", "39092"))
+TEST_KAFKA_PORT = int(os.environ.get("TEST_KAFKA_PORT", "39092"))
 
 
 def free_port() -> int:

@@ -35,6 +35,8 @@ def main(ctx: click.Context) -> None:
         ctx.obj = Settings.from_env()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    for warning in Settings.unknown_variables():
+        click.echo(f"warning: {warning}", err=True)
 
 
 for command in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -154,3 +155,31 @@ def test_the_version_is_the_installed_package_s() -> None:
     done = loopline("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"loopline, version {version('loopline')}\n"
+
+
+def test_a_misspelt_setting_is_warned_about_and_the_command_goes_on(tmp_path: Path) -> None:
+    """The typo's consequence, shown: the default hourly rate (0) prices the 30 human minutes
+    at nothing, so the one resolution costs its 0.25 USD of model cost alone."""
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"topic": "resolutions", "record": {"event_id": "r1", "case_id": "c1", '
+        '"loop": "refunds", "ts": "2026-11-25T11:59:00Z", "resolver": "HUMAN", '
+        '"outcome": "RESOLVED", "release": "r", "model_cost_usd": 0.25, '
+        '"other_cost_usd": 0.0, "human_minutes": 30.0}}\n'
+    )
+    done = loopline(
+        "replay",
+        events,
+        "--as-of",
+        "2026-11-25T12:00:00Z",
+        env={"LOOPLINE_HOURLY_RATE": "refunds=60"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "warning: LOOPLINE_HOURLY_RATE is not a loopline setting and is ignored "
+        "(did you mean LOOPLINE_HOURLY_RATES?)",
+        "replay: 1 ok; 0 rejected; 0 alert evaluations, 0 alert records",
+    ]
+    window = json.loads(done.stdout)["loops"]["refunds"]["windows"]["5m"]
+    assert window["cost_per_resolution_usd"] == 0.25
+    assert window["toil_hours"] == 0.5

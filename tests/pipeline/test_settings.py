@@ -62,3 +62,19 @@ def test_bad_values_name_the_variable(var: str, value: str, message: str) -> Non
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().partitions = 2  # type: ignore[misc]
+
+
+def test_a_loopline_variable_that_names_no_setting_is_reported_with_the_likely_one() -> None:
+    env = {
+        "LOOPLINE_HOURLY_RATE": "refunds=45",  # a typo of LOOPLINE_HOURLY_RATES
+        "LOOPLINE_PARTITIONS": "8",  # a setting
+        "LOOPLINE_SERVICE_HOST": "10.0.0.7",  # what Kubernetes adds for a Service "loopline"
+        "HOURLY_RATES": "refunds=45",  # not loopline's
+    }
+    assert Settings.unknown_variables(env) == [
+        "LOOPLINE_HOURLY_RATE is not a loopline setting and is ignored "
+        "(did you mean LOOPLINE_HOURLY_RATES?)",
+        "LOOPLINE_SERVICE_HOST is not a loopline setting and is ignored",
+    ]
+    assert Settings.from_env(env) == Settings(partitions=8)  # ignored, as said
+    assert Settings.unknown_variables({"LOOPLINE_PARTITIONS": "8"}) == []
