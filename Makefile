@@ -20,14 +20,16 @@ $(BIN)/loopline: pyproject.toml
 
 install: $(BIN)/loopline
 
-# Debian's chromium (the tests open the report and the review page in it through Playwright)
-# and Debian's prometheus (promtool tests the alert rules; a test runs a live Prometheus);
+# Debian's chromium (the tests open the report and the review page in it through Playwright),
+# Debian's prometheus (promtool tests the alert rules; a test runs a live Prometheus) and
+# Debian's docker-compose (`docker-compose config` checks docker-compose.yml, no engine needed);
 # installed with apt-get when missing (CI runs as root).
 tools:
-	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
-		echo "installing Debian's chromium and prometheus (apt-get) for the tests"; \
+	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+		&& command -v docker-compose >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium, prometheus and docker-compose (apt-get) for the tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			chromium prometheus >/dev/null; }
+			chromium prometheus docker-compose >/dev/null; }
 
 demo: install
 	$(BIN)/loopline demo
