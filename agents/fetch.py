@@ -41,6 +41,7 @@ from faust.types import TP
 
 from agents.batches import BatchTopic, FetchBuffer, Fetched, client_position
 from agents.restore import RecordsRestore
+from pipeline.offsetresets import OffsetResets
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,14 @@ def from_read_offset(fetched: list[Any], read: int | None) -> list[Any]:
     return [record for record in fetched if record.offset >= read]
 
 
-def install(consumer: Any) -> None:
+def install(consumer: Any, on_deleted: Callable[[str, int], None] | None = None) -> None:
     """Give ``consumer`` (Faust's, before it starts) the fetch loop below, with each fetch
-    announced to its buffer in the consumer's thread."""
-    fetch_loop = FetchLoop(consumer)
+    announced to its buffer in the consumer's thread, and its offset resets said and counted
+    (``OffsetResets``, ``on_deleted``)."""
+    fetch_loop = FetchLoop(consumer, OffsetResets(on_deleted))
     consumer._drain_messages = fetch_loop.run
     announce_in_thread(consumer._thread, fetch_loop.fetched)
+    fetch_loop.resets.listen()
 
 
 def announce_in_thread(thread: Any, fetched: Callable[[TP, list[Any]], None]) -> None:
@@ -110,9 +113,10 @@ class FetchLoop:
     records to its store (``restore``) or, for any other topic, to Faust's per-message path
     (``deliver_each``)."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, resets: OffsetResets | None = None) -> None:
         self.consumer = consumer
         self.app = consumer.app
+        self.resets = OffsetResets() if resets is None else resets
         self.buffer_of = batch_buffers(self.app)
         self.restore = RecordsRestore(self.app)
         self.read_offset: dict[TP, int | None] = consumer._read_offset
@@ -124,8 +128,10 @@ class FetchLoop:
         return client_position(self.consumer, tp)
 
     def fetched(self, tp: TP, records: list[Any]) -> None:
-        """In the consumer's thread, as the client hands ``records`` over: announce them to
-        their buffer (if their topic has one) and note the client's position after them."""
+        """In the consumer's thread, as the client hands ``records`` over: say what an offset
+        reset before them skipped, announce them to their buffer (if their topic has one) and
+        note the client's position after them."""
+        self.resets.fetched(tp, records[0].offset)
         buffer = self.buffer_of(tp.topic)
         if buffer is not None:
             buffer.announce(tp, records[-1].offset)

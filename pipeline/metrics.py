@@ -228,6 +228,7 @@ class PipelineMetrics:
     eval_candidates: Counter
     consumer_lag: Gauge
     evicted_cases: Counter
+    records_deleted_unread: Counter
     restore_remaining: Gauge
     numbers: SnapshotCollector = field(default_factory=SnapshotCollector)
     partitions: PartitionStateCollector = field(default_factory=PartitionStateCollector)
@@ -289,6 +290,14 @@ class PipelineMetrics:
                 "Cases dropped from stage 1's state before their horizon, to keep a partition "
                 "under LOOPLINE_MAX_CASES_PER_PARTITION: their later events no longer join.",
                 ["loop"],
+                registry=reg,
+            ),
+            records_deleted_unread=Counter(
+                "loopline_records_deleted_unread",
+                "Records Kafka deleted before this worker read them (retention, or a "
+                "delete-records request), found when its fetch offset was reset past them: "
+                "their events are counted nowhere.",
+                ["topic"],
                 registry=reg,
             ),
             restore_remaining=Gauge(

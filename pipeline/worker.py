@@ -41,10 +41,15 @@ UNSTOPPED_EXIT_CODE = 1
 
 
 def run_worker(settings: Settings) -> None:
-    run_app(settings, lambda s: create_app(s, PipelineMetrics.create(), Codec.load()))
+    metrics = PipelineMetrics.create()
+    run_app(settings, lambda s: create_app(s, metrics, Codec.load()), metrics)
 
 
-def run_app(settings: Settings, build: Callable[[Settings], faust.App]) -> None:
+def run_app(
+    settings: Settings,
+    build: Callable[[Settings], faust.App],
+    metrics: PipelineMetrics | None = None,
+) -> None:
     """Run the Faust app that ``build`` makes as the worker runs: on uvloop, with the topics
     created, the collector thresholds below and fewer per-message costs (``make_worker``).
     ``build`` gets the settings with the source topics' partition count, which is what the
@@ -69,7 +74,7 @@ def run_app(settings: Settings, build: Callable[[Settings], faust.App]) -> None:
     app = build(settings)
     gc.freeze()  # what start-up loaded stays: no collection needs to look at it again
     gc.set_threshold(*GC_THRESHOLDS)
-    make_worker(app, settings, loop).execute_from_commandline()
+    make_worker(app, settings, loop, metrics).execute_from_commandline()
 
 
 def worker_event_loop() -> asyncio.AbstractEventLoop:
@@ -82,16 +87,21 @@ def worker_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def make_worker(
-    app: faust.App, settings: Settings, loop: asyncio.AbstractEventLoop
+    app: faust.App,
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    metrics: PipelineMetrics | None = None,
 ) -> faust.Worker:
     """The Faust worker for ``app``, with four of Faust's per-message costs taken out and a
-    deadline on its stop."""
+    deadline on its stop; records Kafka deleted before it read them are counted in
+    ``metrics`` (agents.fetch.OffsetResets)."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     # No terminal spinner: at a log level of WARNING or above it sets the root logger to DEBUG
     # (to spin on every record), so every debug call of Faust and aiokafka built a record, one
     # per message sent (a twentieth of the worker's time), and it only draws on a terminal.
     worker.spinner = None
-    fetch.install(app.consumer)
+    deleted = None if metrics is None else metrics.records_deleted_unread
+    fetch.install(app.consumer, None if deleted is None else lambda t, n: deleted.labels(t).inc(n))
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)
     exit_if_stop_hangs(app, STOP_GRACE_SECONDS)

@@ -36,6 +36,7 @@ from pipeline.arrowcodec import ArrowDecoder, DecodedBatch
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import dead_letter_of
 from pipeline.kafka_security import client_options
+from pipeline.offsetresets import OffsetResets
 from pipeline.settings import Settings
 from pipeline.topics import COMPACTED_TOPICS, RECORD_OF, SOURCE_TOPICS
 from sinks.base import Batch, Positions, SinkBackpressure
@@ -88,6 +89,7 @@ class SinkProgress:
     dead_letters: int = 0
     flushes: int = 0
     backpressure: int = 0
+    deleted_unread: int = 0  # records Kafka deleted before they were read (OffsetResets)
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
@@ -143,12 +145,15 @@ class SinkRunner:
         self._producer = AIOKafkaProducer(**client_options(self.settings))
         await self._producer.start()
         await self._consumer.start()
+        resets = OffsetResets(self._deleted_unread)
+        resets.listen()
         last_report = time.monotonic()
         try:
             while not stop.is_set():
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=20_000)
-                for messages in batches.values():
+                for tp, messages in batches.items():
                     if messages:
+                        resets.fetched(tp, messages[0].offset)
                         await self._add_partition(messages)
                     await self._write_when_due()
                 await self._write_when_due()
@@ -163,7 +168,11 @@ class SinkRunner:
                 await asyncio.to_thread(self.sink.close)
             await kafka_outage.stop_consumer(self._consumer)
             await self._producer.stop()
+            resets.close()
         return self.progress
+
+    def _deleted_unread(self, topic: str, records: int) -> None:
+        self.progress.deleted_unread += records
 
     async def _add_partition(self, messages: list[Any]) -> None:
         """Add one partition's messages (consecutive offsets) to the sink."""
@@ -361,8 +370,10 @@ class SinkRunner:
                 high = self._consumer.highwater(tp)
                 if high is not None:
                     lag += max(high - self._next.get((tp.topic, tp.partition), high), 0)
+        deleted = self.progress.deleted_unread
         return (
             f"archive: {self.progress.consumed} records read, {self.progress.flushes} batches "
             f"written, {self.progress.dead_letters} dead letters, {self.sink.pending} rows "
             f"buffered, lag {lag}"
+            + (f", {deleted} records deleted by Kafka before they were read" if deleted else "")
         )

@@ -110,13 +110,13 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None,
 
 
 async def delete_first_records(
-    settings: Settings, topic: str, shares: dict[int, float]
+    settings: Settings, topic: str, shares: dict[int, float], compacted: bool = True
 ) -> dict[int, int]:
     """Delete the first share of each given partition's records, as retention or
     kafka-delete-records.sh does (1.0 empties it: its start offset moves to its end); returns
     each partition's end offset. Kafka refuses to delete records of a topic that is only
-    compacted, as the state's changelogs are, so the topic's policy gets "delete" first, as an
-    operator bounding its disk would give it."""
+    compacted, as the state's changelogs are, so such a topic's policy gets "delete" first, as
+    an operator bounding its disk would give it."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
     await consumer.start()
     try:
@@ -127,8 +127,9 @@ async def delete_first_records(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     try:
-        policy = {"cleanup.policy": "compact,delete"}
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, policy)])
+        if compacted:
+            policy = {"cleanup.policy": "compact,delete"}
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, policy)])
         await admin.delete_records(
             {tp: RecordsToDelete(round(ends[tp] * shares[p])) for p, tp in tps.items()}
         )

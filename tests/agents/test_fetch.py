@@ -5,12 +5,14 @@ generation rules; records of other topics take Faust's own per-message path."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
-from aiokafka.structs import ConsumerRecord
+import pytest
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from faust.types import TP
 
 from agents import dispatch
@@ -19,6 +21,7 @@ from agents.fence import Fence, StallWatch
 from agents.fetch import FetchLoop, announce_in_thread, install
 from agents.raw import raw_topic
 from agents.state import state_table
+from pipeline.offsetresets import RESET_MESSAGE, OffsetResets
 
 T0, T1, OTHER = TP("t", 0), TP("t", 1), TP("other", 0)
 
@@ -319,3 +322,40 @@ def test_a_fetch_after_the_clients_seek_is_kept_when_faust_sets_its_read_offset_
 
     run(app, scenario())
     assert subscribed.slices() == [(T0, [3, 4], 3, 0), (T0, [5, 6], 5, 0)]
+
+
+def reset_logged(resets: OffsetResets, offset: int, tp: TopicPartition) -> bool:
+    """What aiokafka's fetcher logs as it resets ``tp`` (its own format and arguments)."""
+    record = logging.LogRecord(
+        "aiokafka.consumer.fetcher", logging.INFO, "fetcher.py", 898, RESET_MESSAGE, None, None
+    )
+    record.args = (offset, tp)  # a tuple of two is read as a mapping by LogRecord's init
+    return resets.filter(record)
+
+
+def test_an_offset_reset_past_deleted_records_is_said_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deleted: list[tuple[str, int]] = []
+    resets = OffsetResets(lambda topic, n: deleted.append((topic, n)))
+    other = logging.LogRecord("aiokafka", logging.INFO, "x.py", 1, "anything %s", ("x",), None)
+    assert resets.filter(other)  # any other line passes
+    assert not reset_logged(resets, 100, TopicPartition("t", 0))  # said below instead
+    assert not reset_logged(resets, 70, TopicPartition("t", 1))
+    resets.fetched(OTHER, 5)  # another partition: nothing to say
+    with caplog.at_level(logging.WARNING, logger="pipeline.offsetresets"):
+        resets.fetched(T0, 150)  # offsets 100-149 were deleted unread
+        resets.fetched(T0, 151)  # said once: the next fetch is no reset
+        resets.fetched(T1, 40)  # 70 was past the end: 40-69 are read again
+    assert deleted == [("t", 50)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "t[0]: 50 records (offsets 100-149) were deleted by Kafka before this process read them "
+        "(retention, or records deleted): their events are counted nowhere; reading on from "
+        "offset 150",
+        "t[1]: offset 70 is past the partition's end (the topic made anew, or its log cut "
+        "back): reading again from offset 40; copies within the dedupe horizon count once",
+    ]
+    assert resets.reset_from == {}
+    assert not reset_logged(resets, 7, TopicPartition("t", 0))
+    resets.fetched(T0, 7)  # reset to where it was: nothing skipped, nothing said
+    assert deleted == [("t", 50)] and len(caplog.records) == 2

@@ -123,6 +123,47 @@ def test_a_changelog_cut_by_retention_is_restored_without_hanging(
     assert f"{changelog}[2] starts at offset " not in log
 
 
+def test_source_records_deleted_before_they_were_read_are_said_and_counted(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """Kafka deleted inputs (retention; here a delete-records request) while the worker was
+    down, past its committed offsets: the consumer goes on from the earliest offset left, and
+    those events are counted nowhere. The restarted worker says how many each partition lost
+    and counts them in loopline_records_deleted_unread_total; the rest counts as before."""
+    settings = make_settings()
+    read = _events(seed=13, count=2_000)
+    expected = asyncio.run(_publish(settings, read))
+    worker = start_worker(settings)
+    _wait_counts(worker, expected)
+    worker.stop(signal.SIGTERM)
+    unread = _events(seed=13, count=2_000, skip=2_000)
+    lost = Counter(topic for topic, _ in unread)
+    asyncio.run(_publish(settings, unread))
+    inputs = settings.topic("inputs")
+    everything = dict.fromkeys(range(settings.partitions), 1.0)
+    asyncio.run(delete_first_records(settings, inputs, everything, compacted=False))
+    later = _events(seed=13, count=2_000, skip=4_000)
+    expected_later = asyncio.run(_publish(settings, later))
+
+    restarted = start_worker(settings)
+    # the resolutions and eval results of all three parts are read; the inputs of two
+    _wait_counts(restarted, expected_later + lost - Counter({"inputs": lost["inputs"]}))
+    deleted = "loopline_records_deleted_unread_total"
+    wait_for(lambda: restarted.metric(deleted) > 0, 30, "the deleted records counted")
+    assert restarted.metric(deleted, topic=inputs) == lost["inputs"] > 0
+    assert restarted.metric(deleted) == lost["inputs"]  # no other topic lost any
+    said = re.findall(
+        rf"{re.escape(inputs)}\[(\d)\]: (\d+) records \(offsets (\d+)-(\d+)\) were deleted by "
+        r"Kafka before this process read them",
+        restarted.log(),
+    )
+    assert sum(int(n) for _, n, _, _ in said) == lost["inputs"], restarted.log_tail()
+    assert all(int(n) == int(last) - int(first) + 1 for _, n, first, last in said)
+    assert len({p for p, _, _, _ in said}) == len(said)  # once per partition
+    assert "out of range" not in restarted.log()  # aiokafka's own line, said better above
+    assert restarted.processed("inputs") == expected_later["inputs"]
+
+
 async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> int:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()

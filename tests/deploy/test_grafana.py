@@ -46,6 +46,7 @@ def test_the_dashboard_covers_the_numbers_drift_alerts_candidates_dlq_and_lag() 
         "loopline_consumer_lag_messages",
         "loopline_held_cases",
         "loopline_restore_remaining_records",
+        "loopline_records_deleted_unread_total",
     ):
         assert needed in used, needed
     assert any("offset 7d" in e for e in _exprs(dashboard))  # week-over-week change

@@ -46,6 +46,8 @@ def test_debug_records_are_not_built_at_a_higher_level(
     assert logging.getLogger("aiokafka").getEffectiveLevel() == logging.getLevelName(
         log_level.upper()
     )
+    # but aiokafka says an offset reset at INFO only (agents.fetch.OffsetResets hears it)
+    assert logging.getLogger("aiokafka.consumer.fetcher").isEnabledFor(logging.INFO)
 
 
 def test_the_consumer_hands_messages_over_on_the_fast_path(

@@ -4,6 +4,7 @@ restart, SIGKILL mid-batch and a locked archive file."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from sinks.archive.cli import open_archive
-from tests.conftest import CliProcess, consume, process_factory, wait_for
+from tests.conftest import CliProcess, consume, delete_first_records, process_factory, wait_for
 from tests.sinks import factories as f
 from tests.sinks.test_store import HOLD_LOCK
 
@@ -190,6 +191,42 @@ def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
         assert _query(settings, f"SELECT count(*), count(DISTINCT event_id) FROM {table}") == [
             (n, n)
         ]
+
+
+def test_records_deleted_before_the_sink_read_them_are_said(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], CliProcess],
+    tmp_path: Path,
+) -> None:
+    """The sink was down while Kafka deleted inputs it had not read (retention): it goes on from
+    the earliest offset left and says, per partition, which offsets it will never archive."""
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
+    )
+    read, unread, later = _events(1000), _events(1000, skip=1000), _events(1000, skip=2000)
+    asyncio.run(_publish(settings, read))
+    archive = start_archive(settings)
+    _wait_rows(settings, {"inputs": len(_ids(read, "inputs"))}, archive)
+    archive.stop()
+    asyncio.run(_publish(settings, unread))
+    inputs = settings.topic("inputs")
+    everything = dict.fromkeys(range(settings.partitions), 1.0)
+    asyncio.run(delete_first_records(settings, inputs, everything, compacted=False))
+    asyncio.run(_publish(settings, later))
+
+    archive = start_archive(settings)
+    kept = read + later
+    _wait_rows(settings, {"inputs": len(_ids(kept, "inputs"))}, archive)
+    # the resolutions of all three parts are archived, the inputs of two
+    _wait_rows(settings, {"resolutions": len(_ids(read + unread + later, "resolutions"))}, archive)
+    archive.stop()
+    said = re.findall(
+        rf"{re.escape(inputs)}\[\d\]: (\d+) records \(offsets \d+-\d+\) were deleted by Kafka "
+        r"before this process read them",
+        archive.log(),
+    )
+    assert sum(map(int, said)) == len(_ids(unread, "inputs")) > 0, archive.log()[-2000:]
+    assert _query(settings, "SELECT count(*) FROM inputs") == [(len(_ids(kept, "inputs")),)]
 
 
 def test_a_locked_archive_is_retried_without_losing_records(

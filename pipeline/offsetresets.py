@@ -1,0 +1,83 @@
+"""Records a consumer's offset reset skipped, said and counted.
+
+When a partition's fetch offset is no longer in its log, aiokafka resets it (to the earliest
+offset: loopline's consumers all say ``earliest``) and says so at INFO only. Records Kafka
+deleted unread (retention, or a delete-records request) are then events counted nowhere, and
+an offset past the log's end (a topic made anew) means records read again: both are said here,
+with the offsets, and a loss is counted (``on_deleted``: the worker's
+loopline_records_deleted_unread_total).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+log = logging.getLogger(__name__)
+
+FETCHER_LOGGER = "aiokafka.consumer.fetcher"
+#: What aiokafka's fetcher logs (at INFO, its only message at that level) before it resets a
+#: partition's fetch offset. Said nowhere else.
+RESET_MESSAGE = "Fetch offset %s is out of range for partition %s, resetting offset"
+
+
+class OffsetResets:
+    """A logging filter on aiokafka's fetcher notes each reset and the offset it could not
+    fetch; the first record the client hands over after it (``fetched``, in the thread the
+    client runs in, as the filter is) tells where the reset went: further on, those between
+    were deleted unread; before it, records are read again (copies within the dedupe horizon
+    count once, and the archive writes each event once)."""
+
+    def __init__(self, on_deleted: Callable[[str, int], None] | None = None) -> None:
+        self.on_deleted = on_deleted  # called with the topic and how many records
+        self.reset_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset
+
+    def listen(self) -> None:
+        """Hear aiokafka's fetcher, at INFO whatever the log level (else it never logs it)."""
+        fetcher_log = logging.getLogger(FETCHER_LOGGER)
+        if not fetcher_log.isEnabledFor(logging.INFO):
+            fetcher_log.setLevel(logging.INFO)
+        fetcher_log.addFilter(self)
+
+    def close(self) -> None:
+        logging.getLogger(FETCHER_LOGGER).removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Note a reset (and drop aiokafka's line: ``fetched`` says more); pass the rest."""
+        if record.msg != RESET_MESSAGE or not isinstance(record.args, tuple):
+            return True
+        offset, tp = cast(tuple[int, Any], record.args)
+        self.reset_from[(tp.topic, tp.partition)] = offset
+        return False
+
+    def fetched(self, tp: Any, first_offset: int) -> None:
+        if not self.reset_from:
+            return
+        start = self.reset_from.pop((tp.topic, tp.partition), None)
+        if start is None or first_offset == start:
+            return
+        if first_offset > start:
+            log.warning(
+                "%s[%d]: %d records (offsets %d-%d) were deleted by Kafka before this process "
+                "read them (retention, or records deleted): their events are counted nowhere; "
+                "reading on from offset %d",
+                tp.topic,
+                tp.partition,
+                first_offset - start,
+                start,
+                first_offset - 1,
+                first_offset,
+            )
+            if self.on_deleted is not None:
+                self.on_deleted(tp.topic, first_offset - start)
+        else:
+            log.warning(
+                "%s[%d]: offset %d is past the partition's end (the topic made anew, or its log "
+                "cut back): reading again from offset %d; copies within the dedupe horizon "
+                "count once",
+                tp.topic,
+                tp.partition,
+                start,
+                first_offset,
+            )
