@@ -83,6 +83,11 @@ def install(consumer: Any, on_deleted: Callable[[str, int], None] | None = None)
     announce_in_thread(consumer._thread, fetch_loop.fetched)
     fetch_loop.resets.listen()
 
+    async def forget_resets(sender: Any, revoked: Any, **_: Any) -> None:
+        fetch_loop.resets.forget(revoked)
+
+    consumer.app.on_partitions_revoked.connect(forget_resets)
+
 
 def announce_in_thread(thread: Any, fetched: Callable[[TP, list[Any]], None]) -> None:
     """Call ``fetched`` (``FetchLoop.fetched``) with each partition's records in Faust's

@@ -11,7 +11,7 @@ loopline_records_deleted_unread_total).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,13 @@ class OffsetResets:
         offset, tp = cast(tuple[int, Any], record.args)
         self.reset_from[(tp.topic, tp.partition)] = offset
         return False
+
+    def forget(self, tps: Iterable[tuple[str, int]]) -> None:
+        """Partitions revoked: a reset noted before their next record is no longer this
+        consumer's to say (back, they are read from the committed offset; further on than
+        the reset, a stale note would count the records between as lost)."""
+        for topic, partition in tps:  # (topic, partition) pairs, or Kafka's named tuples
+            self.reset_from.pop((topic, partition), None)
 
     def fetched(self, tp: Any, first_offset: int) -> None:
         if not self.reset_from:

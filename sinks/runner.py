@@ -132,6 +132,7 @@ class SinkRunner:
         self._retry_at = 0.0
         self._writing: tuple[Batch, asyncio.Task[Positions]] | None = None  # step 2 in flight
         self._next: dict[tuple[str, int], int] = {}
+        self._resets = OffsetResets(self._deleted_unread)
 
     async def run(self, stop: asyncio.Event) -> SinkProgress:
         self._consumer = AIOKafkaConsumer(
@@ -145,7 +146,7 @@ class SinkRunner:
         self._producer = AIOKafkaProducer(**client_options(self.settings))
         await self._producer.start()
         await self._consumer.start()
-        resets = OffsetResets(self._deleted_unread)
+        resets = self._resets
         resets.listen()
         last_report = time.monotonic()
         try:
@@ -334,6 +335,7 @@ class SinkRunner:
     async def handover(self, revoked: set[tuple[str, int]]) -> None:
         """Partitions are being taken away: write and commit what was read from them, or forget
         their positions if the destination pushes back (the new owner re-reads them)."""
+        self._resets.forget(revoked)
         try:
             await self._write_now()
         except SinkBackpressure:

@@ -358,4 +358,7 @@ def test_an_offset_reset_past_deleted_records_is_said_and_counted(
     assert resets.reset_from == {}
     assert not reset_logged(resets, 7, TopicPartition("t", 0))
     resets.fetched(T0, 7)  # reset to where it was: nothing skipped, nothing said
+    assert not reset_logged(resets, 9, TopicPartition("t", 0))
+    resets.forget({T0})  # revoked before its next record: back later, it is read from a commit
+    resets.fetched(T0, 500)
     assert deleted == [("t", 50)] and len(caplog.records) == 2
