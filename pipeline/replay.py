@@ -14,6 +14,7 @@ from pipeline.codec import Codec, CodecError
 from pipeline.core import resolution_amounts, to_ms
 from pipeline.jsonlines import json_lines
 from pipeline.processor import Processor
+from pipeline.progress import Meter
 from pipeline.topics import RECORD_OF
 
 TOPIC_OF = {record: topic for topic, record in RECORD_OF.items()}
@@ -81,14 +82,18 @@ def replay(
     processor: Processor,
     codec: Codec | None = None,
     reject: Callable[[str], None] | None = None,
+    meter: Meter | None = None,
 ) -> ReplayReport:
-    """Validate and process every event; a bad one is reported with its position, not fatal."""
+    """Validate and process every event; a bad one is reported with its position, not fatal.
+    ``meter`` counts each line read (rejected ones under "rejected") and says the progress."""
     codec = codec or Codec.load()
     report = ReplayReport()
+    meter = meter or Meter("replay", None)
 
     def rejected(message: str, record: Any = None) -> None:
         """Report it, and count it as the workers count a dead letter (dead-letter rate)."""
         report.rejected.append(message)
+        meter.add("rejected")
         if reject:
             reject(message)
         loop = record.get("loop") if isinstance(record, dict) else None
@@ -109,6 +114,7 @@ def replay(
                     rejected(f"{where}: a null record (a deletion) is for eval-cases only")
                     continue
                 report.statuses[processor.delete_eval_case(record.key)] += 1
+                meter.add(topic)
                 continue
             try:
                 normalised = {**record, "ts": to_ms(record.get("ts"))}
@@ -119,4 +125,5 @@ def replay(
                 rejected(f"{where}: {exc}", record)
                 continue
             report.statuses[processor.process(topic, normalised)] += 1
+            meter.add(topic)
     return report

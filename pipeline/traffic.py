@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline.generator import EVENTS_PER_CASE
+from pipeline.progress import Meter, Progress
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -36,31 +34,6 @@ class Limits:
                 raise ValueError(f"{name} must be positive, got {value}")
 
 
-class _Meter:
-    """Counts by topic and reports progress at most every ``every`` seconds."""
-
-    def __init__(self, progress: Progress | None, every: float = 2.0) -> None:
-        self.by_topic: Counter[str] = Counter()
-        self.total = 0
-        self._progress = progress
-        self._every = every
-        self._start = self._last = time.monotonic()
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self._start
-
-    def add(self, topic: str) -> None:
-        self.by_topic[topic] += 1
-        self.total += 1
-        now = time.monotonic()
-        if self._progress and now - self._last >= self._every:
-            self._last = now
-            rate = self.total / max(self.elapsed, 1e-9)
-            topics = " ".join(f"{t}={n:,}" for t, n in sorted(self.by_topic.items()))
-            self._progress(f"generate: {self.total:,} events ({rate:,.0f}/s) {topics}")
-
-
 async def publish_traffic(
     settings: Settings,
     events: Iterable[tuple[str, dict[str, Any]]],
@@ -68,7 +41,7 @@ async def publish_traffic(
     progress: Progress | None = None,
 ) -> Counter[str]:
     """Publish until a limit is reached, paced to ``limits.rate``; returns counts by topic."""
-    meter = _Meter(progress)
+    meter = Meter("generate", progress)
     async with Publisher(settings) as publisher:
         for topic, record in events:
             if limits.count is not None and meter.total >= limits.count:
@@ -99,7 +72,7 @@ def write_jsonl(
     progress: Progress | None = None,
 ) -> Counter[str]:
     """Write the replay format of DESIGN.md; ``duration`` is event time from ``start_ms``."""
-    meter = _Meter(progress)
+    meter = Meter("generate", progress)
     out = path.open("w") if isinstance(path, Path) else path
     try:
         for topic, record in events:

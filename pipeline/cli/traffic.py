@@ -170,6 +170,7 @@ def replay_cmd(
     """
     from pipeline.core import to_ms
     from pipeline.processor import Processor
+    from pipeline.progress import Meter
     from pipeline.replay import replay
 
     settings = settings_of(ctx)
@@ -184,7 +185,8 @@ def replay_cmd(
         as_of_ms = None if as_of is None else to_ms(int(as_of) if as_of.isdigit() else as_of)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--as-of") from None
-    report = replay(list(files), processor, reject=lambda m: err(f"rejected {m}"))
+    meter = Meter("replay", err)  # every 2 s on stderr: a backfill may take an hour
+    report = replay(list(files), processor, reject=lambda m: err(f"rejected {m}"), meter=meter)
     click.echo(json.dumps(processor.snapshot(as_of_ms), indent=2))
     if alerts is not None:
         with click.open_file(str(alerts), "w") as out:

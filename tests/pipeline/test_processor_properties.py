@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from pipeline.aggregates import Aggregate
 from pipeline.core import CoreConfig
 from pipeline.processor import Processor
+from pipeline.progress import Meter
 from pipeline.replay import replay
 from pipeline.sketch import RELATIVE_ACCURACY, LatencySketch
 from pipeline.windows import MINUTE, BucketSeries, default_tiers
@@ -357,6 +359,29 @@ def test_replay_cli_prints_the_rest_and_exits_2_when_a_line_is_rejected(tmp_path
         assert (window["resolved"], window["uncovered_ratio"]) == (0, 1.0)
     assert f"rejected {path}:2: not JSON" in result.stderr
     assert "exit status 2: 1 rejected (listed above)" in result.stderr
+
+
+def test_replay_says_its_progress_line_by_line_read(tmp_path: Path) -> None:
+    """A backfill of millions of lines takes long: replay says how far it is (the CLI every
+    2 s on stderr; here at every line), rejected lines counted as read."""
+    record = {"event_id": "i1", "case_id": "c1", "loop": "alpha", "ts": 1_000, "source": "api"}
+    path = tmp_path / "events.jsonl"
+    lines = [
+        json.dumps({"topic": "inputs", "record": record}),
+        "{not json",
+        json.dumps({"topic": "inputs", "record": {**record, "event_id": "i2", "case_id": "c2"}}),
+        json.dumps({"topic": "eval-cases", "key": "e1", "record": None}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    said: list[str] = []
+    replay([path], Processor(CoreConfig()), meter=Meter("replay", said.append, every=0.0))
+    shown = [re.sub(r"\([\d,]+/s\)", "(R/s)", line) for line in said]
+    assert shown == [
+        "replay: 1 events (R/s) inputs=1",
+        "replay: 2 events (R/s) inputs=1 rejected=1",
+        "replay: 3 events (R/s) inputs=2 rejected=1",
+        "replay: 4 events (R/s) eval-cases=1 inputs=2 rejected=1",
+    ]
 
 
 def test_replay_reads_an_avro_container_and_a_damaged_one_up_to_the_damage(
