@@ -310,6 +310,10 @@ class PipelineMetrics:
             partitions=partitions,
         )
 
+    def count_deleted_unread(self, topic: str, records: int) -> None:
+        """Records of ``topic`` Kafka deleted before they were read (pipeline.offsetresets)."""
+        self.records_deleted_unread.labels(topic).inc(records)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -94,14 +94,13 @@ def make_worker(
 ) -> faust.Worker:
     """The Faust worker for ``app``, with four of Faust's per-message costs taken out and a
     deadline on its stop; records Kafka deleted before it read them are counted in
-    ``metrics`` (agents.fetch.OffsetResets)."""
+    ``metrics`` (pipeline.offsetresets)."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     # No terminal spinner: at a log level of WARNING or above it sets the root logger to DEBUG
     # (to spin on every record), so every debug call of Faust and aiokafka built a record, one
     # per message sent (a twentieth of the worker's time), and it only draws on a terminal.
     worker.spinner = None
-    deleted = None if metrics is None else metrics.records_deleted_unread
-    fetch.install(app.consumer, None if deleted is None else lambda t, n: deleted.labels(t).inc(n))
+    fetch.install(app.consumer, None if metrics is None else metrics.count_deleted_unread)
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)
     exit_if_stop_hangs(app, STOP_GRACE_SECONDS)

@@ -146,15 +146,14 @@ class SinkRunner:
         self._producer = AIOKafkaProducer(**client_options(self.settings))
         await self._producer.start()
         await self._consumer.start()
-        resets = self._resets
-        resets.listen()
+        self._resets.listen()
         last_report = time.monotonic()
         try:
             while not stop.is_set():
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=20_000)
                 for tp, messages in batches.items():
                     if messages:
-                        resets.fetched(tp, messages[0].offset)
+                        self._resets.fetched(tp, messages[0].offset)
                         await self._add_partition(messages)
                     await self._write_when_due()
                 await self._write_when_due()
@@ -169,7 +168,7 @@ class SinkRunner:
                 await asyncio.to_thread(self.sink.close)
             await kafka_outage.stop_consumer(self._consumer)
             await self._producer.stop()
-            resets.close()
+            self._resets.close()
         return self.progress
 
     def _deleted_unread(self, topic: str, records: int) -> None:

@@ -54,6 +54,19 @@ def _wait_counts(worker: WorkerProcess, expected: Counter[str], timeout: float =
     )
 
 
+def _counted_then_stopped(
+    settings: Settings,
+    start_worker: Callable[[Settings], WorkerProcess],
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """Publish ``events``, run a worker until it counted them all, and stop it cleanly (a
+    clean stop commits the offsets it read)."""
+    expected = asyncio.run(_publish(settings, events))
+    worker = start_worker(settings)
+    _wait_counts(worker, expected)
+    worker.stop(signal.SIGTERM)
+
+
 def test_counts_exactly_and_a_restart_does_not_recount(
     make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
@@ -103,11 +116,7 @@ def test_a_changelog_cut_by_retention_is_restored_without_hanging(
     partition of the state's changelog is emptied and one cut in half while the worker is
     down; the restarted worker recovers, says what it lost, and counts new traffic."""
     settings = make_settings()
-    events = _events(seed=11, count=4_000)
-    expected = asyncio.run(_publish(settings, events))
-    worker = start_worker(settings)
-    _wait_counts(worker, expected)
-    worker.stop(signal.SIGTERM)
+    _counted_then_stopped(settings, start_worker, _events(seed=11, count=4_000))
     changelog = f"{settings.app_id}-partition-state-changelog"
     ends = asyncio.run(delete_first_records(settings, changelog, {0: 1.0, 1: 0.5}))
     assert min(ends.values()) > 1, ends  # both held records to lose
@@ -131,11 +140,7 @@ def test_source_records_deleted_before_they_were_read_are_said_and_counted(
     those events are counted nowhere. The restarted worker says how many each partition lost
     and counts them in loopline_records_deleted_unread_total; the rest counts as before."""
     settings = make_settings()
-    read = _events(seed=13, count=2_000)
-    expected = asyncio.run(_publish(settings, read))
-    worker = start_worker(settings)
-    _wait_counts(worker, expected)
-    worker.stop(signal.SIGTERM)
+    _counted_then_stopped(settings, start_worker, _events(seed=13, count=2_000))
     unread = _events(seed=13, count=2_000, skip=2_000)
     lost = Counter(topic for topic, _ in unread)
     asyncio.run(_publish(settings, unread))
