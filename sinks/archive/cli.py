@@ -8,15 +8,19 @@ import json
 import logging
 import signal
 import sys
+import time
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.clitypes import FiniteFloat, OutputFile
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from sinks.archive.store import Archive
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
     policy = BatchPolicy(settings.archive_batch_rows, settings.archive_batch_seconds)
     sink = ArchiveSink(archive, archive.by_topic, policy)
     runner = SinkRunner(
-        settings, sink, CONTRACT_TOPICS, f"{settings.app_id}-archive", report=click.echo
+        settings, sink, CONTRACT_TOPICS, _consumer_group(settings, archive), report=click.echo
     )
 
     async def main() -> None:
@@ -104,6 +108,21 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
         f"archive stopped: {written or 'no new rows'}; {sum(sink.skipped.values()):,} "
         "copies already stored were skipped"
     )
+
+
+def _consumer_group(settings: Settings, archive: Archive) -> str:
+    """The archive's own consumer group (``Archive.identity``), read once the file can be
+    opened: a locked or full archive is waited for, as its writes are."""
+    from sinks.base import SinkBackpressure
+
+    while True:
+        try:
+            archive_id = archive.identity()
+            break
+        except SinkBackpressure as exc:
+            click.echo(f"{exc}; retrying in {exc.retry_after:.0f} s", err=True)
+            time.sleep(exc.retry_after)
+    return f"{settings.app_id}-archive" + (f"-{archive_id}" if archive_id else "")
 
 
 @archive_group.command("export-parquet")

@@ -13,6 +13,7 @@ import errno
 import logging
 import re
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: After holding the file for ``hold_seconds``, the writer leaves it closed this long.
 READER_GAP_SECONDS = 0.5
+#: The table that names an archive (``Archive.identity``).
+IDENTITY_TABLE = "archive_identity"
 
 
 class ArchiveError(RuntimeError):
@@ -63,6 +66,19 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
     if isinstance(exc, duckdb.Error) and any(marker in lower for marker in _FULL):
         return ArchiveFull(f"archive {path}: cannot write, the disk is full: {text}", 10.0)
     return ArchiveError(f"archive {path}: {text}")
+
+
+def _identity(con: duckdb.DuckDBPyConnection, contract: Mapping[str, Table]) -> str:
+    """The archive's id, made if it has none: a new one for a new file, "" for a file that has
+    the contract's tables already (made before ids were)."""
+    listed = "SELECT table_name FROM information_schema.tables WHERE table_type = ?"
+    tables = {row[0] for row in con.execute(listed, ["BASE TABLE"]).fetchall()}
+    if IDENTITY_TABLE in tables:
+        row = con.execute(f"SELECT id FROM {IDENTITY_TABLE}").fetchone()
+        return "" if row is None else str(row[0])
+    made = "" if tables & set(contract) else uuid.uuid4().hex[:12]
+    con.execute(f"CREATE TABLE {IDENTITY_TABLE} AS SELECT ? AS id", [made])
+    return made
 
 
 class Archive:
@@ -116,7 +132,9 @@ class Archive:
                 log.warning("closing archive %s: %s", self.path, exc)
 
     def ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Create missing tables, add columns that newer schemas brought, (re)create views."""
+        """Create missing tables (the archive's id first: ``identity``), add columns that
+        newer schemas brought, (re)create views."""
+        _identity(con, self.tables)
         for table in self.tables.values():
             con.execute(table.ddl())
             have = {
@@ -165,6 +183,15 @@ class Archive:
             con.close()
         except duckdb.Error as exc:  # the checkpoint at close can hit a full disk too
             log.warning("closing archive %s: %s", self.path, exc)
+
+    def identity(self) -> str:
+        """This archive's id, made when the file is first used and kept in it: the sink's
+        consumer group is the archive's own (sinks.archive.cli), so that a new archive file
+        reads every record Kafka still holds and two archive files each get all of them. An
+        archive made before ids were gets "" (its sink keeps the group it had, and with it
+        its committed offsets)."""
+        with self.connect() as con:
+            return _identity(con, self.tables)
 
     def initialise(self) -> None:
         with self.connect() as con:

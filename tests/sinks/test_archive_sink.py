@@ -4,6 +4,7 @@ restart, SIGKILL mid-batch and a locked archive file."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import signal
 import subprocess
@@ -227,6 +228,34 @@ def test_records_deleted_before_the_sink_read_them_are_said(
     )
     assert sum(map(int, said)) == len(_ids(unread, "inputs")) > 0, archive.log()[-2000:]
     assert _query(settings, "SELECT count(*) FROM inputs") == [(len(_ids(kept, "inputs")),)]
+
+
+def test_each_archive_file_gets_every_record_kafka_holds(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], CliProcess],
+    tmp_path: Path,
+) -> None:
+    """Each archive file has a consumer group of its own: two archive files written at once
+    each get every record (one group would split the partitions between them), and an archive
+    file made anew reads every record Kafka still holds (one group would start it where the
+    old file's sink had committed, with none of the history)."""
+    first = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
+    )
+    second = dataclasses.replace(first, archive_path=tmp_path / "b.duckdb")
+    events = _events(1000)
+    asyncio.run(_publish(first, events))
+    every = {t.replace("-", "_"): len(_ids(events, t)) for t in ("inputs", "resolutions")}
+    archives = [start_archive(first), start_archive(second)]
+    for settings, archive in zip((first, second), archives, strict=True):
+        _wait_rows(settings, every, archive)
+        archive.stop()
+        assert _query(settings, "SELECT count(*) FROM inputs") == [(every["inputs"],)]
+    first.archive_file.unlink()  # made anew, as after `make clean`
+    archive = start_archive(first)
+    _wait_rows(first, every, archive)
+    archive.stop()
+    assert _query(first, "SELECT count(*) FROM resolutions") == [(every["resolutions"],)]
 
 
 def test_a_locked_archive_is_retried_without_losing_records(

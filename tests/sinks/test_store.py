@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pytest
 
 from pipeline.codec import Codec
 from sinks.archive.sink import ArchiveSink
-from sinks.archive.store import Archive, ArchiveLocked
+from sinks.archive.store import IDENTITY_TABLE, Archive, ArchiveLocked
 from sinks.archive.tables import build_tables, metric_rows
 from sinks.base import BatchPolicy
 from tests.sinks.factories import at, eval_case, input_event, resolution, snapshot
@@ -277,3 +278,25 @@ def test_batches_that_follow_each_other_keep_the_file_open_until_the_sink_is_idl
     sink.idle()
     assert _reader_sees(path) == "opened"
     assert fetch(archive, "SELECT event_id FROM inputs ORDER BY 1") == [("i1",), ("i2",)]
+
+
+def test_an_archive_has_an_id_of_its_own_and_one_made_before_ids_keeps_none(
+    tmp_path: Path,
+) -> None:
+    first = make_archive(tmp_path / "a.duckdb")
+    made = first.identity()
+    assert re.fullmatch(r"[0-9a-f]{12}", made)
+    assert make_archive(tmp_path / "a.duckdb").identity() == made  # kept in the file
+    first.initialise()
+    assert first.identity() == made
+    assert make_archive(tmp_path / "b.duckdb").identity() not in ("", made)
+    schema_first = make_archive(tmp_path / "c.duckdb")
+    schema_first.initialise()  # as the sink's first write or `archive run` does
+    assert schema_first.identity() not in ("", made)
+    older = make_archive(tmp_path / "older.duckdb")
+    older.initialise()
+    with older.connect() as con:  # its tables, without an id: made before ids were
+        con.execute(f"DROP TABLE {IDENTITY_TABLE}")
+    older.initialise()
+    assert older.identity() == ""
+    assert older.identity() == ""  # and keeps it
