@@ -217,13 +217,20 @@ def gate(
 ) -> None:
     """Exit 0 if RELEASE passes CURRENT and HISTORICAL evals, 1 if it fails, 2 if the archive
     holds too little evidence; prints why."""
-    from sinks.archive.gate import GATE_QUERY, SuiteEvidence, evaluate_gate
+    from sinks.archive.gate import (
+        GATE_QUERY,
+        KNOWN_QUERY,
+        SuiteEvidence,
+        evaluate_gate,
+        unknown_hint,
+    )
     from sinks.archive.store import ArchiveError
 
     archive = open_archive(_settings(ctx, db))
     try:
         with archive.connect(read_only=True, wait_seconds=15.0) as con:
             rows = con.execute(GATE_QUERY, [loop_name, release]).fetchall()
+            known = [] if rows else con.execute(KNOWN_QUERY).fetchall()
     except ArchiveError as exc:
         click.echo(f"gate: cannot read the archive: {exc}", err=True)
         sys.exit(2)
@@ -234,6 +241,9 @@ def gate(
     click.echo(f"{result.verdict}: release {release} of loop {loop_name}")
     for reason in result.reasons:
         click.echo(f"  {reason}")
+    hint = None if rows else unknown_hint(loop_name, release, [(a, b) for a, b in known])
+    if hint is not None:
+        click.echo(f"  {hint}")
     sys.exit(result.code)
 
 

@@ -66,6 +66,38 @@ def evaluate_gate(
     return GateResult(PASS, tuple(passed))
 
 
+#: How many known loops or releases a hint names.
+HINT_NAMES = 10
+
+
+def unknown_hint(loop: str, release: str, known: list[tuple[str, str]]) -> str | None:
+    """What to say when the archive has no verdicts of ``release`` in ``loop``: a misspelt
+    loop or release reads as too little evidence otherwise. ``known``: the (loop, release)
+    pairs that have verdicts, newest release first."""
+    if (loop, release) in known:
+        return None
+    loops = sorted({k for k, _ in known})
+    if loop not in loops:
+        return f"the archive has no eval verdicts of loop {loop!r}; " + _named("loops", loops)
+    releases = [r for k, r in known if k == loop]
+    return f"loop {loop} has no eval verdicts of release {release!r}; " + _named(
+        "its releases, newest first", releases
+    )
+
+
+def _named(what: str, names: list[str]) -> str:
+    if not names:
+        return "it has none of any"
+    shown = ", ".join(names[:HINT_NAMES])
+    more = f" and {len(names) - HINT_NAMES:,} more" if len(names) > HINT_NAMES else ""
+    return f"{what}: {shown}{more}"
+
+
+KNOWN_QUERY = """
+SELECT loop, release FROM v_release_quality
+GROUP BY loop, release ORDER BY loop, max(last_verdict_at) DESC, release
+"""
+
 GATE_QUERY = """
 SELECT suite, cases, verdicts, passed FROM v_release_quality
 WHERE loop = ? AND release = ?

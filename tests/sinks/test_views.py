@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from sinks.archive.gate import KNOWN_QUERY, unknown_hint
 from sinks.archive.store import Archive
 from sinks.archive.views import SCORECARD_NUMBERS
 from tests.sinks import factories as f
@@ -295,6 +296,42 @@ def test_the_release_gate_exit_codes(tmp_path: Path, release: str, code: int, sa
         assert "current: pass rate 70.0% (21/30) is below 90.0%" in result.output
     if release == "thin":
         assert "historical: 5 cases, need 20" in result.output
+    if release == "unknown":  # a misspelt release is named as one, with the releases there are
+        assert result.output.endswith(  # their last verdicts are at one time: by name
+            "  loop refunds has no eval verdicts of release 'unknown'; its releases, newest "
+            "first: bad, good, thin\n"
+        )
+
+
+def test_the_gate_names_the_loops_or_releases_it_knows_when_it_knows_none_asked(
+    tmp_path: Path,
+) -> None:
+    archive = make_archive(tmp_path / "a.duckdb")
+    _write(
+        archive,
+        [
+            ("eval-results", f.eval_result("e1", f.at(1), True, release="r1")),
+            ("eval-results", f.eval_result("e2", f.at(2), True, release="r2")),
+            ("eval-results", f.eval_result("e3", f.at(0), False, release="r9", loop="kyc")),
+        ],
+    )
+    assert fetch(archive, KNOWN_QUERY) == [("kyc", "r9"), ("refunds", "r2"), ("refunds", "r1")]
+    known = [("kyc", "r2"), ("kyc", "r1"), ("refunds", "r9")]
+    assert unknown_hint("kyc", "r1", known) is None
+    assert unknown_hint("refund", "r9", known) == (
+        "the archive has no eval verdicts of loop 'refund'; loops: kyc, refunds"
+    )
+    assert unknown_hint("kyc", "r3", known) == (
+        "loop kyc has no eval verdicts of release 'r3'; its releases, newest first: r2, r1"
+    )
+    assert unknown_hint("kyc", "r1", []) == (
+        "the archive has no eval verdicts of loop 'kyc'; it has none of any"
+    )
+    many = [("kyc", f"r{i:02d}") for i in range(25)]
+    assert unknown_hint("kyc", "x", many) == (
+        "loop kyc has no eval verdicts of release 'x'; its releases, newest first: "
+        "r00, r01, r02, r03, r04, r05, r06, r07, r08, r09 and 15 more"
+    )
 
 
 def test_the_gate_and_the_report_take_loop_as_commands_run_from_a_shell(tmp_path: Path) -> None:
