@@ -263,7 +263,7 @@ def report(
     ctx: click.Context, week: str, loop_name: str | None, output: Path, db: Path | None
 ) -> None:
     """Write the weekly scorecard as one self-contained HTML file."""
-    from sinks.archive.report import parse_week, render_report
+    from sinks.archive.report import UnknownLoop, parse_week, render_report
     from sinks.archive.store import ArchiveError
 
     try:
@@ -272,6 +272,8 @@ def report(
         raise click.BadParameter(str(exc), param_hint="--week") from None
     try:
         html = render_report(open_archive(_settings(ctx, db)), week, loop_name)
+    except UnknownLoop as exc:
+        raise click.BadParameter(str(exc), param_hint="--loop") from None
     except ArchiveError as exc:
         raise _fail(exc) from None
     output.write_text(html, encoding="utf-8")

@@ -78,14 +78,15 @@ def unknown_hint(loop: str, release: str, known: list[tuple[str, str]]) -> str |
         return None
     loops = sorted({k for k, _ in known})
     if loop not in loops:
-        return f"the archive has no eval verdicts of loop {loop!r}; " + _named("loops", loops)
+        return f"the archive has no eval verdicts of loop {loop!r}; " + named("loops", loops)
     releases = [r for k, r in known if k == loop]
-    return f"loop {loop} has no eval verdicts of release {release!r}; " + _named(
+    return f"loop {loop} has no eval verdicts of release {release!r}; " + named(
         "its releases, newest first", releases
     )
 
 
-def _named(what: str, names: list[str]) -> str:
+def named(what: str, names: list[str]) -> str:
+    """``what: a, b, c`` (the first HINT_NAMES), for a message about a name not found."""
     if not names:
         return "it has none of any"
     shown = ", ".join(names[:HINT_NAMES])

@@ -19,6 +19,7 @@ import jinja2
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from sinks.archive.gate import named
 from sinks.archive.store import Archive
 from sinks.archive.views import HEADLINE, SCORECARD_NUMBERS
 
@@ -210,10 +211,26 @@ def _section(con: duckdb.DuckDBPyConnection, loop: str, monday: date) -> LoopSec
     )
 
 
+class UnknownLoop(ValueError):
+    """The report was asked for a loop the archive has no resolutions or verdicts of."""
+
+
 def render_report(archive: Archive, week: str, loop: str | None = None) -> str:
-    """The report's HTML for one ISO week, for one loop or every loop with data that week."""
+    """The report's HTML for one ISO week, for one loop or every loop with data that week.
+    Raises UnknownLoop for a loop the archive has no data of in any week (a misspelt name
+    gave a report of empty cards)."""
     monday = parse_week(week)
     with archive.connect(read_only=True, wait_seconds=15.0) as con:
+        if loop is not None:
+            known = [
+                r["loop"]
+                for r in _rows(con, "SELECT DISTINCT loop FROM v_weekly_scorecard ORDER BY 1", [])
+            ]
+            if loop not in known:
+                raise UnknownLoop(
+                    f"the archive has no resolutions or verdicts of loop {loop!r}; "
+                    + named("loops", known)
+                )
         if loop is None:
             loops = [
                 r["loop"]

@@ -126,3 +126,26 @@ def test_a_bad_week_is_a_clear_error(archive_with_two_weeks: Path) -> None:
     )
     assert result.exit_code == 2
     assert "week must look like 2026-W47, got '47'" in result.output
+
+
+def test_a_loop_the_archive_has_no_data_of_is_a_clear_error(
+    archive_with_two_weeks: Path, tmp_path: Path
+) -> None:
+    """A misspelt loop gave a report of empty cards; it is refused, naming the loops there
+    are. A loop with data in other weeks only still gets its report (its trends)."""
+    out = tmp_path / "r.html"
+    db = str(archive_with_two_weeks)
+    result = CliRunner().invoke(
+        main, ["report", "--week", "2026-W47", "--loop", "refund", "--db", db, "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: Invalid value for --loop: the archive has no resolutions or verdicts of loop "
+        "'refund'; loops: refunds, support-triage"
+    )
+    assert not out.exists()
+    result = CliRunner().invoke(
+        main, ["report", "--week", "2026-W40", "--loop", "refunds", "--db", db, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "refunds" in out.read_text()
