@@ -221,16 +221,6 @@ def render_report(archive: Archive, week: str, loop: str | None = None) -> str:
     gave a report of empty cards)."""
     monday = parse_week(week)
     with archive.connect(read_only=True, wait_seconds=15.0) as con:
-        if loop is not None:
-            known = [
-                r["loop"]
-                for r in _rows(con, "SELECT DISTINCT loop FROM v_weekly_scorecard ORDER BY 1", [])
-            ]
-            if loop not in known:
-                raise UnknownLoop(
-                    f"the archive has no resolutions or verdicts of loop {loop!r}; "
-                    + named("loops", known)
-                )
         if loop is None:
             loops = [
                 r["loop"]
@@ -241,6 +231,15 @@ def render_report(archive: Archive, week: str, loop: str | None = None) -> str:
                 )
             ]
         else:
+            known = [
+                r["loop"]
+                for r in _rows(con, "SELECT DISTINCT loop FROM v_weekly_scorecard ORDER BY 1", [])
+            ]
+            if loop not in known:
+                raise UnknownLoop(
+                    f"the archive has no resolutions or verdicts of loop {loop!r}; "
+                    + named("loops", known)
+                )
             loops = [loop]
         sections = [_section(con, name, monday) for name in loops]
     environment = jinja2.Environment(
