@@ -304,6 +304,7 @@ async def read_to_end(settings: Settings, name: str) -> list[tuple[bytes | None,
         **client_options(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # so no reset to "latest" can race the seek below
+        isolation_level="read_committed",  # as the workers read (pipeline.worker)
     )
     out: list[tuple[bytes | None, bytes | None]] = []
     try:  # stopped also when it cannot start, or its connections are left open

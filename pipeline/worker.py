@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import faust
 import uvloop
@@ -101,10 +102,27 @@ def make_worker(
     # per message sent (a twentieth of the worker's time), and it only draws on a terminal.
     worker.spinner = None
     fetch.install(app.consumer, None if metrics is None else metrics.count_deleted_unread)
+    read_committed(app.consumer)
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)
     exit_if_stop_hangs(app, STOP_GRACE_SECONDS)
     return worker
+
+
+def read_committed(consumer: Any) -> None:
+    """Have Faust's Kafka consumer (not started yet) read committed records only. Faust reads
+    uncommitted ones unless it runs exactly-once itself, so the records a service's aborted
+    Kafka transaction left in the log counted as events. Records of producers that use no
+    transactions (loopline's own, most services') are all committed: nothing changes for them."""
+    thread = consumer._thread
+    create = thread._create_worker_consumer
+
+    def committed_only(transport: Any) -> Any:
+        client = create(transport)
+        client._isolation_level = "read_committed"  # read by the client's start, not before
+        return client
+
+    thread._create_worker_consumer = committed_only
 
 
 def exit_if_stop_hangs(app: faust.App, grace_seconds: float) -> None:

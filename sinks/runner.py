@@ -141,6 +141,8 @@ class SinkRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=5000,
+            # what the workers count: not the records of a producer's aborted transactions
+            isolation_level="read_committed",
         )
         self._consumer.subscribe(list(self.logical), listener=_Rebalance(self))
         self._producer = AIOKafkaProducer(**client_options(self.settings))

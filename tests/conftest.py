@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -26,8 +26,9 @@ from pipeline.codec import Codec
 from pipeline.demo import fetch_metrics
 from pipeline.kafka_local import LocalBroker
 from pipeline.metrics import parse_exposition, sample_sum
+from pipeline.publisher import Publisher
 from pipeline.settings import Settings
-from pipeline.topics import read_to_end
+from pipeline.topics import ensure_topics, read_to_end
 
 TEST_KAFKA_PORT = int(os.environ.get("TEST_KAFKA_PORT", "39092"))
 
@@ -136,6 +137,31 @@ async def delete_first_records(
     finally:
         await admin.close()
     return {p: ends[tp] for p, tp in tps.items()}
+
+
+async def publish_in_transactions(
+    settings: Settings, parts: list[tuple[list[tuple[str, dict[str, Any]]], bool]]
+) -> None:
+    """Publish each part of events in a Kafka transaction of its own, committed or aborted, as
+    a service with exactly-once output does (its aborted records stay in the log)."""
+    await ensure_topics(settings)
+    encoder = Publisher(settings)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, transactional_id="a-service"
+    )
+    await producer.start()
+    try:
+        for events, commit in parts:
+            await producer.begin_transaction()
+            for topic, record in events:
+                key, value = encoder.encode(topic, record)
+                await producer.send(settings.topic(topic), value=value, key=key)
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
 
 
 @pytest.fixture(scope="session")

@@ -127,6 +127,7 @@ class ReviewFeed:
             **client_options(self.settings),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            isolation_level="read_committed",  # as the workers read (pipeline.worker)
         )
         await consumer.start()
         try:

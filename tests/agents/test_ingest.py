@@ -27,7 +27,14 @@ from pipeline.metrics import parse_exposition
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS, ensure_topics
-from tests.conftest import WorkerProcess, consume, delete_first_records, read_topic, wait_for
+from tests.conftest import (
+    WorkerProcess,
+    consume,
+    delete_first_records,
+    publish_in_transactions,
+    read_topic,
+    wait_for,
+)
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 pytestmark = pytest.mark.broker
@@ -167,6 +174,28 @@ def test_source_records_deleted_before_they_were_read_are_said_and_counted(
     assert len({p for p, _, _, _ in said}) == len(said)  # once per partition
     assert "out of range" not in restarted.log()  # aiokafka's own line, said better above
     assert restarted.processed("inputs") == expected_later["inputs"]
+
+
+def test_events_of_an_aborted_transaction_are_not_counted(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """A producer that aborts a transaction leaves its records in the log, marked aborted:
+    read uncommitted (Faust's default without exactly-once), they were counted as events."""
+    settings = make_settings()
+    events = _events(seed=17, count=1_200)
+    aborted, committed, after = events[:400], events[400:800], events[800:]
+    asyncio.run(publish_in_transactions(settings, [(aborted, False), (committed, True)]))
+    worker = start_worker(settings)
+    expected = Counter(topic for topic, _ in committed)
+    _wait_counts(worker, expected)
+    asyncio.run(publish_in_transactions(settings, [(aborted, False), (after, True)]))
+    expected += Counter(topic for topic, _ in after)
+    _wait_counts(worker, expected)
+    time.sleep(3)  # anything more would have been counted by now
+    assert {t: worker.processed(t) for t in SOURCE_TOPICS} == {
+        t: expected[t] for t in SOURCE_TOPICS
+    }
+    assert sum(worker.processed(t, "duplicate") for t in SOURCE_TOPICS) == 0
 
 
 async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> int:

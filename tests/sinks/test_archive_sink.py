@@ -22,7 +22,15 @@ from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from sinks.archive.cli import open_archive
-from tests.conftest import CliProcess, consume, delete_first_records, process_factory, wait_for
+from tests.conftest import (
+    CliProcess,
+    consume,
+    delete_first_records,
+    process_factory,
+    publish_in_transactions,
+    read_topic,
+    wait_for,
+)
 from tests.sinks import factories as f
 from tests.sinks.test_store import HOLD_LOCK
 
@@ -256,6 +264,31 @@ def test_each_archive_file_gets_every_record_kafka_holds(
     _wait_rows(first, every, archive)
     archive.stop()
     assert _query(first, "SELECT count(*) FROM resolutions") == [(every["resolutions"],)]
+
+
+def test_the_records_of_an_aborted_transaction_are_not_archived(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], CliProcess],
+    tmp_path: Path,
+) -> None:
+    """What the workers count is what the archive holds: neither takes the records a
+    producer's aborted transaction left in the log (nor does `read_to_end`, behind `evalset
+    export`)."""
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
+    )
+    aborted, committed = _events(500), _events(500, skip=500)
+    asyncio.run(publish_in_transactions(settings, [(aborted, False), (committed, True)]))
+    archive = start_archive(settings)
+    expected = {t.replace("-", "_"): len(_ids(committed, t)) for t in ("inputs", "resolutions")}
+    _wait_rows(settings, expected, archive)
+    archive.stop()
+    for table, topic in (("inputs", "inputs"), ("resolutions", "resolutions")):
+        assert {r[0] for r in _query(settings, f"SELECT event_id FROM {table}")} == _ids(
+            committed, topic
+        )
+    read = asyncio.run(read_topic(settings, "inputs"))
+    assert {record["event_id"] for _, record in read} == _ids(committed, "inputs")
 
 
 def test_a_locked_archive_is_retried_without_losing_records(
