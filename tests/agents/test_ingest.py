@@ -37,6 +37,7 @@ from tests.conftest import (
 )
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+LAG = "loopline_consumer_lag_messages"
 pytestmark = pytest.mark.broker
 
 
@@ -196,6 +197,19 @@ def test_events_of_an_aborted_transaction_are_not_counted(
         t: expected[t] for t in SOURCE_TOPICS
     }
     assert sum(worker.processed(t, "duplicate") for t in SOURCE_TOPICS) == 0
+
+    def lags(topic: str) -> list[float]:
+        samples = parse_exposition(worker.metrics_text() or "")
+        wanted = ("topic", settings.topic(topic))
+        return [v for (n, ls), v in samples.items() if n == LAG and wanted in ls]
+
+    # The transactions' markers are read past as well: no source topic is left behind, which
+    # would hold its partitions' watermark (agents.batches.client_may_hold) for good.
+    wait_for(
+        lambda: all(lags(t) and sum(lags(t)) == 0 for t in ("inputs", "resolutions")),
+        30,
+        "no consumer lag left on the source topics",
+    )
 
 
 async def _send_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> int:
