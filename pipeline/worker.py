@@ -94,8 +94,9 @@ def make_worker(
     metrics: PipelineMetrics | None = None,
 ) -> faust.Worker:
     """The Faust worker for ``app``, with four of Faust's per-message costs taken out and a
-    deadline on its stop; records Kafka deleted before it read them are counted in
-    ``metrics`` (pipeline.offsetresets)."""
+    deadline on its stop; its consumer reads committed records only (``read_committed``), and
+    records Kafka deleted before it read them are counted in ``metrics``
+    (pipeline.offsetresets)."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     # No terminal spinner: at a log level of WARNING or above it sets the root logger to DEBUG
     # (to spin on every record), so every debug call of Faust and aiokafka built a record, one
