@@ -52,23 +52,21 @@ LIGHT_FIELDS = ("event_id", "case_id", "loop", "ts", "source", "category")
 
 
 class InputColumns:
-    """One decoded batch of InputEvent records (an Arrow table of one chunk)."""
+    """One decoded batch of InputEvent records (an Arrow table of one chunk). Its feature
+    columns are read when it is made, so that a table Arrow cannot read fails where the caller
+    can still decode its messages one by one (pipeline.arrowcodec), not when the batch drains."""
 
     __slots__ = ("_full", "_prepared", "table")
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table.combine_chunks()
-        self._full: list[dict[str, Any]] | None = None
-        self._prepared: _Prepared | None = None
+        self._prepared = _Prepared(self.table)
+        # added row by row when not plain: the whole records are read now too
+        self._full = None if self._prepared.plain else to_rows(self.table)
 
     def light_rows(self) -> list[dict[str, Any]]:
-        """The rows with only LIGHT_FIELDS and the FEATURE_ROW handle. The feature columns are
-        read here, so that a table Arrow cannot read fails where the caller can still decode
-        its messages one by one (pipeline.arrowcodec), not when the batch drains."""
+        """The rows with only LIGHT_FIELDS and the FEATURE_ROW handle."""
         table = self.table
-        self._prepared = _Prepared(table)
-        if not self._prepared.plain:  # added row by row: read the whole records now too
-            self._full = to_rows(table)
         names = [name for name in LIGHT_FIELDS if name in table.column_names]
         columns = [column_values(table.column(name).chunk(0)) for name in names]
         handles = [(self, row) for row in range(table.num_rows)]
@@ -85,8 +83,6 @@ class InputColumns:
 
     def add_to(self, stats: FeatureStats, rows: Sequence[int]) -> None:
         """``stats.add_record`` of each row of ``rows`` (ascending), in order, at once."""
-        if self._prepared is None:
-            self._prepared = _Prepared(self.table)
         prepared = self._prepared
         if not prepared.plain:  # a long or repeated key: as add_record does
             for row in rows:
