@@ -41,7 +41,7 @@ from faust.types import TP
 
 from agents.batches import BatchTopic, FetchBuffer, Fetched, client_position
 from agents.restore import RecordsRestore
-from pipeline.offsetresets import OffsetResets
+from pipeline.offsetresets import AppliedOffset, OffsetResets
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,15 @@ def from_read_offset(fetched: list[Any], read: int | None) -> list[Any]:
     return [record for record in fetched if record.offset >= read]
 
 
-def install(consumer: Any, on_deleted: Callable[[str, int], None] | None = None) -> None:
+def install(
+    consumer: Any,
+    on_deleted: Callable[[str, int], None] | None = None,
+    applied: AppliedOffset | None = None,
+) -> None:
     """Give ``consumer`` (Faust's, before it starts) the fetch loop below, with each fetch
     announced to its buffer in the consumer's thread, and its offset resets said and counted
-    (``OffsetResets``, ``on_deleted``)."""
-    fetch_loop = FetchLoop(consumer, OffsetResets(on_deleted))
+    (``OffsetResets``: ``on_deleted``, past what the state ``applied``)."""
+    fetch_loop = FetchLoop(consumer, OffsetResets(on_deleted, applied))
     consumer._drain_messages = fetch_loop.run
     announce_in_thread(consumer._thread, fetch_loop.fetched)
     fetch_loop.resets.listen()

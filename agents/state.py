@@ -13,7 +13,7 @@ import faust
 from faust.types import TP
 
 from agents.batchsend import Sent, send_to_partition
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, read_marker
 from pipeline.settings import Settings
 from pipeline.topics import STATE_MESSAGE_BYTES, ensure_topics
 
@@ -96,6 +96,23 @@ def aligned_topics(settings: Settings) -> Callable[[], Awaitable[str]]:
 def aiokafka_producer(app: faust.App) -> Any:
     """aiokafka's producer, under Faust's."""
     return cast(Any, app.producer)._ensure_producer()
+
+
+def applied_offset(app: faust.App) -> Callable[[str, int], int | None]:
+    """Where the records of a topic's partition that ``app``'s state never applied begin: the
+    offset its checkpoint marker goes on from (None: no checkpoint has read that topic). The
+    group's committed offset can be behind it (a crash, or a stop before the last batch was
+    acked), and the records between were counted (pipeline.offsetresets). Called in the Kafka
+    client's thread: a marker is one value in the store's dictionary, replaced whole."""
+
+    def lookup(topic: str, partition: int) -> int | None:
+        for table in list(app.tables.values()):
+            marker = read_marker(_backing(table.data), f"{partition}/")
+            if marker is not None and topic in marker.offsets:
+                return marker.offsets[topic]
+        return None
+
+    return lookup
 
 
 class CheckpointedPartitions(Generic[Core]):

@@ -98,6 +98,24 @@ class _Record(Protocol):
 Positioned = TypeVar("Positioned", bound=_Record)  # a consumed record: its topic and offset
 
 
+class Marker(NamedTuple):
+    """A partition's last durable checkpoint: its generation and the next source offset of
+    each topic it read (the records before it are in the state)."""
+
+    generation: int
+    offsets: dict[str, int]
+
+
+def read_marker(store: Mapping[bytes, Any], prefix: str) -> Marker | None:
+    """The checkpoint marker under ``prefix`` in ``store``, or None if it holds none."""
+    raw = store.get(prefix.encode() + MARKER.encode())
+    if raw is None:
+        return None
+    data = loads(raw)
+    check_format(data, f"the checkpointed state of {prefix!r}")
+    return Marker(int(data["g"]), {str(t): int(o) for t, o in data["offsets"].items()})
+
+
 def next_offsets(records: Iterable[_Record]) -> dict[str, int]:
     """The offset after the highest of each topic's records: where a batch's checkpoint says
     the state goes on from (the highest, as a record may come twice, ``unapplied``)."""
@@ -129,12 +147,10 @@ class Checkpoint:
         self._deleted: set[str] = set()  # written as deleted; dropped once checkpointed
         self.committed = 0
         newest = 0
-        marker = store.get(self.prefix + MARKER.encode())
+        marker = read_marker(store, prefix)
         if marker is not None:
-            data = loads(marker)
-            check_format(data, f"the checkpointed state of {prefix!r}")
-            self.committed = newest = int(data["g"])
-            self.offsets = {str(t): int(o) for t, o in data["offsets"].items()}
+            self.committed = newest = marker.generation
+            self.offsets = marker.offsets
         for full, raw in [(k, v) for k, v in store.items() if k.startswith(self.prefix)]:
             key = full[len(self.prefix) :].decode()
             if key == MARKER:

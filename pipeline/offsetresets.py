@@ -22,15 +22,30 @@ FETCHER_LOGGER = "aiokafka.consumer.fetcher"
 RESET_MESSAGE = "Fetch offset %s is out of range for partition %s, resetting offset"
 
 
+#: The next offset of a topic's partition that a process's checkpointed state has not applied
+#: (None: no checkpoint of it). Called in the Kafka client's thread.
+AppliedOffset = Callable[[str, int], int | None]
+
+
 class OffsetResets:
     """A logging filter on aiokafka's fetcher notes each reset and the offset it could not
     fetch; the first record the client hands over after it (``fetched``, in the thread the
     client runs in, as the filter is) tells where the reset went: further on, those between
     were deleted unread; before it, records are read again (copies within the dedupe horizon
-    count once, and the archive writes each event once)."""
+    count once, and the archive writes each event once).
 
-    def __init__(self, on_deleted: Callable[[str, int], None] | None = None) -> None:
+    A consumer whose state checkpoints its own offsets (the worker's, pipeline.checkpoint)
+    resumes from its group's committed offset, which can be behind the checkpoint (a crash, or
+    a stop before the last batch was acked): the records between were counted, so only those
+    past what ``applied`` says were lost."""
+
+    def __init__(
+        self,
+        on_deleted: Callable[[str, int], None] | None = None,
+        applied: AppliedOffset | None = None,
+    ) -> None:
         self.on_deleted = on_deleted  # called with the topic and how many records
+        self.applied = applied
         self.reset_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset
 
     def listen(self) -> None:
@@ -65,19 +80,31 @@ class OffsetResets:
         if start is None or first_offset == start:
             return
         if first_offset > start:
+            applied = None if self.applied is None else self.applied(tp.topic, tp.partition)
+            unread = start if applied is None else max(start, applied)
+            if first_offset <= unread:
+                log.info(
+                    "%s[%d]: the records Kafka deleted up to offset %d had all been applied "
+                    "(the committed offset %d was behind the checkpoint); reading on",
+                    tp.topic,
+                    tp.partition,
+                    first_offset - 1,
+                    start,
+                )
+                return
             log.warning(
                 "%s[%d]: %d records (offsets %d-%d) were deleted by Kafka before this process "
                 "read them (retention, or records deleted): their events are counted nowhere; "
                 "reading on from offset %d",
                 tp.topic,
                 tp.partition,
-                first_offset - start,
-                start,
+                first_offset - unread,
+                unread,
                 first_offset - 1,
                 first_offset,
             )
             if self.on_deleted is not None:
-                self.on_deleted(tp.topic, first_offset - start)
+                self.on_deleted(tp.topic, first_offset - unread)
         else:
             log.warning(
                 "%s[%d]: offset %d is past the partition's end (the topic made anew, or its log "

@@ -15,6 +15,7 @@ import faust
 import uvloop
 
 from agents import dispatch, fetch
+from agents.state import applied_offset
 from pipeline import kafka_outage
 from pipeline.app import create_app
 from pipeline.codec import Codec
@@ -95,14 +96,15 @@ def make_worker(
 ) -> faust.Worker:
     """The Faust worker for ``app``, with four of Faust's per-message costs taken out and a
     deadline on its stop; its consumer reads committed records only (``read_committed``), and
-    records Kafka deleted before it read them are counted in ``metrics``
+    records Kafka deleted before its state applied them are counted in ``metrics``
     (pipeline.offsetresets)."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     # No terminal spinner: at a log level of WARNING or above it sets the root logger to DEBUG
     # (to spin on every record), so every debug call of Faust and aiokafka built a record, one
     # per message sent (a twentieth of the worker's time), and it only draws on a terminal.
     worker.spinner = None
-    fetch.install(app.consumer, None if metrics is None else metrics.count_deleted_unread)
+    on_deleted = None if metrics is None else metrics.count_deleted_unread
+    fetch.install(app.consumer, on_deleted, applied_offset(app))
     read_committed(app.consumer)
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)

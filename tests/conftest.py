@@ -139,6 +139,23 @@ async def delete_first_records(
     return {p: ends[tp] for p, tp in tps.items()}
 
 
+async def commit_offsets(
+    settings: Settings, group: str, offsets: dict[TopicPartition, int]
+) -> None:
+    """Commit ``offsets`` for ``group`` (none of whose members may be running), as a crash
+    after the group's last commit leaves them: behind what its members had read."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+        assert {tp: await consumer.committed(tp) for tp in offsets} == offsets
+    finally:
+        await consumer.stop()
+
+
 async def publish_in_transactions(
     settings: Settings, parts: list[tuple[list[tuple[str, dict[str, Any]]], bool]]
 ) -> None:

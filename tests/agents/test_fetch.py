@@ -362,3 +362,42 @@ def test_an_offset_reset_past_deleted_records_is_said_and_counted(
     resets.forget({T0})  # revoked before its next record: back later, it is read from a commit
     resets.fetched(T0, 500)
     assert deleted == [("t", 50)] and len(caplog.records) == 2
+
+
+def test_records_deleted_after_a_lagging_commit_count_from_what_the_state_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The committed offset (where the reset starts) was behind the checkpoint: the records
+    between were counted, so only those past the checkpoint were lost."""
+    deleted: list[tuple[str, int]] = []
+    checkpoints = {("t", 0): 130, ("t", 1): 180}  # next offset not yet in the state
+    resets = OffsetResets(
+        lambda topic, n: deleted.append((topic, n)),
+        lambda topic, partition: checkpoints.get((topic, partition)),
+    )
+    for partition, committed in ((0, 100), (1, 100), (2, 100)):
+        assert not reset_logged(resets, committed, TopicPartition("t", partition))
+    with caplog.at_level(logging.INFO, logger="pipeline.offsetresets"):
+        resets.fetched(T0, 150)  # 100-129 applied, 130-149 lost
+        resets.fetched(T1, 150)  # 100-149 applied already: none lost
+        resets.fetched(TopicPartition("t", 2), 150)  # no checkpoint: 100-149 lost
+    assert deleted == [("t", 20), ("t", 50)]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            "t[0]: 20 records (offsets 130-149) were deleted by Kafka before this process read "
+            "them (retention, or records deleted): their events are counted nowhere; reading "
+            "on from offset 150",
+        ),
+        (
+            logging.INFO,
+            "t[1]: the records Kafka deleted up to offset 149 had all been applied (the "
+            "committed offset 100 was behind the checkpoint); reading on",
+        ),
+        (
+            logging.WARNING,
+            "t[2]: 50 records (offsets 100-149) were deleted by Kafka before this process read "
+            "them (retention, or records deleted): their events are counted nowhere; reading "
+            "on from offset 150",
+        ),
+    ]

@@ -20,11 +20,12 @@ from agents.state import (
     _MALLOC_TRIM,
     CHANGELOG_SEGMENT_MS,
     CheckpointedPartitions,
+    applied_offset,
     give_back_freed_memory,
     records_to_restore,
     state_table,
 )
-from pipeline.checkpoint import encode_envelope
+from pipeline.checkpoint import Checkpoint, encode_envelope
 from pipeline.settings import Settings
 from tests.conftest import WorkerProcess, wait_for
 
@@ -78,6 +79,26 @@ def test_records_to_restore_are_what_fausts_recovery_has_left_to_read(app: faust
     assert records_to_restore(app) == 100  # 999 - 899, and nothing left of the second
     recovery.active_offsets[first] = 999
     assert records_to_restore(app) == 0
+
+
+def test_the_offset_applied_is_read_from_the_checkpoint_markers_of_every_table(
+    app: faust.App,
+) -> None:
+    """The worker's two stages checkpoint different topics in tables of their own; a topic no
+    checkpoint has read yet (or a partition without one) has no applied offset."""
+    stage1: Any = state_table(app, "partition-state", 4)
+    stage2: Any = state_table(app, "loop-state", 4)
+    Checkpoint(stage1.data.data, "1/").commit({"x": 1}, {"w.inputs": 130, "w.resolutions": 7})
+    Checkpoint(stage2.data.data, "1/").commit({}, {"w.partials": 12})
+    Checkpoint(stage2.data.data, "1/").commit({}, {"w.partials": 40})  # the marker replaced
+    applied = applied_offset(app)
+    assert [
+        applied("w.inputs", 1),
+        applied("w.resolutions", 1),
+        applied("w.partials", 1),
+        applied("w.eval_results", 1),
+        applied("w.inputs", 0),
+    ] == [130, 7, 40, None, None]
 
 
 def _revoked_state(app: faust.App) -> tuple[Any, CheckpointedPartitions[Any], dict[bytes, Any]]:
