@@ -73,7 +73,7 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
     from pipeline.topics import CONTRACT_TOPICS, ensure_topics
     from sinks.archive.sink import ArchiveSink
     from sinks.archive.store import ArchiveError
-    from sinks.base import BatchPolicy, SinkBackpressure
+    from sinks.base import BatchPolicy
     from sinks.runner import SinkRunner
 
     settings = _settings(ctx, db)
@@ -96,10 +96,6 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
         await runner.run(stop)
 
     try:
-        archive.initialise()
-    except SinkBackpressure as exc:  # the first flush sets the schema up once it can
-        click.echo(f"{exc}; the sink keeps retrying", err=True)
-    try:
         on_kafka(settings, main())
     except ArchiveError as exc:
         raise _fail(exc) from None
@@ -111,13 +107,14 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
 
 
 def _consumer_group(settings: Settings, archive: Archive) -> str:
-    """The archive's own consumer group (``Archive.identity``), read once the file can be
-    opened: a locked or full archive is waited for, as its writes are."""
+    """The archive's own consumer group, its id read once the file can be opened and its
+    schema made (``Archive.initialise``): a locked or full archive is waited for, as its
+    writes are."""
     from sinks.base import SinkBackpressure
 
     while True:
         try:
-            archive_id = archive.identity()
+            archive_id = archive.initialise()
             break
         except SinkBackpressure as exc:
             click.echo(f"{exc}; retrying in {exc.retry_after:.0f} s", err=True)

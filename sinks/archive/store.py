@@ -131,10 +131,10 @@ class Archive:
             except duckdb.Error as exc:  # the checkpoint at close can hit a full disk too
                 log.warning("closing archive %s: %s", self.path, exc)
 
-    def ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Create missing tables (the archive's id first: ``identity``), add columns that
-        newer schemas brought, (re)create views."""
-        _identity(con, self.tables)
+    def ensure_schema(self, con: duckdb.DuckDBPyConnection) -> str:
+        """Create missing tables (the archive's id first: ``initialise``), add columns that
+        newer schemas brought, (re)create views; returns the archive's id."""
+        archive_id = _identity(con, self.tables)
         for table in self.tables.values():
             con.execute(table.ddl())
             have = {
@@ -148,6 +148,7 @@ class Archive:
                 if column.name not in have:
                     con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {column.sql}')
         con.execute(views_sql())
+        return archive_id
 
     @contextmanager
     def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -184,19 +185,23 @@ class Archive:
         except duckdb.Error as exc:  # the checkpoint at close can hit a full disk too
             log.warning("closing archive %s: %s", self.path, exc)
 
-    def identity(self) -> str:
-        """This archive's id, made when the file is first used and kept in it: the sink's
-        consumer group is the archive's own (sinks.archive.cli), so that a new archive file
-        reads every record Kafka still holds and two archive files each get all of them. An
-        archive made before ids were gets "" (its sink keeps the group it had, and with it
-        its committed offsets)."""
+    def initialise(self) -> str:
+        """Make the schema, all of it in one transaction (a reader never sees the file with
+        some tables and not others), and return this archive's id, made with the file and kept
+        in it: the sink's consumer group is the archive's own (sinks.archive.cli), so that a
+        new archive file reads every record Kafka still holds and two archive files each get
+        all of them. An archive made before ids were gets "" (its sink keeps the group it had,
+        and with it its committed offsets)."""
         with self.connect() as con:
-            return _identity(con, self.tables)
-
-    def initialise(self) -> None:
-        with self.connect() as con:
-            self.ensure_schema(con)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                archive_id = self.ensure_schema(con)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
         self._schema_ready = True
+        return archive_id
 
     def write(self, batch: Mapping[str, Segments]) -> dict[str, int]:
         """Insert every row and apply every deletion in one transaction, in batch order; rows

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.codec import Codec
 from sinks.archive.sink import ArchiveSink
-from sinks.archive.store import IDENTITY_TABLE, Archive, ArchiveLocked
+from sinks.archive.store import IDENTITY_TABLE, Archive, ArchiveError, ArchiveLocked
 from sinks.archive.tables import build_tables, metric_rows
 from sinks.base import BatchPolicy
 from tests.sinks.factories import at, eval_case, input_event, resolution, snapshot
@@ -284,19 +284,35 @@ def test_an_archive_has_an_id_of_its_own_and_one_made_before_ids_keeps_none(
     tmp_path: Path,
 ) -> None:
     first = make_archive(tmp_path / "a.duckdb")
-    made = first.identity()
+    made = first.initialise()
     assert re.fullmatch(r"[0-9a-f]{12}", made)
-    assert make_archive(tmp_path / "a.duckdb").identity() == made  # kept in the file
-    first.initialise()
-    assert first.identity() == made
-    assert make_archive(tmp_path / "b.duckdb").identity() not in ("", made)
+    assert make_archive(tmp_path / "a.duckdb").initialise() == made  # kept in the file
+    assert make_archive(tmp_path / "b.duckdb").initialise() not in ("", made)
     schema_first = make_archive(tmp_path / "c.duckdb")
-    schema_first.initialise()  # as the sink's first write or `archive run` does
-    assert schema_first.identity() not in ("", made)
+    schema_first.write({})  # a sink's first write makes the schema too
+    (written,) = fetch(schema_first, f"SELECT id FROM {IDENTITY_TABLE}")
+    assert schema_first.initialise() == written[0] not in ("", made)
     older = make_archive(tmp_path / "older.duckdb")
     older.initialise()
     with older.connect() as con:  # its tables, without an id: made before ids were
         con.execute(f"DROP TABLE {IDENTITY_TABLE}")
-    older.initialise()
-    assert older.identity() == ""
-    assert older.identity() == ""  # and keeps it
+    assert older.initialise() == ""
+    assert older.initialise() == ""  # and keeps it
+
+
+def test_the_schema_is_made_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's start makes the id, the tables and the views in one transaction: a reader
+    (a test's, ``loopline query``) found the file with its id table and no `inputs` (CI)."""
+    archive = make_archive(tmp_path / "a.duckdb")
+    broken = "CREATE OR REPLACE VIEW v_broken AS SELECT * FROM no_such_table"
+    monkeypatch.setattr("sinks.archive.store.views_sql", lambda: broken)
+    with pytest.raises(ArchiveError, match="no_such_table"):
+        archive.initialise()  # fails after every table was made
+    listed = "SELECT table_name FROM information_schema.tables"
+    assert fetch(archive, listed) == []
+    monkeypatch.undo()
+    made = archive.initialise()
+    assert {IDENTITY_TABLE, "inputs", "resolutions"} <= {t for (t,) in fetch(archive, listed)}
+    assert fetch(archive, f"SELECT id FROM {IDENTITY_TABLE}") == [(made,)]
