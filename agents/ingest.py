@@ -35,7 +35,8 @@ from pipeline.codec import Codec, CodecError
 from pipeline.core import verdicts_of
 from pipeline.deadletter import dead_letter_of
 from pipeline.metrics import PipelineMetrics
-from pipeline.partition import CASES, PartitionCore, encode_change
+from pipeline.partials import encode_change
+from pipeline.partition import CASES, PartitionCore
 from pipeline.processor import partition_key
 from pipeline.settings import Settings
 from pipeline.topics import EVENT_TOPICS, PARTITION_STATE, RECORD_OF, SOURCE_TOPICS

@@ -34,7 +34,8 @@ from pipeline.core import CoreConfig
 from pipeline.fastjson import loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import CASES, PartitionCore, encode_change
+from pipeline.partials import encode_change
+from pipeline.partition import CASES, PartitionCore
 from pipeline.processor import partition_key
 from pipeline.topics import RECORD_OF
 from pipeline.worker import GC_THRESHOLDS

@@ -80,7 +80,7 @@ def _stdlib_dumps(value: Any) -> bytes | None:
 
 
 def _dumps(value: Any) -> bytes | None:
-    if isinstance(value, msgspec.Raw):  # encoded already (pipeline.partition.EncodedBuckets)
+    if isinstance(value, msgspec.Raw):  # encoded already (pipeline.partials.EncodedBuckets)
         return bytes(value)
     return None if value is None else dumps(value)
 

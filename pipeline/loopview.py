@@ -39,7 +39,7 @@ from pipeline.features import (
 from pipeline.featurewindow import FeatureWindow
 from pipeline.formats import check_format
 from pipeline.openbuckets import OpenBuckets
-from pipeline.partition import EvalCaseChange, Partial
+from pipeline.partials import EvalCaseChange, Partial
 from pipeline.windows import WEEK, WINDOWS, BucketSeries, align_up, default_tiers
 
 #: The most evaluation boundaries one call catches up on (after a gap, the latest ones).

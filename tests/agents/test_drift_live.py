@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generator import LOOPS, Scenario, TrafficGenerator, eval_set, input_fields
-from pipeline.partition import PartitionCore, encode_change
+from pipeline.partials import encode_change
+from pipeline.partition import PartitionCore
 from pipeline.processor import Processor, partition_key
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS

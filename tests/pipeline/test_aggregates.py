@@ -17,7 +17,8 @@ from pipeline.aggregates import FOLDED_CATEGORIES, INPUT_CATEGORIES, Aggregate
 from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import EvalCaseChange, PartitionCore, encode_change
+from pipeline.partials import EvalCaseChange, encode_change
+from pipeline.partition import PartitionCore
 from pipeline.processor import partition_key
 from pipeline.topics import STATE_MESSAGE_BYTES
 

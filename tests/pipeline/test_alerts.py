@@ -188,7 +188,7 @@ def test_rules_can_be_switched_off_per_loop() -> None:
 
 def test_evaluations_wait_for_every_active_partition() -> None:
     from pipeline.loopview import LoopState
-    from pipeline.partition import Partial
+    from pipeline.partials import Partial
 
     state = LoopState(config(), "refunds")
     state.apply(Partial(0, "refunds", START_MS + 10 * MIN, {}))

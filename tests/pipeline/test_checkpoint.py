@@ -21,7 +21,8 @@ from pipeline.checkpoint import MARKER, Checkpoint, Write, encode_envelope, next
 from pipeline.core import CoreConfig
 from pipeline.formats import FORMAT_VERSION, NewerFormat
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import CASES, PartitionCore, encode_change
+from pipeline.partials import encode_change
+from pipeline.partition import CASES, PartitionCore
 from pipeline.processor import partition_key
 
 T0 = 1_795_000_000_000

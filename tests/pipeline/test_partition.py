@@ -22,14 +22,8 @@ from pipeline.core import CoreConfig, to_ms
 from pipeline.fastjson import dumps, loads
 from pipeline.generator import TrafficGenerator
 from pipeline.loopview import LoopView, partial_from_json
-from pipeline.partition import (
-    CASE_EVENTS,
-    Case,
-    Partial,
-    PartitionCore,
-    case_from_record,
-    encode_change,
-)
+from pipeline.partials import Partial, encode_change
+from pipeline.partition import CASE_EVENTS, Case, PartitionCore, case_from_record
 from pipeline.processor import partition_key
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)

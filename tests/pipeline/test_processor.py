@@ -10,7 +10,8 @@ import pytest
 from pipeline.candidates import CaseProposal
 from pipeline.codec import CodecError
 from pipeline.core import CoreConfig
-from pipeline.partition import EvalCaseChange, Partial, PartitionCore
+from pipeline.partials import EvalCaseChange, Partial
+from pipeline.partition import PartitionCore
 from pipeline.processor import Processor
 
 Event = tuple[str, dict[str, Any]]
