@@ -73,6 +73,18 @@ class OffsetResets:
         for topic, partition in tps:  # (topic, partition) pairs, or Kafka's named tuples
             self.reset_from.pop((topic, partition), None)
 
+    def _applied(self, tp: Any) -> int | None:
+        """``applied``'s offset; None if it has none or fails (this runs in the Kafka client's
+        fetch: an error must not stop the consumer, and the loss is then counted from the
+        reset, as if no state had applied any)."""
+        if self.applied is None:
+            return None
+        try:
+            return self.applied(tp.topic, tp.partition)
+        except Exception:
+            log.exception("%s[%d]: the state's checkpointed offset is unreadable", *tp)
+            return None
+
     def fetched(self, tp: Any, first_offset: int) -> None:
         if not self.reset_from:
             return
@@ -80,7 +92,7 @@ class OffsetResets:
         if start is None or first_offset == start:
             return
         if first_offset > start:
-            applied = None if self.applied is None else self.applied(tp.topic, tp.partition)
+            applied = self._applied(tp)
             unread = start if applied is None else max(start, applied)
             if first_offset <= unread:
                 log.info(

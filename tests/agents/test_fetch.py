@@ -401,3 +401,22 @@ def test_records_deleted_after_a_lagging_commit_count_from_what_the_state_applie
             "on from offset 150",
         ),
     ]
+
+
+def test_a_checkpoint_that_cannot_be_read_counts_the_loss_from_the_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lookup runs in the Kafka client's fetch: its error is logged, never raised."""
+    deleted: list[tuple[str, int]] = []
+
+    def unreadable(topic: str, partition: int) -> int | None:
+        raise ValueError("a marker of a newer format")
+
+    resets = OffsetResets(lambda topic, n: deleted.append((topic, n)), unreadable)
+    assert not reset_logged(resets, 100, TopicPartition("t", 0))
+    with caplog.at_level(logging.WARNING, logger="pipeline.offsetresets"):
+        resets.fetched(T0, 150)
+    assert deleted == [("t", 50)]
+    assert [r.getMessage() for r in caplog.records][0] == (
+        "t[0]: the state's checkpointed offset is unreadable"
+    )
