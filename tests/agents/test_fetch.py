@@ -417,6 +417,9 @@ def test_a_checkpoint_that_cannot_be_read_counts_the_loss_from_the_reset(
     with caplog.at_level(logging.WARNING, logger="pipeline.offsetresets"):
         resets.fetched(T0, 150)
     assert deleted == [("t", 50)]
-    assert [r.getMessage() for r in caplog.records][0] == (
-        "t[0]: the state's checkpointed offset is unreadable"
-    )
+    assert [r.getMessage() for r in caplog.records] == [
+        "t[0]: the state's checkpointed offset is unreadable",
+        "t[0]: 50 records (offsets 100-149) were deleted by Kafka before this process read them "
+        "(retention, or records deleted): their events are counted nowhere; reading on from "
+        "offset 150",
+    ]
