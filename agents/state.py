@@ -14,6 +14,7 @@ from faust.types import TP
 
 from agents.batchsend import Sent, send_to_partition
 from pipeline.checkpoint import Checkpoint, read_marker
+from pipeline.offsetresets import AppliedOffset
 from pipeline.settings import Settings
 from pipeline.topics import STATE_MESSAGE_BYTES, ensure_topics
 
@@ -98,7 +99,7 @@ def aiokafka_producer(app: faust.App) -> Any:
     return cast(Any, app.producer)._ensure_producer()
 
 
-def applied_offset(app: faust.App) -> Callable[[str, int], int | None]:
+def applied_offset(app: faust.App) -> AppliedOffset:
     """Where the records of a topic's partition that ``app``'s state never applied begin: the
     offset its checkpoint marker goes on from (None: no checkpoint has read that topic). The
     group's committed offset can be behind it (a crash, or a stop before the last batch was
