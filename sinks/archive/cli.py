@@ -82,9 +82,11 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
     settings.archive_file.parent.mkdir(parents=True, exist_ok=True)
     policy = BatchPolicy(settings.archive_batch_rows, settings.archive_batch_seconds)
     sink = ArchiveSink(archive, archive.by_topic, policy)
-    runner = SinkRunner(
-        settings, sink, CONTRACT_TOPICS, _consumer_group(settings, archive), report=click.echo
-    )
+    try:
+        group = _consumer_group(settings, archive)
+    except ArchiveError as exc:  # not a DuckDB file, unreadable, ...: said, no traceback
+        raise _fail(exc) from None
+    runner = SinkRunner(settings, sink, CONTRACT_TOPICS, group, report=click.echo)
 
     async def main() -> None:
         await ensure_topics(settings)

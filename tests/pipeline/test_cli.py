@@ -65,6 +65,23 @@ def test_a_command_that_cannot_reach_kafka_says_so_and_exits_1(
     assert "Unclosed" not in done.stderr  # every client is closed, also when it never started
 
 
+def test_an_archive_file_that_is_not_duckdb_is_refused_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """The sink opens its file (for its id and schema) before it reaches Kafka: a file that is
+    not DuckDB's ended in a traceback there."""
+    archive = tmp_path / "a.duckdb"
+    archive.write_text("not a database\n")
+    env = {"LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    done = loopline("archive", "run", "--db", archive, env=env)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f'Error: archive {archive}: IO Error: The file "{archive}" exists, but it is not a valid '
+        "DuckDB database file!"
+    ]
+    assert archive.read_text() == "not a database\n"  # left as it was
+
+
 @pytest.mark.parametrize(
     ("command", "option"),
     [
