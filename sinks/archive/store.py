@@ -68,6 +68,19 @@ def _classify(path: Path, exc: BaseException) -> BaseException:
     return ArchiveError(f"archive {path}: {text}")
 
 
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction: committed if the block ends, rolled back if it raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # already rolled back by a failed COMMIT
+            con.execute("ROLLBACK")
+        raise
+
+
 def _identity(con: duckdb.DuckDBPyConnection, contract: Mapping[str, Table]) -> str:
     """The archive's id, made if it has none: a new one for a new file, "" for a file that has
     the contract's tables already (made before ids were)."""
@@ -192,14 +205,8 @@ class Archive:
         new archive file reads every record Kafka still holds and two archive files each get
         all of them. An archive made before ids were gets "" (its sink keeps the group it had,
         and with it its committed offsets)."""
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                archive_id = self.ensure_schema(con)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.connect() as con, _transaction(con):
+            archive_id = self.ensure_schema(con)
         self._schema_ready = True
         return archive_id
 
@@ -209,30 +216,23 @@ class Archive:
         version). Returns the rows new per table."""
         steps = {name: self._steps(self.tables[name], segments) for name, segments in batch.items()}
         added: dict[str, int] = {}
-        with self._writer() as con:
-            if not self._schema_ready:
+        with self._writer() as con, _transaction(con):
+            if not self._schema_ready:  # in the write's transaction: whole or not at all
                 self.ensure_schema(con)
-                self._schema_ready = True
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for name, table_steps in steps.items():
-                    table = self.tables[name]
-                    added[name] = 0
-                    for step in table_steps:
-                        if isinstance(step, Deletion):
-                            self._delete(con, table, step)
-                            continue
-                        before = self._count(con, name)
-                        verb = "INSERT OR REPLACE" if table.replace else "INSERT OR IGNORE"
-                        con.register("loopline_batch", step)
-                        con.execute(f"{verb} INTO {name} BY NAME SELECT * FROM loopline_batch")
-                        con.unregister("loopline_batch")
-                        added[name] += self._count(con, name) - before
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):  # already rolled back by a failed COMMIT
-                    con.execute("ROLLBACK")
-                raise
+            for name, table_steps in steps.items():
+                table = self.tables[name]
+                added[name] = 0
+                for step in table_steps:
+                    if isinstance(step, Deletion):
+                        self._delete(con, table, step)
+                        continue
+                    before = self._count(con, name)
+                    verb = "INSERT OR REPLACE" if table.replace else "INSERT OR IGNORE"
+                    con.register("loopline_batch", step)
+                    con.execute(f"{verb} INTO {name} BY NAME SELECT * FROM loopline_batch")
+                    con.unregister("loopline_batch")
+                    added[name] += self._count(con, name) - before
+        self._schema_ready = True
         return added
 
     def _steps(self, table: Table, segments: Segments) -> list[pa.Table | Deletion]:

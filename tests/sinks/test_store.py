@@ -312,6 +312,9 @@ def test_the_schema_is_made_whole_or_not_at_all(
         archive.initialise()  # fails after every table was made
     listed = "SELECT table_name FROM information_schema.tables"
     assert fetch(archive, listed) == []
+    with pytest.raises(ArchiveError, match="no_such_table"):
+        archive.write({})  # a first write that makes the schema: in its transaction
+    assert fetch(archive, listed) == []
     monkeypatch.undo()
     made = archive.initialise()
     assert {IDENTITY_TABLE, "inputs", "resolutions"} <= {t for (t,) in fetch(archive, listed)}
