@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: After holding the file for ``hold_seconds``, the writer leaves it closed this long.
 READER_GAP_SECONDS = 0.5
-#: The table that names an archive (``Archive.identity``).
+#: The table that names an archive (made and read by ``Archive.initialise``).
 IDENTITY_TABLE = "archive_identity"
 
 
