@@ -286,10 +286,12 @@ class CliProcess:
     def exited(self) -> bool:
         return self.proc.poll() is not None
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the process (unless it has exited) and return its exit status."""
         if not self.exited():
             self.proc.send_signal(sig)
             self.proc.wait(timeout=90)
+        return self.proc.returncode
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

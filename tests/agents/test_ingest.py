@@ -74,7 +74,7 @@ def _counted_then_stopped(
     expected = asyncio.run(_publish(settings, events))
     worker = start_worker(settings)
     _wait_counts(worker, expected)
-    worker.stop(signal.SIGTERM)
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()  # stopped within its grace
 
 
 def test_counts_exactly_and_a_restart_does_not_recount(
@@ -92,7 +92,8 @@ def test_counts_exactly_and_a_restart_does_not_recount(
         t: expected[t] for t in SOURCE_TOPICS
     }
     assert worker.metric("loopline_dead_letters_total") == 0
-    worker.stop(signal.SIGTERM)  # a clean stop commits the consumed offsets
+    # a clean stop commits the consumed offsets
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
     restarted = start_worker(settings)
     # The stream goes on (restored state remembers ids and event time, so a different stream

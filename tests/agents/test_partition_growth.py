@@ -66,7 +66,7 @@ def test_a_worker_goes_on_after_partitions_are_added_to_the_source_topics(
     asyncio.run(_publish(settings, first))
     worker = start_worker(settings)
     wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
-    worker.stop(signal.SIGTERM)
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
     sources = [settings.topic(t) for t in SOURCE_TOPICS]
     asyncio.run(_add_partitions(settings, sources, 6))
     changelogs = [changelog_topic(settings, t) for t in (PARTITION_STATE, LOOP_STATE)]

@@ -131,8 +131,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
 
     # Redelivered copies of everything, then new events; the sink restarts in between.
     asyncio.run(_publish(settings, first[:1500]))
-    archive.stop()
-    assert archive.proc.returncode == 0, archive.log()[-2000:]
+    assert archive.stop() == 0, archive.log()[-2000:]
     asyncio.run(_publish(settings, second + first[1500:]))
     archive = start_archive(settings)
     both = first + second
@@ -140,7 +139,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
         t.replace("-", "_"): len(_ids(both, t)) for t in ("inputs", "resolutions", "eval-results")
     }
     _wait_rows(settings, expected, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
 
     for topic in ("inputs", "resolutions", "eval-results"):
         table = topic.replace("-", "_")
@@ -195,7 +194,7 @@ def test_a_sink_killed_mid_batch_loses_nothing_once_restarted(
 
     archive = start_archive(settings)
     _wait_rows(settings, expected, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     for table, n in expected.items():
         assert _query(settings, f"SELECT count(*), count(DISTINCT event_id) FROM {table}") == [
             (n, n)
@@ -216,7 +215,7 @@ def test_records_deleted_before_the_sink_read_them_are_said(
     asyncio.run(_publish(settings, read))
     archive = start_archive(settings)
     _wait_rows(settings, {"inputs": len(_ids(read, "inputs"))}, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     asyncio.run(_publish(settings, unread))
     inputs = settings.topic("inputs")
     everything = dict.fromkeys(range(settings.partitions), 1.0)
@@ -228,7 +227,7 @@ def test_records_deleted_before_the_sink_read_them_are_said(
     _wait_rows(settings, {"inputs": len(_ids(kept, "inputs"))}, archive)
     # the resolutions of all three parts are archived, the inputs of two
     _wait_rows(settings, {"resolutions": len(_ids(read + unread + later, "resolutions"))}, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     said = re.findall(
         rf"{re.escape(inputs)}\[\d\]: (\d+) records \(offsets \d+-\d+\) were deleted by Kafka "
         r"before this process read them",
@@ -257,12 +256,12 @@ def test_each_archive_file_gets_every_record_kafka_holds(
     archives = [start_archive(first), start_archive(second)]
     for settings, archive in zip((first, second), archives, strict=True):
         _wait_rows(settings, every, archive)
-        archive.stop()
+        assert archive.stop() == 0, archive.log_tail()
         assert _query(settings, "SELECT count(*) FROM inputs") == [(every["inputs"],)]
     first.archive_file.unlink()  # made anew, as after `make clean`
     archive = start_archive(first)
     _wait_rows(first, every, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     assert _query(first, "SELECT count(*) FROM resolutions") == [(every["resolutions"],)]
 
 
@@ -282,7 +281,7 @@ def test_the_records_of_an_aborted_transaction_are_not_archived(
     archive = start_archive(settings)
     expected = {t.replace("-", "_"): len(_ids(committed, t)) for t in ("inputs", "resolutions")}
     _wait_rows(settings, expected, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     for table, topic in (("inputs", "inputs"), ("resolutions", "resolutions")):
         assert {r[0] for r in _query(settings, f"SELECT event_id FROM {table}")} == _ids(
             committed, topic
@@ -315,6 +314,6 @@ def test_a_locked_archive_is_retried_without_losing_records(
     finally:
         holder.communicate("\n", timeout=30)
     _wait_rows(settings, {"inputs": len(_ids(events, "inputs"))}, archive)
-    archive.stop()
+    assert archive.stop() == 0, archive.log_tail()
     assert "is locked by another process" in archive.log()
     assert _count(settings, "inputs") == len(_ids(events, "inputs"))
