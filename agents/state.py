@@ -14,6 +14,7 @@ from faust.types import TP
 
 from agents.batchsend import Sent, send_to_partition
 from pipeline.checkpoint import Checkpoint, read_marker
+from pipeline.health import WorkerState
 from pipeline.offsetresets import AppliedOffset
 from pipeline.settings import Settings
 from pipeline.topics import STATE_MESSAGE_BYTES, ensure_topics
@@ -82,6 +83,20 @@ def records_to_restore(app: faust.App) -> int:
     if not recovery.in_recovery:
         return 0
     return max(0, int(recovery.active_remaining_total()))
+
+
+def worker_state(app: faust.App, sources: Set[str]) -> WorkerState:
+    """What /readyz judges (pipeline.health), read off Faust's app: its rebalances, its
+    tables' recovery and the partitions of ``sources`` (topic names) it holds."""
+    recovery = cast(Any, app.tables).recovery
+    assignment = cast(Any, app.consumer).assignment()
+    return WorkerState(
+        rebalances=app.rebalancing_count,
+        rebalancing=app.rebalancing,
+        restoring=bool(recovery.in_recovery),
+        records_to_restore=records_to_restore(app),
+        partitions=sum(1 for tp in assignment if tp.topic in sources),
+    )
 
 
 def aligned_topics(settings: Settings) -> Callable[[], Awaitable[str]]:

@@ -8,6 +8,7 @@ from typing import Any
 import faust
 
 from pipeline.codec import Codec
+from pipeline.health import readiness
 from pipeline.kafka_security import faust_credentials
 from pipeline.metrics import CONTENT_TYPE_LATEST, PartitionState, PipelineMetrics
 from pipeline.settings import Settings
@@ -71,13 +72,23 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     from agents import ingest, loops
     from agents.batches import batch_topic
     from agents.fence import Fence, StallWatch
-    from agents.state import records_to_restore
+    from agents.state import records_to_restore, worker_state
 
     app = faust_app(settings)
+    sources = {settings.topic(name) for name in SOURCE_TOPICS}
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "alive"})  # the event loop answered (pipeline.health)
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        ready, body = readiness(worker_state(app, sources))
+        return web.json(body, status=200 if ready else 503)
 
     partials = batch_topic(app, settings.topic("partials"))
     watch = StallWatch(settings.session_timeout_seconds / 3)
@@ -100,7 +111,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
 
     # The stages' topics: the tables' changelogs are assigned too, but only read to restore
     # (and for standbys), so their "lag" is the worker's own writes since, growing for good.
-    consumed = {settings.topic(name) for name in SOURCE_TOPICS} | {partials.get_topic_name()}
+    consumed = sources | {partials.get_topic_name()}
 
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:
@@ -127,7 +138,6 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     async def revoke_state(sender: Any, revoked: Any, **_: Any) -> None:
         # Kept until the assignment, which gives it back or not (agents.state.settle).
         stage2.revoke({tp.partition for tp in revoked if tp.topic == settings.topic("partials")})
-        sources = {settings.topic(name) for name in SOURCE_TOPICS}
         stage1.revoke({tp.partition for tp in revoked if tp.topic in sources})
 
     return app

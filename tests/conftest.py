@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -318,6 +321,17 @@ class WorkerProcess(CliProcess):
 
     def metrics_text(self) -> str | None:
         return fetch_metrics(f"http://127.0.0.1:{self.settings.web_port}/metrics")
+
+    def probe(self, path: str) -> tuple[int, dict[str, Any]] | None:
+        """GET /healthz or /readyz: the status and the JSON body; None if nothing answered."""
+        url = f"http://127.0.0.1:{self.settings.web_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as refused:  # 503: not ready, with its reason
+            return refused.code, json.loads(refused.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
 
     def metric(self, name: str, **labels: str) -> float:
         return sample_sum(parse_exposition(self.metrics_text() or ""), name, **labels)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -75,6 +76,35 @@ def _counted_then_stopped(
     worker = start_worker(settings)
     _wait_counts(worker, expected)
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()  # stopped within its grace
+
+
+def test_readyz_is_503_until_the_worker_has_joined_and_restored_then_200(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """/healthz answers while the event loop runs; /readyz says why a worker does not count
+    yet (joining its group, rebalancing, restoring) and 200 once it holds its partitions."""
+    settings = make_settings()
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    worker.launch()  # not start_worker's: it waits for /metrics, by when it may have joined
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def ready() -> bool:
+        assert not worker.exited(), worker.log_tail()
+        answer = worker.probe("/readyz")
+        if answer is not None:
+            answers.append(answer)
+        return answer is not None and answer[0] == 200
+
+    try:
+        wait_for(ready, 90, f"/readyz 200 (log {worker.log_path})", every=0.1)
+        assert worker.probe("/healthz") == (200, {"status": "alive"})
+    finally:
+        worker.stop(signal.SIGKILL)
+    # the web server answers a second or more before the group's first assignment
+    assert answers[0][0] == 503, answers
+    assert {body["status"] for _, body in answers[:-1]} <= {"joining", "rebalancing", "restoring"}
+    held = settings.partitions * len(SOURCE_TOPICS)  # every partition of the four topics
+    assert answers[-1] == (200, {"status": "ready", "source_partitions": held})
 
 
 def test_counts_exactly_and_a_restart_does_not_recount(
