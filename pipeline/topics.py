@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -161,6 +161,56 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
         await admin.close()
 
 
+class Grown(NamedTuple):
+    """What ``grow_source_topics`` did: the source topics it gave partitions (name -> their
+    count before), and what ``ensure_topics`` did after."""
+
+    before: dict[str, int]
+    ensured: Ensured
+
+    def describe(self) -> str:
+        total = self.ensured.partitions
+        if not self.before:
+            return f"the source topics have {total} partitions; {self.ensured.describe()}"
+        grown = ", ".join(f"{name} ({count} -> {total})" for name, count in self.before.items())
+        return f"partitions added to {grown}; {self.ensured.describe()}"
+
+
+async def grow_source_topics(settings: Settings, total: int) -> Grown:
+    """Give every source topic ``total`` partitions (creating those missing), in one request,
+    and the state changelog as many: how to scale out past the partition count, or mend source
+    topics grown one by one by hand (which every worker refuses, TopicLayoutError). One request,
+    so that a running worker's metadata refresh does not find the topics half grown. Kafka
+    cannot take partitions away: fewer than a source topic has is refused before any change."""
+    sources = [settings.topic(name) for name in SOURCE_TOPICS]
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
+    try:
+        await admin.start()
+        present = [name for name in sources if name in set(await admin.list_topics())]
+        counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(present)}
+        if total < max(counts.values(), default=0):
+            listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+            raise TopicLayoutError(
+                f"cannot give the source topics {total} partitions: they have more ({listed}), "
+                "and Kafka cannot take partitions away"
+            )
+        before = {name: count for name, count in counts.items() if count < total}
+        grow = {name: NewPartitions(total) for name in before}
+        if grow:
+            response = await admin.create_partitions(grow)
+            for topic, code, message in response.topic_errors:
+                if code:
+                    raise TopicLayoutError(
+                        f"cannot add partitions to {topic} (to {total}): "
+                        f"{message or f'error code {code}'}"
+                    )
+            await _wait_for_leaders(admin, sorted(grow))
+    finally:
+        await admin.close()
+    ensured = await ensure_topics(replace(settings, partitions=total))
+    return Grown(before, ensured)
+
+
 async def _source_partitions(
     admin: AIOKafkaAdminClient, settings: Settings, existing: set[str]
 ) -> int:
@@ -189,9 +239,9 @@ def _require_co_partitioned(found: dict[str, int]) -> None:
         listed = ", ".join(f"{name} {count}" for name, count in found.items())
         raise TopicLayoutError(
             f"the source topics have different partition counts ({listed}): a case's events "
-            "are joined within one partition, so each needs the same count. Add partitions to "
-            "the others (kafka-topics.sh --alter --topic NAME --partitions N); cases open at "
-            "that moment are split (README, Guarantees: partition counts)"
+            "are joined within one partition, so each needs the same count. Give them all "
+            f"{max(found.values())} (or more) with `loopline topics --partitions N`; cases open "
+            "at that moment are split (README, Guarantees: partition counts)"
         )
 
 

@@ -9,7 +9,7 @@ import click
 
 from pipeline.cli.common import err, on_kafka, settings_of
 from pipeline.kafka_local import BrokerError, LocalBroker
-from pipeline.topics import ensure_topics
+from pipeline.topics import ensure_topics, grow_source_topics
 
 
 @click.group()
@@ -93,8 +93,31 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 
 
 @click.command("topics")
+@click.option(
+    "--partitions",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="The source topics' partition count: they are created with it, or given partitions "
+    "up to it (all four in one request; Kafka cannot take any away). To scale out past the "
+    "partition count, or to mend source topics grown one by one.",
+)
 @click.pass_context
-def topics(ctx: click.Context) -> None:
-    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS)."""
+def topics(ctx: click.Context, partitions: int | None) -> None:
+    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS, or --partitions)."""
     settings = settings_of(ctx)
-    click.echo(f"topics: {on_kafka(settings, ensure_topics(settings)).describe()}")
+    if partitions is None:
+        click.echo(f"topics: {on_kafka(settings, ensure_topics(settings)).describe()}")
+        return
+    grown = on_kafka(settings, grow_source_topics(settings, partitions))
+    click.echo(f"topics: {grown.describe()}")
+    if grown.before:
+        click.echo(
+            "cases open now may be split (their events mapped to other partitions: an input "
+            "left unresolved, a resolution without its input, until they expire); running "
+            "workers take the new partitions within 30 s"
+            + (
+                ""
+                if partitions == settings.partitions
+                else f"; set LOOPLINE_PARTITIONS={partitions} where loopline runs"
+            )
+        )

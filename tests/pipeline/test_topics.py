@@ -135,6 +135,27 @@ def test_source_topics_with_different_partition_counts_are_refused_with_the_reas
         inputs: 6,
         resolutions: 4,
     }  # and no other source topic was made
+    assert "loopline topics --partitions N" in worker.stderr  # how to mend it
+
+    # Mended with one command: fewer than a topic has is refused before any change; then all
+    # four get 6 (the missing two created with it), and the worker's check passes.
+    env = settings_env(settings)
+    fewer = loopline("topics", "--partitions", "5", env=env)
+    assert fewer.returncode == 1
+    assert fewer.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot give the source topics 5 partitions: they have more ({listed}), and "
+        "Kafka cannot take partitions away"
+    )
+    mended = loopline("topics", "--partitions", "6", env=env)
+    assert mended.returncode == 0, mended.stderr
+    said = mended.stdout.splitlines()
+    assert said[0].startswith(f"topics: partitions added to {resolutions} (4 -> 6); created ")
+    assert said[1].endswith("; set LOOPLINE_PARTITIONS=6 where loopline runs")
+    sources = [settings.topic(t) for t in SOURCE_TOPICS]
+    assert asyncio.run(_partition_counts(settings, sources)) == dict.fromkeys(sources, 6)
+    assert asyncio.run(ensure_topics(settings)).partitions == 6
+    again = loopline("topics", "--partitions", "6", env=env)
+    assert again.stdout == "topics: the source topics have 6 partitions; all exist\n"
 
     # The same count everywhere, other than LOOPLINE_PARTITIONS (made by hand, say): accepted.
     tag = uuid.uuid4().hex[:10]
