@@ -186,7 +186,8 @@ async def grow_source_topics(settings: Settings, total: int) -> Grown:
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:
         await admin.start()
-        present = [name for name in sources if name in set(await admin.list_topics())]
+        existing = set(await admin.list_topics())
+        present = [name for name in sources if name in existing]
         counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(present)}
         if total < max(counts.values(), default=0):
             listed = ", ".join(f"{name} {count}" for name, count in counts.items())
@@ -195,16 +196,7 @@ async def grow_source_topics(settings: Settings, total: int) -> Grown:
                 "and Kafka cannot take partitions away"
             )
         before = {name: count for name, count in counts.items() if count < total}
-        grow = {name: NewPartitions(total) for name in before}
-        if grow:
-            response = await admin.create_partitions(grow)
-            for topic, code, message in response.topic_errors:
-                if code:
-                    raise TopicLayoutError(
-                        f"cannot add partitions to {topic} (to {total}): "
-                        f"{message or f'error code {code}'}"
-                    )
-            await _wait_for_leaders(admin, sorted(grow))
+        await _add_partitions(admin, dict.fromkeys(before, total), "")
     finally:
         await admin.close()
     ensured = await ensure_topics(replace(settings, partitions=total))
@@ -275,20 +267,29 @@ async def _align_partitions(
         for changelog, fed in feeds.items()
     }
     grow = {
-        changelog: NewPartitions(count)
+        changelog: count
         for changelog, count in wanted.items()
         if 0 < counts.get(changelog, 0) < count
     }
-    if grow:
-        response = await admin.create_partitions(grow)
-        for topic, code, message in response.topic_errors:
-            if code:
-                raise TopicLayoutError(
-                    f"cannot add partitions to {topic} (to {grow[topic].total_count}, as its "
-                    f"stage reads): {message or f'error code {code}'}"
-                )
-        await _wait_for_leaders(admin, sorted(grow))
+    await _add_partitions(admin, grow, ", as its stage reads")
     return next(iter(found.values()), settings.partitions), sorted(grow)
+
+
+async def _add_partitions(admin: AIOKafkaAdminClient, totals: dict[str, int], why: str) -> None:
+    """Give each topic of ``totals`` that many partitions, in one request, and wait for their
+    leaders; a refusal is a TopicLayoutError naming the topic (``why``: after the count)."""
+    if not totals:
+        return
+    response = await admin.create_partitions(
+        {name: NewPartitions(total) for name, total in totals.items()}
+    )
+    for topic, code, message in response.topic_errors:
+        if code:
+            raise TopicLayoutError(
+                f"cannot add partitions to {topic} (to {totals[topic]}{why}): "
+                f"{message or f'error code {code}'}"
+            )
+    await _wait_for_leaders(admin, sorted(totals))
 
 
 async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:
