@@ -1,5 +1,5 @@
 """Parameter types of the command line that click lacks: output files whose folder exists,
-and positive finite numbers.
+positive finite numbers, and timezone-aware ISO-8601 times.
 
 Outside pipeline.cli so that the archive's commands (sinks.archive.cli, which pipeline.cli
 imports) can use them without a circular import.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,16 @@ class FiniteFloat(click.FloatRange):
 def positive_number() -> FiniteFloat:
     """A finite number above 0 (durations, rates)."""
     return FiniteFloat(min=0, min_open=True)
+
+
+def parse_iso(value: str, flag: str) -> datetime:
+    """An ISO-8601 time with its timezone ('Z' too), or a usage error naming ``flag``."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO-8601 time, e.g. 2026-11-25T12:00:00Z", param_hint=flag
+        ) from None
+    if parsed.tzinfo is None:
+        raise click.BadParameter("give a timezone, e.g. 2026-11-25T12:00:00Z", param_hint=flag)
+    return parsed

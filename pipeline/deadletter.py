@@ -10,6 +10,20 @@ from typing import Any
 #: bytes are left on the source topic (the dead letter says where) and the error is cut short.
 VALUE_LIMIT_BYTES = 1_000_000
 ERROR_LIMIT_CHARS = 4_000
+#: The reasons a dead letter can give: the DeadLetter schema's list, and the archive sink's
+#: ``bad_key`` (a tombstone whose key is not UTF-8).
+REASONS = (
+    "bad_header",
+    "unknown_schema",
+    "truncated",
+    "bad_value",
+    "invalid",
+    "wrong_record",
+    "future_ts",
+    "too_many_events",
+    "processing_error",
+    "bad_key",
+)
 
 
 def dead_letter(

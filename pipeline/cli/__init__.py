@@ -20,7 +20,7 @@ finally:
     sys.argv = _argv
 
 from pipeline import kafka_outage  # noqa: E402
-from pipeline.cli import evalset, kafka, services, traffic  # noqa: E402
+from pipeline.cli import dlq, evalset, kafka, services, traffic  # noqa: E402
 from pipeline.settings import Settings, SettingsError  # noqa: E402
 from sinks.archive.cli import register as register_archive_commands  # noqa: E402
 
@@ -49,6 +49,7 @@ for command in (
     traffic.replay_cmd,
     evalset.rules_group,
     evalset.evalset,
+    dlq.dlq,
 ):
     main.add_command(command)
 register_archive_commands(main)

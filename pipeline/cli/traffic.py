@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from pipeline.cli.common import core_config, err, on_kafka, settings_of
-from pipeline.clitypes import FiniteFloat, OutputFile, positive_number
+from pipeline.clitypes import FiniteFloat, OutputFile, parse_iso, positive_number
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator
 from pipeline.topics import ensure_topics
 from pipeline.traffic import Limits, ending_now, publish_traffic, write_jsonl
@@ -24,15 +24,7 @@ FC = TypeVar("FC", bound=Callable[..., Any])
 def _parse_start(value: str | None) -> datetime:
     if value is None:
         return datetime.now(UTC).replace(microsecond=0)
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an ISO-8601 time, e.g. 2026-11-25T12:00:00Z", param_hint="--start"
-        ) from None
-    if parsed.tzinfo is None:
-        raise click.BadParameter("give a timezone, e.g. 2026-11-25T12:00:00Z", param_hint="--start")
-    return parsed
+    return parse_iso(value, "--start")
 
 
 def _seconds_after_start(flag: str, what: str) -> Callable[[FC], FC]:

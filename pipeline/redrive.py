@@ -1,0 +1,246 @@
+"""Dead letters published again to their topics once their cause is fixed (`loopline dlq
+redrive`).
+
+A dead letter keeps its record's original key and bytes (pipeline.deadletter), so after a fix
+(a writer schema added to schemas/history, a producer's clock set right, a worker's bug fixed)
+its event can still be counted. Each one is checked first as a worker would (decoded with the
+current schemas, amounts finite, ts not too far ahead of now): one that still fails stays in the
+DLQ and is counted by reason, so a redrive never makes dead letters of dead letters.
+``too_many_events`` is left out unless asked for: its bytes carry the case id at fault, and
+published again it fails the same way.
+
+Copies are guarded twice: a redrive publishes each source position once (a record both a
+worker and the archive sink dead-lettered has two dead letters), and the redrive group's
+committed offsets on the DLQ start the next redrive after the last one. A dead letter published
+twice (``--from-beginning``) counts once within the dedupe horizon (1 h), twice past it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipeline.codec import Codec, CodecError
+from pipeline.core import check_not_ahead, resolution_amounts, to_ms
+from pipeline.kafka_security import client_options
+from pipeline.settings import Settings
+from pipeline.topics import CONTRACT_TOPICS, RECORD_OF
+
+#: Reasons a redrive leaves out unless named (the bytes themselves are at fault).
+LEFT_OUT = frozenset({"too_many_events"})
+#: The topics whose dead letters can be published again: loopline's, but the DLQ (the archive
+#: sink keeps an unreadable dead letter in the archive only).
+REDRIVABLE = tuple(name for name in CONTRACT_TOPICS if name != "dlq")
+#: The header a published-again message carries: the dead letter's DLQ position.
+REDRIVE_HEADER = "loopline-redriven-from"
+
+
+class RedriveError(RuntimeError):
+    """A redrive that cannot start (no DLQ topic); the message says why."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters to publish again: by reason and source topic (logical names; empty:
+    all but LEFT_OUT reasons, all topics) and by the time they were dead-lettered."""
+
+    reasons: frozenset[str] = frozenset()
+    topics: frozenset[str] = frozenset()
+    since_ms: int | None = None
+    until_ms: int | None = None
+
+    def takes(self, reason: str, topic: str, ts_ms: int) -> bool:
+        return (
+            (reason in self.reasons if self.reasons else reason not in LEFT_OUT)
+            and (not self.topics or topic in self.topics)
+            and (self.since_ms is None or ts_ms >= self.since_ms)
+            and (self.until_ms is None or ts_ms < self.until_ms)
+        )
+
+
+@dataclass
+class Plan:
+    """What a redrive does with the dead letters it read."""
+
+    publish: list[tuple[str, bytes | None, bytes, str]] = field(default_factory=list)
+    #: ^ (full topic name, key, value, the dead letter's DLQ position)
+    published: Counter[str] = field(default_factory=Counter)  # logical topic -> count
+    failing: Counter[str] = field(default_factory=Counter)  # reason now -> count
+    first_error: dict[str, str] = field(default_factory=dict)  # reason now -> its first error
+    not_kept: list[str] = field(default_factory=list)  # no bytes kept: their source position
+    not_selected: int = 0
+    copies: int = 0  # the same source position again
+    unreadable: int = 0  # DLQ messages that are no DeadLetter
+    foreign: Counter[str] = field(default_factory=Counter)  # topics it does not publish to
+
+
+def plan(
+    dead_letters: Iterable[tuple[str, Mapping[str, Any] | CodecError]],
+    codec: Codec,
+    settings: Settings,
+    selection: Selection,
+    now_ms: int,
+) -> Plan:
+    """Decide for each dead letter (its DLQ position, and its record or why it is none)."""
+    logical = {settings.topic(name): name for name in REDRIVABLE}
+    max_ahead_ms = settings.max_ahead_seconds * 1000
+    done = Plan()
+    seen: set[tuple[str, int, int]] = set()
+    for position, letter in dead_letters:
+        if isinstance(letter, CodecError):
+            done.unreadable += 1
+            continue
+        source = str(letter["source_topic"])
+        topic = logical.get(source)
+        if topic is None:
+            done.foreign[source] += 1
+            continue
+        if not selection.takes(str(letter["reason"]), topic, to_ms(letter["ts"])):
+            done.not_selected += 1
+            continue
+        origin = (source, int(letter["source_partition"]), int(letter["source_offset"]))
+        if origin in seen:
+            done.copies += 1
+            continue
+        seen.add(origin)
+        value = letter["value"]
+        if value is None:
+            done.not_kept.append(f"{source}[{origin[1]}]@{origin[2]}")
+            continue
+        try:
+            _check(codec, topic, bytes(value), now_ms, max_ahead_ms)
+        except CodecError as exc:
+            done.failing[exc.reason] += 1
+            done.first_error.setdefault(exc.reason, str(exc))
+            continue
+        key = letter["key"]
+        done.publish.append((source, None if key is None else bytes(key), bytes(value), position))
+        done.published[topic] += 1
+    return done
+
+
+def _check(codec: Codec, topic: str, value: bytes, now_ms: int, max_ahead_ms: int) -> None:
+    """Raise the CodecError a worker would dead-letter the record with, as far as the record
+    alone tells (too_many_events depends on the worker's state)."""
+    record = codec.decode(value, expected=RECORD_OF[topic]).record
+    if topic == "resolutions":
+        resolution_amounts(record)
+    if "ts" in record and topic != "eval-cases":
+        check_not_ahead(to_ms(record["ts"]), now_ms, max_ahead_ms)
+
+
+@dataclass
+class Redriven:
+    plan: Plan
+    read: int  # dead letters read
+    first: dict[int, int]  # DLQ partition -> the first offset read
+    end: dict[int, int]  # DLQ partition -> the offset read up to
+    dry_run: bool
+
+
+def group_id(settings: Settings) -> str:
+    """The consumer group whose committed offsets on the DLQ say where the last redrive ended."""
+    return f"{settings.app_id}-dlq-redrive"
+
+
+async def redrive(
+    settings: Settings,
+    selection: Selection,
+    *,
+    dry_run: bool = False,
+    from_beginning: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Redriven:
+    """Read the DLQ from after the last redrive (or its beginning) to its end as of now, and
+    publish the dead letters that now pass again, confirmed before the redrive group commits
+    where it read to (a crash between the two publishes them again at the next redrive, which
+    the workers count once within the dedupe horizon). ``dry_run``: publish and commit nothing."""
+    codec = Codec.load()
+    dlq = settings.topic("dlq")
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=group_id(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    letters: list[tuple[str, Mapping[str, Any] | CodecError]] = []
+    first: dict[int, int] = {}
+    try:
+        partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
+        await consumer.start()
+        consumer.assign(partitions)
+        if from_beginning:
+            await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        reported = time.monotonic()
+        for tp in partitions:
+            first[tp.partition] = await consumer.position(tp)
+            while await consumer.position(tp) < end[tp]:
+                for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                    for message in messages:
+                        if message.offset >= end[tp]:
+                            break
+                        position = f"{dlq}[{tp.partition}]@{message.offset}"
+                        letters.append((position, _letter(codec, message.value)))
+                if progress is not None and time.monotonic() - reported >= 2:
+                    reported = time.monotonic()
+                    progress(f"read {len(letters):,} dead letters ...")
+        done = plan(letters, codec, settings, selection, int(time.time() * 1000))
+        if not dry_run:
+            await _publish(settings, done.publish, progress)
+            await consumer.commit({tp: end[tp] for tp in partitions})
+    finally:
+        await consumer.stop()
+    return Redriven(done, len(letters), first, {tp.partition: o for tp, o in end.items()}, dry_run)
+
+
+async def _partitions(settings: Settings, topic: str) -> list[int]:
+    """The topic's partition numbers; RedriveError if it does not exist (it is looked for
+    first: described, a broker that creates topics on demand would make it)."""
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
+    try:
+        await admin.start()
+        if topic not in await admin.list_topics():
+            raise RedriveError(f"topic {topic} does not exist (`loopline topics` makes it)")
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(int(p["partition"]) for p in described["partitions"])
+
+
+def _letter(codec: Codec, value: bytes | None) -> Mapping[str, Any] | CodecError:
+    try:
+        return codec.decode(value, expected="DeadLetter").record
+    except CodecError as exc:
+        return exc
+
+
+async def _publish(
+    settings: Settings,
+    messages: list[tuple[str, bytes | None, bytes, str]],
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Publish each message with its key and the header naming its dead letter; return once
+    Kafka confirmed every one (raises what a send failed with)."""
+    if not messages:
+        return
+    producer = AIOKafkaProducer(**client_options(settings), acks="all")
+    await producer.start()
+    try:
+        sent = []
+        for index, (topic, key, value, position) in enumerate(messages, 1):
+            headers = [(REDRIVE_HEADER, position.encode())]
+            sent.append(await producer.send(topic, value, key=key, headers=headers))
+            if progress is not None and index % 10_000 == 0:
+                progress(f"published {index:,} of {len(messages):,} ...")
+        for delivery in sent:
+            await delivery
+    finally:
+        await producer.stop()

@@ -1,0 +1,170 @@
+"""Dead letters published again (pipeline.redrive): which, and on the real broker, with a worker
+that counts them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from pipeline.codec import Codec, CodecError
+from pipeline.deadletter import REASONS, dead_letter
+from pipeline.generator import TrafficGenerator
+from pipeline.redrive import Selection, plan
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics, key_of
+from tests.conftest import WorkerProcess, settings_env, wait_for
+from tests.pipeline.test_cli import loopline
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+CODEC = Codec.load()
+UNKNOWN = b"\xc3\x01" + bytes(8) + b"\x00"  # single-object encoding of a schema nobody knows
+
+
+def _inputs(count: int, start: datetime) -> list[dict[str, Any]]:
+    events = (record for topic, record in TrafficGenerator(5, start) if topic == "inputs")
+    return [next(events) for _ in range(count)]
+
+
+def _letter(
+    offset: int, value: bytes | None, reason: str, topic: str = "loopline.inputs", **kw: Any
+) -> dict[str, Any]:
+    return dead_letter(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        key=b"case-1",
+        value=value,
+        reason=reason,
+        error="as it failed then",
+        now=kw.get("now", NOW - timedelta(minutes=5)),
+    )
+
+
+def test_only_what_now_passes_is_published_each_source_position_once() -> None:
+    settings = Settings()
+    good = [CODEC.encode("InputEvent", record) for record in _inputs(2, NOW)]
+    ahead = _inputs(1, NOW + timedelta(hours=2))[0]  # still 2 h ahead of now: future_ts again
+    letters: list[tuple[str, dict[str, Any] | CodecError]] = [
+        ("dlq[0]@0", _letter(10, good[0], "unknown_schema")),  # its schema was added since
+        ("dlq[0]@1", _letter(10, good[0], "processing_error")),  # the sink's, same position
+        ("dlq[0]@2", _letter(11, good[1], "future_ts")),  # its producer's clock set right
+        ("dlq[0]@3", _letter(12, UNKNOWN, "unknown_schema")),  # still unknown
+        ("dlq[0]@4", _letter(13, CODEC.encode("InputEvent", ahead), "future_ts")),
+        ("dlq[0]@5", _letter(14, good[1], "too_many_events")),  # left out unless named
+        ("dlq[0]@6", _letter(15, None, "bad_value")),  # too large to copy: still at its source
+        ("dlq[0]@7", _letter(16, good[0], "bad_value", topic="elsewhere.inputs")),
+        ("dlq[0]@8", CodecError("bad_header", "not a DeadLetter")),
+    ]
+    done = plan(letters, CODEC, settings, Selection(), NOW_MS)
+    assert done.publish == [
+        ("loopline.inputs", b"case-1", good[0], "dlq[0]@0"),
+        ("loopline.inputs", b"case-1", good[1], "dlq[0]@2"),
+    ]
+    assert dict(done.published) == {"inputs": 2}
+    assert dict(done.failing) == {"unknown_schema": 1, "future_ts": 1}
+    assert done.first_error["unknown_schema"] == (
+        "unknown writer schema fingerprint 0000000000000000"
+    )
+    assert done.first_error["future_ts"].startswith("ts 2026-11-29T14:00:00")
+    assert (done.copies, done.not_selected, done.unreadable) == (1, 1, 1)
+    assert done.not_kept == ["loopline.inputs[0]@15"]
+    assert dict(done.foreign) == {"elsewhere.inputs": 1}
+
+    # named, the left-out reason is taken (and only it); by time, the window is [since, until)
+    named = plan(
+        letters, CODEC, settings, Selection(reasons=frozenset({"too_many_events"})), NOW_MS
+    )
+    assert [p[3] for p in named.publish] == ["dlq[0]@5"]
+    later = Selection(since_ms=NOW_MS - 5 * 60_000 + 1)
+    assert plan(letters, CODEC, settings, later, NOW_MS).publish == []
+    window = Selection(since_ms=NOW_MS - 5 * 60_000, until_ms=NOW_MS - 5 * 60_000 + 1)
+    assert len(plan(letters, CODEC, settings, window, NOW_MS).publish) == 2
+    assert (
+        plan(letters, CODEC, settings, Selection(topics=frozenset({"alerts"})), NOW_MS).publish
+        == []
+    )
+
+
+def test_every_reason_of_the_dead_letter_schema_can_be_chosen() -> None:
+    doc = {f["name"]: f.get("doc", "") for f in CODEC.schema("DeadLetter")["fields"]}["reason"]
+    listed = doc.split(":", 1)[1].replace(" ", "").split(",")
+    assert set(REASONS) == {*listed, "bad_key"}  # bad_key: the archive sink's, of tombstones
+
+
+@pytest.mark.broker
+def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    """A producer whose clock ran 3 h behind stamped its messages so: the worker refused the
+    events as future_ts (their ts ahead of their messages' time). Its clock set right, a
+    redrive publishes them again with a message time of now, and the worker counts them."""
+    settings = make_settings()
+    inputs = _inputs(8, datetime.now(UTC) - timedelta(minutes=10))
+    asyncio.run(_publish(settings, inputs[:5], behind_ms=0))
+    asyncio.run(_publish(settings, inputs[5:], behind_ms=3 * 3600_000))
+    asyncio.run(_publish_raw(settings, [UNKNOWN]))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs", "dead_letter") == 4, 60, "4 dead letters")
+    assert worker.processed("inputs") == 5
+    env = settings_env(settings)
+
+    dry = loopline("dlq", "redrive", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0].startswith(f"read 4 dead letters of {settings.topic('dlq')} (offsets ")
+    assert lines[1] == "would publish 3 again: inputs 3"
+    assert lines[2] == (
+        "still failing, left in the DLQ: unknown_schema 1 (first: unknown writer schema "
+        "fingerprint 0000000000000000)"
+    )
+    assert lines[-1] == "dry run: nothing published, and the next redrive reads the same"
+
+    done = loopline("dlq", "redrive", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == "published 3 again: inputs 3"
+    wait_for(lambda: worker.processed("inputs") == 8, 60, "the 3 redriven inputs counted")
+    time.sleep(2)  # nothing more: the still-failing one was not published again
+    assert worker.processed("inputs", "dead_letter") == 4
+    assert worker.processed("inputs") == 8
+
+    again = loopline("dlq", "redrive", env=env)
+    assert again.stdout.splitlines()[:2] == [
+        f"read 0 dead letters of {settings.topic('dlq')}, none new since the last redrive, if any",
+        "published 0 again",
+    ]
+    replayed = loopline("dlq", "redrive", "--from-beginning", "--dry-run", env=env)
+    assert replayed.stdout.splitlines()[1] == "would publish 3 again: inputs 3"
+
+
+async def _publish(settings: Settings, records: list[dict[str, Any]], behind_ms: int) -> None:
+    """Publish with the messages' time ``behind_ms`` before now, as a clock behind does."""
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for record in records:
+            key, value = key_of("inputs", record), CODEC.encode("InputEvent", record)
+            stamp = int(time.time() * 1000) - behind_ms
+            await producer.send_and_wait(
+                settings.topic("inputs"), value, key=key, timestamp_ms=stamp
+            )
+    finally:
+        await producer.stop()
+
+
+async def _publish_raw(settings: Settings, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(settings.topic("inputs"), value, key=b"raw")
+    finally:
+        await producer.stop()
