@@ -80,6 +80,52 @@ class Plan:
     foreign: Counter[str] = field(default_factory=Counter)  # topics it does not publish to
 
 
+class Planner:
+    """Decides for each dead letter, one after the other, what a redrive does with it."""
+
+    def __init__(self, codec: Codec, settings: Settings, selection: Selection, now_ms: int):
+        self.codec = codec
+        self.selection = selection
+        self.now_ms = now_ms
+        self.logical = {settings.topic(name): name for name in REDRIVABLE}
+        self.max_ahead_ms = settings.max_ahead_seconds * 1000
+        self.plan = Plan()
+        self.seen: set[tuple[str, int, int]] = set()  # source positions taken
+
+    def add(self, position: str, letter: Mapping[str, Any] | CodecError) -> None:
+        """One dead letter: its DLQ position, and its record or why it is none."""
+        done = self.plan
+        if isinstance(letter, CodecError):
+            done.unreadable += 1
+            return
+        source = str(letter["source_topic"])
+        topic = self.logical.get(source)
+        if topic is None:
+            done.foreign[source] += 1
+            return
+        if not self.selection.takes(str(letter["reason"]), topic, to_ms(letter["ts"])):
+            done.not_selected += 1
+            return
+        origin = (source, int(letter["source_partition"]), int(letter["source_offset"]))
+        if origin in self.seen:
+            done.copies += 1
+            return
+        self.seen.add(origin)
+        value = letter["value"]
+        if value is None:
+            done.not_kept.append(f"{source}[{origin[1]}]@{origin[2]}")
+            return
+        try:
+            _check(self.codec, topic, bytes(value), self.now_ms, self.max_ahead_ms)
+        except CodecError as exc:
+            done.failing[exc.reason] += 1
+            done.first_error.setdefault(exc.reason, str(exc))
+            return
+        key = letter["key"]
+        done.publish.append((source, None if key is None else bytes(key), bytes(value), position))
+        done.published[topic] += 1
+
+
 def plan(
     dead_letters: Iterable[tuple[str, Mapping[str, Any] | CodecError]],
     codec: Codec,
@@ -87,42 +133,11 @@ def plan(
     selection: Selection,
     now_ms: int,
 ) -> Plan:
-    """Decide for each dead letter (its DLQ position, and its record or why it is none)."""
-    logical = {settings.topic(name): name for name in REDRIVABLE}
-    max_ahead_ms = settings.max_ahead_seconds * 1000
-    done = Plan()
-    seen: set[tuple[str, int, int]] = set()
+    """The Plan of these dead letters (their DLQ positions, and records or why none)."""
+    planner = Planner(codec, settings, selection, now_ms)
     for position, letter in dead_letters:
-        if isinstance(letter, CodecError):
-            done.unreadable += 1
-            continue
-        source = str(letter["source_topic"])
-        topic = logical.get(source)
-        if topic is None:
-            done.foreign[source] += 1
-            continue
-        if not selection.takes(str(letter["reason"]), topic, to_ms(letter["ts"])):
-            done.not_selected += 1
-            continue
-        origin = (source, int(letter["source_partition"]), int(letter["source_offset"]))
-        if origin in seen:
-            done.copies += 1
-            continue
-        seen.add(origin)
-        value = letter["value"]
-        if value is None:
-            done.not_kept.append(f"{source}[{origin[1]}]@{origin[2]}")
-            continue
-        try:
-            _check(codec, topic, bytes(value), now_ms, max_ahead_ms)
-        except CodecError as exc:
-            done.failing[exc.reason] += 1
-            done.first_error.setdefault(exc.reason, str(exc))
-            continue
-        key = letter["key"]
-        done.publish.append((source, None if key is None else bytes(key), bytes(value), position))
-        done.published[topic] += 1
-    return done
+        planner.add(position, letter)
+    return planner.plan
 
 
 def _check(codec: Codec, topic: str, value: bytes, now_ms: int, max_ahead_ms: int) -> None:
@@ -158,11 +173,13 @@ async def redrive(
     progress: Callable[[str], None] | None = None,
 ) -> Redriven:
     """Read the DLQ from after the last redrive (or its beginning) to its end as of now, and
-    publish the dead letters that now pass again, confirmed before the redrive group commits
-    where it read to (a crash between the two publishes them again at the next redrive, which
-    the workers count once within the dedupe horizon). ``dry_run``: publish and commit nothing."""
+    publish the dead letters that now pass again, a fetch at a time: confirmed by Kafka before
+    the redrive group commits where it read to (a crash between the two publishes that fetch's
+    again at the next redrive, which the workers count once within the dedupe horizon).
+    ``dry_run``: publish and commit nothing."""
     codec = Codec.load()
     dlq = settings.topic("dlq")
+    planner = Planner(codec, settings, selection, int(time.time() * 1000))
     consumer = AIOKafkaConsumer(
         **client_options(settings),
         group_id=group_id(settings),
@@ -170,11 +187,14 @@ async def redrive(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
-    letters: list[tuple[str, Mapping[str, Any] | CodecError]] = []
+    producer = None if dry_run else AIOKafkaProducer(**client_options(settings), acks="all")
     first: dict[int, int] = {}
+    read = 0
     try:
         partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
         await consumer.start()
+        if producer is not None:
+            await producer.start()
         consumer.assign(partitions)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
@@ -183,22 +203,27 @@ async def redrive(
         for tp in partitions:
             first[tp.partition] = await consumer.position(tp)
             while await consumer.position(tp) < end[tp]:
-                for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                    for message in messages:
-                        if message.offset >= end[tp]:
-                            break
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1000)
+                for message in fetched.get(tp, []):
+                    if message.offset < end[tp]:
                         position = f"{dlq}[{tp.partition}]@{message.offset}"
-                        letters.append((position, _letter(codec, message.value)))
+                        planner.add(position, _letter(codec, message.value))
+                        read += 1
+                if producer is not None:
+                    await _publish(producer, planner.plan.publish)
+                    await consumer.commit({tp: min(await consumer.position(tp), end[tp])})
+                planner.plan.publish.clear()
                 if progress is not None and time.monotonic() - reported >= 2:
                     reported = time.monotonic()
-                    progress(f"read {len(letters):,} dead letters ...")
-        done = plan(letters, codec, settings, selection, int(time.time() * 1000))
-        if not dry_run:
-            await _publish(settings, done.publish, progress)
-            await consumer.commit({tp: end[tp] for tp in partitions})
+                    progress(
+                        f"read {read:,} dead letters, {planner.plan.published.total():,} "
+                        "to publish ..."
+                    )
     finally:
         await consumer.stop()
-    return Redriven(done, len(letters), first, {tp.partition: o for tp, o in end.items()}, dry_run)
+        if producer is not None:
+            await producer.stop()
+    return Redriven(planner.plan, read, first, {tp.partition: o for tp, o in end.items()}, dry_run)
 
 
 async def _partitions(settings: Settings, topic: str) -> list[int]:
@@ -223,24 +248,13 @@ def _letter(codec: Codec, value: bytes | None) -> Mapping[str, Any] | CodecError
 
 
 async def _publish(
-    settings: Settings,
-    messages: list[tuple[str, bytes | None, bytes, str]],
-    progress: Callable[[str], None] | None,
+    producer: AIOKafkaProducer, messages: list[tuple[str, bytes | None, bytes, str]]
 ) -> None:
     """Publish each message with its key and the header naming its dead letter; return once
     Kafka confirmed every one (raises what a send failed with)."""
-    if not messages:
-        return
-    producer = AIOKafkaProducer(**client_options(settings), acks="all")
-    await producer.start()
-    try:
-        sent = []
-        for index, (topic, key, value, position) in enumerate(messages, 1):
-            headers = [(REDRIVE_HEADER, position.encode())]
-            sent.append(await producer.send(topic, value, key=key, headers=headers))
-            if progress is not None and index % 10_000 == 0:
-                progress(f"published {index:,} of {len(messages):,} ...")
-        for delivery in sent:
-            await delivery
-    finally:
-        await producer.stop()
+    deliveries = [
+        await producer.send(topic, value, key=key, headers=[(REDRIVE_HEADER, position.encode())])
+        for topic, key, value, position in messages
+    ]
+    for delivery in deliveries:
+        await delivery

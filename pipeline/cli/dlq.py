@@ -98,7 +98,7 @@ def describe(done: Redriven, dlq: str, group: str) -> str:
     ]
     verb = "would publish" if done.dry_run else "published"
     by_topic = ", ".join(f"{t} {n:,}" for t, n in sorted(plan.published.items()))
-    lines.append(f"{verb} {len(plan.publish):,} again" + (f": {by_topic}" if by_topic else ""))
+    lines.append(f"{verb} {plan.published.total():,} again" + (f": {by_topic}" if by_topic else ""))
     for reason, count in sorted(plan.failing.items()):
         first = plan.first_error[reason]
         lines.append(f"still failing, left in the DLQ: {reason} {count:,} (first: {first})")

@@ -4,18 +4,19 @@ that counts them."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import REASONS, dead_letter
 from pipeline.generator import TrafficGenerator
-from pipeline.redrive import Selection, plan
+from pipeline.redrive import REDRIVE_HEADER, Selection, plan
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, key_of
 from tests.conftest import WorkerProcess, settings_env, wait_for
@@ -135,6 +136,17 @@ def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
     assert worker.processed("inputs", "dead_letter") == 4
     assert worker.processed("inputs") == 8
 
+    # published with their keys (so to the partitions of their cases) and the header
+    redriven = [m for m in asyncio.run(_messages(settings)) if m.headers]
+    originals = {m.value: m for m in asyncio.run(_messages(settings)) if not m.headers}
+    assert len(redriven) == 3
+    for message in redriven:
+        original = originals[message.value]
+        assert (message.key, message.partition) == (original.key, original.partition)
+        ((name, where),) = message.headers
+        assert name == REDRIVE_HEADER
+        assert re.fullmatch(rf"{re.escape(settings.topic('dlq'))}\[\d\]@\d+", where.decode())
+
     again = loopline("dlq", "redrive", env=env)
     assert again.stdout.splitlines()[:2] == [
         f"read 0 dead letters of {settings.topic('dlq')}, none new since the last redrive, if any",
@@ -168,3 +180,21 @@ async def _publish_raw(settings: Settings, values: list[bytes]) -> None:
             await producer.send_and_wait(settings.topic("inputs"), value, key=b"raw")
     finally:
         await producer.stop()
+
+
+async def _messages(settings: Settings) -> list[Any]:
+    """Every message of the inputs topic, with its partition, key and headers."""
+    consumer = AIOKafkaConsumer(
+        settings.topic("inputs"),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        messages: list[Any] = []
+        while batch := await consumer.getmany(timeout_ms=2000):
+            messages += [m for part in batch.values() for m in part]
+        return messages
+    finally:
+        await consumer.stop()
