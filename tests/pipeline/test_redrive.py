@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import REASONS, dead_letter
@@ -19,7 +19,7 @@ from pipeline.generator import TrafficGenerator
 from pipeline.redrive import REDRIVE_HEADER, Selection, plan
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, key_of
-from tests.conftest import WorkerProcess, settings_env, wait_for
+from tests.conftest import WorkerProcess, consume_messages, settings_env, wait_for
 from tests.pipeline.test_cli import loopline
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -137,8 +137,9 @@ def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
     assert worker.processed("inputs") == 8
 
     # published with their keys (so to the partitions of their cases) and the header
-    redriven = [m for m in asyncio.run(_messages(settings)) if m.headers]
-    originals = {m.value: m for m in asyncio.run(_messages(settings)) if not m.headers}
+    messages = asyncio.run(consume_messages(settings, "inputs", 12))  # 5 + 3 + 1 + 3 again
+    redriven = [m for m in messages if m.headers]
+    originals = {m.value: m for m in messages if not m.headers}
     assert len(redriven) == 3
     for message in redriven:
         original = originals[message.value]
@@ -180,21 +181,3 @@ async def _publish_raw(settings: Settings, values: list[bytes]) -> None:
             await producer.send_and_wait(settings.topic("inputs"), value, key=b"raw")
     finally:
         await producer.stop()
-
-
-async def _messages(settings: Settings) -> list[Any]:
-    """Every message of the inputs topic, with its partition, key and headers."""
-    consumer = AIOKafkaConsumer(
-        settings.topic("inputs"),
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        messages: list[Any] = []
-        while batch := await consumer.getmany(timeout_ms=2000):
-            messages += [m for part in batch.values() for m in part]
-        return messages
-    finally:
-        await consumer.stop()
