@@ -30,7 +30,7 @@ from pipeline.codec import Codec, CodecError
 from pipeline.core import check_not_ahead, resolution_amounts, to_ms
 from pipeline.kafka_security import client_options
 from pipeline.settings import Settings
-from pipeline.topics import CONTRACT_TOPICS, RECORD_OF
+from pipeline.topics import CONTRACT_TOPICS, EVENT_TOPICS, RECORD_OF
 
 #: Reasons a redrive leaves out unless named (the bytes themselves are at fault).
 LEFT_OUT = frozenset({"too_many_events"})
@@ -78,6 +78,9 @@ class Plan:
     copies: int = 0  # the same source position again
     unreadable: int = 0  # DLQ messages that are no DeadLetter
     foreign: Counter[str] = field(default_factory=Counter)  # topics it does not publish to
+    #: of those published, events older than the allowed lateness: a worker whose event time
+    #: is about now counts them too_late (the archive keeps them; their windows do not)
+    late: int = 0
 
 
 class Planner:
@@ -89,6 +92,7 @@ class Planner:
         self.now_ms = now_ms
         self.logical = {settings.topic(name): name for name in REDRIVABLE}
         self.max_ahead_ms = settings.max_ahead_seconds * 1000
+        self.lateness_ms = settings.allowed_lateness_seconds * 1000
         self.plan = Plan()
         self.seen: set[tuple[str, int, int]] = set()  # source positions taken
 
@@ -116,7 +120,7 @@ class Planner:
             done.not_kept.append(f"{source}[{origin[1]}]@{origin[2]}")
             return
         try:
-            _check(self.codec, topic, bytes(value), self.now_ms, self.max_ahead_ms)
+            ts_ms = _check(self.codec, topic, bytes(value), self.now_ms, self.max_ahead_ms)
         except CodecError as exc:
             done.failing[exc.reason] += 1
             done.first_error.setdefault(exc.reason, str(exc))
@@ -124,6 +128,8 @@ class Planner:
         key = letter["key"]
         done.publish.append((source, None if key is None else bytes(key), bytes(value), position))
         done.published[topic] += 1
+        if ts_ms is not None and ts_ms <= self.now_ms - self.lateness_ms:
+            done.late += 1
 
 
 def plan(
@@ -140,14 +146,18 @@ def plan(
     return planner.plan
 
 
-def _check(codec: Codec, topic: str, value: bytes, now_ms: int, max_ahead_ms: int) -> None:
+def _check(codec: Codec, topic: str, value: bytes, now_ms: int, max_ahead_ms: int) -> int | None:
     """Raise the CodecError a worker would dead-letter the record with, as far as the record
-    alone tells (too_many_events depends on the worker's state)."""
+    alone tells (too_many_events depends on the worker's state); else return its event time
+    (None: the topic's records have none)."""
     record = codec.decode(value, expected=RECORD_OF[topic]).record
     if topic == "resolutions":
         resolution_amounts(record)
-    if "ts" in record and topic != "eval-cases":
-        check_not_ahead(to_ms(record["ts"]), now_ms, max_ahead_ms)
+    if topic not in EVENT_TOPICS:
+        return None
+    ts_ms = to_ms(record["ts"])
+    check_not_ahead(ts_ms, now_ms, max_ahead_ms)
+    return ts_ms
 
 
 @dataclass

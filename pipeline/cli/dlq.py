@@ -99,6 +99,12 @@ def describe(done: Redriven, dlq: str, group: str) -> str:
     verb = "would publish" if done.dry_run else "published"
     by_topic = ", ".join(f"{t} {n:,}" for t, n in sorted(plan.published.items()))
     lines.append(f"{verb} {plan.published.total():,} again" + (f": {by_topic}" if by_topic else ""))
+    if plan.late:
+        lines.append(
+            f"{plan.late:,} of them are events older than the allowed lateness: a worker counts "
+            "them too_late, outside the windows (the archive keeps them; `loopline replay` "
+            "backfills numbers of past windows)"
+        )
     for reason, count in sorted(plan.failing.items()):
         first = plan.first_error[reason]
         lines.append(f"still failing, left in the DLQ: {reason} {count:,} (first: {first})")

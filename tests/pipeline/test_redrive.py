@@ -52,6 +52,7 @@ def test_only_what_now_passes_is_published_each_source_position_once() -> None:
     settings = Settings()
     good = [CODEC.encode("InputEvent", record) for record in _inputs(2, NOW)]
     ahead = _inputs(1, NOW + timedelta(hours=2))[0]  # still 2 h ahead of now: future_ts again
+    past = CODEC.encode("InputEvent", _inputs(1, NOW - timedelta(hours=2))[0])
     letters: list[tuple[str, dict[str, Any] | CodecError]] = [
         ("dlq[0]@0", _letter(10, good[0], "unknown_schema")),  # its schema was added since
         ("dlq[0]@1", _letter(10, good[0], "processing_error")),  # the sink's, same position
@@ -62,13 +63,16 @@ def test_only_what_now_passes_is_published_each_source_position_once() -> None:
         ("dlq[0]@6", _letter(15, None, "bad_value")),  # too large to copy: still at its source
         ("dlq[0]@7", _letter(16, good[0], "bad_value", topic="elsewhere.inputs")),
         ("dlq[0]@8", CodecError("bad_header", "not a DeadLetter")),
+        ("dlq[0]@9", _letter(17, past, "processing_error")),  # 2 h old: a worker's too_late
     ]
     done = plan(letters, CODEC, settings, Selection(), NOW_MS)
     assert done.publish == [
         ("loopline.inputs", b"case-1", good[0], "dlq[0]@0"),
         ("loopline.inputs", b"case-1", good[1], "dlq[0]@2"),
+        ("loopline.inputs", b"case-1", past, "dlq[0]@9"),
     ]
-    assert dict(done.published) == {"inputs": 2}
+    assert dict(done.published) == {"inputs": 3}
+    assert done.late == 1  # over the allowed lateness (1 h) before now
     assert dict(done.failing) == {"unknown_schema": 1, "future_ts": 1}
     assert done.first_error["unknown_schema"] == (
         "unknown writer schema fingerprint 0000000000000000"
@@ -86,7 +90,7 @@ def test_only_what_now_passes_is_published_each_source_position_once() -> None:
     later = Selection(since_ms=NOW_MS - 5 * 60_000 + 1)
     assert plan(letters, CODEC, settings, later, NOW_MS).publish == []
     window = Selection(since_ms=NOW_MS - 5 * 60_000, until_ms=NOW_MS - 5 * 60_000 + 1)
-    assert len(plan(letters, CODEC, settings, window, NOW_MS).publish) == 2
+    assert len(plan(letters, CODEC, settings, window, NOW_MS).publish) == 3
     assert (
         plan(letters, CODEC, settings, Selection(topics=frozenset({"alerts"})), NOW_MS).publish
         == []
