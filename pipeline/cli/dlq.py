@@ -102,8 +102,7 @@ def describe(done: Redriven, dlq: str, group: str) -> str:
     if plan.late:
         lines.append(
             f"{plan.late:,} of them are events older than the allowed lateness: a worker counts "
-            "them too_late, outside the windows (the archive keeps them; `loopline replay` "
-            "backfills numbers of past windows)"
+            "them too_late, outside the windows (the archive keeps them)"
         )
     for reason, count in sorted(plan.failing.items()):
         first = plan.first_error[reason]
