@@ -1,5 +1,5 @@
-"""Dead letters published again to their topics once their cause is fixed (`loopline dlq
-redrive`).
+"""The dead-letter topic read back: listed (`loopline dlq show`), and published again to their
+topics once their cause is fixed (`loopline dlq redrive`).
 
 A dead letter keeps its record's original key and bytes (pipeline.deadletter), so after a fix
 (a writer schema added to schemas/history, a producer's clock set right, a worker's bug fixed)
@@ -17,9 +17,10 @@ twice (``--from-beginning``) counts once within the dedupe horizon (1 h), twice 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +55,11 @@ class Selection:
     topics: frozenset[str] = frozenset()
     since_ms: int | None = None
     until_ms: int | None = None
+    left_out: frozenset[str] = LEFT_OUT  # the reasons taken only when named
 
     def takes(self, reason: str, topic: str, ts_ms: int) -> bool:
         return (
-            (reason in self.reasons if self.reasons else reason not in LEFT_OUT)
+            (reason in self.reasons if self.reasons else reason not in self.left_out)
             and (not self.topics or topic in self.topics)
             and (self.since_ms is None or ts_ms >= self.since_ms)
             and (self.until_ms is None or ts_ms < self.until_ms)
@@ -198,7 +200,6 @@ async def redrive(
         isolation_level="read_committed",
     )
     producer = None if dry_run else AIOKafkaProducer(**client_options(settings), acks="all")
-    first: dict[int, int] = {}
     read = 0
     try:
         partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
@@ -209,31 +210,92 @@ async def redrive(
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
+        first = {tp.partition: await consumer.position(tp) for tp in partitions}
         reported = time.monotonic()
-        for tp in partitions:
-            first[tp.partition] = await consumer.position(tp)
-            while await consumer.position(tp) < end[tp]:
-                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1000)
-                for message in fetched.get(tp, []):
-                    if message.offset < end[tp]:
-                        position = f"{dlq}[{tp.partition}]@{message.offset}"
-                        planner.add(position, _letter(codec, message.value))
-                        read += 1
-                if producer is not None:
-                    await _publish(producer, planner.plan.publish)
-                    await consumer.commit({tp: min(await consumer.position(tp), end[tp])})
-                planner.plan.publish.clear()
-                if progress is not None and time.monotonic() - reported >= 2:
-                    reported = time.monotonic()
-                    progress(
-                        f"read {read:,} dead letters, {planner.plan.published.total():,} "
-                        "to publish ..."
-                    )
+        async for tp, messages in _fetches(consumer, end):
+            for message in messages:
+                position = f"{dlq}[{tp.partition}]@{message.offset}"
+                planner.add(position, _letter(codec, message.value))
+            read += len(messages)
+            if producer is not None:
+                await _publish(producer, planner.plan.publish)
+                await consumer.commit({tp: min(await consumer.position(tp), end[tp])})
+            planner.plan.publish.clear()
+            if progress is not None and time.monotonic() - reported >= 2:
+                reported = time.monotonic()
+                progress(
+                    f"read {read:,} dead letters, {planner.plan.published.total():,} to publish ..."
+                )
     finally:
         await consumer.stop()
         if producer is not None:
             await producer.stop()
     return Redriven(planner.plan, read, first, {tp.partition: o for tp, o in end.items()}, dry_run)
+
+
+async def _fetches(
+    consumer: AIOKafkaConsumer, end: Mapping[TopicPartition, int]
+) -> AsyncIterator[tuple[TopicPartition, list[Any]]]:
+    """Each partition's messages from the consumer's position to ``end``, a fetch at a time."""
+    for tp, stop in end.items():
+        while await consumer.position(tp) < stop:
+            fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1000)
+            yield tp, [m for m in fetched.get(tp, []) if m.offset < stop]
+
+
+@dataclass
+class Shown:
+    """The dead letters ``show`` read: how many, those selected by source topic and reason,
+    and the newest of them (oldest first)."""
+
+    read: int
+    counts: Counter[tuple[str, str]]
+    newest: list[dict[str, Any]]
+    unreadable: int
+
+
+async def show(settings: Settings, selection: Selection, limit: int) -> Shown:
+    """Read the whole DLQ (no consumer group: nothing is committed) and keep the newest
+    ``limit`` dead letters ``selection`` takes, with their DLQ position as ``dlq_position``."""
+    codec = Codec.load()
+    dlq = settings.topic("dlq")
+    logical = {settings.topic(name): name for name in REDRIVABLE}
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    counts: Counter[tuple[str, str]] = Counter()
+    newest: list[tuple[int, int, dict[str, Any]]] = []  # a heap of (ts, order, letter)
+    read = unreadable = 0
+    try:
+        partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
+        await consumer.start()
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        async for tp, messages in _fetches(consumer, await consumer.end_offsets(partitions)):
+            for message in messages:
+                read += 1
+                letter = _letter(codec, message.value)
+                if isinstance(letter, CodecError):
+                    unreadable += 1
+                    continue
+                source, reason, ts_ms = (
+                    letter["source_topic"],
+                    letter["reason"],
+                    to_ms(letter["ts"]),
+                )
+                if not selection.takes(reason, logical.get(source, source), ts_ms):
+                    continue
+                counts[(source, reason)] += 1
+                shown = {**letter, "dlq_position": f"{dlq}[{tp.partition}]@{message.offset}"}
+                heapq.heappush(newest, (ts_ms, read, shown))
+                if len(newest) > limit:
+                    heapq.heappop(newest)
+    finally:
+        await consumer.stop()
+    return Shown(read, counts, [letter for *_, letter in sorted(newest)], unreadable)
 
 
 async def _partitions(settings: Settings, topic: str) -> list[int]:

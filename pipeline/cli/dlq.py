@@ -1,11 +1,16 @@
-"""``loopline dlq redrive``: dead letters published again once their cause is fixed."""
+"""``loopline dlq show|redrive``: the dead letters, and publishing them again once their cause
+is fixed."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from pipeline.cli.common import err, on_kafka, settings_of
 from pipeline.clitypes import parse_iso
+from pipeline.core import iso, to_ms
 from pipeline.deadletter import REASONS
 from pipeline.redrive import (
     LEFT_OUT,
@@ -13,9 +18,14 @@ from pipeline.redrive import (
     RedriveError,
     Redriven,
     Selection,
+    Shown,
     group_id,
     redrive,
+    show,
 )
+
+#: How much of a dead letter's error ``show`` prints on its line.
+ERROR_CHARS = 160
 
 
 @click.group()
@@ -23,24 +33,89 @@ def dlq() -> None:
     """The dead-letter topic (loopline.dlq)."""
 
 
+def _selected(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that select dead letters: --reason, --topic, --since, --until."""
+    options = [
+        click.option(
+            "--reason",
+            "reasons",
+            multiple=True,
+            type=click.Choice(REASONS),
+            help="Only dead letters of this reason (repeatable).",
+        ),
+        click.option(
+            "--topic",
+            "topics",
+            multiple=True,
+            type=click.Choice(REDRIVABLE),
+            help="Only dead letters of this source topic (logical name; repeatable).",
+        ),
+        click.option("--since", help="Only those dead-lettered at or after (ISO-8601)."),
+        click.option("--until", help="Only those dead-lettered before (ISO-8601)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _selection(
+    reasons: tuple[str, ...],
+    topics: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    left_out: frozenset[str],
+) -> Selection:
+    def ms(value: str | None, flag: str) -> int | None:
+        return None if value is None else int(parse_iso(value, flag).timestamp() * 1000)
+
+    return Selection(
+        frozenset(reasons), frozenset(topics), ms(since, "--since"), ms(until, "--until"), left_out
+    )
+
+
+@dlq.command("show")
+@_selected
+@click.option("--limit", type=click.IntRange(min=1), default=20, help="How many to list.")
+@click.pass_context
+def show_cmd(
+    ctx: click.Context,
+    reasons: tuple[str, ...],
+    topics: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    limit: int,
+) -> None:
+    """Count the dead letters by source topic and reason, and list the newest with their
+    errors (the whole DLQ is read; nothing is committed)."""
+    settings = settings_of(ctx)
+    selection = _selection(reasons, topics, since, until, frozenset())
+    try:
+        shown = on_kafka(settings, show(settings, selection, limit))
+    except RedriveError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(describe_shown(shown, settings.topic("dlq")))
+
+
+def describe_shown(shown: Shown, dlq: str) -> str:
+    selected = shown.counts.total()
+    lines = [f"{dlq}: {shown.read:,} dead letters, {selected:,} selected"]
+    if shown.unreadable:
+        lines[0] += f" ({shown.unreadable:,} unreadable as DeadLetter records)"
+    width = max((len(source) for source, _ in shown.counts), default=0)
+    for (source, reason), count in sorted(shown.counts.items()):
+        lines.append(f"  {source:<{width}}  {reason:<16} {count:>9,}")
+    if shown.newest:
+        lines.append(f"the newest {len(shown.newest):,}:")
+    for letter in shown.newest:
+        error = " ".join(str(letter["error"]).split())
+        error = error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."
+        where = f"{letter['source_topic']}[{letter['source_partition']}]@{letter['source_offset']}"
+        lines.append(f"  {iso(to_ms(letter['ts']))}  {where}  {letter['reason']}: {error}")
+    return "\n".join(lines)
+
+
 @dlq.command("redrive")
-@click.option(
-    "--reason",
-    "reasons",
-    multiple=True,
-    type=click.Choice(REASONS),
-    help="Only dead letters of this reason (repeatable). Default: every reason but "
-    f"{', '.join(sorted(LEFT_OUT))}, whose bytes fail the same way again.",
-)
-@click.option(
-    "--topic",
-    "topics",
-    multiple=True,
-    type=click.Choice(REDRIVABLE),
-    help="Only dead letters of this source topic (logical name; repeatable).",
-)
-@click.option("--since", default=None, help="Only those dead-lettered at or after (ISO-8601).")
-@click.option("--until", default=None, help="Only those dead-lettered before (ISO-8601).")
+@_selected
 @click.option("--dry-run", is_flag=True, help="Say what would be published; publish nothing.")
 @click.option(
     "--from-beginning",
@@ -60,14 +135,10 @@ def redrive_cmd(
 ) -> None:
     """Publish dead letters again to their topics, those that now pass a worker's checks
     (after a schema was added, a clock set right, a bug fixed); the others stay, counted by
-    reason. Reads the DLQ from where the last redrive ended to its end."""
+    reason. Reads the DLQ from where the last redrive ended to its end. --reason: by default
+    every reason but too_many_events, whose bytes fail the same way again."""
     settings = settings_of(ctx)
-    selection = Selection(
-        frozenset(reasons),
-        frozenset(topics),
-        None if since is None else int(parse_iso(since, "--since").timestamp() * 1000),
-        None if until is None else int(parse_iso(until, "--until").timestamp() * 1000),
-    )
+    selection = _selection(reasons, topics, since, until, LEFT_OUT)
     try:
         done = on_kafka(
             settings,

@@ -121,6 +121,30 @@ def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
     assert worker.processed("inputs") == 5
     env = settings_env(settings)
 
+    shown = loopline("dlq", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    dlq, inputs_topic = settings.topic("dlq"), settings.topic("inputs")
+    lines = shown.stdout.splitlines()
+    assert lines[:4] == [
+        f"{dlq}: 4 dead letters, 4 selected",
+        f"  {inputs_topic}  future_ts                3",
+        f"  {inputs_topic}  unknown_schema           1",
+        "the newest 4:",
+    ]
+    assert sorted(line.split("  ")[3].split(":")[0] for line in lines[4:]) == [
+        *["future_ts"] * 3,
+        "unknown_schema",
+    ]
+    assert all(re.search(rf"  {re.escape(inputs_topic)}\[\d\]@\d+  ", ln) for ln in lines[4:])
+    narrowed = loopline("dlq", "show", "--reason", "future_ts", "--limit", "2", env=env)
+    lines = narrowed.stdout.splitlines()
+    assert lines[:3] == [
+        f"{dlq}: 4 dead letters, 3 selected",
+        f"  {inputs_topic}  future_ts                3",
+        "the newest 2:",
+    ]
+    assert [line.split("  ")[3].split(":")[0] for line in lines[3:]] == ["future_ts"] * 2
+
     dry = loopline("dlq", "redrive", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
