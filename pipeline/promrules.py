@@ -94,6 +94,40 @@ HEALTH = """\
           summary: "{{{{ $labels.topic }}}}: records deleted by Kafka before a worker read them"
           runbook_url: "{base}/records_deleted_unread.md"
 
+      # The archive sink (sinks.metrics): stopped, falling behind, or holding rows it cannot
+      # write (a locked or full archive file). Its lag past the topics' retention is loss.
+      - alert: LooplineArchiveDown
+        expr: up{{job="loopline-archive"}} == 0
+        for: 2m
+        labels:
+          severity: warning
+        annotations:
+          summary: "the archive sink {{{{ $labels.instance }}}} is down"
+          runbook_url: "{base}/archive_down.md"
+
+      - alert: LooplineArchiveLagGrowing
+        expr: |
+          sum by (sink) (loopline_sink_consumer_lag_messages) > 10000
+          and sum by (sink) (delta(loopline_sink_consumer_lag_messages[10m])) > 0
+        for: 10m
+        labels:
+          severity: warning
+        annotations:
+          summary: "the {{{{ $labels.sink }}}} sink's lag is over 10000 messages and growing"
+          runbook_url: "{base}/archive_lag.md"
+
+      # Rows waiting and no batch written for 10 min (0 before its first since a start).
+      - alert: LooplineArchiveNotWriting
+        expr: |
+          time() - max by (sink) (loopline_sink_last_write_timestamp_seconds) > 600
+          and sum by (sink) (loopline_sink_rows_buffered) > 0
+        for: 5m
+        labels:
+          severity: warning
+        annotations:
+          summary: "the {{{{ $labels.sink }}}} sink has rows waiting and wrote none for 10 min"
+          runbook_url: "{base}/archive_not_writing.md"
+
       # Every loop name is a set of series (and state): a producer that puts something else in
       # `loop` (a case id, a version) grows them without bound unless LOOPLINE_LOOPS is set.
       - alert: LooplineManyLoops

@@ -146,6 +146,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "archive_batch_rows": _positive_int,
     "archive_batch_seconds": _positive_float,
     "archive_hold_seconds": _non_negative_float,
+    "archive_metrics_port": _port,
     "rules": _path,
     "review_port": _port,
     "review_claim_seconds": _positive_float,
@@ -197,6 +198,7 @@ class Settings:
     # While batches follow each other (a backlog), the sink keeps the archive open for up to
     # this long instead of closing it (and checkpointing) after every batch; 0 = close always
     archive_hold_seconds: float = 10.0
+    archive_metrics_port: int = 6068  # the archive sink's /metrics (sinks.metrics)
     rules: Path | None = None  # alert rules and drift settings (TOML); None = the defaults
     review_port: int = 6070
     review_claim_seconds: float = 600.0

@@ -40,6 +40,7 @@ from pipeline.offsetresets import OffsetResets
 from pipeline.settings import Settings
 from pipeline.topics import COMPACTED_TOPICS, RECORD_OF, SOURCE_TOPICS
 from sinks.base import Batch, Positions, SinkBackpressure
+from sinks.metrics import Lags, SinkMetrics
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class SinkRunner:
         codec: Codec | None = None,
         report: Callable[[str], None] | None = None,
         report_every: float = 10.0,
+        metrics: SinkMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -124,6 +126,8 @@ class SinkRunner:
         self.logical = {settings.topic(name): name for name in topics}
         self.group_id = group_id
         self.progress = SinkProgress()
+        self.metrics = metrics or SinkMetrics("sink")
+        self._sink_name = self.metrics.sink
         self.report = report or log.info
         self.report_every = report_every
         self._consumer: AIOKafkaConsumer | None = None
@@ -149,7 +153,7 @@ class SinkRunner:
         await self._producer.start()
         await self._consumer.start()
         self._resets.listen()
-        last_report = time.monotonic()
+        last_report = last_measure = time.monotonic()
         try:
             while not stop.is_set():
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=20_000)
@@ -161,6 +165,9 @@ class SinkRunner:
                 await self._write_when_due()
                 if self._writing is None and not self.sink.due():
                     await asyncio.to_thread(self.sink.idle)
+                if time.monotonic() - last_measure >= 1:
+                    last_measure = time.monotonic()
+                    self.metrics.measure(self.lags(), self.sink.pending)
                 if time.monotonic() - last_report >= self.report_every:
                     last_report = time.monotonic()
                     self.report(self._describe())
@@ -175,12 +182,14 @@ class SinkRunner:
 
     def _deleted_unread(self, topic: str, records: int) -> None:
         self.progress.deleted_unread += records
+        self.metrics.deleted_unread.labels(self._sink_name, topic).inc(records)
 
     async def _add_partition(self, messages: list[Any]) -> None:
         """Add one partition's messages (consecutive offsets) to the sink."""
         last = messages[-1]
         topic = self.logical[last.topic]
         self.progress.consumed += len(messages)
+        self.metrics.records.labels(self._sink_name, last.topic).inc(len(messages))
         self._next[(last.topic, last.partition)] = last.offset + 1
         if not self.sink.columnar(topic):
             for message in messages:
@@ -253,6 +262,7 @@ class SinkRunner:
         (source topics) or it came from the DLQ. Its id is the source position: one row."""
         record = dead_letter_of(message, reason, error)
         self.progress.dead_letters += 1
+        self.metrics.dead_letters.labels(self._sink_name, message.topic, reason).inc()
         log.warning(
             "dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, error
         )
@@ -287,6 +297,7 @@ class SinkRunner:
             await self._settle()
         except SinkBackpressure as exc:
             self.progress.backpressure += 1
+            self.metrics.backpressure.labels(self._sink_name).inc()
             self._pause = min(max(exc.retry_after, 2 * self._pause), 60.0)
             self._retry_at = time.monotonic() + self._pause
             self._consumer.pause(*self._consumer.assignment())
@@ -309,6 +320,8 @@ class SinkRunner:
             self.sink.restore(batch)
             raise
         self.progress.flushes += 1
+        self.metrics.batches.labels(self._sink_name).inc()
+        self.metrics.last_write.labels(self._sink_name).set(time.time())
         await self._commit(positions)
         if self._pause and self._consumer is not None:
             log.info("archive writable again; resuming")
@@ -366,13 +379,20 @@ class SinkRunner:
                     return
                 await asyncio.sleep(exc.retry_after)
 
-    def _describe(self) -> str:
-        lag = 0
+    def lags(self) -> Lags:
+        """Messages not read yet of each partition held: its end (as of the last fetch) minus
+        the next offset to read."""
+        lags: dict[tuple[str, int], int] = {}
         if self._consumer is not None:
             for tp in self._consumer.assignment():
                 high = self._consumer.highwater(tp)
                 if high is not None:
-                    lag += max(high - self._next.get((tp.topic, tp.partition), high), 0)
+                    key = (tp.topic, tp.partition)
+                    lags[key] = max(high - self._next.get(key, high), 0)
+        return lags
+
+    def _describe(self) -> str:
+        lag = sum(self.lags().values())
         deleted = self.progress.deleted_unread
         return (
             f"archive: {self.progress.consumed} records read, {self.progress.flushes} batches "

@@ -219,6 +219,7 @@ def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Setting
             "app_id": f"loopline-{tag}",
             "data_dir": tmp_path / "data",
             "web_port": free_port(),
+            "archive_metrics_port": free_port(),
             "snapshot_interval_seconds": 1.0,
         }
         values.update(overrides)
@@ -246,6 +247,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "LOOPLINE_ARCHIVE_PATH": str(settings.archive_file),
             "LOOPLINE_ARCHIVE_BATCH_ROWS": str(settings.archive_batch_rows),
             "LOOPLINE_ARCHIVE_BATCH_SECONDS": str(settings.archive_batch_seconds),
+            "LOOPLINE_ARCHIVE_METRICS_PORT": str(settings.archive_metrics_port),
         }
     )
     if settings.rules is not None:

@@ -69,15 +69,18 @@ def archive_group() -> None:
 @click.pass_context
 def archive_run(ctx: click.Context, db: Path | None) -> None:
     """Archive every loopline topic into DuckDB until Ctrl-C (one sink per archive file)."""
-    from pipeline.cli.common import on_kafka
+    from pipeline.cli.common import on_kafka, require_free_port
     from pipeline.topics import CONTRACT_TOPICS, ensure_topics
     from sinks.archive.sink import ArchiveSink
     from sinks.archive.store import ArchiveError
     from sinks.base import BatchPolicy
+    from sinks.metrics import SinkMetrics, serve
     from sinks.runner import SinkRunner
 
     settings = _settings(ctx, db)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(message)s")
+    where = (settings.web_host, settings.archive_metrics_port)
+    require_free_port(*where, "the archive's /metrics", "LOOPLINE_ARCHIVE_METRICS_PORT")
     archive = open_archive(settings)
     settings.archive_file.parent.mkdir(parents=True, exist_ok=True)
     policy = BatchPolicy(settings.archive_batch_rows, settings.archive_batch_seconds)
@@ -86,7 +89,8 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
         group = _consumer_group(settings, archive)
     except ArchiveError as exc:  # not a DuckDB file, unreadable, ...: said, no traceback
         raise _fail(exc) from None
-    runner = SinkRunner(settings, sink, CONTRACT_TOPICS, group, report=click.echo)
+    metrics = SinkMetrics("archive")
+    runner = SinkRunner(settings, sink, CONTRACT_TOPICS, group, report=click.echo, metrics=metrics)
 
     async def main() -> None:
         await ensure_topics(settings)
@@ -94,13 +98,19 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        click.echo(f"archiving {len(CONTRACT_TOPICS)} topics into {settings.archive_file}")
+        click.echo(
+            f"archiving {len(CONTRACT_TOPICS)} topics into {settings.archive_file}; metrics at "
+            f"http://{where[0]}:{where[1]}/metrics"
+        )
         await runner.run(stop)
 
+    stop_serving = serve(metrics, *where)
     try:
         on_kafka(settings, main())
     except ArchiveError as exc:
         raise _fail(exc) from None
+    finally:
+        stop_serving()
     written = ", ".join(f"{n:,} {t}" for t, n in sorted(sink.written.items()))
     click.echo(
         f"archive stopped: {written or 'no new rows'}; {sum(sink.skipped.values()):,} "

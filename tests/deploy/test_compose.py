@@ -99,11 +99,19 @@ def test_loopline_services_run_commands_the_cli_has(services: dict[str, dict[str
 def test_monitoring_finds_the_workers_and_each_other(services: dict[str, dict[str, Any]]) -> None:
     worker_port = Settings.from_env(services["worker"]["environment"]).web_port
     assert [p["target"] for p in services["worker"]["ports"]] == [worker_port]
+    archive = services["archive"]
+    archive_port = Settings.from_env(archive["environment"]).archive_metrics_port
+    assert [p["target"] for p in archive["ports"]] == [archive_port]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    (job,) = prometheus["scrape_configs"]
-    assert job["dns_sd_configs"] == [
-        {"names": ["worker"], "type": "A", "port": worker_port, "refresh_interval": "30s"}
-    ]
+    jobs = {job["job_name"]: job["dns_sd_configs"] for job in prometheus["scrape_configs"]}
+    assert jobs == {  # the job names the rules' up{job=...} use
+        "loopline": [
+            {"names": ["worker"], "type": "A", "port": worker_port, "refresh_interval": "30s"}
+        ],
+        "loopline-archive": [
+            {"names": ["archive"], "type": "A", "port": archive_port, "refresh_interval": "30s"}
+        ],
+    }
     (alerting,) = prometheus["alerting"]["alertmanagers"]
     assert alerting["static_configs"] == [{"targets": ["alertmanager:9093"]}]
     assert [p["target"] for p in services["alertmanager"]["ports"]] == [9093]

@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from pipeline.metrics import PipelineMetrics
 from pipeline.promrules import render
 from pipeline.rules import AlertRules
 from pipeline.settings import Settings
+from sinks.metrics import SinkMetrics
 from tests.agents.test_ingest import _publish
 from tests.conftest import WorkerProcess, free_port, wait_for
 
@@ -35,8 +37,10 @@ METRIC = re.compile(r"\b(loopline_[a-z_]+)\b")
 
 
 def exported_names() -> set[str]:
-    """Every sample name a worker's /metrics can carry (families listed even when empty)."""
-    text = PipelineMetrics.create().exposition().decode()
+    """Every sample name a worker's or the archive sink's /metrics can carry (families listed
+    even when empty)."""
+    sink = generate_latest(SinkMetrics("archive").registry).decode()
+    text = PipelineMetrics.create().exposition().decode() + sink
     names = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):

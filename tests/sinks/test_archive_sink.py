@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from pipeline.demo import fetch_metrics
 from pipeline.generator import TrafficGenerator
+from pipeline.metrics import parse_exposition, sample_sum
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -26,6 +29,7 @@ from tests.conftest import (
     CliProcess,
     consume,
     delete_first_records,
+    free_port,
     process_factory,
     publish_in_transactions,
     read_topic,
@@ -128,6 +132,33 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
         "eval_results": len(_ids(first, "eval-results")),
     }
     _wait_rows(settings, {**expected, "metric_snapshots": 25, "dead_letters": 1}, archive)
+
+    # Its /metrics: what it read, wrote and dead-lettered, and no lag once all is read.
+    def sink_metric(name: str, **labels: str) -> float:
+        url = f"http://127.0.0.1:{settings.archive_metrics_port}/metrics"
+        return sample_sum(
+            parse_exposition(fetch_metrics(url) or ""), name, sink="archive", **labels
+        )
+
+    inputs_topic = settings.topic("inputs")
+    read = len([t for t, _ in first if t == "inputs"])
+    wait_for(
+        lambda: (
+            sink_metric("loopline_sink_records_total", topic=inputs_topic) == read
+            and sink_metric("loopline_sink_consumer_lag_messages") == 0
+        ),
+        30,
+        "the archive's /metrics to show every input read and no lag",
+    )
+    assert sink_metric("loopline_sink_dead_letters_total", reason="bad_header") == 1
+    assert (
+        sink_metric(
+            "loopline_sink_dead_letters_total", topic=settings.topic("alerts"), reason="bad_header"
+        )
+        == 1
+    )
+    assert sink_metric("loopline_sink_batches_total") >= 1
+    assert 0 < time.time() - sink_metric("loopline_sink_last_write_timestamp_seconds") < 120
 
     # Redelivered copies of everything, then new events; the sink restarts in between.
     asyncio.run(_publish(settings, first[:1500]))
@@ -249,7 +280,9 @@ def test_each_archive_file_gets_every_record_kafka_holds(
     first = make_settings(
         archive_path=tmp_path / "a.duckdb", archive_batch_rows=500, archive_batch_seconds=0.2
     )
-    second = dataclasses.replace(first, archive_path=tmp_path / "b.duckdb")
+    second = dataclasses.replace(
+        first, archive_path=tmp_path / "b.duckdb", archive_metrics_port=free_port()
+    )
     events = _events(1000)
     asyncio.run(_publish(first, events))
     every = {t.replace("-", "_"): len(_ids(events, t)) for t in ("inputs", "resolutions")}
