@@ -254,7 +254,12 @@ class Shown:
     unreadable: int
 
 
-async def show(settings: Settings, selection: Selection, limit: int) -> Shown:
+async def show(
+    settings: Settings,
+    selection: Selection,
+    limit: int,
+    progress: Callable[[str], None] | None = None,
+) -> Shown:
     """Read the whole DLQ (no consumer group: nothing is committed) and keep the newest
     ``limit`` dead letters ``selection`` takes, with their DLQ position as ``dlq_position``."""
     codec = Codec.load()
@@ -274,7 +279,11 @@ async def show(settings: Settings, selection: Selection, limit: int) -> Shown:
         await consumer.start()
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        reported = time.monotonic()
         async for tp, messages in _fetches(consumer, await consumer.end_offsets(partitions)):
+            if progress is not None and time.monotonic() - reported >= 2:
+                reported = time.monotonic()
+                progress(f"read {read:,} dead letters ...")
             for message in messages:
                 read += 1
                 letter = _letter(codec, message.value)

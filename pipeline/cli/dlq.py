@@ -90,7 +90,7 @@ def show_cmd(
     settings = settings_of(ctx)
     selection = _selection(reasons, topics, since, until, frozenset())
     try:
-        shown = on_kafka(settings, show(settings, selection, limit))
+        shown = on_kafka(settings, show(settings, selection, limit, progress=err))
     except RedriveError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(describe_shown(shown, settings.topic("dlq")))
