@@ -116,6 +116,19 @@ HEALTH = """\
           summary: "the {{{{ $labels.sink }}}} sink's lag is over 10000 messages and growing"
           runbook_url: "{base}/archive_lag.md"
 
+      # Records Kafka deleted before the sink read them are missing from the archive for good
+      # (the counter of a topic appears at its first loss, as the workers' does).
+      - alert: LooplineArchiveRecordsDeletedUnread
+        expr: |
+          sum by (sink, topic) (increase(loopline_sink_records_deleted_unread_total[10m])) > 0
+          or sum by (sink, topic) (loopline_sink_records_deleted_unread_total
+            unless loopline_sink_records_deleted_unread_total offset 10m)
+        labels:
+          severity: warning
+        annotations:
+          summary: "{{{{ $labels.topic }}}}: lost to the {{{{ $labels.sink }}}} sink (retention)"
+          runbook_url: "{base}/archive_lag.md"
+
       # Rows waiting and no batch written for 10 min (0 before its first since a start).
       - alert: LooplineArchiveNotWriting
         expr: |
