@@ -86,14 +86,20 @@ def test_loopline_services_set_settings_loopline_reads(
         assert settings.web_host == "0.0.0.0", name  # reachable from Prometheus
 
 
+def parse_command(args: list[str]) -> click.Command:
+    """The ``loopline`` command these arguments run, its options parsed (click raises if not)."""
+    command: click.Command = main
+    rest = list(args)
+    while isinstance(command, click.Group) and rest and rest[0] in command.commands:
+        command = command.commands[rest.pop(0)]
+    assert not isinstance(command, click.Group), args
+    command.make_context(command.name, rest)
+    return command
+
+
 def test_loopline_services_run_commands_the_cli_has(services: dict[str, dict[str, Any]]) -> None:
-    for name, service in loopline_services(services).items():
-        command: click.Command = main
-        args = list(service["command"])
-        while isinstance(command, click.Group) and args and args[0] in command.commands:
-            command = command.commands[args.pop(0)]
-        assert not isinstance(command, click.Group), (name, service["command"])
-        command.make_context(command.name, args)  # its options parse (click raises if not)
+    for service in loopline_services(services).values():
+        parse_command(service["command"])
 
 
 def test_monitoring_finds_the_workers_and_each_other(services: dict[str, dict[str, Any]]) -> None:
