@@ -165,6 +165,12 @@ def create_review_app(settings: Settings) -> Starlette:
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok" if follow.ready.is_set() else "loading", status_code=200)
 
+    async def readyz(request: Request) -> Response:
+        """503 until the queue was read up to the topics' end: a page behind a load balancer
+        gets reviewers only once it shows every open candidate."""
+        ready = follow.ready.is_set()
+        return PlainTextResponse("ready" if ready else "loading", status_code=200 if ready else 503)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await follow.start()
@@ -182,6 +188,7 @@ def create_review_app(settings: Settings) -> Starlette:
             Route("/candidates/{candidate_id}", candidate_page),
             Route("/candidates/{candidate_id}/decide", decide, methods=["POST"]),
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
         ],
         middleware=[
             Middleware(SessionMiddleware, secret_key=secret, same_site="strict", max_age=12 * 3600)

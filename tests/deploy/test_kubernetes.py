@@ -100,7 +100,8 @@ def test_probes_and_services_use_the_ports_and_paths_loopline_serves(
     review = _container(resources["Deployment/loopline-review"])
     review_port = _settings_of(resources, review).review_port
     assert review["ports"] == [{"name": "http", "containerPort": review_port}]
-    assert review["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert review["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert review["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     for service, port in (("worker", settings.web_port), ("archive", archive_port)):
         spec = resources[f"Service/loopline-{service}"]["spec"]
         assert spec["clusterIP"] == "None"  # an A record per pod, as compose's DNS gives

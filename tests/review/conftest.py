@@ -24,11 +24,15 @@ class ReviewProcess(CliProcess):
         return f"http://127.0.0.1:{self.settings.review_port}"
 
     def ready(self) -> bool:
+        """/readyz says 200 "ready" once the queue is loaded (503 "loading" before); /healthz
+        answers 200 throughout, "loading" then "ok"."""
         try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                ready = response.status == 200 and response.read() == b"ready"
             with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                return bool(response.read() == b"ok")
+                return ready and response.read() == b"ok"
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+            return False  # a 503 is an HTTPError, a URLError
 
     def start(self) -> ReviewProcess:
         self.launch()
