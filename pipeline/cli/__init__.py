@@ -42,6 +42,7 @@ def main(ctx: click.Context) -> None:
 for command in (
     kafka.kafka,
     kafka.topics,
+    kafka.status,
     services.worker,
     services.review,
     services.demo,

@@ -9,6 +9,8 @@ import click
 
 from pipeline.cli.common import err, on_kafka, settings_of
 from pipeline.kafka_local import BrokerError, LocalBroker
+from pipeline.status import describe as describe_status
+from pipeline.status import read_status
 from pipeline.topics import ensure_topics, grow_source_topics
 
 
@@ -121,3 +123,12 @@ def topics(ctx: click.Context, partitions: int | None) -> None:
                 else f"; set LOOPLINE_PARTITIONS={partitions} where loopline runs"
             )
         )
+
+
+@click.command("status")
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """The loopline topics (partitions, records) and this deployment's consumer groups (state,
+    members, lag by topic), as Kafka sees them."""
+    settings = settings_of(ctx)
+    click.echo(describe_status(on_kafka(settings, read_status(settings))))

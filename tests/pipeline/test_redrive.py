@@ -181,6 +181,21 @@ def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
         f"read 0 dead letters of {settings.topic('dlq')}, none new since the last redrive, if any",
         "published 0 again",
     ]
+    # `loopline status` sees the same: 12 input messages, the DLQ's 4, the workers caught up
+    # and the redrive group at the DLQ's end
+    said = loopline("status", env=env)
+    assert said.returncode == 0, said.stderr
+    lines = said.stdout.splitlines()
+    assert re.search(rf"^  {re.escape(inputs_topic)} +4 +12$", said.stdout, re.M), lines
+    assert re.search(rf"^  {re.escape(dlq)} +4 +4$", said.stdout, re.M), lines
+    group = settings.app_id
+    workers = lines.index(f"  {group} (workers): Stable, 1 member")
+    redrives = lines.index(f"  {group}-dlq-redrive (dlq redrive): Empty, 0 members")
+    assert re.fullmatch(rf"    {re.escape(dlq)} +lag +0", lines[redrives + 1]), lines
+    # groups by name: the workers' (the app id) before the redrive's
+    (inputs_lag,) = [line for line in lines[workers + 1 : redrives] if f" {inputs_topic} " in line]
+    assert re.fullmatch(rf"    {re.escape(inputs_topic)} +lag +0", inputs_lag), lines
+
     replayed = loopline("dlq", "redrive", "--from-beginning", "--dry-run", env=env)
     assert replayed.stdout.splitlines()[1] == "would publish 3 again: inputs 3"
 

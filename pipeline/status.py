@@ -1,0 +1,141 @@
+"""`loopline status`: the pipeline as Kafka sees it, in one look, without Prometheus.
+
+The loopline topics with their partitions and records, and every consumer group of this
+deployment (the workers', the archive sinks', the redrive's) with its state, its members and
+its lag by topic: what an SRE asks first when the numbers look stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipeline.kafka_security import client_options
+from pipeline.settings import Settings
+from pipeline.topics import TOPICS
+
+
+@dataclass(frozen=True)
+class TopicStatus:
+    name: str
+    partitions: int
+    records: int  # end offsets minus start offsets, summed (records kept, markers included)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    role: str  # workers, archive sink, dlq redrive, or other
+    state: str  # Kafka's: Stable, PreparingRebalance, Empty, Dead, ...
+    members: int
+    #: topic -> messages past the group's committed offsets (a partition with none: all of it)
+    lag: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    bootstrap: str
+    topics: list[TopicStatus]
+    groups: list[GroupStatus]
+
+
+def role_of(group: str, app_id: str) -> str | None:
+    """Which part of this deployment a consumer group is (None: not this deployment's)."""
+    if group == app_id:
+        return "workers"
+    if group == f"{app_id}-dlq-redrive":
+        return "dlq redrive"
+    if group == f"{app_id}-archive" or group.startswith(f"{app_id}-archive-"):
+        return "archive sink"
+    return None
+
+
+def lag_by_topic(
+    ends: Mapping[TopicPartition, int],
+    starts: Mapping[TopicPartition, int],
+    committed: Mapping[TopicPartition, int],
+    topics: Iterable[str],
+) -> dict[str, int]:
+    """Per topic, the messages past the group's committed offsets; a partition the group has
+    committed nothing for counts whole (from its start), as a new consumer would read it."""
+    wanted = set(topics)
+    lag: dict[str, int] = {}
+    for tp, end in ends.items():
+        if tp.topic in wanted:
+            position = committed.get(tp, starts.get(tp, 0))
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(end - position, 0)
+    return lag
+
+
+async def read_status(settings: Settings) -> Status:
+    names = [settings.topic(t.name) for t in TOPICS]
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        present = [name for name in names if name in existing]
+        described = await admin.describe_topics(present) if present else []
+        tps = [
+            TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
+        ]
+        await consumer.start()
+        ends = await consumer.end_offsets(tps) if tps else {}
+        starts = await consumer.beginning_offsets(tps) if tps else {}
+        topics = [
+            TopicStatus(
+                name,
+                sum(1 for tp in tps if tp.topic == name),
+                sum(ends[tp] - starts[tp] for tp in tps if tp.topic == name),
+            )
+            for name in present
+        ]
+        ours = sorted(
+            (group_id, role)
+            for group_id, *_ in await admin.list_consumer_groups()
+            if (role := role_of(group_id, settings.app_id)) is not None
+        )
+        groups = []
+        for group_id, role in ours:
+            (response,) = await admin.describe_consumer_groups([group_id])
+            _, _, state, _, _, members, *_ = response.groups[0]
+            offsets = await admin.list_consumer_group_offsets(group_id)
+            committed = {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+            consumed = {tp.topic for tp in committed}
+            groups.append(
+                GroupStatus(
+                    group_id,
+                    role,
+                    str(state),
+                    len(members),
+                    lag_by_topic(ends, starts, committed, consumed),
+                )
+            )
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return Status(settings.bootstrap_servers, topics, groups)
+
+
+def describe(status: Status) -> str:
+    """The status as a few aligned tables."""
+    lines = [f"kafka {status.bootstrap}: {len(status.topics)} loopline topics"]
+    width = max((len(t.name) for t in status.topics), default=5)
+    lines.append(f"  {'topic':<{width}}  {'partitions':>10}  {'records':>12}")
+    for topic in status.topics:
+        lines.append(f"  {topic.name:<{width}}  {topic.partitions:>10}  {topic.records:>12,}")
+    if not status.groups:
+        lines.append("no consumer group of this deployment yet (no worker or sink has committed)")
+        return "\n".join(lines)
+    lines.append("consumer groups:")
+    for group in status.groups:
+        lines.append(
+            f"  {group.name} ({group.role}): {group.state}, {group.members} member"
+            + ("" if group.members == 1 else "s")
+        )
+        for name, lag in sorted(group.lag.items()):
+            lines.append(f"    {name:<{width}}  lag {lag:>12,}")
+    return "\n".join(lines)
