@@ -90,8 +90,15 @@ def _mismatch(settings: Settings, events: Events) -> str | None:
     for loop, record in published.items():
         as_of = int(record["ts"].timestamp() * 1000)
         expected = replayed.snapshot(as_of)["loops"][loop]["windows"]
-        if json.loads(record["windows_json"]) != expected:
-            return f"{loop} as of {record['ts']}: windows differ"
+        got = json.loads(record["windows_json"])
+        if got != expected:  # said number by number, so that a failure in CI can be read
+            differ = [
+                f"{window}.{name}: {got.get(window, {}).get(name)} != {value}"
+                for window, numbers in expected.items()
+                for name, value in numbers.items()
+                if got.get(window, {}).get(name) != value
+            ]
+            return f"{loop} as of {record['ts']}: windows differ: " + "; ".join(differ[:6])
         if record["unresolved_cases"] != replayed.unresolved(as_of)[loop]:
             return f"{loop}: unresolved {record['unresolved_cases']}"
     return None
