@@ -21,6 +21,7 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,47 +191,61 @@ async def redrive(
     again at the next redrive, which the workers count once within the dedupe horizon).
     ``dry_run``: publish and commit nothing."""
     codec = Codec.load()
-    dlq = settings.topic("dlq")
     planner = Planner(codec, settings, selection, int(time.time() * 1000))
+    producer = None if dry_run else AIOKafkaProducer(**client_options(settings), acks="all")
+    read = 0
+    async with _dlq_reader(settings, group_id(settings), from_beginning) as (consumer, end):
+        first = {tp.partition: await consumer.position(tp) for tp in end}
+        if producer is not None:
+            await producer.start()
+        try:
+            reported = time.monotonic()
+            async for tp, messages in _fetches(consumer, end):
+                for message in messages:
+                    planner.add(_position(message), _letter(codec, message.value))
+                read += len(messages)
+                if producer is not None:
+                    await _publish(producer, planner.plan.publish)
+                    await consumer.commit({tp: min(await consumer.position(tp), end[tp])})
+                planner.plan.publish.clear()
+                if progress is not None and time.monotonic() - reported >= 2:
+                    reported = time.monotonic()
+                    published = planner.plan.published.total()
+                    progress(f"read {read:,} dead letters, {published:,} to publish ...")
+        finally:
+            if producer is not None:
+                await producer.stop()
+    return Redriven(planner.plan, read, first, {tp.partition: o for tp, o in end.items()}, dry_run)
+
+
+@asynccontextmanager
+async def _dlq_reader(
+    settings: Settings, group: str | None, from_beginning: bool
+) -> AsyncIterator[tuple[AIOKafkaConsumer, dict[TopicPartition, int]]]:
+    """A consumer assigned every DLQ partition, at the group's committed offsets (or the
+    beginning), and each partition's end as of now; stopped on leaving."""
+    dlq = settings.topic("dlq")
+    partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
     consumer = AIOKafkaConsumer(
         **client_options(settings),
-        group_id=group_id(settings),
+        group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
-    producer = None if dry_run else AIOKafkaProducer(**client_options(settings), acks="all")
-    read = 0
     try:
-        partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
         await consumer.start()
-        if producer is not None:
-            await producer.start()
         consumer.assign(partitions)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        first = {tp.partition: await consumer.position(tp) for tp in partitions}
-        reported = time.monotonic()
-        async for tp, messages in _fetches(consumer, end):
-            for message in messages:
-                position = f"{dlq}[{tp.partition}]@{message.offset}"
-                planner.add(position, _letter(codec, message.value))
-            read += len(messages)
-            if producer is not None:
-                await _publish(producer, planner.plan.publish)
-                await consumer.commit({tp: min(await consumer.position(tp), end[tp])})
-            planner.plan.publish.clear()
-            if progress is not None and time.monotonic() - reported >= 2:
-                reported = time.monotonic()
-                progress(
-                    f"read {read:,} dead letters, {planner.plan.published.total():,} to publish ..."
-                )
+        yield consumer, await consumer.end_offsets(partitions)
     finally:
         await consumer.stop()
-        if producer is not None:
-            await producer.stop()
-    return Redriven(planner.plan, read, first, {tp.partition: o for tp, o in end.items()}, dry_run)
+
+
+def _position(message: Any) -> str:
+    """A DLQ message's position, as a redrive's header and ``show`` name it."""
+    return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
 async def _fetches(
@@ -263,24 +278,13 @@ async def show(
     """Read the whole DLQ (no consumer group: nothing is committed) and keep the newest
     ``limit`` dead letters ``selection`` takes, with their DLQ position as ``dlq_position``."""
     codec = Codec.load()
-    dlq = settings.topic("dlq")
     logical = {settings.topic(name): name for name in REDRIVABLE}
-    consumer = AIOKafkaConsumer(
-        **client_options(settings),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
     counts: Counter[tuple[str, str]] = Counter()
     newest: list[tuple[int, int, dict[str, Any]]] = []  # a heap of (ts, order, letter)
     read = unreadable = 0
-    try:
-        partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
-        await consumer.start()
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+    async with _dlq_reader(settings, None, from_beginning=True) as (consumer, end):
         reported = time.monotonic()
-        async for tp, messages in _fetches(consumer, await consumer.end_offsets(partitions)):
+        async for _, messages in _fetches(consumer, end):
             if progress is not None and time.monotonic() - reported >= 2:
                 reported = time.monotonic()
                 progress(f"read {read:,} dead letters ...")
@@ -298,12 +302,10 @@ async def show(
                 if not selection.takes(reason, logical.get(source, source), ts_ms):
                     continue
                 counts[(source, reason)] += 1
-                shown = {**letter, "dlq_position": f"{dlq}[{tp.partition}]@{message.offset}"}
+                shown = {**letter, "dlq_position": _position(message)}
                 heapq.heappush(newest, (ts_ms, read, shown))
                 if len(newest) > limit:
                     heapq.heappop(newest)
-    finally:
-        await consumer.stop()
     return Shown(read, counts, [letter for *_, letter in sorted(newest)], unreadable)
 
 
