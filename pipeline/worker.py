@@ -14,7 +14,7 @@ from typing import Any
 import faust
 import uvloop
 
-from agents import dispatch, fetch
+from agents import dispatch, fetch, seek
 from agents.state import applied_offset
 from pipeline import kafka_outage
 from pipeline.app import create_app
@@ -95,7 +95,8 @@ def make_worker(
     metrics: PipelineMetrics | None = None,
 ) -> faust.Worker:
     """The Faust worker for ``app``, with four of Faust's per-message costs taken out and a
-    deadline on its stop; its consumer reads committed records only (``read_committed``), and
+    deadline on its stop; its consumer reads committed records only (``read_committed``) and
+    refetches what a rebalance left unprocessed also before its first commit (agents.seek), and
     records Kafka deleted before its state applied them are counted in ``metrics``
     (pipeline.offsetresets)."""
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
@@ -105,6 +106,7 @@ def make_worker(
     worker.spinner = None
     on_deleted = None if metrics is None else metrics.count_deleted_unread
     fetch.install(app.consumer, on_deleted, applied_offset(app))
+    seek.install(app.consumer)
     read_committed(app.consumer)
     dispatch.install(app.consumer)
     dispatch.install_ebb(app.producer.buffer)

@@ -59,6 +59,9 @@ def test_the_consumer_hands_messages_over_on_the_fast_path(
     consumer: Any = app.consumer
     assert consumer.wait_first.__module__ == "agents.dispatch"
     assert isinstance(consumer._drain_messages.__self__, FetchLoop)  # whole fetches
+    # the end-of-rebalance seek covers partitions never committed (agents.seek)
+    assert consumer._thread.seek_to_committed.__qualname__ == "install.<locals>.seek"
+    assert consumer._thread.seek_to_committed.__module__ == "agents.seek"
 
 
 def test_metrics_show_how_many_changelog_records_are_left_to_restore(
