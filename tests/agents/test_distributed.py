@@ -259,6 +259,38 @@ def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
     assert " restored " not in first.log()
 
 
+def test_a_worker_leaving_under_traffic_hands_its_partitions_back(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    # Scaling in: of two workers, one is stopped (SIGTERM, as a deployment scaled down stops
+    # it) while events keep coming. The other takes its partitions back, restored from the
+    # changelogs the leaving one wrote, and the numbers equal replay's.
+    settings = make_settings()
+    events = _traffic(36, 12_000)
+    asyncio.run(_publish(settings, events[:4000]))
+    staying = start_worker(settings)
+    wait_for(lambda: staying.processed("inputs") >= 1000, 120, "the first worker to be midway")
+    rest = events[4000:]
+
+    def publish_slowly() -> None:  # about 27 s of traffic, across both rebalances
+        for start in range(0, len(rest), 300):
+            asyncio.run(_publish(settings, rest[start : start + 300]))
+            time.sleep(1.0)
+
+    publisher = threading.Thread(target=publish_slowly)
+    publisher.start()
+    leaving = start_worker(dataclasses.replace(settings, web_port=free_port()))
+    wait_for(lambda: leaving.processed("inputs") >= 200, 120, "the second worker to count")
+    assert leaving.stop(signal.SIGTERM) == 0, leaving.log_tail()
+    publisher.join()
+    _wait_exact(settings, events, [staying])
+    # the partitions it had came back from their changelogs, not from the staying worker's
+    # memory of them (the leaving worker wrote them meanwhile: agents.state.settle)
+    changelog = f"{settings.app_id}-partition-state-changelog"
+    assert f" restored {changelog}[" in staying.log(), staying.log_tail()
+
+
 async def _marker_generations(settings: Settings, topic: str) -> dict[int, list[int]]:
     """Each partition's checkpoint markers' generations, in the order the changelog holds them."""
     consumer = AIOKafkaConsumer(
