@@ -118,6 +118,19 @@ def _wait_exact(settings: Settings, events: Events, workers: list[WorkerProcess]
         raise AssertionError(f"{exc}; last difference: {state['last']}") from None
 
 
+def _publishing_slowly(settings: Settings, events: Events) -> threading.Thread:
+    """A thread publishing ``events`` 300 a second, started."""
+
+    def publish() -> None:
+        for start in range(0, len(events), 300):
+            asyncio.run(_publish(settings, events[start : start + 300]))
+            time.sleep(1.0)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    return publisher
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_one_and_two_workers_publish_the_replay_snapshot(
     workers: int,
@@ -233,14 +246,7 @@ def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
     first = start_worker(settings)
     wait_for(lambda: first.processed("inputs") >= 1000, 120, "the first worker to be midway")
 
-    def publish_slowly() -> None:  # about 20 s of traffic, across the rebalance
-        rest = events[6000:]
-        for start in range(0, len(rest), 300):
-            asyncio.run(_publish(settings, rest[start : start + 300]))
-            time.sleep(1.0)
-
-    publisher = threading.Thread(target=publish_slowly)
-    publisher.start()
+    publisher = _publishing_slowly(settings, events[6000:])  # ~20 s, across the rebalance
     second = start_worker(dataclasses.replace(settings, web_port=free_port()))
     publisher.join()
     workers = [first, second]
@@ -271,15 +277,7 @@ def test_a_worker_leaving_under_traffic_hands_its_partitions_back(
     asyncio.run(_publish(settings, events[:4000]))
     staying = start_worker(settings)
     wait_for(lambda: staying.processed("inputs") >= 1000, 120, "the first worker to be midway")
-    rest = events[4000:]
-
-    def publish_slowly() -> None:  # about 27 s of traffic, across both rebalances
-        for start in range(0, len(rest), 300):
-            asyncio.run(_publish(settings, rest[start : start + 300]))
-            time.sleep(1.0)
-
-    publisher = threading.Thread(target=publish_slowly)
-    publisher.start()
+    publisher = _publishing_slowly(settings, events[4000:])  # ~27 s, across both rebalances
     leaving = start_worker(dataclasses.replace(settings, web_port=free_port()))
     wait_for(lambda: leaving.processed("inputs") >= 200, 120, "the second worker to count")
     assert leaving.stop(signal.SIGTERM) == 0, leaving.log_tail()
