@@ -289,6 +289,36 @@ def test_a_worker_leaving_under_traffic_hands_its_partitions_back(
     assert f" restored {changelog}[" in staying.log(), staying.log_tail()
 
 
+def test_workers_joining_leaving_and_killed_in_quick_succession_count_every_event_once(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    # Churn under traffic: rebalances that begin while the last one's restores still run, a
+    # clean leave, a SIGKILL (its partitions wait out its session) and a replacement.
+    settings = make_settings()
+    events = _traffic(41, 16_000)
+    asyncio.run(_publish(settings, events[:3000]))
+    first = start_worker(settings)
+    wait_for(lambda: first.processed("inputs") >= 500, 120, "the first worker to count")
+    publisher = _publishing_slowly(settings, events[3000:])  # ~43 s
+
+    def another() -> WorkerProcess:
+        return start_worker(dataclasses.replace(settings, web_port=free_port()))
+
+    time.sleep(3)
+    second = another()
+    time.sleep(1)
+    third = another()
+    time.sleep(1.5)
+    assert second.stop(signal.SIGTERM) == 0, second.log_tail()
+    time.sleep(1)
+    third.stop(signal.SIGKILL)
+    time.sleep(3)
+    fourth = another()
+    publisher.join()
+    _wait_exact(settings, events, [first, fourth])
+
+
 async def _marker_generations(settings: Settings, topic: str) -> dict[int, list[int]]:
     """Each partition's checkpoint markers' generations, in the order the changelog holds them."""
     consumer = AIOKafkaConsumer(
