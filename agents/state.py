@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -162,6 +163,7 @@ class CheckpointedPartitions(Generic[Core]):
         self._sent: dict[int, Sent] = {}  # each loaded partition's last changelog writes
         self._revoked: dict[int, int] = {}  # kept until the assignment: -> its generation
         self._cut: set[tuple[int, int]] = set()  # (partition, start offset) warned of
+        self._warning: set[asyncio.Task[None]] = set()  # warn_of_deleted_records' lookups
         faust_on_rebalance = table.on_rebalance
 
         async def on_rebalance(
@@ -169,7 +171,7 @@ class CheckpointedPartitions(Generic[Core]):
         ) -> None:
             # Faust calls each table's before its recovery looks at the offsets to read from.
             self.settle(generation_id)
-            await self.warn_of_deleted_records()
+            self.warn_of_deleted_records()
             await faust_on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
         table.on_rebalance = on_rebalance
@@ -272,7 +274,7 @@ class CheckpointedPartitions(Generic[Core]):
             name = self._changelog_name
             log.info("kept %s%s: given back in generation %d", name, sorted(kept), generation)
 
-    async def warn_of_deleted_records(self) -> None:
+    def warn_of_deleted_records(self) -> None:
         """Say which changelog partitions about to be restored lost their first records.
 
         Kafka refuses to delete records of a compacted-only topic, and compaction never moves
@@ -280,18 +282,27 @@ class CheckpointedPartitions(Generic[Core]):
         kafka-delete-records after someone gave the changelog a "delete" policy: the cases only
         those records held are gone, with the checkpoint too if all were. Faust restores from
         the new start (its reset is "earliest": faust-streaming #651 waited forever with
-        "latest"); this says so once per process, as recovery itself cannot."""
+        "latest"); this says so once per process, as recovery itself cannot.
+
+        The start offsets are looked up beside the rebalance, not in it: awaited in the
+        assignment callback, a lookup that a SIGTERM cut short (the Kafka client's thread
+        stopping) ended that thread with a CancelledError and hung the worker's stop until
+        its 20 s deadline (exit 1; tests/agents/test_distributed.py's churn test)."""
         name = self._changelog_name
         tps = [
             tp
             for tp in self.app.assignor.assigned_actives()
             if tp.topic == name and tp.partition not in self.loaded
         ]
-        if not tps:
-            return
+        if tps:
+            lookup = asyncio.ensure_future(self._warn_of_cut(name, tps))
+            self._warning.add(lookup)
+            lookup.add_done_callback(self._warning.discard)
+
+    async def _warn_of_cut(self, name: str, tps: list[TP]) -> None:
         try:
             starts = await self.app.consumer.earliest_offsets(*tps)
-        except Exception as exc:  # a warning is not worth failing a rebalance for
+        except Exception as exc:  # a warning is not worth failing anything for
             log.warning("could not read the start offsets of %s: %s", name, exc)
             return
         for tp, start in sorted(starts.items()):
