@@ -203,3 +203,33 @@ def test_a_revoked_partition_not_given_back_at_once_is_forgotten_to_be_restored(
 
 def table_keys(partitions: CheckpointedPartitions[Any]) -> set[bytes]:
     return set(partitions.table.data._key_partition)
+
+
+def test_a_changelog_cut_is_looked_up_and_said_beside_the_rebalance_not_in_it(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Awaited in the assignment callback, a lookup cut short by a SIGTERM ended the Kafka
+    # client's thread and hung the worker's stop: the callback must not wait for it.
+    table: Any = state_table(app, "partition-state", 4)
+    changelog = table.changelog_topic.get_topic_name()
+    partitions = CheckpointedPartitions(app, table, lambda p, records: dict(records))
+    monkeypatch.setattr(
+        app.assignor, "assigned_actives", lambda: {TP(changelog, 1), TP(changelog, 2)}
+    )
+    answered = asyncio.Event()
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        await answered.wait()  # the broker's answer, when the test gives it
+        return {TP(changelog, 1): 40, TP(changelog, 2): 0}
+
+    monkeypatch.setattr(app.consumer, "earliest_offsets", earliest_offsets)
+
+    async def rebalance() -> None:
+        await asyncio.wait_for(table.on_rebalance(set(), set(), set(), 0), 5)
+        assert "starts at offset" not in caplog.text  # the lookup is still waiting
+        answered.set()
+        await asyncio.wait_for(asyncio.gather(*partitions._warning), 5)
+
+    app.loop.run_until_complete(rebalance())
+    assert f"{changelog}[1] starts at offset 40" in caplog.text
+    assert f"{changelog}[2] starts" not in caplog.text
