@@ -7,7 +7,7 @@ its lag by topic: what an SRE asks first when the numbers look stale.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -57,11 +57,11 @@ def lag_by_topic(
     ends: Mapping[TopicPartition, int],
     starts: Mapping[TopicPartition, int],
     committed: Mapping[TopicPartition, int],
-    topics: Iterable[str],
 ) -> dict[str, int]:
-    """Per topic, the messages past the group's committed offsets; a partition the group has
-    committed nothing for counts whole (from its start), as a new consumer would read it."""
-    wanted = set(topics)
+    """Per topic the group has committed offsets of, the messages past them; a partition of
+    such a topic it has committed nothing for counts whole (from its start), as a new
+    consumer would read it."""
+    wanted = {tp.topic for tp in committed}
     lag: dict[str, int] = {}
     for tp, end in ends.items():
         if tp.topic in wanted:
@@ -104,14 +104,13 @@ async def read_status(settings: Settings) -> Status:
             _, _, state, _, _, members, *_ = response.groups[0]
             offsets = await admin.list_consumer_group_offsets(group_id)
             committed = {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
-            consumed = {tp.topic for tp in committed}
             groups.append(
                 GroupStatus(
                     group_id,
                     role,
                     str(state),
                     len(members),
-                    lag_by_topic(ends, starts, committed, consumed),
+                    lag_by_topic(ends, starts, committed),
                 )
             )
     finally:

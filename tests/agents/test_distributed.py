@@ -118,6 +118,27 @@ def _wait_exact(settings: Settings, events: Events, workers: list[WorkerProcess]
         raise AssertionError(f"{exc}; last difference: {state['last']}") from None
 
 
+def _another(
+    settings: Settings, start_worker: Callable[[Settings], WorkerProcess]
+) -> WorkerProcess:
+    """One more worker of the same group, with a /metrics port of its own."""
+    return start_worker(dataclasses.replace(settings, web_port=free_port()))
+
+
+def _counting(
+    settings: Settings,
+    start_worker: Callable[[Settings], WorkerProcess],
+    backlog: Events,
+    inputs: int,
+) -> WorkerProcess:
+    """A worker started on ``backlog`` (published first), once it has counted ``inputs``
+    inputs of it."""
+    asyncio.run(_publish(settings, backlog))
+    worker = start_worker(settings)
+    wait_for(lambda: worker.processed("inputs") >= inputs, 120, "a worker to count")
+    return worker
+
+
 def _publishing_slowly(settings: Settings, events: Events) -> threading.Thread:
     """A thread publishing ``events`` 300 a second, started."""
 
@@ -142,7 +163,7 @@ def test_one_and_two_workers_publish_the_replay_snapshot(
     asyncio.run(_publish(settings, events))
     running = [start_worker(settings)]
     for _ in range(workers - 1):
-        running.append(start_worker(dataclasses.replace(settings, web_port=free_port())))
+        running.append(_another(settings, start_worker))
     _wait_exact(settings, events, running)
     # /metrics: each loop's gauges come from exactly one worker, with the replay's values.
     replayed = Processor(settings.core_config())
@@ -181,9 +202,7 @@ def test_a_worker_killed_midway_recovers_without_counting_twice(
     settings = make_settings()
     events = _traffic(33, 12_000)
     first, second = events[:6000], events[6000:]
-    asyncio.run(_publish(settings, first))
-    worker = start_worker(settings)
-    wait_for(lambda: worker.processed("inputs") >= 1000, 120, "the worker to be midway")
+    worker = _counting(settings, start_worker, first, 1000)
     worker.stop(signal.SIGKILL)
     changelog = f"{settings.app_id}-partition-state-changelog"
     written = asyncio.run(_written_partitions(settings, changelog))
@@ -222,9 +241,7 @@ def test_a_static_member_killed_takes_its_partitions_back_without_a_rebalance(
     # (the group stays at its first generation) instead of waiting out its session.
     settings = make_settings(instance_id="worker-a")
     events = _traffic(34, 6000)
-    asyncio.run(_publish(settings, events[:3000]))
-    worker = start_worker(settings)
-    wait_for(lambda: worker.processed("inputs") >= 500, 120, "the worker to be midway")
+    worker = _counting(settings, start_worker, events[:3000], 500)
     worker.stop(signal.SIGKILL)
     asyncio.run(_publish(settings, events[3000:]))
     restarted = start_worker(settings)
@@ -242,12 +259,10 @@ def test_a_worker_joining_under_traffic_takes_partitions_with_their_state(
     # or the other, and the numbers equal replay's.
     settings = make_settings()
     events = _traffic(35, 12_000)
-    asyncio.run(_publish(settings, events[:6000]))
-    first = start_worker(settings)
-    wait_for(lambda: first.processed("inputs") >= 1000, 120, "the first worker to be midway")
+    first = _counting(settings, start_worker, events[:6000], 1000)
 
     publisher = _publishing_slowly(settings, events[6000:])  # ~20 s, across the rebalance
-    second = start_worker(dataclasses.replace(settings, web_port=free_port()))
+    second = _another(settings, start_worker)
     publisher.join()
     workers = [first, second]
     _wait_exact(settings, events, workers)
@@ -274,11 +289,9 @@ def test_a_worker_leaving_under_traffic_hands_its_partitions_back(
     # changelogs the leaving one wrote, and the numbers equal replay's.
     settings = make_settings()
     events = _traffic(36, 12_000)
-    asyncio.run(_publish(settings, events[:4000]))
-    staying = start_worker(settings)
-    wait_for(lambda: staying.processed("inputs") >= 1000, 120, "the first worker to be midway")
+    staying = _counting(settings, start_worker, events[:4000], 1000)
     publisher = _publishing_slowly(settings, events[4000:])  # ~27 s, across both rebalances
-    leaving = start_worker(dataclasses.replace(settings, web_port=free_port()))
+    leaving = _another(settings, start_worker)
     wait_for(lambda: leaving.processed("inputs") >= 200, 120, "the second worker to count")
     assert leaving.stop(signal.SIGTERM) == 0, leaving.log_tail()
     publisher.join()
@@ -297,24 +310,19 @@ def test_workers_joining_leaving_and_killed_in_quick_succession_count_every_even
     # clean leave, a SIGKILL (its partitions wait out its session) and a replacement.
     settings = make_settings()
     events = _traffic(41, 16_000)
-    asyncio.run(_publish(settings, events[:3000]))
-    first = start_worker(settings)
-    wait_for(lambda: first.processed("inputs") >= 500, 120, "the first worker to count")
+    first = _counting(settings, start_worker, events[:3000], 500)
     publisher = _publishing_slowly(settings, events[3000:])  # ~43 s
 
-    def another() -> WorkerProcess:
-        return start_worker(dataclasses.replace(settings, web_port=free_port()))
-
     time.sleep(3)
-    second = another()
+    second = _another(settings, start_worker)
     time.sleep(1)
-    third = another()
+    third = _another(settings, start_worker)
     time.sleep(1.5)
     assert second.stop(signal.SIGTERM) == 0, second.log_tail()
     time.sleep(1)
     third.stop(signal.SIGKILL)
     time.sleep(3)
-    fourth = another()
+    fourth = _another(settings, start_worker)
     publisher.join()
     _wait_exact(settings, events, [first, fourth])
 
@@ -367,7 +375,7 @@ def test_a_worker_that_stood_still_past_its_session_timeout_writes_nothing_after
     wait_for(lambda: stalled.exited() or _stopped(stalled), 120, "the worker to stop itself")
     assert not stalled.exited(), stalled.log_tail()
     try:
-        taker = start_worker(dataclasses.replace(settings, web_port=free_port()))
+        taker = _another(settings, start_worker)
         _wait_exact(settings, events, [taker])  # it took every partition over and went on
     finally:
         log_size = len(stalled.log())
