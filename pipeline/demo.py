@@ -231,13 +231,14 @@ def run_demo(
     keep_kafka: bool,
     echo: Echo,
     stay: bool = False,
+    keep_state: bool = False,
 ) -> None:
     """Run it all; Ctrl-C (or SIGTERM) at any point stops every process it started, cleanly.
     Without the SIGTERM handler, a supervisor's or ``timeout``'s SIGTERM would end it at once,
     leaving its worker, sink, page and broker running."""
     with _signal_handled(signal.SIGTERM, _as_ctrl_c):
         try:
-            _run_demo(settings, duration, rate, keep_kafka, echo, stay)
+            _run_demo(settings, duration, rate, keep_kafka, echo, stay, keep_state)
         except KeyboardInterrupt:
             echo("interrupted: everything the demo started is stopped")
 
@@ -277,12 +278,49 @@ def _finishing(echo: Echo) -> Iterator[None]:
         yield
 
 
+def empty_earlier_demo(broker: LocalBroker, keep_state: bool) -> tuple[str | None, bool]:
+    """Empty a broker the demo is about to start when its data is only an earlier demo's:
+    that run's cases, drifted inputs and spent daily candidate budget would show in this one
+    (drift before the drift onset, no candidate sampled). A broker already up, data made with
+    'loopline kafka up', and --keep-state are left as they are. Returns what to say and whether
+    the data is the demo's once the broker is up."""
+    if broker.status().running:
+        return (
+            f"kafka is already up at {broker.bootstrap}: its topics and state are kept, and "
+            "events of earlier runs count in the numbers below",
+            False,
+        )
+    if not broker.has_data:
+        return None, True
+    if keep_state:
+        return "kept the topics and state of earlier runs (--keep-state): they count below", False
+    if not broker.demo_marker.exists():
+        return (
+            f"kept the data of {broker.instance_dir}: 'loopline kafka up' made it, not a demo, "
+            "so its events count in the numbers below ('loopline kafka wipe' empties it)",
+            False,
+        )
+    broker.wipe()
+    return "emptied the demo's broker of earlier runs (--keep-state keeps them)", True
+
+
 def _run_demo(
-    settings: Settings, duration: float, rate: float, keep_kafka: bool, echo: Echo, stay: bool
+    settings: Settings,
+    duration: float,
+    rate: float,
+    keep_kafka: bool,
+    echo: Echo,
+    stay: bool,
+    keep_state: bool,
 ) -> None:
     broker = LocalBroker(settings.kafka_home, settings.bootstrap_port)
     started_broker = not broker.status().running
+    note, demo_owned = empty_earlier_demo(broker, keep_state)
+    if note:
+        echo(note)
     echo(broker.up(echo=echo).describe())
+    if demo_owned:
+        broker.own(demo=True)
     echo(f"topics: {asyncio.run(ensure_topics(settings)).describe()}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     worker_log = settings.data_dir / "demo-worker.log"

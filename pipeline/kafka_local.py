@@ -71,11 +71,16 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-async def _metadata_ok(bootstrap: str) -> bool:
+async def _serving(bootstrap: str) -> bool:
+    """Whether the broker answers metadata and coordinates consumer groups. A new broker's
+    first group lookup creates its offsets topic, and until that is ready aiokafka logs each
+    retry of a consumer's lookup as an ERROR (GroupCoordinatorNotAvailableError): noise in
+    the first worker's log, now spent here."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
     try:
         await asyncio.wait_for(admin.start(), timeout=5)
         await asyncio.wait_for(admin.describe_cluster(), timeout=5)
+        await asyncio.wait_for(admin.find_coordinator("loopline-broker-ready"), timeout=5)
         return True
     except Exception:
         return False
@@ -363,7 +368,7 @@ class LocalBroker:
         ]
 
     def up(self, timeout: float = 120.0, echo: Callable[[str], None] = print) -> BrokerStatus:
-        """Start the broker unless it is up; return once a metadata request succeeds."""
+        """Start the broker unless it is up; return once it answers metadata and group lookups."""
         current = self.status()
         if current.running:
             return current
@@ -412,7 +417,7 @@ class LocalBroker:
                     f"kafka exited with code {proc.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
-            if _port_open(self.host, self.port) and asyncio.run(_metadata_ok(self.bootstrap)):
+            if _port_open(self.host, self.port) and asyncio.run(_serving(self.bootstrap)):
                 if self.secure:
                     self._add_scram_user()
                 return self.status()
@@ -440,11 +445,29 @@ class LocalBroker:
     def wipe(self) -> None:
         """Delete a stopped broker's data (topics, offsets, cluster id): the next ``up`` starts
         empty. For the test and bench broker, whose per-run topics would otherwise pile up
-        until the broker runs out of file descriptors."""
+        until the broker runs out of file descriptors, and for the demo's (``demo_owned``)."""
         if self.status().running:
             raise BrokerError(f"kafka on {self.bootstrap} is running; stop it before wiping")
         shutil.rmtree(self.instance_dir / "data", ignore_errors=True)
         (self.instance_dir / "cluster.id").unlink(missing_ok=True)
+        self.demo_marker.unlink(missing_ok=True)
+
+    @property
+    def has_data(self) -> bool:
+        """Whether a broker ran here since the last wipe (its topics and offsets are kept)."""
+        return (self.instance_dir / "data").exists()
+
+    @property
+    def demo_marker(self) -> Path:
+        """Present while the data here is only a demo's: the next demo may empty it."""
+        return self.instance_dir / "made-by-demo"
+
+    def own(self, demo: bool) -> None:
+        """Say whose the data is: a demo's (which the next demo empties) or a user's (kept)."""
+        if demo:
+            self.demo_marker.write_text("the topics here were made by 'loopline demo'\n")
+        else:
+            self.demo_marker.unlink(missing_ok=True)
 
     def _log_tail(self, lines: int = 30) -> str:
         try:

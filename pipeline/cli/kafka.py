@@ -1,4 +1,4 @@
-"""``loopline kafka up|down|status`` (the local broker) and ``loopline topics``."""
+"""``loopline kafka up|down|status|wipe`` (the local broker) and ``loopline topics``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def kafka_up(ctx: click.Context, port: int | None, home: Path | None, secure: bo
         status = broker.up(echo=err)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None
+    if not was_up:
+        broker.own(demo=False)  # a demo no longer empties it: its data may be yours now
     prefix = "already up: " if was_up else ""
     click.echo(prefix + status.describe())
     if secure and broker.secure_env_path.exists():
@@ -80,6 +82,20 @@ def kafka_down(ctx: click.Context, port: int | None, home: Path | None) -> None:
         if stopped
         else f"kafka was not running ({broker.bootstrap})"
     )
+
+
+@kafka.command("wipe")
+@_port_opt
+@_home_opt
+@click.pass_context
+def kafka_wipe(ctx: click.Context, port: int | None, home: Path | None) -> None:
+    """Delete a stopped broker's topics, offsets and cluster id: it starts empty next time."""
+    broker = _broker(ctx, port, home)
+    try:
+        broker.wipe()
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"kafka data deleted ({broker.instance_dir}); the next 'up' starts empty")
 
 
 @kafka.command("status")

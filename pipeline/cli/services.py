@@ -91,10 +91,18 @@ def review(ctx: click.Context, port: int | None) -> None:
 )
 @click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
 @click.option(
+    "--keep-state",
+    is_flag=True,
+    help="Keep the topics and state of earlier demo runs (by default a broker the demo starts "
+    "is emptied first when only a demo made its data).",
+)
+@click.option(
     "--stay", is_flag=True, help="After the traffic, keep everything running until Ctrl-C."
 )
 @click.pass_context
-def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool, stay: bool) -> None:
+def demo(
+    ctx: click.Context, duration: float, rate: float, keep_kafka: bool, keep_state: bool, stay: bool
+) -> None:
     """The local demo: Kafka, topics, a worker, the archive sink, the review page and the
     generator (drift onset and cost spike half-way); Ctrl-C stops it all cleanly."""
     from pipeline.demo import run_demo
@@ -107,6 +115,7 @@ def demo(ctx: click.Context, duration: float, rate: float, keep_kafka: bool, sta
             keep_kafka=keep_kafka,
             echo=err,
             stay=stay,
+            keep_state=keep_state,
         )
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None

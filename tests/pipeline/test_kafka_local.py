@@ -35,17 +35,29 @@ def test_up_twice_status_down_status() -> None:
     home = Settings.from_env().kafka_home  # shares the jar cache; the instance is per port
     broker = LocalBroker(home, port)
     log = broker.log_path
+    broker.instance_dir.mkdir(parents=True)
+    broker.own(demo=True)  # as if a demo had made its data
     try:
         first = _cli("up", "--port", str(port))
         assert first.returncode == 0, first.stderr
         assert first.stdout.strip() == (
             f"kafka is up at 127.0.0.1:{port} (pid {broker.status().pid}); log: {log}"
         )
+        assert not broker.demo_marker.exists()  # started by hand: the next demo keeps its data
+        # Up means up for consumer groups too: the first lookup of a group's coordinator on a
+        # new broker answers "not available" until the offsets topic is made, which a consumer
+        # would log as an ERROR.
+        assert isinstance(asyncio.run(_coordinator(broker.bootstrap)), int)
 
         second = _cli("up", "--port", str(port))
         assert second.returncode == 0, second.stderr
         assert second.stdout.startswith(f"already up: kafka is up at 127.0.0.1:{port}")
         assert "starting kafka" not in second.stderr
+
+        running = _cli("wipe", "--port", str(port))
+        assert running.returncode == 1
+        assert "is running; stop it before wiping" in running.stderr
+        assert broker.has_data
 
         status = _cli("status", "--port", str(port))
         assert status.returncode == 0
@@ -64,6 +76,13 @@ def test_up_twice_status_down_status() -> None:
 
         again = _cli("down", "--port", str(port))
         assert again.stdout.strip() == f"kafka was not running (127.0.0.1:{port})"
+
+        wiped = _cli("wipe", "--port", str(port))
+        assert wiped.returncode == 0, wiped.stderr
+        assert wiped.stdout.strip() == (
+            f"kafka data deleted ({broker.instance_dir}); the next 'up' starts empty"
+        )
+        assert not broker.has_data
     finally:
         broker.down()
         shutil.rmtree(broker.instance_dir, ignore_errors=True)  # a port of its own: not reused
@@ -80,6 +99,15 @@ def test_up_refuses_a_port_taken_by_another_process() -> None:
         result = _cli("up", "--port", str(port))
     assert result.returncode == 1
     assert f"port 127.0.0.1:{port} is in use by another process" in result.stderr
+
+
+async def _coordinator(bootstrap: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await admin.find_coordinator("a-first-group")
+    finally:
+        await admin.close()
 
 
 async def _topics(bootstrap: str) -> set[str]:
