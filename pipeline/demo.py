@@ -296,8 +296,9 @@ def empty_earlier_demo(broker: LocalBroker, keep_state: bool) -> tuple[str | Non
         return "kept the topics and state of earlier runs (--keep-state): they count below", False
     if not broker.demo_marker.exists():
         return (
-            f"kept the data of {broker.instance_dir}: 'loopline kafka up' made it, not a demo, "
-            "so its events count in the numbers below ('loopline kafka wipe' empties it)",
+            f"kept the data of {broker.instance_dir}: no demo is known to have made it "
+            "('loopline kafka up' did, or a loopline before 2026-11-29), so its events count "
+            "in the numbers below ('loopline kafka wipe' empties it)",
             False,
         )
     broker.wipe()
