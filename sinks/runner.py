@@ -135,7 +135,8 @@ class SinkRunner:
         self._pause = 0.0  # seconds between flush attempts while the destination pushes back
         self._retry_at = 0.0
         self._writing: tuple[Batch, asyncio.Task[Positions]] | None = None  # step 2 in flight
-        self._next: dict[tuple[str, int], int] = {}
+        self._lags: Lags = {}  # as last measured (``_measure``)
+        self._measuring: asyncio.Task[None] | None = None
         self._resets = OffsetResets(self._deleted_unread)
 
     async def run(self, stop: asyncio.Event) -> SinkProgress:
@@ -167,12 +168,15 @@ class SinkRunner:
                     await asyncio.to_thread(self.sink.idle)
                 if time.monotonic() - last_measure >= 1:
                     last_measure = time.monotonic()
-                    self.metrics.measure(self.lags(), self.sink.pending)
+                    self._measure_beside()
+                    self.metrics.measure(self._lags, self.sink.pending)
                 if time.monotonic() - last_report >= self.report_every:
                     last_report = time.monotonic()
                     self.report(self._describe())
             await self._drain(stop_timeout=30.0)
         finally:
+            if self._measuring is not None:
+                self._measuring.cancel()
             if self._writing is None:
                 await asyncio.to_thread(self.sink.close)
             await kafka_outage.stop_consumer(self._consumer)
@@ -190,7 +194,6 @@ class SinkRunner:
         topic = self.logical[last.topic]
         self.progress.consumed += len(messages)
         self.metrics.records.labels(self._sink_name, last.topic).inc(len(messages))
-        self._next[(last.topic, last.partition)] = last.offset + 1
         if not self.sink.columnar(topic):
             for message in messages:
                 await self._add(topic, message)
@@ -379,20 +382,33 @@ class SinkRunner:
                     return
                 await asyncio.sleep(exc.retry_after)
 
-    def lags(self) -> Lags:
-        """Messages not read yet of each partition held: its end (as of the last fetch) minus
-        the next offset to read."""
-        lags: dict[tuple[str, int], int] = {}
-        if self._consumer is not None:
-            for tp in self._consumer.assignment():
-                high = self._consumer.highwater(tp)
-                if high is not None:
-                    key = (tp.topic, tp.partition)
-                    lags[key] = max(high - self._next.get(key, high), 0)
-        return lags
+    def _measure_beside(self) -> None:
+        """Measure the lag in a task of its own, one at a time: its end offsets are a request,
+        which with the broker away would hold the loop for the client's request timeout."""
+        if self._measuring is None or self._measuring.done():
+            self._measuring = asyncio.create_task(self._measure())
+
+    async def _measure(self) -> None:
+        """Messages not read yet of each partition held: its end (the last stable offset: what
+        a read_committed consumer can read) asked of the broker now, minus the consumer's
+        position. Not the end as of the last fetch: while the destination pushes back, the
+        partitions are paused and nothing is fetched, so the lag stood still as records piled
+        up; nor a partition's last read offset, which a partition not read yet lacks (its lag
+        was 0) and a transaction's marker never reaches."""
+        assert self._consumer is not None
+        held = self._consumer.assignment()
+        try:
+            ends = await self._consumer.end_offsets(list(held)) if held else {}
+            positions = {tp: await asyncio.wait_for(self._consumer.position(tp), 5) for tp in held}
+        except (KafkaError, TimeoutError) as exc:  # away, or a rebalance meanwhile
+            log.debug("lag not measured (%s); the last measure stands", exc)
+            return
+        self._lags = {
+            (tp.topic, tp.partition): max(ends[tp] - positions[tp], 0) for tp in positions
+        }
 
     def _describe(self) -> str:
-        lag = sum(self.lags().values())
+        lag = sum(self._lags.values())
         deleted = self.progress.deleted_unread
         return (
             f"archive: {self.progress.consumed} records read, {self.progress.flushes} batches "

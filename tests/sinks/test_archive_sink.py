@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -104,6 +105,11 @@ def _ids(events: list[tuple[str, dict[str, Any]]], topic: str) -> set[str]:
     return {r["event_id"] for t, r in events if t == topic}
 
 
+def _sink_metric(settings: Settings, name: str, **labels: str) -> float:
+    url = f"http://127.0.0.1:{settings.archive_metrics_port}/metrics"
+    return sample_sum(parse_exposition(fetch_metrics(url) or ""), name, sink="archive", **labels)
+
+
 def _wait_rows(settings: Settings, expected: dict[str, int], process: CliProcess) -> None:
     wait_for(
         lambda: all(_count(settings, t) >= n for t, n in expected.items()),
@@ -135,10 +141,7 @@ def test_rows_equal_the_events_once_through_redelivery_and_restart(
 
     # Its /metrics: what it read, wrote and dead-lettered, and no lag once all is read.
     def sink_metric(name: str, **labels: str) -> float:
-        url = f"http://127.0.0.1:{settings.archive_metrics_port}/metrics"
-        return sample_sum(
-            parse_exposition(fetch_metrics(url) or ""), name, sink="archive", **labels
-        )
+        return _sink_metric(settings, name, **labels)
 
     inputs_topic = settings.topic("inputs")
     read = len([t for t, _ in first if t == "inputs"])
@@ -314,6 +317,13 @@ def test_the_records_of_an_aborted_transaction_are_not_archived(
     archive = start_archive(settings)
     expected = {t.replace("-", "_"): len(_ids(committed, t)) for t in ("inputs", "resolutions")}
     _wait_rows(settings, expected, archive)
+    # Nothing left to read: each transaction's marker, past its last record, is no lag (a lag
+    # counted from the last record read stayed at a marker a partition).
+    wait_for(
+        lambda: _sink_metric(settings, "loopline_sink_consumer_lag_messages") == 0,
+        30,
+        "no lag once every committed record is read",
+    )
     assert archive.stop() == 0, archive.log_tail()
     for table, topic in (("inputs", "inputs"), ("resolutions", "resolutions")):
         assert {r[0] for r in _query(settings, f"SELECT event_id FROM {table}")} == _ids(
@@ -350,3 +360,71 @@ def test_a_locked_archive_is_retried_without_losing_records(
     assert archive.stop() == 0, archive.log_tail()
     assert "is locked by another process" in archive.log()
     assert _count(settings, "inputs") == len(_ids(events, "inputs"))
+
+
+#: Holds the archive's lock once it is free (the sink lets go of it after a second idle).
+TAKE_LOCK = textwrap.dedent(
+    """
+    import sys, time, duckdb
+    while True:
+        try:
+            con = duckdb.connect(sys.argv[1])
+            break
+        except duckdb.IOException:
+            time.sleep(0.1)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_the_lag_counts_what_is_published_while_the_archive_cannot_be_written(
+    make_settings: Callable[..., Settings],
+    start_archive: Callable[[Settings], CliProcess],
+    tmp_path: Path,
+) -> None:
+    """Paused while its archive is locked, the sink fetches nothing: its lag still counts what
+    is published meanwhile (it stood still at its last fetch's, 0 here, before)."""
+    settings = make_settings(
+        archive_path=tmp_path / "a.duckdb", archive_batch_rows=200, archive_batch_seconds=0.2
+    )
+    first, second, third = _events(600), _events(300, skip=600), _events(300, skip=900)
+    asyncio.run(_publish(settings, first))
+    archive = start_archive(settings)
+    _wait_rows(settings, {"inputs": len(_ids(first, "inputs"))}, archive)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", TAKE_LOCK, str(settings.archive_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        asyncio.run(_publish(settings, second))
+        wait_for(lambda: "retrying in" in archive.log(), 60, "a lock error from a flush")
+        asyncio.run(_publish(settings, third))  # while its partitions are paused
+        seen: list[tuple[float, float]] = []  # (lag, records not read)
+
+        def lag_is_what_is_unread() -> bool:
+            read = _sink_metric(settings, "loopline_sink_records_total")
+            lag = _sink_metric(settings, "loopline_sink_consumer_lag_messages")
+            seen.append((lag, len(first) + len(second) + len(third) - read))
+            return lag == seen[-1][1]
+
+        try:
+            wait_for(lag_is_what_is_unread, 30, "the lag of what is not read yet")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: (lag, unread) {seen[-5:]}") from None
+        assert seen[-1][0] >= len(third)
+        assert "writable again" not in archive.log()  # still paused when measured
+    finally:
+        holder.communicate("\n", timeout=30)
+    every = first + second + third
+    _wait_rows(settings, {"inputs": len(_ids(every, "inputs"))}, archive)
+    wait_for(
+        lambda: _sink_metric(settings, "loopline_sink_consumer_lag_messages") == 0,
+        30,
+        "no lag once written",
+    )
+    assert archive.stop() == 0, archive.log_tail()
+    assert _count(settings, "inputs") == len(_ids(every, "inputs"))
