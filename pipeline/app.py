@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -69,7 +70,7 @@ def faust_app(settings: Settings) -> faust.App:
 def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> faust.App:
     """A Faust app with loopline's agents registered and /metrics served on its web port."""
     # agents import pipeline, so they are wired in here, not at import
-    from agents import ingest, loops
+    from agents import ingest, lag, loops
     from agents.batches import batch_topic
     from agents.fence import Fence, StallWatch
     from agents.state import records_to_restore, worker_state
@@ -116,23 +117,19 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
     @app.timer(interval=settings.snapshot_interval_seconds)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:
         """loopline_consumer_lag_messages for every partition of the stages' topics this
-        worker holds now."""
-        consumer: Any = app.consumer
-        lags = {}
+        worker holds now (agents.lag: the end offsets asked of the broker)."""
         try:
-            for tp in consumer.assignment():
-                if tp.topic not in consumed:
-                    continue
-                position = await consumer.position(tp)
-                highwater = consumer.highwater(tp)  # None until a fetch after an assignment
-                if position is not None and highwater is not None:
-                    lags[(tp.topic, str(tp.partition))] = max(highwater - position, 0)
+            async with asyncio.timeout(settings.snapshot_interval_seconds):
+                lags = await lag.measure(app.consumer, consumed)
+        except TimeoutError:  # the broker away: said by everything else, so not every interval
+            log.debug("the end offsets did not come in time; the consumer lag stands")
+            return
         except Exception:  # a metric must never stop the worker (a timer's error crashes Faust)
             log.exception("measuring the consumer lag failed; trying again next interval")
             return
         metrics.consumer_lag.clear()  # partitions that moved away are not this worker's lag
-        for labels, lag in lags.items():
-            metrics.consumer_lag.labels(*labels).set(lag)
+        for labels, value in lags.items():
+            metrics.consumer_lag.labels(*labels).set(value)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def revoke_state(sender: Any, revoked: Any, **_: Any) -> None:
