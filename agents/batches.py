@@ -211,6 +211,12 @@ def client_position(consumer: Any, tp: TP) -> int | None:
     return int(state.position)
 
 
+def client_highwater(consumer: Any, tp: TP) -> int | None:
+    """The log end offset of ``tp`` as of the client's last fetch of it (None before one)."""
+    state = _client_state(consumer, tp)
+    return None if state is None or state.highwater is None else int(state.highwater)
+
+
 def client_may_hold(consumer: Any, tp: TP) -> bool:
     """Whether aiokafka may still hand over messages of an assigned ``tp``: it has some not
     handed over, or it has not fetched ``tp`` once since the assignment (no position or end

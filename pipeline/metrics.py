@@ -280,9 +280,9 @@ class PipelineMetrics:
             ),
             consumer_lag=Gauge(
                 "loopline_consumer_lag_messages",
-                "Messages on the partition past this worker's fetch position (its end offset "
-                "as the broker says - position), per assigned partition of the topics it "
-                "consumes.",
+                "Messages on the partition past this worker's fetch position (its end offset, "
+                "asked of the broker or seen by the last fetch, - position), per assigned "
+                "partition of the topics it consumes.",
                 ["topic", "partition"],
                 registry=reg,
             ),

@@ -389,12 +389,13 @@ class SinkRunner:
             self._measuring = asyncio.create_task(self._measure())
 
     async def _measure(self) -> None:
-        """Messages not read yet of each partition held: its end (the last stable offset: what
-        a read_committed consumer can read) asked of the broker now, minus the consumer's
-        position. Not the end as of the last fetch: while the destination pushes back, the
-        partitions are paused and nothing is fetched, so the lag stood still as records piled
-        up; nor a partition's last read offset, which a partition not read yet lacks (its lag
-        was 0) and a transaction's marker never reaches."""
+        """Messages not read yet of each partition held: its end minus the consumer's position.
+        The end is asked of the broker now (the last stable offset, for this read_committed
+        consumer), or the log end the last fetch saw when that is later (records behind a
+        transaction still open: the sink waits on them). Not the last fetch's alone: while the
+        destination pushes back the partitions are paused and nothing is fetched, so the lag
+        stood still as records piled up; nor from the last offset read, which a partition not
+        read yet lacks (its lag was 0) and a transaction's marker never reaches."""
         assert self._consumer is not None
         held = self._consumer.assignment()
         try:
@@ -403,8 +404,13 @@ class SinkRunner:
         except (KafkaError, TimeoutError) as exc:  # away, or a rebalance meanwhile
             log.debug("lag not measured (%s); the last measure stands", exc)
             return
+        still_held = self._consumer.assignment()
         self._lags = {
-            (tp.topic, tp.partition): max(ends[tp] - positions[tp], 0) for tp in positions
+            (tp.topic, tp.partition): max(
+                max(ends[tp], self._consumer.highwater(tp) or 0) - positions[tp], 0
+            )
+            for tp in positions
+            if tp in still_held
         }
 
     def _describe(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from pipeline.codec import Codec
@@ -140,6 +140,18 @@ async def delete_first_records(
     finally:
         await admin.close()
     return {p: ends[tp] for p, tp in tps.items()}
+
+
+async def create_topics(settings: Settings, partitions: dict[str, int]) -> None:
+    """Topics of the tests' own (names without the settings' prefix), by partition count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(settings.topic(name), count, 1) for name, count in partitions.items()]
+        )
+    finally:
+        await admin.close()
 
 
 async def commit_offsets(

@@ -1,5 +1,6 @@
 """The worker's consumer lag (agents.lag) on the real broker: it grows while the consumer takes
-nothing, which the client's high watermark does not show, and a transaction's marker is no lag.
+nothing, which the client's high watermark alone does not show; records behind a transaction
+still open count; a committed transaction's marker does not.
 (The worker's wiring of it: tests/agents/test_ingest.py, the lag of the stages' topics.)"""
 
 from __future__ import annotations
@@ -9,32 +10,43 @@ from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from agents.lag import lags_of
+from agents.lag import Lags, lags_of
 from pipeline.settings import Settings
+from tests.conftest import create_topics
 
 pytestmark = pytest.mark.broker
 
 
-async def _read_all(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ends: list[int]) -> None:
-    async with asyncio.timeout(30):
-        while [await consumer.position(tp) for tp in tps] != ends:
-            await consumer.getmany(timeout_ms=200)
+async def _lags(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> tuple[Lags, Lags]:
+    """(the lag as agents.lag counts it, and from the broker's last stable offsets alone)"""
+    ends = await consumer.end_offsets(tps)
+    positions = {tp: await consumer.position(tp) for tp in tps}
+    return (
+        lags_of(ends, positions, {tp: consumer.highwater(tp) for tp in tps}),
+        lags_of(ends, positions, {}),
+    )
 
 
-async def _stuck_then_more(settings: Settings) -> dict[str, object]:
-    stream, txn = settings.topic("stream"), settings.topic("txn")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(stream, 2, 1), NewTopic(txn, 1, 1)])
-    finally:
-        await admin.close()
-    tps = [TopicPartition(stream, 0), TopicPartition(stream, 1), TopicPartition(txn, 0)]
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+async def _scenario(settings: Settings) -> dict[str, object]:
+    stream, txn, open_ = (settings.topic(t) for t in ("stream", "txn", "open"))
+    await create_topics(settings, {"stream": 1, "txn": 1, "open": 1})
+    tps = [TopicPartition(t, 0) for t in (stream, txn, open_)]
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-    transactional = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, transactional_id=f"{settings.app_id}-txn"
+    committing, pending = (
+        AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            transactional_id=f"{settings.app_id}-{name}",
+        )
+        for name in ("committing", "pending")
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
@@ -42,59 +54,61 @@ async def _stuck_then_more(settings: Settings) -> dict[str, object]:
         auto_offset_reset="earliest",
         isolation_level="read_committed",  # as the worker reads
     )
-    await producer.start()
-    await transactional.start()
-    await consumer.start()
+    for client in (producer, committing, pending, consumer):
+        await client.start()
     try:
-        for tp in tps[:2]:
-            for i in range(10):
-                await producer.send(tp.topic, b"%d" % i, partition=tp.partition)
+        for i in range(10):
+            await producer.send(stream, b"%d" % i)
         await producer.flush()
-        async with transactional.transaction():
+        async with committing.transaction():
             for i in range(10):
-                await transactional.send(txn, b"%d" % i, partition=0)
+                await committing.send(txn, b"%d" % i)
+        await pending.begin_transaction()  # left open for the rest of the test
+        for i in range(5):
+            await pending.send(open_, b"%d" % i)
+        await pending.flush()
         consumer.assign(tps)
-        await _read_all(consumer, tps, [10, 10, 11])  # the transaction's marker is offset 10
-        caught_up = lags_of(await consumer.end_offsets(tps), {tp: 10 for tp in tps})
-        caught_up_past_marker = lags_of(
-            await consumer.end_offsets(tps), {tp: await consumer.position(tp) for tp in tps}
-        )
+        async with asyncio.timeout(30):  # past the marker (offset 10); nothing of the open one
+            while [await consumer.position(tp) for tp in tps] != [10, 11, 0]:
+                await consumer.getmany(timeout_ms=200)
+        await _until(lambda: consumer.highwater(tps[2]) == 5)  # what its fetches see
+        caught_up = await _lags(consumer, tps)
         # The consumer now takes nothing (a stuck stage) while five more records come, and
         # five more once the client has fetched those into its buffer (it fetches a partition
         # again only when what it holds of it is taken).
         for burst in range(2):
             for i in range(5):
-                await producer.send(stream, b"%d.%d" % (burst, i), partition=0)
+                await producer.send(stream, b"%d.%d" % (burst, i))
             await producer.flush()
-            for _ in range(100 if burst == 0 else 0):  # the client fetches the first five
-                if consumer.highwater(tps[0]) == 15:
-                    break
-                await asyncio.sleep(0.1)
+            if burst == 0:
+                await _until(lambda: consumer.highwater(tps[0]) == 15)
         await asyncio.sleep(1)  # time enough for a fetch, were one made
         return {
-            "last record + 1": caught_up,
-            "position": caught_up_past_marker,
-            "stuck": lags_of(
-                await consumer.end_offsets(tps), {tp: await consumer.position(tp) for tp in tps}
-            ),
+            "caught up": caught_up,
+            "stuck": await _lags(consumer, tps),
             "high watermark, stuck": consumer.highwater(tps[0]),
         }
     finally:
-        await consumer.stop()
-        await transactional.stop()
-        await producer.stop()
+        await pending.abort_transaction()
+        for client in (consumer, pending, committing, producer):
+            await client.stop()
 
 
-def test_the_lag_grows_while_nothing_is_taken_and_a_marker_is_no_lag(
+def test_the_lag_grows_while_nothing_is_taken_and_counts_an_open_transaction(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings()
-    stream, txn = settings.topic("stream"), settings.topic("txn")
-    seen = asyncio.run(_stuck_then_more(settings))
-    # Counted from the last record read, the transaction's marker would be a lag for good.
-    assert seen["last record + 1"] == {(stream, "0"): 0, (stream, "1"): 0, (txn, "0"): 1}
-    assert seen["position"] == {(stream, "0"): 0, (stream, "1"): 0, (txn, "0"): 0}
-    assert seen["stuck"] == {(stream, "0"): 10, (stream, "1"): 0, (txn, "0"): 0}
+    stream, txn, open_ = (settings.topic(t) for t in ("stream", "txn", "open"))
+    seen = asyncio.run(_scenario(settings))
+    # The committed transaction's marker is no lag; the five records of the one still open
+    # are (the consumer waits on them), though the broker's last stable offset is before them.
+    assert seen["caught up"] == (
+        {(stream, "0"): 0, (txn, "0"): 0, (open_, "0"): 5},
+        {(stream, "0"): 0, (txn, "0"): 0, (open_, "0"): 0},
+    )
+    lag, from_the_broker_alone = seen["stuck"]  # type: ignore[misc]
+    assert lag == {(stream, "0"): 10, (txn, "0"): 0, (open_, "0"): 5}
+    assert from_the_broker_alone[(stream, "0")] == 10
     # What the metric was measured from before: the client's watermark of its last fetch,
     # which stands still while nothing is taken (15 - 10: half the lag).
     assert seen["high watermark, stuck"] == 15
@@ -102,5 +116,6 @@ def test_the_lag_grows_while_nothing_is_taken_and_a_marker_is_no_lag(
 
 def test_a_partition_without_a_position_or_an_end_is_left_out() -> None:
     a, b, c = TopicPartition("t", 0), TopicPartition("t", 1), TopicPartition("t", 2)
-    assert lags_of({a: 7, b: 3}, {a: 2, b: None, c: 1}) == {("t", "0"): 5}
-    assert lags_of({a: 7}, {a: 9}) == {("t", "0"): 0}  # an end read before a later position
+    assert lags_of({a: 7, b: 3}, {a: 2, b: None, c: 1}, {}) == {("t", "0"): 5}
+    assert lags_of({a: 7}, {a: 9}, {a: None}) == {("t", "0"): 0}  # an end before a position
+    assert lags_of({a: 7}, {a: 2}, {a: 12}) == {("t", "0"): 10}  # the later end counts

@@ -8,11 +8,11 @@ from collections.abc import Callable, Mapping
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.seek import seek_to_committed
 from pipeline.settings import Settings
+from tests.conftest import create_topics
 
 pytestmark = pytest.mark.broker
 RECORDS = 10  # in every partition
@@ -23,12 +23,7 @@ async def _positions_after_seek(settings: Settings, patched: bool) -> Mapping[st
     partition 0, at 0 in partition 1, never in partition 2) and of ``changelog`` (never
     committed), then seeks to committed: its positions, by "topic[partition]"."""
     stream, changelog = settings.topic("stream"), settings.topic("changelog")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(stream, 3, 1), NewTopic(changelog, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topics(settings, {"stream": 3, "changelog": 1})
     tps = [TopicPartition(stream, p) for p in range(3)] + [TopicPartition(changelog, 0)]
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()

@@ -7,9 +7,6 @@ import asyncio
 import dataclasses
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -37,7 +34,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.sinks import factories as f
-from tests.sinks.test_store import HOLD_LOCK
+from tests.sinks.test_store import locked_by_another_process
 
 pytestmark = pytest.mark.broker
 START = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -103,6 +100,32 @@ def _count(settings: Settings, table: str) -> int:
 
 def _ids(events: list[tuple[str, dict[str, Any]]], topic: str) -> set[str]:
     return {r["event_id"] for t, r in events if t == topic}
+
+
+async def _lag_while_open(settings: Settings, events: list[tuple[str, dict[str, Any]]]) -> float:
+    """The sink's lag once it counts the events of a transaction left open (then aborted)."""
+    encoder = Publisher(settings)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, transactional_id="left-open"
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        for topic, record in events:
+            key, value = encoder.encode(topic, record)
+            await producer.send(settings.topic(topic), value=value, key=key)
+        await producer.flush()
+        for _ in range(300):
+            lag = await asyncio.to_thread(
+                _sink_metric, settings, "loopline_sink_consumer_lag_messages"
+            )
+            if lag == len(events):
+                break
+            await asyncio.sleep(0.1)
+        await producer.abort_transaction()
+        return lag
+    finally:
+        await producer.stop()
 
 
 def _sink_metric(settings: Settings, name: str, **labels: str) -> float:
@@ -324,6 +347,8 @@ def test_the_records_of_an_aborted_transaction_are_not_archived(
         30,
         "no lag once every committed record is read",
     )
+    # The records of a transaction still open are lag: the sink waits on them.
+    assert asyncio.run(_lag_while_open(settings, _events(5, skip=1000))) == 5
     assert archive.stop() == 0, archive.log_tail()
     for table, topic in (("inputs", "inputs"), ("resolutions", "resolutions")):
         assert {r[0] for r in _query(settings, f"SELECT event_id FROM {table}")} == _ids(
@@ -342,40 +367,15 @@ def test_a_locked_archive_is_retried_without_losing_records(
         archive_path=tmp_path / "a.duckdb", archive_batch_rows=1000, archive_batch_seconds=0.2
     )
     open_archive(settings).initialise()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(settings.archive_file)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with locked_by_another_process(settings.archive_file):
         events = _events(3000)
         asyncio.run(_publish(settings, events))
         archive = start_archive(settings)
         wait_for(lambda: "retrying in" in archive.log(), 60, "a lock error from a flush")
-    finally:
-        holder.communicate("\n", timeout=30)
     _wait_rows(settings, {"inputs": len(_ids(events, "inputs"))}, archive)
     assert archive.stop() == 0, archive.log_tail()
     assert "is locked by another process" in archive.log()
     assert _count(settings, "inputs") == len(_ids(events, "inputs"))
-
-
-#: Holds the archive's lock once it is free (the sink lets go of it after a second idle).
-TAKE_LOCK = textwrap.dedent(
-    """
-    import sys, time, duckdb
-    while True:
-        try:
-            con = duckdb.connect(sys.argv[1])
-            break
-        except duckdb.IOException:
-            time.sleep(0.1)
-    print("locked", flush=True)
-    sys.stdin.readline()
-    """
-)
 
 
 def test_the_lag_counts_what_is_published_while_the_archive_cannot_be_written(
@@ -392,14 +392,7 @@ def test_the_lag_counts_what_is_published_while_the_archive_cannot_be_written(
     asyncio.run(_publish(settings, first))
     archive = start_archive(settings)
     _wait_rows(settings, {"inputs": len(_ids(first, "inputs"))}, archive)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", TAKE_LOCK, str(settings.archive_file)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with locked_by_another_process(settings.archive_file):
         asyncio.run(_publish(settings, second))
         wait_for(lambda: "retrying in" in archive.log(), 60, "a lock error from a flush")
         asyncio.run(_publish(settings, third))  # while its partitions are paused
@@ -417,8 +410,6 @@ def test_the_lag_counts_what_is_published_while_the_archive_cannot_be_written(
             raise AssertionError(f"{exc}: (lag, unread) {seen[-5:]}") from None
         assert seen[-1][0] >= len(third)
         assert "writable again" not in archive.log()  # still paused when measured
-    finally:
-        holder.communicate("\n", timeout=30)
     every = first + second + third
     _wait_rows(settings, {"inputs": len(_ids(every, "inputs"))}, archive)
     wait_for(

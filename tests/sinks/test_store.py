@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,28 +109,43 @@ def test_a_metric_snapshot_becomes_one_row_per_number() -> None:
     assert by_key[("", "drift_feature_drifted", '{"feature":"category"}')] == 1.0
 
 
-HOLD_LOCK = textwrap.dedent(
+#: Holds the archive's lock once it is free (a sink lets go of it after a second idle).
+TAKE_LOCK = textwrap.dedent(
     """
     import sys, time, duckdb
-    con = duckdb.connect(sys.argv[1])
+    while True:
+        try:
+            con = duckdb.connect(sys.argv[1])
+            break
+        except duckdb.IOException:
+            time.sleep(0.1)
     print("locked", flush=True)
     sys.stdin.readline()
     """
 )
 
 
-def test_a_locked_archive_keeps_the_batch_until_it_is_free(tmp_path: Path) -> None:
-    path = tmp_path / "a.duckdb"
-    archive = make_archive(path)
-    archive.initialise()
+@contextlib.contextmanager
+def locked_by_another_process(archive_file: Path) -> Iterator[None]:
+    """The archive's lock held by another process meanwhile, as a reader's would be."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        [sys.executable, "-c", TAKE_LOCK, str(archive_file)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def test_a_locked_archive_keeps_the_batch_until_it_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    archive = make_archive(path)
+    archive.initialise()
+    with locked_by_another_process(path):
         sink = make_sink(archive)
         sink.add_record("inputs", input_event("i1", "c1", at(0)), "t.inputs", 0, 7)
         with pytest.raises(
@@ -136,8 +153,6 @@ def test_a_locked_archive_keeps_the_batch_until_it_is_free(tmp_path: Path) -> No
         ):
             sink.flush()
         assert sink.pending == 1  # nothing lost, nothing to commit yet
-    finally:
-        holder.communicate("\n", timeout=30)
     assert sink.flush() == {("t.inputs", 0): 8}
     assert fetch(archive, "SELECT event_id FROM inputs") == [("i1",)]
 
