@@ -49,7 +49,7 @@ async def measure(consumer: Any, topics: Collection[str]) -> Lags:
     except ConsumerNotStarted:  # starting: nothing held yet
         return {}
     held = [tp for tp in client.assignment() if tp.topic in topics]
-    if not held:
+    if not held or thread.thread_loop.is_closed():  # nothing held, or stopping
         return {}
     request = asyncio.run_coroutine_threadsafe(client.end_offsets(held), thread.thread_loop)
     ends: Mapping[TopicPartition, int] = await asyncio.wrap_future(request)
