@@ -128,8 +128,8 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
             log.exception("measuring the consumer lag failed; trying again next interval")
             return
         metrics.consumer_lag.clear()  # partitions that moved away are not this worker's lag
-        for labels, value in lags.items():
-            metrics.consumer_lag.labels(*labels).set(value)
+        for (topic, partition), value in lags.items():
+            metrics.consumer_lag.labels(topic, str(partition)).set(value)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def revoke_state(sender: Any, revoked: Any, **_: Any) -> None:

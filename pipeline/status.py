@@ -70,6 +70,25 @@ def lag_by_topic(
     return lag
 
 
+def partition_lags(
+    ends: Mapping[TopicPartition, int],
+    positions: Mapping[TopicPartition, int | None],
+    fetched_ends: Mapping[TopicPartition, int | None],
+) -> dict[tuple[str, int], int]:
+    """A consumer's messages past each partition's position (its lag metric: the worker's and
+    the sinks'). The end is the later of the broker's answer (``ends``, asked now: the last
+    stable offset for a read_committed consumer) and the log end the consumer's last fetch saw:
+    the fetch's alone stands still while nothing is fetched (a stage stuck, a sink paused),
+    and the broker's alone leaves out the records behind a transaction still open, which the
+    consumer waits on. A partition without a position or an answer is left out."""
+    lags: dict[tuple[str, int], int] = {}
+    for tp, position in positions.items():
+        if position is not None and tp in ends:
+            end = max(ends[tp], fetched_ends.get(tp) or 0)
+            lags[(tp.topic, tp.partition)] = max(end - position, 0)
+    return lags
+
+
 async def read_status(settings: Settings) -> Status:
     names = [settings.topic(t.name) for t in TOPICS]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)

@@ -38,6 +38,7 @@ from pipeline.deadletter import dead_letter_of
 from pipeline.kafka_security import client_options
 from pipeline.offsetresets import OffsetResets
 from pipeline.settings import Settings
+from pipeline.status import partition_lags
 from pipeline.topics import COMPACTED_TOPICS, RECORD_OF, SOURCE_TOPICS
 from sinks.base import Batch, Positions, SinkBackpressure
 from sinks.metrics import Lags, SinkMetrics
@@ -389,10 +390,8 @@ class SinkRunner:
             self._measuring = asyncio.create_task(self._measure())
 
     async def _measure(self) -> None:
-        """Messages not read yet of each partition held: its end minus the consumer's position.
-        The end is asked of the broker now (the last stable offset, for this read_committed
-        consumer), or the log end the last fetch saw when that is later (records behind a
-        transaction still open: the sink waits on them). Not the last fetch's alone: while the
+        """Messages not read yet of each partition held (``partition_lags``: the end asked of
+        the broker now, or the last fetch's when later). Not the last fetch's alone: while the
         destination pushes back the partitions are paused and nothing is fetched, so the lag
         stood still as records piled up; nor from the last offset read, which a partition not
         read yet lacks (its lag was 0) and a transaction's marker never reaches."""
@@ -404,14 +403,10 @@ class SinkRunner:
         except (KafkaError, TimeoutError) as exc:  # away, or a rebalance meanwhile
             log.debug("lag not measured (%s); the last measure stands", exc)
             return
-        still_held = self._consumer.assignment()
-        self._lags = {
-            (tp.topic, tp.partition): max(
-                max(ends[tp], self._consumer.highwater(tp) or 0) - positions[tp], 0
-            )
-            for tp in positions
-            if tp in still_held
-        }
+        still_held = self._consumer.assignment()  # highwater() asserts the partition is held
+        kept = {tp: positions[tp] for tp in positions if tp in still_held}
+        fetched = {tp: self._consumer.highwater(tp) for tp in kept}
+        self._lags = partition_lags(ends, kept, fetched)
 
     def _describe(self) -> str:
         lag = sum(self._lags.values())

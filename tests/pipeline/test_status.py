@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
-from pipeline.status import GroupStatus, Status, TopicStatus, describe, lag_by_topic, role_of
+from pipeline.status import (
+    GroupStatus,
+    Status,
+    TopicStatus,
+    describe,
+    lag_by_topic,
+    partition_lags,
+    role_of,
+)
 
 
 def test_the_groups_of_this_deployment_are_named_by_their_role() -> None:
@@ -24,6 +32,13 @@ def test_lag_counts_past_the_committed_offset_and_a_partition_without_one_whole(
     # a0: 100 - 90; a1: nothing committed, 50 - 20 from its start; b: not a topic asked for
     assert lag_by_topic(ends, starts, {a0: 90}) == {"a": 40}
     assert lag_by_topic(ends, starts, {a0: 100, a1: 50, b0: 9}) == {"a": 0, "b": 0}
+
+
+def test_a_partition_without_a_position_or_an_end_is_left_out() -> None:
+    a, b, c = TopicPartition("t", 0), TopicPartition("t", 1), TopicPartition("t", 2)
+    assert partition_lags({a: 7, b: 3}, {a: 2, b: None, c: 1}, {}) == {("t", 0): 5}
+    assert partition_lags({a: 7}, {a: 9}, {a: None}) == {("t", 0): 0}  # an end before a position
+    assert partition_lags({a: 7}, {a: 2}, {a: 12}) == {("t", 0): 10}  # the later end counts
 
 
 def test_the_text_lists_topics_and_groups_with_their_lag() -> None:

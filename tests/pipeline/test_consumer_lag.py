@@ -1,7 +1,8 @@
-"""The worker's consumer lag (agents.lag) on the real broker: it grows while the consumer takes
-nothing, which the client's high watermark alone does not show; records behind a transaction
-still open count; a committed transaction's marker does not.
-(The worker's wiring of it: tests/agents/test_ingest.py, the lag of the stages' topics.)"""
+"""The consumers' lag (pipeline.status.partition_lags: the worker's, agents.lag, and the
+archive sink's) against a real consumer: it grows while the consumer takes nothing, which the
+client's high watermark alone does not show; the records behind a transaction still open count,
+a committed transaction's marker does not. (The worker's wiring of it:
+tests/agents/test_ingest.py, the lag of the stages' topics.)"""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ from collections.abc import Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from agents.lag import Lags, lags_of
 from pipeline.settings import Settings
+from pipeline.status import partition_lags
 from tests.conftest import create_topics
 
 pytestmark = pytest.mark.broker
 
 
+Lags = dict[tuple[str, int], int]
+
+
 async def _lags(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> tuple[Lags, Lags]:
-    """(the lag as agents.lag counts it, and from the broker's last stable offsets alone)"""
+    """(the lag as partition_lags counts it, and from the broker's last stable offsets alone)"""
     ends = await consumer.end_offsets(tps)
     positions = {tp: await consumer.position(tp) for tp in tps}
     return (
-        lags_of(ends, positions, {tp: consumer.highwater(tp) for tp in tps}),
-        lags_of(ends, positions, {}),
+        partition_lags(ends, positions, {tp: consumer.highwater(tp) for tp in tps}),
+        partition_lags(ends, positions, {}),
     )
 
 
@@ -103,19 +107,12 @@ def test_the_lag_grows_while_nothing_is_taken_and_counts_an_open_transaction(
     # The committed transaction's marker is no lag; the five records of the one still open
     # are (the consumer waits on them), though the broker's last stable offset is before them.
     assert seen["caught up"] == (
-        {(stream, "0"): 0, (txn, "0"): 0, (open_, "0"): 5},
-        {(stream, "0"): 0, (txn, "0"): 0, (open_, "0"): 0},
+        {(stream, 0): 0, (txn, 0): 0, (open_, 0): 5},
+        {(stream, 0): 0, (txn, 0): 0, (open_, 0): 0},
     )
     lag, from_the_broker_alone = seen["stuck"]  # type: ignore[misc]
-    assert lag == {(stream, "0"): 10, (txn, "0"): 0, (open_, "0"): 5}
-    assert from_the_broker_alone[(stream, "0")] == 10
+    assert lag == {(stream, 0): 10, (txn, 0): 0, (open_, 0): 5}
+    assert from_the_broker_alone[(stream, 0)] == 10
     # What the metric was measured from before: the client's watermark of its last fetch,
     # which stands still while nothing is taken (15 - 10: half the lag).
     assert seen["high watermark, stuck"] == 15
-
-
-def test_a_partition_without_a_position_or_an_end_is_left_out() -> None:
-    a, b, c = TopicPartition("t", 0), TopicPartition("t", 1), TopicPartition("t", 2)
-    assert lags_of({a: 7, b: 3}, {a: 2, b: None, c: 1}, {}) == {("t", "0"): 5}
-    assert lags_of({a: 7}, {a: 9}, {a: None}) == {("t", "0"): 0}  # an end before a position
-    assert lags_of({a: 7}, {a: 2}, {a: 12}) == {("t", "0"): 10}  # the later end counts
