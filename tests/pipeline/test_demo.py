@@ -14,12 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.demo import _restoring, empty_earlier_demo
 from pipeline.kafka_local import LocalBroker
 from pipeline.settings import Settings
+from pipeline.status import read_status
 from tests.conftest import free_broker_port, free_port, settings_env, wait_for
 
 
@@ -110,29 +109,11 @@ def test_a_second_demo_starts_from_an_empty_broker(
         second = _demo(settings, "--keep-kafka")  # left up, to count what its topics hold
         assert "emptied the demo's broker of earlier runs (--keep-state keeps them)" in second
         published = _published_inputs(second, settings)
-        assert asyncio.run(_records(settings, "inputs")) == published  # the second run's only
+        held = {t.name: t.records for t in asyncio.run(read_status(settings)).topics}
+        assert held[settings.topic("inputs")] == published  # the second run's only
     finally:
         broker.down()
         shutil.rmtree(broker.instance_dir, ignore_errors=True)
-
-
-async def _records(settings: Settings, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        name = settings.topic(topic)
-        described = await admin.describe_topics([name])
-        partitions = [TopicPartition(name, p["partition"]) for p in described[0]["partitions"]]
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(partitions)
-        starts = await consumer.beginning_offsets(partitions)
-        return sum(ends[tp] - starts[tp] for tp in partitions)
-    finally:
-        await consumer.stop()
 
 
 def _broker_in(tmp_path: Path, data: bool, made_by_demo: bool) -> LocalBroker:
