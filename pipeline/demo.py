@@ -14,8 +14,10 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pipeline.generator import EVENTS_PER_CASE, Scenario, TrafficGenerator, eval_set
 from pipeline.kafka_local import LocalBroker
@@ -27,6 +29,51 @@ from pipeline.traffic import Limits, publish_traffic
 Echo = Callable[[str], None]
 #: How long the worker may take to join its consumer group and read the eval set.
 WORKER_READY_SECONDS = 120
+#: How many times faster than the clock the demo's event time runs (``--speedup``): a second of
+#: the demo is a minute of traffic, so that its 30 s span the alert rules' evaluations (one a
+#: minute of event time) often enough for the drift alert to fire after the onset.
+SPEEDUP = 60.0
+
+
+@dataclass(frozen=True)
+class DemoTraffic:
+    """The demo's generated traffic: ``rate`` events a second of the clock for ``duration``
+    seconds, its event time running ``speedup`` times as fast and ending about when it starts
+    (the workers refuse events stamped ahead of their messages), with the drift onset and the
+    cost spike half-way."""
+
+    duration: float
+    rate: float
+    speedup: float = SPEEDUP
+
+    @property
+    def span_seconds(self) -> float:
+        """Seconds of event time the traffic spans."""
+        return self.duration * self.speedup
+
+    def events(self, now: datetime, seed: int) -> TrafficGenerator:
+        span = self.span_seconds
+        return TrafficGenerator(
+            seed=seed,
+            start=now - timedelta(seconds=span),
+            cases_per_second=self.rate / EVENTS_PER_CASE / self.speedup,
+            scenario=Scenario(cost_spike_at=span / 2, drift_at=span / 2),
+        )
+
+    def describe(self) -> str:
+        span = self.span_seconds
+        return (
+            f"generating {self.rate:,.0f} events/s for {self.duration:,.0f}s: "
+            f"{_span(span)} of event time ({self.speedup:g}x the clock), ending now\n"
+            f"scenario: after {_span(span / 2)} of event time ({self.duration / 2:.0f}s) model "
+            "cost spikes 5x and the inputs drift (new categories, channels, languages, longer "
+            "requests, larger orders); human time is priced at 0 USD/h until "
+            "LOOPLINE_HOURLY_RATES is set (e.g. refunds=45)"
+        )
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:,.0f} min" if seconds >= 120 else f"{seconds:,.0f}s"
 
 
 def fetch_metrics(url: str) -> str | None:
@@ -133,6 +180,35 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+def alerts_raised(settings: Settings) -> str:
+    """The alert records on loopline.alerts (on a broker the demo emptied: this run's)."""
+    from pipeline.codec import Codec, CodecError
+    from pipeline.topics import read_to_end
+
+    codec = Codec.load()
+    records, unreadable = [], 0
+    for _, value in asyncio.run(read_to_end(settings, "alerts")):
+        try:
+            records.append(codec.decode(value, expected="Alert").record)
+        except CodecError:
+            unreadable += 1
+    return alert_lines(settings.topic("alerts"), records, unreadable)
+
+
+def alert_lines(topic: str, records: list[dict[str, Any]], unreadable: int = 0) -> str:
+    """Each alert state change, oldest first, at its event time."""
+    more = f" ({unreadable:,} records unreadable)" if unreadable else ""
+    if not records:
+        return f"alerts on {topic}: none{more}"
+    lines = [f"alerts on {topic} (event time, UTC; one FIRING and one RESOLVED an episode){more}:"]
+    for alert in sorted(records, key=lambda a: (a["ts"], a["fingerprint"], a["state"])):
+        lines.append(
+            f"  {alert['ts']:%H:%M} {alert['state']:<9}{alert['severity']:<9}"
+            f"{alert['rule']:<16}{alert['summary']}"
+        )
+    return "\n".join(lines)
+
+
 def archive_summary(settings: Settings) -> str:
     """What the archive holds after the demo, and the commands to look further."""
     from pipeline.codec import Codec
@@ -226,8 +302,7 @@ def _wait_until_consuming(
 
 def run_demo(
     settings: Settings,
-    duration: float,
-    rate: float,
+    traffic: DemoTraffic,
     keep_kafka: bool,
     echo: Echo,
     stay: bool = False,
@@ -238,7 +313,7 @@ def run_demo(
     leaving its worker, sink, page and broker running."""
     with _signal_handled(signal.SIGTERM, _as_ctrl_c):
         try:
-            _run_demo(settings, duration, rate, keep_kafka, echo, stay, keep_state)
+            _run_demo(settings, traffic, keep_kafka, echo, stay, keep_state)
         except KeyboardInterrupt:
             echo("interrupted: everything the demo started is stopped")
 
@@ -307,8 +382,7 @@ def empty_earlier_demo(broker: LocalBroker, keep_state: bool) -> tuple[str | Non
 
 def _run_demo(
     settings: Settings,
-    duration: float,
-    rate: float,
+    traffic: DemoTraffic,
     keep_kafka: bool,
     echo: Echo,
     stay: bool,
@@ -351,19 +425,9 @@ def _run_demo(
         cases = asyncio.run(publish_eval_set(settings, now))
         echo(f"eval set: {cases:,} eval cases on {settings.topic('eval-cases')} (the baseline)")
         _wait_until_consuming(settings, url, cases, worker, worker_log, echo)
-        echo(f"generating {rate:,.0f} events/s for {duration:,.0f}s ...")
-        events = TrafficGenerator(
-            seed=int(time.time()),
-            start=now,
-            cases_per_second=rate / EVENTS_PER_CASE,
-            scenario=Scenario(cost_spike_at=duration / 2, drift_at=duration / 2),
-        )
-        echo(
-            f"scenario: after {duration / 2:.0f}s model cost spikes 5x and the inputs drift "
-            "(new categories, channels, languages, longer requests, larger orders); human time "
-            "is priced at 0 USD/h until LOOPLINE_HOURLY_RATES is set (e.g. refunds=45)"
-        )
-        limits = Limits(duration=duration, rate=rate)
+        echo(traffic.describe())
+        events = traffic.events(now, seed=int(time.time()))
+        limits = Limits(duration=traffic.duration, rate=traffic.rate)
         published = asyncio.run(_publish_and_show(settings, events, limits, url, echo))
         published["eval-cases"] += cases
         deadline = time.monotonic() + 60
@@ -381,6 +445,7 @@ def _run_demo(
         time.sleep(settings.snapshot_interval_seconds + 1)  # one more snapshot after the last event
         text = fetch_metrics(url)
         echo("\n" + numbers_table(text))
+        echo("\n" + alerts_raised(settings))
         samples = parse_exposition(text or "")
         reasons: Counter[str] = Counter()
         for (name, labels), value in samples.items():

@@ -16,6 +16,7 @@ from pipeline.cli.common import (
     settings_of,
 )
 from pipeline.clitypes import positive_number
+from pipeline.demo import SPEEDUP
 from pipeline.kafka_local import BrokerError
 from pipeline.topics import ensure_topics
 
@@ -89,6 +90,15 @@ def review(ctx: click.Context, port: int | None) -> None:
     show_default=True,
     help="Events per second.",
 )
+@click.option(
+    "--speedup",
+    type=positive_number(),
+    default=SPEEDUP,
+    show_default=True,
+    help="How many times faster than the clock event time runs: the traffic spans duration x "
+    "speedup of event time, ending now, so that the alert rules' evaluations (one a minute of "
+    "event time) show in a short run. 1 runs in real time.",
+)
 @click.option("--keep-kafka", is_flag=True, help="Leave the local broker running afterwards.")
 @click.option(
     "--keep-state",
@@ -101,17 +111,22 @@ def review(ctx: click.Context, port: int | None) -> None:
 )
 @click.pass_context
 def demo(
-    ctx: click.Context, duration: float, rate: float, keep_kafka: bool, keep_state: bool, stay: bool
+    ctx: click.Context,
+    duration: float,
+    rate: float,
+    speedup: float,
+    keep_kafka: bool,
+    keep_state: bool,
+    stay: bool,
 ) -> None:
     """The local demo: Kafka, topics, a worker, the archive sink, the review page and the
     generator (drift onset and cost spike half-way); Ctrl-C stops it all cleanly."""
-    from pipeline.demo import run_demo
+    from pipeline.demo import DemoTraffic, run_demo
 
     try:
         run_demo(
             settings_of(ctx),
-            duration=duration,
-            rate=rate,
+            DemoTraffic(duration, rate, speedup),
             keep_kafka=keep_kafka,
             echo=err,
             stay=stay,

@@ -11,12 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from pipeline.demo import _restoring, empty_earlier_demo
+from pipeline.core import to_ms
+from pipeline.demo import DemoTraffic, _restoring, alert_lines, empty_earlier_demo
+from pipeline.generator import eval_set
 from pipeline.kafka_local import LocalBroker
+from pipeline.processor import Processor
 from pipeline.settings import Settings
 from pipeline.status import read_status
 from tests.conftest import free_broker_port, free_port, settings_env, wait_for
@@ -76,9 +81,16 @@ def test_ctrl_c_stops_every_process_the_demo_started(
     assert f"kafka is already up at {settings.bootstrap_servers}: its topics and state" in text
 
 
-def _demo(settings: Settings, *args: str) -> str:
+def _demo(settings: Settings, *args: str, speedup: str = "60") -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--duration", "6", "--rate", "200", *args],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "demo",
+            *("--duration", "8", "--rate", "400", "--speedup", speedup),
+            *args,
+        ],
         env=settings_env(settings),
         capture_output=True,
         text=True,
@@ -103,11 +115,16 @@ def test_a_second_demo_starts_from_an_empty_broker(
     settings = make_settings(bootstrap_servers=f"127.0.0.1:{port}", review_port=free_port())
     broker = LocalBroker(settings.kafka_home, port)
     try:
-        first = _demo(settings)
+        # 53 min of event time: the drift alert fires some minutes after the onset, half-way
+        first = _demo(settings, speedup="400")
         assert "emptied" not in first and "kafka stopped" in first
         assert broker.demo_marker.exists()
-        second = _demo(settings, "--keep-kafka")  # left up, to count what its topics hold
+        fired = re.findall(r"^  \d\d:\d\d FIRING +\w+ +drift +([\w-]+): ", first, re.M)
+        assert sorted(fired) == ["kyc-review", "refunds", "support-triage"], first
+        # in real time, 8 s of event time: no alert evaluation, nor the first run's alerts
+        second = _demo(settings, "--keep-kafka", speedup="1")  # left up, to count its topics
         assert "emptied the demo's broker of earlier runs (--keep-state keeps them)" in second
+        assert f"alerts on {settings.topic('alerts')}: none" in second
         published = _published_inputs(second, settings)
         held = {t.name: t.records for t in asyncio.run(read_status(settings)).topics}
         assert held[settings.topic("inputs")] == published  # the second run's only
@@ -154,3 +171,66 @@ def test_the_wait_for_the_worker_says_when_it_is_restoring_its_state() -> None:
     assert _restoring(restoring) == " (restoring its state: 12,345 changelog records to go)"
     assert _restoring("loopline_restore_remaining_records 0.0\n") == ""  # restored
     assert _restoring(None) == ""  # /metrics not answering yet
+
+
+def test_the_demo_traffic_spans_its_event_time_ending_when_it_starts() -> None:
+    """30 s at 60x: 30 min of event time up to the start of the run, so the last events,
+    published 30 s after it, are not ahead of their messages (the workers refuse those)."""
+    now = datetime(2026, 11, 29, 12, tzinfo=UTC)
+    traffic = DemoTraffic(duration=30, rate=500, speedup=60)
+    assert traffic.span_seconds == 1800
+    for seed in (1, 2, 3):
+        stamps = [record["ts"] for _, record in islice(traffic.events(now, seed), 15_000)]
+        assert stamps == sorted(stamps)
+        # 500 events a second of the clock, at 2.2095 a case, are 3.77 cases a second of
+        # event time: the 15,000 end within a minute of now
+        assert to_ms(now - timedelta(minutes=30)) <= stamps[0] < to_ms(now - timedelta(minutes=29))
+        assert abs(stamps[-1] - to_ms(now)) < 60_000
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_demo_traffic_fires_the_drift_alert_of_every_loop_after_the_onset(seed: int) -> None:
+    """What the demo is for: its traffic (replayed here, the workers' code) drifts half-way,
+    and each loop's drift alert fires in the minutes after, with nothing before."""
+    now = datetime(2026, 11, 29, 12, tzinfo=UTC)
+    traffic = DemoTraffic(duration=30, rate=500)
+    onset_ms = to_ms(now) - 900_000  # half-way through the 30 min of event time
+    processor = Processor()
+    for record in eval_set(1, now):
+        processor.process("eval-cases", record)
+    for topic, record in islice(traffic.events(now, seed), 15_000):
+        processor.process(topic, record)
+    fired = {a["loop"]: a["started_at"] for a in processor.alerts if a["state"] == "FIRING"}
+    assert [a["rule"] for a in processor.alerts] == ["drift"] * 3
+    assert sorted(fired) == ["kyc-review", "refunds", "support-triage"]
+    # three evaluations in a row (a minute apart) after the onset, within the 15 min after it
+    assert all(
+        onset_ms + 3 * 60_000 <= started < onset_ms + 15 * 60_000 for started in fired.values()
+    )
+
+
+def test_the_demo_lists_alerts_oldest_first_at_their_event_time() -> None:
+    def alert(ts: datetime, state: str, loop: str) -> dict[str, object]:
+        return {
+            "ts": ts,
+            "fingerprint": f"drift/{loop}",
+            "state": state,
+            "severity": "WARNING",
+            "rule": "drift",
+            "summary": f"{loop}: 5 of 9 features drifted",
+        }
+
+    at = datetime(2026, 11, 29, 11, 52, 30, tzinfo=UTC)
+    records = [
+        alert(at + timedelta(minutes=3), "RESOLVED", "refunds"),
+        alert(at, "FIRING", "refunds"),
+        alert(at, "FIRING", "kyc-review"),
+    ]
+    assert alert_lines("loopline.alerts", records, unreadable=1) == (
+        "alerts on loopline.alerts (event time, UTC; one FIRING and one RESOLVED an episode) "
+        "(1 records unreadable):\n"
+        "  11:52 FIRING   WARNING  drift           kyc-review: 5 of 9 features drifted\n"
+        "  11:52 FIRING   WARNING  drift           refunds: 5 of 9 features drifted\n"
+        "  11:55 RESOLVED WARNING  drift           refunds: 5 of 9 features drifted"
+    )
+    assert alert_lines("loopline.alerts", []) == "alerts on loopline.alerts: none"
