@@ -7,6 +7,8 @@ its lag by topic: what an SRE asks first when the numbers look stale.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,7 +33,8 @@ class GroupStatus:
     role: str  # workers, archive sink, dlq redrive, or other
     state: str  # Kafka's: Stable, PreparingRebalance, Empty, Dead, ...
     members: int
-    #: topic -> messages past the group's committed offsets (a partition with none: all of it)
+    #: topic -> messages from the next record the group reads (past its committed offsets:
+    #: ``next_readable``) to the end; a partition it has committed nothing for: all of it
     lag: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -89,10 +92,51 @@ def partition_lags(
     return lags
 
 
+async def next_readable(
+    reader: AIOKafkaConsumer, committed: Mapping[TopicPartition, int], seconds: float = 5.0
+) -> dict[TopicPartition, int]:
+    """Per partition, where ``reader`` (read_committed, with no group) gets its next record
+    from the committed offset on: past transaction markers and aborted records, or where it
+    waits on a transaction still open. A group that has read everything a transactional
+    producer wrote (the services' exactly-once output, loopline's own) commits its last
+    record + 1, which is the last transaction's marker: counted from there, each such
+    partition showed a lag of 1 for good. A partition not settled within ``seconds`` keeps its
+    committed offset; one whose committed offset the log no longer holds is read from its
+    start, as the group would be."""
+    if not committed:
+        return {}
+    reader.assign(list(committed))
+    for tp, offset in committed.items():
+        reader.seek(tp, offset)
+    readable = await reader.end_offsets(list(committed))  # the last stable offsets
+    found: dict[TopicPartition, int] = {}
+    left = set(committed)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while left:
+                for tp, records in (await reader.getmany(*left, timeout_ms=200)).items():
+                    if records:
+                        found[tp] = records[0].offset
+                        left.discard(tp)
+                        reader.pause(tp)
+                for tp in list(left):
+                    position = await reader.position(tp)
+                    if position >= readable[tp]:
+                        found[tp] = position
+                        left.discard(tp)
+    return found
+
+
 async def read_status(settings: Settings) -> Status:
     names = [settings.topic(t.name) for t in TOPICS]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    reader = AIOKafkaConsumer(
+        **client_options(settings),
+        enable_auto_commit=False,
+        isolation_level="read_committed",  # as every consumer of loopline's reads
+        auto_offset_reset="earliest",
+    )
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -102,6 +146,7 @@ async def read_status(settings: Settings) -> Status:
             TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
         ]
         await consumer.start()
+        await reader.start()
         ends = await consumer.end_offsets(tps) if tps else {}
         starts = await consumer.beginning_offsets(tps) if tps else {}
         topics = [
@@ -123,6 +168,8 @@ async def read_status(settings: Settings) -> Status:
             _, _, state, _, _, members, *_ = response.groups[0]
             offsets = await admin.list_consumer_group_offsets(group_id)
             committed = {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+            behind = {tp: c for tp, c in committed.items() if ends.get(tp, c) > c}
+            committed.update(await next_readable(reader, behind))
             groups.append(
                 GroupStatus(
                     group_id,
@@ -133,6 +180,7 @@ async def read_status(settings: Settings) -> Status:
                 )
             )
     finally:
+        await reader.stop()
         await consumer.stop()
         await admin.close()
     return Status(settings.bootstrap_servers, topics, groups)

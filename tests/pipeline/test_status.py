@@ -1,10 +1,14 @@
-"""`loopline status` (pipeline.status): its rules and its text; a live one is read in
-tests/pipeline/test_redrive.py."""
+"""`loopline status` (pipeline.status): its rules and its text; on the broker, the lag past a
+transactional producer's markers (and a live one in tests/pipeline/test_redrive.py)."""
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+from collections.abc import Callable
 
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from pipeline.settings import Settings
 from pipeline.status import (
     GroupStatus,
     Status,
@@ -12,8 +16,11 @@ from pipeline.status import (
     describe,
     lag_by_topic,
     partition_lags,
+    read_status,
     role_of,
 )
+from pipeline.topics import ensure_topics
+from tests.conftest import commit_offsets
 
 
 def test_the_groups_of_this_deployment_are_named_by_their_role() -> None:
@@ -63,3 +70,45 @@ def test_the_text_lists_topics_and_groups_with_their_lag() -> None:
     ]
     empty = Status("kafka:9092", [], [])
     assert describe(empty).splitlines()[-1].startswith("no consumer group of this deployment")
+
+
+@pytest.mark.broker
+async def test_the_lag_of_a_group_that_read_every_transaction_is_zero(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Partition 0 of the inputs, as a transactional producer leaves it: records 0-2 committed
+    (marker 3), 4-5 aborted (marker 6), 7-9 committed (marker 10); end 11. A group that read
+    it all commits 10 (the last record + 1, as Faust does): lag 0, where counting from the
+    committed offset said 1 for good. One that committed 3 reads 7 next: lag 11 - 7 = 4 (the
+    marker after its records counts), not 8. Then 11-12 in a transaction still open (end 13):
+    the first group waits on them, lag 2."""
+    settings = make_settings()
+    await ensure_topics(settings)
+    inputs = settings.topic("inputs")
+    tp = TopicPartition(inputs, 0)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, transactional_id=f"{settings.app_id}-svc"
+    )
+    await producer.start()
+    try:
+        for records, commit in ((3, True), (2, False), (3, True)):
+            await producer.begin_transaction()
+            for n in range(records):
+                await producer.send_and_wait(inputs, b"x%d" % n, partition=0)
+            await (producer.commit_transaction() if commit else producer.abort_transaction())
+        workers, archive = settings.app_id, f"{settings.app_id}-archive"
+        await commit_offsets(settings, workers, {tp: 10})
+        await commit_offsets(settings, archive, {tp: 3})
+
+        async def lags() -> dict[str, int]:
+            return {g.name: g.lag[inputs] for g in (await read_status(settings)).groups}
+
+        assert await lags() == {workers: 0, archive: 4}
+
+        await producer.begin_transaction()
+        for n in range(2):
+            await producer.send_and_wait(inputs, b"y%d" % n, partition=0)
+        assert await lags() == {workers: 2, archive: 6}  # 13 - 11, and 13 - 7
+        await producer.abort_transaction()
+    finally:
+        await producer.stop()
