@@ -30,9 +30,12 @@ Echo = Callable[[str], None]
 #: How long the worker may take to join its consumer group and read the eval set.
 WORKER_READY_SECONDS = 120
 #: How many times faster than the clock the demo's event time runs (``--speedup``): a second of
-#: the demo is a minute of traffic, so that its 30 s span the alert rules' evaluations (one a
-#: minute of event time) often enough for the drift alert to fire after the onset.
+#: the demo is a minute of traffic, so its 30 s are thirty evaluations of the alert rules (one a
+#: minute of event time), enough for the drift alert to fire after the onset.
 SPEEDUP = 60.0
+#: The alert records the demo lists at its end, the newest (a broker kept from earlier runs
+#: holds theirs too).
+ALERTS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -196,12 +199,19 @@ def alerts_raised(settings: Settings) -> str:
 
 
 def alert_lines(topic: str, records: list[dict[str, Any]], unreadable: int = 0) -> str:
-    """Each alert state change, oldest first, at its event time."""
-    more = f" ({unreadable:,} records unreadable)" if unreadable else ""
+    """Each alert state change at its event time, oldest first: the last ALERTS_SHOWN."""
+    notes = [f"{unreadable:,} records unreadable"] if unreadable else []
     if not records:
-        return f"alerts on {topic}: none{more}"
-    lines = [f"alerts on {topic} (event time, UTC; one FIRING and one RESOLVED an episode){more}:"]
-    for alert in sorted(records, key=lambda a: (a["ts"], a["fingerprint"], a["state"])):
+        return f"alerts on {topic}: none" + "".join(f" ({note})" for note in notes)
+    if len(records) > ALERTS_SHOWN:
+        notes.append(f"the last {ALERTS_SHOWN} of {len(records):,}")
+    lines = [
+        f"alerts on {topic} (event time, UTC; one FIRING and one RESOLVED an episode)"
+        + "".join(f" ({note})" for note in notes)
+        + ":"
+    ]
+    ordered = sorted(records, key=lambda a: (a["ts"], a["fingerprint"], a["state"]))
+    for alert in ordered[-ALERTS_SHOWN:]:
         lines.append(
             f"  {alert['ts']:%H:%M} {alert['state']:<9}{alert['severity']:<9}"
             f"{alert['rule']:<16}{alert['summary']}"

@@ -234,3 +234,7 @@ def test_the_demo_lists_alerts_oldest_first_at_their_event_time() -> None:
         "  11:55 RESOLVED WARNING  drift           refunds: 5 of 9 features drifted"
     )
     assert alert_lines("loopline.alerts", []) == "alerts on loopline.alerts: none"
+    many = [alert(at + timedelta(minutes=n), "FIRING", f"loop-{n:02d}") for n in range(25)]
+    listed = alert_lines("loopline.alerts", many).splitlines()
+    assert listed[0].endswith("an episode) (the last 20 of 25):")
+    assert [line.split()[4] for line in listed[1:]] == [f"loop-{n:02d}:" for n in range(5, 25)]
