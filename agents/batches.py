@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import faust
@@ -229,6 +229,21 @@ def client_may_hold(consumer: Any, tp: TP) -> bool:
     if state.highwater is None or not state.has_valid_position:
         return True
     return int(state.highwater) > int(state.position)
+
+
+def unprocessed(consumer: Any, buffers: Iterable[FetchBuffer]) -> dict[TP, int]:
+    """Per partition, the first offset fetched for a batch subscription and not processed yet:
+    a slice waiting in one of ``buffers``, or in a batch in hand (acked once handled). Called
+    on the event loop, which alone puts, takes and acks slices."""
+    slices = [s for s in list(consumer._unacked_messages) if isinstance(s, Fetched)]
+    for buffer in buffers:
+        slices.extend(cast(Any, buffer)._queue)  # asyncio.Queue's deque
+    first: dict[TP, int] = {}
+    for fetched in slices:
+        known = first.get(fetched.tp)
+        if known is None or fetched.first < known:
+            first[fetched.tp] = fetched.first
+    return first
 
 
 def batch_topic(app: faust.App, *names: str) -> BatchTopic:

@@ -17,6 +17,7 @@ restores.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -64,11 +65,14 @@ class StallWatch:
 class Fence:
     """One stage's check of its membership before it writes a batch."""
 
-    def __init__(self, app: Any, watch: StallWatch, stall_at_check: int = 0) -> None:
+    def __init__(
+        self, app: Any, watch: StallWatch, stall_at_check: int = 0, hang_at_check: int = 0
+    ) -> None:
         self.app = app
         self.watch = watch
         self.checked_at = watch.clock()
         self.stall_at_check = stall_at_check  # LOOPLINE_FAULT_STALL_AT_CHECK, for tests
+        self.hang_at_check = hang_at_check  # LOOPLINE_FAULT_HANG_AT_CHECK, for tests
         self.checks = 0
 
     async def ensure_member(self, batch: dict[int, list[Any]], generation: int) -> None:
@@ -81,6 +85,9 @@ class Fence:
             await self.app.producer.flush()
             log.warning("LOOPLINE_FAULT_STALL_AT_CHECK: stopping the process (SIGSTOP)")
             os.kill(os.getpid(), signal.SIGSTOP)
+        if self.checks == self.hang_at_check:  # a stage stuck while the process lives on
+            log.warning("LOOPLINE_FAULT_HANG_AT_CHECK: this stage waits for good")
+            await asyncio.Event().wait()
         checked_at = self.watch.clock()
         if not self.watch.stalled_since(self.checked_at):
             self.checked_at = checked_at

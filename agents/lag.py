@@ -3,8 +3,9 @@
 A partition's high watermark in the client is only as new as its last fetch, and a stage that
 stops taking records (stuck, or behind its topics once its buffer is full) stops its fetches:
 measured from it alone, the lag stood still while records piled up, so
-LooplineConsumerLagGrowing could not fire for a worker alive but stuck. How the two ends
-combine: ``pipeline.status.partition_lags``.
+LooplineConsumerLagGrowing could not fire for a worker alive but stuck. And the records a
+stage's buffer holds (up to 20,000) are fetched but not processed: they count as lag too. How
+it all combines: ``pipeline.status.partition_lags``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from faust.exceptions import ConsumerNotStarted
 
-from agents.batches import client_highwater, client_position
+from agents.batches import FetchBuffer, client_highwater, client_position, unprocessed
+from agents.fetch import batch_buffers
 from pipeline.status import partition_lags
 
 
@@ -34,8 +36,15 @@ async def measure(consumer: Any, topics: Collection[str]) -> dict[tuple[str, int
         return {}
     request = asyncio.run_coroutine_threadsafe(client.end_offsets(held), thread.thread_loop)
     ends: Mapping[TopicPartition, int] = await asyncio.wrap_future(request)
+    buffer_of = batch_buffers(consumer.app)
+    buffers: list[FetchBuffer] = []
+    for topic in {tp.topic for tp in held}:
+        buffer = buffer_of(topic)
+        if buffer is not None and buffer not in buffers:
+            buffers.append(buffer)
     return partition_lags(
         ends,
         {tp: client_position(consumer, tp) for tp in held},
         {tp: client_highwater(consumer, tp) for tp in held},
+        unprocessed(consumer, buffers),
     )

@@ -99,7 +99,7 @@ def create_app(settings: Settings, metrics: PipelineMetrics, codec: Codec) -> fa
         """The event loop's pulse: a gap in it is a stall of the whole process."""
         watch.tick()
 
-    stage1_fence = Fence(app, watch, settings.fault_stall_at_check)
+    stage1_fence = Fence(app, watch, settings.fault_stall_at_check, settings.fault_hang_at_check)
     stage1 = ingest.register(app, settings, codec, metrics, partials, stage1_fence)
     stage2 = loops.register(app, settings, codec, metrics, partials, Fence(app, watch))
     metrics.restore_remaining.set_function(lambda: records_to_restore(app))

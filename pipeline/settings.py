@@ -138,6 +138,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_ahead_seconds": _positive_int,
     "max_cases_per_partition": _non_negative_int,
     "fault_stall_at_check": _non_negative_int,
+    "fault_hang_at_check": _non_negative_int,
     "sla_seconds": _positive_int,
     "loop_sla_seconds": _per_loop,
     "hourly_rates": _per_loop,
@@ -188,6 +189,8 @@ class Settings:
     # Fault injection, for tests: stage 1 stops its own process (SIGSTOP) at its Nth check of
     # its membership, with a batch in hand and nothing of it written (agents.fence); 0 = never.
     fault_stall_at_check: int = 0
+    # ... and waits for good there instead, the process alive (a stage stuck); 0 = never.
+    fault_hang_at_check: int = 0
     sla_seconds: int = 3600
     loop_sla_seconds: Mapping[str, float] = field(default_factory=dict)
     hourly_rates: Mapping[str, float] = field(default_factory=dict)

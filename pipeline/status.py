@@ -77,18 +77,24 @@ def partition_lags(
     ends: Mapping[TopicPartition, int],
     positions: Mapping[TopicPartition, int | None],
     fetched_ends: Mapping[TopicPartition, int | None],
+    unprocessed: Mapping[TopicPartition, int] | None = None,
 ) -> dict[tuple[str, int], int]:
-    """A consumer's messages past each partition's position (its lag metric: the worker's and
-    the sinks'). The end is the later of the broker's answer (``ends``, asked now: the last
-    stable offset for a read_committed consumer) and the log end the consumer's last fetch saw:
-    the fetch's alone stands still while nothing is fetched (a stage stuck, a sink paused),
-    and the broker's alone leaves out the records behind a transaction still open, which the
-    consumer waits on. A partition without a position or an answer is left out."""
+    """A consumer's messages not yet processed in each partition (its lag metric: the worker's
+    and the sinks'): from its position, or from the first offset it fetched and has not
+    processed yet (``unprocessed``: records waiting in its buffers or in the batch in hand,
+    which a stuck stage holds while its buffer fills), to the end. The end is the later of
+    the broker's answer (``ends``, asked now: the last stable offset for a read_committed
+    consumer) and the log end the consumer's last fetch saw: the fetch's alone stands still
+    while nothing is fetched (a stage stuck, a sink paused), and the broker's alone leaves out
+    the records behind a transaction still open, which the consumer waits on. A partition
+    without a position or an answer is left out."""
     lags: dict[tuple[str, int], int] = {}
+    waiting = unprocessed or {}
     for tp, position in positions.items():
         if position is not None and tp in ends:
             end = max(ends[tp], fetched_ends.get(tp) or 0)
-            lags[(tp.topic, tp.partition)] = max(end - position, 0)
+            start = min(position, waiting.get(tp, position))
+            lags[(tp.topic, tp.partition)] = max(end - start, 0)
     return lags
 
 

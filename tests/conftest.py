@@ -255,6 +255,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "LOOPLINE_SLA_SECONDS": str(settings.sla_seconds),
             "LOOPLINE_MAX_CASES_PER_PARTITION": str(settings.max_cases_per_partition),
             "LOOPLINE_FAULT_STALL_AT_CHECK": str(settings.fault_stall_at_check),
+            "LOOPLINE_FAULT_HANG_AT_CHECK": str(settings.fault_hang_at_check),
             "LOOPLINE_HOURLY_RATES": ",".join(f"{k}={v}" for k, v in settings.hourly_rates.items()),
             "LOOPLINE_ARCHIVE_PATH": str(settings.archive_file),
             "LOOPLINE_ARCHIVE_BATCH_ROWS": str(settings.archive_batch_rows),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import signal
@@ -474,3 +475,35 @@ def test_a_partial_that_cannot_be_read_is_a_dead_letter_and_merging_goes_on(
         "the loops' numbers on /metrics",
     )
     assert not worker.exited()
+
+
+def test_the_records_a_stuck_stage_holds_count_as_consumer_lag(
+    make_settings: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """Stage 1 stuck with a batch in hand, the process alive (LOOPLINE_FAULT_HANG_AT_CHECK: its
+    third membership check, in its second batch; each batch checks twice). Its fetches go on
+    until its buffer holds 20,000 records, so counted from the consumer's position the records
+    it fetched were no lag (0 here), and LooplineConsumerLagGrowing stayed quiet for as many.
+    Counted from the first record it has not processed, the lag is every event not counted."""
+    settings = dataclasses.replace(make_settings(), fault_hang_at_check=3)
+    published = asyncio.run(_publish(settings, _events(seed=23, count=200)))
+    worker = start_worker(settings)
+    wait_for(lambda: sum(worker.processed(t) for t in SOURCE_TOPICS) > 0, 60, "a first batch")
+    published += asyncio.run(_publish(settings, _events(seed=23, count=600, skip=200)))
+    wait_for(lambda: "LOOPLINE_FAULT_HANG_AT_CHECK" in worker.log(), 60, "stage 1 to hang")
+    not_counted = sum(published.values()) - sum(worker.processed(t) for t in SOURCE_TOPICS)
+    assert 0 < not_counted < 800
+
+    def source_lag() -> float:
+        samples = parse_exposition(worker.metrics_text() or "")
+        sources = {settings.topic(t) for t in SOURCE_TOPICS}
+        return sum(
+            value
+            for (name, labels), value in samples.items()
+            if name == LAG and dict(labels)["topic"] in sources
+        )
+
+    wait_for(lambda: source_lag() == not_counted, 30, f"a lag of {not_counted} unprocessed")
+    time.sleep(2)  # it stays: the stage takes nothing more
+    assert source_lag() == not_counted
+    assert sum(worker.processed(t) for t in SOURCE_TOPICS) == sum(published.values()) - not_counted

@@ -48,6 +48,14 @@ def test_a_partition_without_a_position_or_an_end_is_left_out() -> None:
     assert partition_lags({a: 7}, {a: 2}, {a: 12}) == {("t", 0): 10}  # the later end counts
 
 
+def test_records_fetched_and_not_processed_count_from_the_first_of_them() -> None:
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+    # a: fetched up to 90, its oldest slice still waiting begins at 60: 100 - 60
+    # b: nothing waiting there; a slice of a partition not held is left out
+    lags = partition_lags({a: 100, b: 50}, {a: 90, b: 50}, {}, {a: 60, TopicPartition("u", 0): 1})
+    assert lags == {("t", 0): 40, ("t", 1): 0}
+
+
 def test_the_text_lists_topics_and_groups_with_their_lag() -> None:
     status = Status(
         "kafka:9092",
