@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from faust.exceptions import ConsumerNotStarted
 
-from agents.batches import FetchBuffer, client_highwater, client_position, unprocessed
+from agents.batches import client_highwater, client_position, unprocessed
 from agents.fetch import batch_buffers
 from pipeline.status import partition_lags
 
@@ -37,11 +37,7 @@ async def measure(consumer: Any, topics: Collection[str]) -> dict[tuple[str, int
     request = asyncio.run_coroutine_threadsafe(client.end_offsets(held), thread.thread_loop)
     ends: Mapping[TopicPartition, int] = await asyncio.wrap_future(request)
     buffer_of = batch_buffers(consumer.app)
-    buffers: list[FetchBuffer] = []
-    for topic in {tp.topic for tp in held}:
-        buffer = buffer_of(topic)
-        if buffer is not None and buffer not in buffers:
-            buffers.append(buffer)
+    buffers = {b for tp in held if (b := buffer_of(tp.topic)) is not None}
     return partition_lags(
         ends,
         {tp: client_position(consumer, tp) for tp in held},
