@@ -219,8 +219,9 @@ def alert_lines(topic: str, records: list[dict[str, Any]], unreadable: int = 0) 
     return "\n".join(lines)
 
 
-def archive_summary(settings: Settings) -> str:
-    """What the archive holds after the demo, and the commands to look further."""
+def archive_summary(settings: Settings, this_run_only: bool) -> str:
+    """What the archive holds after the demo (``this_run_only``: it was made by this run), and
+    the commands to look further."""
     from pipeline.codec import Codec
     from sinks.archive.store import Archive, ArchiveError
     from sinks.archive.tables import build_tables
@@ -234,7 +235,8 @@ def archive_summary(settings: Settings) -> str:
             ).fetchall()
     except ArchiveError as exc:
         return f"archive: {exc}"
-    lines = [f"archive {settings.archive_file} (all demo runs so far), v_weekly_scorecard:"]
+    held = "this run's rows" if this_run_only else "earlier runs' rows too"
+    lines = [f"archive {settings.archive_file} ({held}), v_weekly_scorecard:"]
     for loop, week, resolved, coverage, quality, p90 in rows:
         lines.append(
             f"  {week} {loop:<16} {resolved:>8,} resolved  coverage {coverage or 0:.1%}  "
@@ -390,6 +392,36 @@ def empty_earlier_demo(broker: LocalBroker, keep_state: bool) -> tuple[str | Non
     return "emptied the demo's broker of earlier runs (--keep-state keeps them)", True
 
 
+def empty_earlier_demo_archive(
+    archive_file: Path, broker_is_demos: bool, broker_starts_empty: bool
+) -> tuple[str | None, bool]:
+    """Empty the archive with the broker when its rows are only earlier demos' (marked by
+    ``sinks.archive.store.demo_marker``): with the broker go the alert state and the topics it
+    was made from, so an earlier run's drift episodes would stay 'still firing' in
+    ``v_alert_episodes`` for good, and its weeks would mix into this run's scorecard. An archive
+    the demo's broker fills stays (or becomes) the demo's; others are left as they are. Returns
+    what to say and whether the archive is the demo's."""
+    from sinks.archive.store import demo_marker
+
+    if not broker_is_demos:
+        return None, False
+    marker = demo_marker(archive_file)
+    if archive_file.exists() and not marker.exists():
+        note = (
+            f"kept the archive {archive_file}: no demo is known to have made it alone "
+            "('loopline archive run' wrote to it, or a loopline before 2026-11-30), so this "
+            "run's rows are added to it (delete the file to start afresh)"
+        )
+        return (note if broker_starts_empty else None), False
+    emptied = broker_starts_empty and archive_file.exists()
+    if emptied:
+        for path in (archive_file, archive_file.with_name(archive_file.name + ".wal")):
+            path.unlink(missing_ok=True)
+    archive_file.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("the rows of this archive were written by 'loopline demo'\n")
+    return ("emptied the demo's archive of earlier runs" if emptied else None), True
+
+
 def _run_demo(
     settings: Settings,
     traffic: DemoTraffic,
@@ -408,11 +440,17 @@ def _run_demo(
         broker.own(demo=True)
     echo(f"topics: {asyncio.run(ensure_topics(settings)).describe()}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    archive_note, archive_owned = empty_earlier_demo_archive(
+        settings.archive_file, broker.demo_marker.exists(), demo_owned
+    )
+    if archive_note:
+        echo(archive_note)
+    fresh_archive = not settings.archive_file.exists()
     worker_log = settings.data_dir / "demo-worker.log"
     url = f"http://{settings.web_host}:{settings.web_port}/metrics"
     worker = _start(["worker"], worker_log)
     archive_log = settings.data_dir / "demo-archive.log"
-    archive = _start(["archive", "run"], archive_log)
+    archive = _start(["archive", "run", *(["--demo-owned"] if archive_owned else [])], archive_log)
     token, token_source = review_token(settings)
     review_log = settings.data_dir / "demo-review.log"
     review = _start(["review"], review_log, {"LOOPLINE_REVIEW_TOKEN": token})
@@ -486,7 +524,7 @@ def _run_demo(
                 time.sleep(1)
             echo("a demo process exited; stopping the rest")
         _stop(archive)  # a clean stop flushes its last batch
-        echo("\n" + archive_summary(settings))
+        echo("\n" + archive_summary(settings, fresh_archive))
     finally:
         with _finishing(echo):
             echo("stopping what the demo started ...")

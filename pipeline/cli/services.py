@@ -103,8 +103,8 @@ def review(ctx: click.Context, port: int | None) -> None:
 @click.option(
     "--keep-state",
     is_flag=True,
-    help="Keep the topics and state of earlier demo runs (by default a broker the demo starts "
-    "is emptied first when only a demo made its data).",
+    help="Keep the topics, state and archive of earlier demo runs (by default a broker the "
+    "demo starts is emptied first when only a demo made its data, and so is such an archive).",
 )
 @click.option(
     "--stay", is_flag=True, help="After the traffic, keep everything running until Ctrl-C."

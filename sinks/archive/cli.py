@@ -66,13 +66,19 @@ def archive_group() -> None:
 
 @archive_group.command("run")
 @_db_opt
+@click.option(
+    "--demo-owned",
+    is_flag=True,
+    hidden=True,
+    help="Run by 'loopline demo' on its own broker: the archive stays the demo's to empty.",
+)
 @click.pass_context
-def archive_run(ctx: click.Context, db: Path | None) -> None:
+def archive_run(ctx: click.Context, db: Path | None, demo_owned: bool) -> None:
     """Archive every loopline topic into DuckDB until Ctrl-C (one sink per archive file)."""
     from pipeline.cli.common import on_kafka, require_free_port
     from pipeline.topics import CONTRACT_TOPICS, ensure_topics
     from sinks.archive.sink import ArchiveSink
-    from sinks.archive.store import ArchiveError
+    from sinks.archive.store import ArchiveError, demo_marker
     from sinks.base import BatchPolicy
     from sinks.metrics import SinkMetrics, serve
     from sinks.runner import SinkRunner
@@ -89,6 +95,8 @@ def archive_run(ctx: click.Context, db: Path | None) -> None:
         group = _consumer_group(settings, archive)
     except ArchiveError as exc:  # not a DuckDB file, unreadable, ...: said, no traceback
         raise _fail(exc) from None
+    if not demo_owned:  # rows of another broker come: no demo may empty this archive now
+        demo_marker(settings.archive_file).unlink(missing_ok=True)
     metrics = SinkMetrics("archive")
     runner = SinkRunner(settings, sink, CONTRACT_TOPICS, group, report=click.echo, metrics=metrics)
 

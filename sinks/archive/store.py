@@ -37,6 +37,12 @@ READER_GAP_SECONDS = 0.5
 IDENTITY_TABLE = "archive_identity"
 
 
+def demo_marker(archive_file: Path) -> Path:
+    """Beside an archive while its rows are only demos' (``loopline demo`` empties it with its
+    broker, whose alert state its episodes need); ``loopline archive run`` removes it."""
+    return archive_file.with_name(archive_file.name + ".made-by-demo")
+
+
 class ArchiveError(RuntimeError):
     """The archive cannot be used (not a DuckDB file, a query failed, ...)."""
 

@@ -65,6 +65,20 @@ def test_a_command_that_cannot_reach_kafka_says_so_and_exits_1(
     assert "Unclosed" not in done.stderr  # every client is closed, also when it never started
 
 
+@pytest.mark.parametrize("demo_owned", [False, True])
+def test_an_archive_run_not_the_demos_takes_the_archive_from_the_demo(
+    tmp_path: Path, demo_owned: bool
+) -> None:
+    """Rows of any broker but the demo's own make the archive one the next demo must keep."""
+    archive, marker = tmp_path / "a.duckdb", tmp_path / "a.duckdb.made-by-demo"
+    marker.write_text("")
+    env = {"LOOPLINE_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}  # nothing listens
+    flags = ["--demo-owned"] if demo_owned else []
+    done = loopline("archive", "run", "--db", archive, *flags, env=env)
+    assert done.returncode == 1 and "cannot use Kafka" in done.stderr, done.stderr
+    assert archive.exists() and marker.exists() == demo_owned
+
+
 def test_an_archive_file_that_is_not_duckdb_is_refused_without_a_traceback(
     tmp_path: Path,
 ) -> None:

@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.core import to_ms
-from pipeline.demo import DemoTraffic, _restoring, alert_lines, empty_earlier_demo
+from pipeline.demo import (
+    DemoTraffic,
+    _restoring,
+    alert_lines,
+    empty_earlier_demo,
+    empty_earlier_demo_archive,
+)
 from pipeline.generator import eval_set
 from pipeline.kafka_local import LocalBroker
 from pipeline.processor import Processor
@@ -121,10 +127,20 @@ def test_a_second_demo_starts_from_an_empty_broker(
         assert broker.demo_marker.exists()
         fired = re.findall(r"^  \d\d:\d\d FIRING +\w+ +drift +([\w-]+): ", first, re.M)
         assert sorted(fired) == ["kyc-review", "refunds", "support-triage"], first
+        assert f"archive {settings.archive_file} (this run's rows), v_weekly_scorecard:" in first
         # in real time, 8 s of event time: no alert evaluation, nor the first run's alerts
         second = _demo(settings, "--keep-kafka", speedup="1")  # left up, to count its topics
         assert "emptied the demo's broker of earlier runs (--keep-state keeps them)" in second
         assert f"alerts on {settings.topic('alerts')}: none" in second
+        # nor do the first run's episodes, which no alert state is left to resolve, stay in the
+        # archive 'still firing' for good
+        assert "emptied the demo's archive of earlier runs" in second
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "query", "--format", "csv",
+             "SELECT count(*) AS episodes FROM v_alert_episodes"],
+            env=settings_env(settings), capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert done.stdout.split() == ["episodes", "0"]
         published = _published_inputs(second, settings)
         held = {t.name: t.records for t in asyncio.run(read_status(settings)).topics}
         assert held[settings.topic("inputs")] == published  # the second run's only
@@ -164,6 +180,37 @@ def test_the_demo_empties_only_a_broker_whose_data_an_earlier_demo_made(tmp_path
     assert note is not None and note.startswith(f"kept the data of {yours.instance_dir}: ")
     assert "'loopline kafka wipe' empties it" in note
     assert not owned and yours.has_data
+
+
+def test_the_demo_empties_only_an_archive_whose_rows_earlier_demos_wrote(tmp_path: Path) -> None:
+    archive = tmp_path / "archive.duckdb"
+    marker = tmp_path / "archive.duckdb.made-by-demo"
+    # none yet, the demo's broker empty: the sink makes it, the demo's
+    assert empty_earlier_demo_archive(archive, True, True) == (None, True)
+    assert marker.exists()
+
+    archive.write_text("rows")
+    (tmp_path / "archive.duckdb.wal").write_text("log")
+    # the broker kept (--keep-state, or already up): so is its archive
+    assert empty_earlier_demo_archive(archive, True, False) == (None, True)
+    assert archive.exists() and marker.exists()
+    # the broker emptied: its archive with it, and marked again for the rows to come
+    note = "emptied the demo's archive of earlier runs"
+    assert empty_earlier_demo_archive(archive, True, True) == (note, True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive.duckdb.made-by-demo"]
+
+    # an archive 'loopline archive run' wrote to is kept, and does not become the demo's
+    marker.unlink()
+    archive.write_text("yours")
+    note, owned = empty_earlier_demo_archive(archive, True, True)
+    assert note is not None and note.startswith(f"kept the archive {archive}: no demo is known")
+    assert "delete the file to start afresh" in note
+    assert not owned and archive.read_text() == "yours" and not marker.exists()
+    assert empty_earlier_demo_archive(archive, True, False) == (None, False)
+    # nor is any archive touched when the broker is not the demo's
+    marker.write_text("")
+    assert empty_earlier_demo_archive(archive, False, True) == (None, False)
+    assert archive.read_text() == "yours"
 
 
 def test_the_wait_for_the_worker_says_when_it_is_restoring_its_state() -> None:
