@@ -28,6 +28,7 @@ STATE_MESSAGE_BYTES = 8 * 1024 * 1024
 PARTITION_STATE, LOOP_STATE = "partition-state", "loop-state"  # stage 1's and stage 2's
 STATE_TABLES = (PARTITION_STATE, LOOP_STATE)
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a topic's own setting
+KEPT_FOR_GOOD = "-1"  # retention.ms of a topic whose records retention never deletes
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,12 @@ class TopicSpec:
     compacted: bool = False
     internal: bool = False  # the engine's own (stage 1 -> stage 2), not part of the contract
     carries_state: bool = False  # messages up to STATE_MESSAGE_BYTES
+    kept: bool = False  # records kept for good (retention.ms -1), not for the broker's default
 
     def configs(self) -> dict[str, str]:
         configs = {"cleanup.policy": "compact"} if self.compacted else {}
+        if self.kept:
+            configs["retention.ms"] = KEPT_FOR_GOOD
         if self.carries_state:
             configs["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
         return configs
@@ -54,7 +58,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("metrics", "MetricSnapshot"),
     TopicSpec("alerts", "Alert"),
     TopicSpec("eval-candidates", "EvalCandidate"),
-    TopicSpec("reviews", "ReviewDecision"),
+    # Decisions are kept for good (the reviewers' record): one deleted by retention while its
+    # candidate was still on eval-candidates (segments of the two topics roll apart) brought
+    # the candidate back to the queue at the review page's next start, to be decided again.
+    TopicSpec("reviews", "ReviewDecision", kept=True),
     TopicSpec("partials", "", internal=True, carries_state=True),
 )
 
@@ -96,13 +103,19 @@ class TopicLayoutError(RuntimeError):
 
 
 class Ensured(NamedTuple):
-    """What ``ensure_topics`` did: the topics it created, those whose limit it raised and the
-    state changelogs it gave more partitions; and the source topics' partition count."""
+    """What ``ensure_topics`` did: the topics it created, those whose limit it raised, those
+    it made keep their records for good and the state changelogs it gave more partitions; and
+    the source topics' partition count."""
 
     created: list[str]
     raised: list[str]
+    kept: list[str]
     grown: list[str]
     partitions: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.raised or self.kept or self.grown)
 
     def describe(self) -> str:
         said = [f"created {', '.join(self.created)}" if self.created else "all exist"]
@@ -110,6 +123,8 @@ class Ensured(NamedTuple):
             said.append(
                 f"max.message.bytes raised to {STATE_MESSAGE_BYTES} for {', '.join(self.raised)}"
             )
+        if self.kept:
+            said.append(f"records kept for good (retention.ms -1) on {', '.join(self.kept)}")
         if self.grown:
             said.append(f"partitions added to {', '.join(self.grown)}")
         return "; ".join(said)
@@ -123,7 +138,8 @@ def changelog_topic(settings: Settings, table: str) -> str:
 async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> Ensured:
     """Create the missing loopline topics (full names in ``created``). Topics
     that carry state and exist with a smaller message limit (made by an earlier version, or
-    changelogs made by Faust) get STATE_MESSAGE_BYTES."""
+    changelogs made by Faust) get STATE_MESSAGE_BYTES; a topic whose records are kept for good,
+    made by an earlier version with the broker's retention, gets it (``_mend_settings``)."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:  # closed also when it cannot start, or its connections are left open
@@ -155,8 +171,11 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
         )
         stateful = [settings.topic(t.name) for t in wanted if t.carries_state]
         stateful += [changelog_topic(settings, table) for table in STATE_TABLES]
-        raised = await _raise_message_limits(admin, [n for n in stateful if n in existing])
-        return Ensured([t.name for t in new], raised, grown, partitions)
+        kept = [settings.topic(t.name) for t in wanted if t.kept]
+        raised, made_kept = await _mend_settings(
+            admin, [n for n in stateful if n in existing], [n for n in kept if n in existing]
+        )
+        return Ensured([t.name for t in new], raised, made_kept, grown, partitions)
     finally:
         await admin.close()
 
@@ -292,14 +311,19 @@ async def _add_partitions(admin: AIOKafkaAdminClient, totals: dict[str, int], wh
     await _wait_for_leaders(admin, sorted(totals))
 
 
-async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:
-    """Give each topic max.message.bytes = STATE_MESSAGE_BYTES where it has less. AlterConfigs
+async def _mend_settings(
+    admin: AIOKafkaAdminClient, carrying_state: list[str], kept: list[str]
+) -> tuple[list[str], list[str]]:
+    """Give each topic of ``carrying_state`` max.message.bytes = STATE_MESSAGE_BYTES where it
+    has less, and each of ``kept`` retention.ms -1 where it goes by the broker's default (a
+    retention the topic was given is its operator's: warned about, kept). AlterConfigs
     replaces a topic's own settings as a whole, so the others are written back as they are. A
-    broker that refuses is warned about, not fatal: the worker runs until a bucket is larger.
-    Returns the topics raised."""
+    broker that refuses is warned about, not fatal. Returns the topics raised and kept."""
     raised: list[str] = []
+    made_kept: list[str] = []
+    names = list(dict.fromkeys(carrying_state + kept))
     if not names:
-        return raised
+        return raised, made_kept
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
@@ -308,26 +332,62 @@ async def _raise_message_limits(admin: AIOKafkaAdminClient, names: list[str]) ->
             if error:
                 log.warning("cannot read the settings of topic %s: error code %d", name, error)
                 continue
-            limit = next((int(e[1]) for e in entries if e[0] == "max.message.bytes"), None)
-            if limit is None or limit >= STATE_MESSAGE_BYTES:
+            found = {e[0]: (e[1], e[3] == _DYNAMIC_TOPIC_CONFIG) for e in entries}
+            changes = {}
+            limit = int(found.get("max.message.bytes", (STATE_MESSAGE_BYTES, False))[0])
+            if name in carrying_state and limit < STATE_MESSAGE_BYTES:
+                changes["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
+            retention, own_retention = found.get("retention.ms", (KEPT_FOR_GOOD, False))
+            if name in kept and retention != KEPT_FOR_GOOD:
+                if own_retention:
+                    _warn_retention(name, int(retention))
+                else:
+                    changes["retention.ms"] = KEPT_FOR_GOOD
+            if not changes:
                 continue
-            own = {e[0]: e[1] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG}
-            own["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
+            own = {key: value for key, (value, is_own) in found.items() if is_own}
             altered = await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name, own)]
+                [ConfigResource(ConfigResourceType.TOPIC, name, own | changes)]
             )
             for code, reason, *_ in (r for a in altered for r in a.resources):
-                if code:
+                if not code:
+                    if "max.message.bytes" in changes:
+                        raised.append(name)
+                    if "retention.ms" in changes:
+                        made_kept.append(name)
+                    continue
+                why = reason or f"error code {code}"
+                if "max.message.bytes" in changes:
                     log.warning(
                         "cannot raise max.message.bytes of topic %s from %d to %d (%s): set it "
                         "with kafka-configs.sh --alter --entity-type topics --entity-name %s "
                         "--add-config max.message.bytes=%d",
-                        name, limit, STATE_MESSAGE_BYTES, reason or f"error code {code}",
-                        name, STATE_MESSAGE_BYTES,
+                        name, limit, STATE_MESSAGE_BYTES, why, name, STATE_MESSAGE_BYTES,
                     )  # fmt: skip
-                else:
-                    raised.append(name)
-    return raised
+                if "retention.ms" in changes:
+                    log.warning(
+                        "cannot keep the records of topic %s for good (%s): set it with "
+                        "kafka-configs.sh --alter --entity-type topics --entity-name %s "
+                        "--add-config retention.ms=-1",
+                        name, why, name,
+                    )  # fmt: skip
+    return raised, made_kept
+
+
+def _warn_retention(name: str, retention_ms: int) -> None:
+    log.warning(
+        "topic %s deletes its records after %s (its own retention.ms): a review decision "
+        "deleted while its candidate is still on the candidates topic makes that candidate "
+        "open again at the review page's next start. To keep decisions for good: "
+        "kafka-configs.sh --alter --entity-type topics --entity-name %s --add-config "
+        "retention.ms=-1",
+        name, _duration(retention_ms), name,
+    )  # fmt: skip
+
+
+def _duration(ms: int) -> str:
+    hours = ms / 3_600_000
+    return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} h"
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -63,7 +63,7 @@ def run_app(
     loop = worker_event_loop()
     asyncio.set_event_loop(loop)
     ensured = loop.run_until_complete(ensure_topics(settings))
-    if ensured.created or ensured.raised or ensured.grown:
+    if ensured.changed:
         log.info("topics: %s", ensured.describe())
     if ensured.partitions != settings.partitions:
         log.warning(

@@ -121,7 +121,8 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 )
 @click.pass_context
 def topics(ctx: click.Context, partitions: int | None) -> None:
-    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS, or --partitions)."""
+    """Create loopline's topics (partition count: LOOPLINE_PARTITIONS, or --partitions) and
+    mend existing ones' settings (message limits, decisions kept for good)."""
     settings = settings_of(ctx)
     if partitions is None:
         click.echo(f"topics: {on_kafka(settings, ensure_topics(settings)).describe()}")

@@ -68,7 +68,9 @@ def review(ctx: click.Context, port: int | None) -> None:
     chosen = port or settings.review_port
     where = "LOOPLINE_REVIEW_PORT or --port"
     require_free_port(settings.web_host, chosen, "the review page", where)
-    on_kafka(settings, ensure_topics(settings))
+    ensured = on_kafka(settings, ensure_topics(settings))
+    if ensured.changed:
+        err(f"topics: {ensured.describe()}")
     err(f"review page on http://{settings.web_host}:{chosen}/ (log in with the review token)")
     # the page's own lines (a decision Kafka confirmed late, the queue loaded) at the log level
     logging.basicConfig(level=settings.log_level.upper(), format=REVIEW_LOG_FORMAT)

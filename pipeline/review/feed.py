@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
@@ -138,7 +139,11 @@ class ReviewFeed:
                     for message in messages:
                         self._apply(topics[tp.topic], message)
                 if ends is None and consumer.assignment():
-                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                    assigned = list(consumer.assignment())
+                    ends = await consumer.end_offsets(assigned)
+                    deleted = deleted_before(await consumer.beginning_offsets(assigned))
+                    for topic, count in sorted(deleted.items()):
+                        say_deleted(topics[topic], topic, count)
                 if not self.ready.is_set() and ends is not None:
                     positions = [await consumer.position(tp) for tp in ends]
                     if all(p >= ends[tp] for p, tp in zip(positions, ends, strict=True)):
@@ -164,3 +169,40 @@ class ReviewFeed:
             self.queue.add_decision(record)
         else:
             self.queue.add_eval_case(record)
+
+
+def deleted_before(starts: Mapping[TopicPartition, int]) -> dict[str, int]:
+    """Per topic, the records Kafka deleted before a reader from the start got to them (its
+    partitions' log start offsets; a topic it deleted nothing of is left out)."""
+    deleted: dict[str, int] = {}
+    for tp, start in starts.items():
+        if start:
+            deleted[tp.topic] = deleted.get(tp.topic, 0) + start
+    return deleted
+
+
+def say_deleted(name: str, topic: str, count: int) -> None:
+    """Log what the queue lacks for records of ``topic`` (its logical ``name``) that Kafka
+    deleted: candidates go by the topic's retention; decisions are kept for good
+    (pipeline.topics), so only an operator deletes them."""
+    if name == "eval-candidates":
+        log.info(
+            "%d earlier candidate records of %s were deleted by Kafka (the topic's retention) "
+            "before this start: those not decided are not in the queue (the archive keeps "
+            "every candidate it read; a longer retention.ms on the topic keeps a longer "
+            "backlog)",
+            count, topic,
+        )  # fmt: skip
+    elif name == "reviews":
+        log.warning(
+            "%d decisions of %s were deleted from Kafka before this start: their candidates, "
+            "if still on the candidates topic, are open again (the topic keeps decisions for "
+            "good unless its retention.ms was changed)",
+            count, topic,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "%d eval cases of %s were deleted from Kafka before this start: the page does not "
+            "show them among the similar eval cases",
+            count, topic,
+        )  # fmt: skip

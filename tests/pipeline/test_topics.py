@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Callable
 
@@ -75,11 +77,12 @@ def test_topics_carrying_state_take_large_messages_new_or_existing(
 ) -> None:
     fresh = make_settings()
     asyncio.run(ensure_topics(fresh))
-    names = [fresh.topic("partials"), fresh.topic("inputs"), fresh.topic("eval-cases")]
+    names = [fresh.topic(t) for t in ("partials", "inputs", "eval-cases", "reviews")]
     assert asyncio.run(_own_configs(fresh, names)) == {
         fresh.topic("partials"): {"max.message.bytes": str(STATE_MESSAGE_BYTES)},
         fresh.topic("inputs"): {},
         fresh.topic("eval-cases"): {"cleanup.policy": "compact"},
+        fresh.topic("reviews"): {"retention.ms": "-1"},
     }
 
     # Made by an earlier version (and a changelog as Faust made it): raised, the rest kept.
@@ -110,6 +113,52 @@ def test_topics_carrying_state_take_large_messages_new_or_existing(
             break
         asyncio.run(asyncio.sleep(0.1))
     assert raised()
+
+
+def _until_applied(settings: Settings, expected: dict[str, dict[str, str]]) -> None:
+    """Wait for the broker to apply altered configs (shortly after it answers)."""
+    for _ in range(50):
+        if asyncio.run(_own_configs(settings, list(expected))) == expected:
+            return
+        time.sleep(0.1)
+    assert asyncio.run(_own_configs(settings, list(expected))) == expected
+
+
+def test_review_decisions_are_kept_for_good_unless_the_topic_was_given_a_retention(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decision deleted by retention while its candidate was still on eval-candidates made
+    that candidate open again at the review page's next start. loopline.reviews made by an
+    earlier version (with the broker's retention) now keeps its records for good, its other
+    settings as they were; one given a retention by its operator is warned about and kept."""
+    tag = uuid.uuid4().hex[:10]
+    older = make_settings(topic_prefix=f"r{tag}.", app_id=f"loopline-r{tag}")
+    reviews = older.topic("reviews")
+    segment = {"segment.ms": "600000"}
+    asyncio.run(_create(older, [NewTopic(reviews, 1, 1, None, segment)]))
+    assert asyncio.run(_own_configs(older, [reviews])) == {reviews: segment}
+    ensured = asyncio.run(ensure_topics(older))
+    assert reviews not in ensured.created and ensured.kept == [reviews]
+    assert ensured.describe().endswith(f"; records kept for good (retention.ms -1) on {reviews}")
+    _until_applied(older, {reviews: segment | {"retention.ms": "-1"}})
+    assert asyncio.run(ensure_topics(older)).kept == []  # once
+
+    tag = uuid.uuid4().hex[:10]
+    chosen = make_settings(topic_prefix=f"c{tag}.", app_id=f"loopline-c{tag}")
+    reviews = chosen.topic("reviews")
+    thirty_days = {"retention.ms": str(30 * 24 * 3_600_000)}
+    asyncio.run(_create(chosen, [NewTopic(reviews, 1, 1, None, thirty_days)]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.topics"):
+        ensured = asyncio.run(ensure_topics(chosen))
+    assert ensured.kept == []
+    (warning,) = [r.getMessage() for r in caplog.records if reviews in r.getMessage()]
+    assert warning.startswith(
+        f"topic {reviews} deletes its records after 30 days (its own retention.ms): a review "
+        "decision deleted while its candidate is still on the candidates topic makes that "
+        "candidate open again at the review page's next start."
+    ), warning
+    assert warning.endswith(f"--entity-name {reviews} --add-config retention.ms=-1"), warning
+    assert asyncio.run(_own_configs(chosen, [reviews])) == {reviews: thirty_days}
 
 
 def test_source_topics_with_different_partition_counts_are_refused_with_the_reason(
