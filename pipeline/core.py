@@ -103,6 +103,16 @@ def _scaled(record: Mapping[str, Any], name: str, scale: float) -> int:
 END_MS = 253_370_764_800_000  # 9999-01-01T00:00:00Z, not included
 
 
+def record_ts_ms(value: Any) -> int:
+    """``to_ms`` of a record's ts, its error naming the field (the range's names it already)."""
+    try:
+        return to_ms(value)
+    except CodecError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"ts: {exc}") from None
+
+
 def to_ms(value: Any) -> int:
     """Event time in epoch milliseconds from an aware datetime, epoch ms or ISO-8601 text;
     a time before 1970 or from the year 9999 on is refused (``invalid``)."""
@@ -110,14 +120,19 @@ def to_ms(value: Any) -> int:
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: event times must carry a timezone")
         return to_ms(round(value.timestamp() * 1000))
-    if isinstance(value, bool):
-        raise ValueError(f"not a timestamp: {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value < END_MS:
             return value
         raise CodecError(
             "invalid", f"ts: {value} ms is not between 1970-01-01 and 9999-01-01", "ts"
         )
     if isinstance(value, str):
-        return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    raise ValueError(f"not a timestamp: {value!r}")
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return to_ms(parsed)
+    raise ValueError(
+        f"not a timestamp: {value!r} (epoch milliseconds or ISO-8601 text with its offset)"
+    )

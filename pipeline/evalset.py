@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.codec import Codec, CodecError
-from pipeline.core import to_ms
+from pipeline.core import record_ts_ms, to_ms
 from pipeline.jsonlines import json_lines
 from pipeline.publisher import Publisher
 from pipeline.settings import Settings
@@ -62,7 +62,7 @@ def normalise(row: Any, now_ms: int) -> dict[str, Any]:
     for name in ("features", "attributes"):
         value = record.get(name, {})
         record[name] = dict(value) if isinstance(value, list) else value
-    record["ts"] = now_ms if record.get("ts") is None else to_ms(record["ts"])
+    record["ts"] = now_ms if record.get("ts") is None else record_ts_ms(record["ts"])
     return record
 
 

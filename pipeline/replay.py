@@ -11,7 +11,7 @@ from typing import Any
 import fastavro
 
 from pipeline.codec import Codec, CodecError
-from pipeline.core import resolution_amounts, to_ms
+from pipeline.core import record_ts_ms, resolution_amounts
 from pipeline.jsonlines import json_lines
 from pipeline.processor import Processor
 from pipeline.progress import Meter
@@ -117,7 +117,8 @@ def replay(
                 meter.add(topic)
                 continue
             try:
-                normalised = {**record, "ts": to_ms(record.get("ts"))}
+                ts = record.get("ts")  # missing: the codec names the field
+                normalised = dict(record) if ts is None else {**record, "ts": record_ts_ms(ts)}
                 codec.validate(RECORD_OF[topic], normalised)
                 if topic == "resolutions":
                     resolution_amounts(normalised)  # non-finite amounts are invalid

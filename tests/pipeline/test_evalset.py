@@ -26,14 +26,18 @@ def test_bad_rows_are_named_by_line_and_good_rows_kept(tmp_path: Path) -> None:
                 json.dumps({"eval_case_id": "b", "loop": "refunds", "suite": "NEXT"}),
                 json.dumps({"eval_case_id": "c", "loop": "refunds", "ts": "2026-11-25T09:00:00Z"}),
                 json.dumps(["a", "list"]),
+                json.dumps({"eval_case_id": "d", "loop": "refunds", "ts": "last week"}),
             ]
         )
     )
     rows = list(read_eval_cases(path, Codec.load(), NOW))
     good = {r["eval_case_id"]: r for _, r, _ in rows if r is not None}
     bad = {where.rsplit(":", 1)[-1]: error for where, r, error in rows if r is None}
-    assert set(good) == {"a", "c"} and set(bad) == {"2", "4", "6"}
+    assert set(good) == {"a", "c"} and set(bad) == {"2", "4", "6", "7"}
     assert "not JSON" in bad["2"] and "suite" in bad["4"] and "JSON object" in bad["6"]
+    assert bad["7"] == (
+        "ts: not a timestamp: 'last week' (epoch milliseconds or ISO-8601 text with its offset)"
+    )
     assert (good["a"]["suite"], good["a"]["origin"], good["a"]["ts"]) == (
         "CURRENT",
         "IMPORTED",

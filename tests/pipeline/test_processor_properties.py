@@ -384,6 +384,22 @@ def test_replay_says_its_progress_line_by_line_read(tmp_path: Path) -> None:
     ]
 
 
+def test_replay_names_a_missing_or_unreadable_time_as_the_field_it_is(tmp_path: Path) -> None:
+    """A record without ts was rejected as "not a timestamp: None", one with unreadable text
+    as "Invalid isoformat string"; both now say it is ts."""
+    record = {"event_id": "i1", "case_id": "c1", "loop": "alpha", "source": "api"}
+    path = tmp_path / "events.jsonl"
+    lines = [{"topic": "inputs", "record": record}]
+    lines.append({"topic": "inputs", "record": {**record, "ts": "yesterday"}})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = replay([path], Processor(CoreConfig()))
+    assert report.rejected == [
+        f"{path}:1: InputEvent.ts: required field is missing",
+        f"{path}:2: ts: not a timestamp: 'yesterday' (epoch milliseconds or ISO-8601 text "
+        "with its offset)",
+    ]
+
+
 def test_replay_reads_an_avro_container_and_a_damaged_one_up_to_the_damage(
     tmp_path: Path,
 ) -> None:
