@@ -19,6 +19,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiokafka.errors import KafkaError
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 50
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 Handler = Callable[[Request], Awaitable[Response]]
+#: Failed logins an address may make in a moving window before every login from it is refused
+#: (429) until the oldest of them leaves the window: the token is all a login asks for, so
+#: guessing it is bounded to this rate. A login that succeeds clears the address's count.
+FAILED_LOGINS: RateLimitItem = parse("10 per 10 minutes")
 
 
 def _now_ms() -> int:
@@ -48,6 +55,7 @@ def create_review_app(settings: Settings) -> Starlette:
     token: str = settings.review_token
     queue = ReviewQueue(claim_ms=int(settings.review_claim_seconds * 1000))
     follow = ReviewFeed(settings, queue)
+    failed_logins = MovingWindowRateLimiter(MemoryStorage())
 
     def reviewer_of(request: Request) -> str | None:
         name = request.session.get("reviewer")
@@ -70,12 +78,19 @@ def create_review_app(settings: Settings) -> Starlette:
     async def login_page(request: Request) -> Response:
         if request.method == "GET":
             return TEMPLATES.TemplateResponse(request, "login.html", {"error": None})
+        address = request.client.host if request.client else "unknown"
+        if not failed_logins.test(FAILED_LOGINS, address):
+            return _login_refused(request, failed_logins, address)
         form = await request.form()
         name = str(form.get("reviewer", "")).strip()
         given = str(form.get("token", ""))
         if not name or not hmac.compare_digest(given.encode(), token.encode()):
+            failed_logins.hit(FAILED_LOGINS, address)
+            left = failed_logins.get_window_stats(FAILED_LOGINS, address).remaining
+            log.warning("a failed login from %s (%d more before it must wait)", address, left)
             context = {"error": "Unknown token, or no name given."}
             return TEMPLATES.TemplateResponse(request, "login.html", context, status_code=401)
+        failed_logins.clear(FAILED_LOGINS, address)
         request.session.clear()
         request.session.update({"reviewer": name[:80], "csrf": secrets.token_urlsafe(24)})
         target = str(request.query_params.get("next", "/"))
@@ -200,3 +215,16 @@ def create_review_app(settings: Settings) -> Starlette:
 def _back_to(candidate_id: str, error: str) -> Response:
     """The candidate's page again, saying why the decision was not taken."""
     return RedirectResponse(f"/candidates/{candidate_id}?{urlencode({'error': error})}", 303)
+
+
+def _login_refused(
+    request: Request, failed_logins: MovingWindowRateLimiter, address: str
+) -> Response:
+    """429, with when the address may try again (its oldest failure leaves the window)."""
+    reset = failed_logins.get_window_stats(FAILED_LOGINS, address).reset_time
+    wait = max(int(reset - time.time()) + 1, 1)
+    log.warning("a login from %s refused: too many failed logins (again in %d s)", address, wait)
+    error = f"Too many failed logins from this address: try again in {wait} s."
+    response = TEMPLATES.TemplateResponse(request, "login.html", {"error": error}, 429)
+    response.headers["Retry-After"] = str(wait)
+    return response
