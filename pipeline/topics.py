@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 #: the counts come on top. Kafka's default (1 MB) refused the largest buckets: the worker's send
 #: failed, and the worker stopped again after every restart.
 STATE_MESSAGE_BYTES = 8 * 1024 * 1024
+LIMIT = "max.message.bytes"
 #: The worker's checkpointed tables (agents.state); Faust names their changelogs after them.
 PARTITION_STATE, LOOP_STATE = "partition-state", "loop-state"  # stage 1's and stage 2's
 STATE_TABLES = (PARTITION_STATE, LOOP_STATE)
@@ -45,7 +46,7 @@ class TopicSpec:
         if self.kept:
             configs["retention.ms"] = KEPT_FOR_GOOD
         if self.carries_state:
-            configs["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
+            configs[LIMIT] = str(STATE_MESSAGE_BYTES)
         return configs
 
 
@@ -103,19 +104,19 @@ class TopicLayoutError(RuntimeError):
 
 
 class Ensured(NamedTuple):
-    """What ``ensure_topics`` did: the topics it created, those whose limit it raised, those
-    it made keep their records for good and the state changelogs it gave more partitions; and
-    the source topics' partition count."""
+    """What ``ensure_topics`` did: the topics it created, those whose limit it raised, the
+    other settings it gave existing topics, and the state changelogs it gave more partitions;
+    and the source topics' partition count."""
 
     created: list[str]
     raised: list[str]
-    kept: list[str]
+    mended: dict[str, dict[str, str]]
     grown: list[str]
     partitions: int
 
     @property
     def changed(self) -> bool:
-        return bool(self.created or self.raised or self.kept or self.grown)
+        return bool(self.created or self.raised or self.mended or self.grown)
 
     def describe(self) -> str:
         said = [f"created {', '.join(self.created)}" if self.created else "all exist"]
@@ -123,8 +124,8 @@ class Ensured(NamedTuple):
             said.append(
                 f"max.message.bytes raised to {STATE_MESSAGE_BYTES} for {', '.join(self.raised)}"
             )
-        if self.kept:
-            said.append(f"records kept for good (retention.ms -1) on {', '.join(self.kept)}")
+        for name, given in self.mended.items():
+            said.append(f"{', '.join(f'{k}={v}' for k, v in given.items())} set on {name}")
         if self.grown:
             said.append(f"partitions added to {', '.join(self.grown)}")
         return "; ".join(said)
@@ -138,8 +139,9 @@ def changelog_topic(settings: Settings, table: str) -> str:
 async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> Ensured:
     """Create the missing loopline topics (full names in ``created``). Topics
     that carry state and exist with a smaller message limit (made by an earlier version, or
-    changelogs made by Faust) get STATE_MESSAGE_BYTES; a topic whose records are kept for good,
-    made by an earlier version with the broker's retention, gets it (``_mend_settings``)."""
+    changelogs made by Faust) get STATE_MESSAGE_BYTES, and existing topics that go by the
+    broker's default where loopline makes them otherwise (a reviews topic an earlier version
+    made, an eval-cases topic made by hand) get loopline's setting (``_mend_settings``)."""
     wanted = [t for t in TOPICS if names is None or t.name in names]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:  # closed also when it cannot start, or its connections are left open
@@ -169,13 +171,13 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None
         partitions, grown = await _align_partitions(
             admin, settings, existing | {t.name for t in new}
         )
-        stateful = [settings.topic(t.name) for t in wanted if t.carries_state]
-        stateful += [changelog_topic(settings, table) for table in STATE_TABLES]
-        kept = [settings.topic(t.name) for t in wanted if t.kept]
-        raised, made_kept = await _mend_settings(
-            admin, [n for n in stateful if n in existing], [n for n in kept if n in existing]
+        settings_of = {settings.topic(t.name): t.configs() for t in wanted}
+        for table in STATE_TABLES:  # Faust makes them (compacted); loopline, their limit
+            settings_of[changelog_topic(settings, table)] = {LIMIT: str(STATE_MESSAGE_BYTES)}
+        raised, mended = await _mend_settings(
+            admin, {n: c for n, c in settings_of.items() if c and n in existing}
         )
-        return Ensured([t.name for t in new], raised, made_kept, grown, partitions)
+        return Ensured([t.name for t in new], raised, mended, grown, partitions)
     finally:
         await admin.close()
 
@@ -311,21 +313,30 @@ async def _add_partitions(admin: AIOKafkaAdminClient, totals: dict[str, int], wh
     await _wait_for_leaders(admin, sorted(totals))
 
 
+#: What a setting loopline gives a topic guards: said when the topic's own setting defeats it.
+_GUARDS = {
+    "cleanup.policy": "eval cases past its retention are deleted, and a worker whose state "
+    "starts anew, `loopline evalset` and the review page no longer have them in the eval set",
+    "retention.ms": "a review decision deleted while its candidate is still on the "
+    "candidates topic makes that candidate open again at the review page's next start",
+}
+
+
 async def _mend_settings(
-    admin: AIOKafkaAdminClient, carrying_state: list[str], kept: list[str]
-) -> tuple[list[str], list[str]]:
-    """Give each topic of ``carrying_state`` max.message.bytes = STATE_MESSAGE_BYTES where it
-    has less, and each of ``kept`` retention.ms -1 where it goes by the broker's default (a
-    retention the topic was given is its operator's: warned about, kept). AlterConfigs
-    replaces a topic's own settings as a whole, so the others are written back as they are. A
-    broker that refuses is warned about, not fatal. Returns the topics raised and kept."""
+    admin: AIOKafkaAdminClient, wanted: Mapping[str, Mapping[str, str]]
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Give each existing topic the settings loopline makes it with (``wanted``, by topic):
+    max.message.bytes where it has less; any other where it goes by the broker's default (a
+    setting the topic was given is its operator's: warned about, kept). AlterConfigs replaces
+    a topic's own settings as a whole, so the others are written back as they are. A broker
+    that refuses is warned about, not fatal. Returns the topics whose limit it raised, and the
+    other settings it gave, by topic."""
     raised: list[str] = []
-    made_kept: list[str] = []
-    names = list(dict.fromkeys(carrying_state + kept))
-    if not names:
-        return raised, made_kept
+    mended: dict[str, dict[str, str]] = {}
+    if not wanted:
+        return raised, mended
     described = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in wanted]
     )
     for response in described:
         for error, _, _, name, entries in response.resources:
@@ -333,16 +344,7 @@ async def _mend_settings(
                 log.warning("cannot read the settings of topic %s: error code %d", name, error)
                 continue
             found = {e[0]: (e[1], e[3] == _DYNAMIC_TOPIC_CONFIG) for e in entries}
-            changes = {}
-            limit = int(found.get("max.message.bytes", (STATE_MESSAGE_BYTES, False))[0])
-            if name in carrying_state and limit < STATE_MESSAGE_BYTES:
-                changes["max.message.bytes"] = str(STATE_MESSAGE_BYTES)
-            retention, own_retention = found.get("retention.ms", (KEPT_FOR_GOOD, False))
-            if name in kept and retention != KEPT_FOR_GOOD:
-                if own_retention:
-                    _warn_retention(name, int(retention))
-                else:
-                    changes["retention.ms"] = KEPT_FOR_GOOD
+            changes = _changes(name, wanted[name], found)
             if not changes:
                 continue
             own = {key: value for key, (value, is_own) in found.items() if is_own}
@@ -351,43 +353,65 @@ async def _mend_settings(
             )
             for code, reason, *_ in (r for a in altered for r in a.resources):
                 if not code:
-                    if "max.message.bytes" in changes:
+                    if changes.pop(LIMIT, None) is not None:
                         raised.append(name)
-                    if "retention.ms" in changes:
-                        made_kept.append(name)
+                    if changes:
+                        mended[name] = changes
                     continue
-                why = reason or f"error code {code}"
-                if "max.message.bytes" in changes:
-                    log.warning(
-                        "cannot raise max.message.bytes of topic %s from %d to %d (%s): set it "
-                        "with kafka-configs.sh --alter --entity-type topics --entity-name %s "
-                        "--add-config max.message.bytes=%d",
-                        name, limit, STATE_MESSAGE_BYTES, why, name, STATE_MESSAGE_BYTES,
-                    )  # fmt: skip
-                if "retention.ms" in changes:
-                    log.warning(
-                        "cannot keep the records of topic %s for good (%s): set it with "
-                        "kafka-configs.sh --alter --entity-type topics --entity-name %s "
-                        "--add-config retention.ms=-1",
-                        name, why, name,
-                    )  # fmt: skip
-    return raised, made_kept
+                for key, value in changes.items():
+                    _warn_refused(name, key, found[key][0], value, reason or f"error code {code}")
+    return raised, mended
 
 
-def _warn_retention(name: str, retention_ms: int) -> None:
-    log.warning(
-        "topic %s deletes its records after %s (its own retention.ms): a review decision "
-        "deleted while its candidate is still on the candidates topic makes that candidate "
-        "open again at the review page's next start. To keep decisions for good: "
-        "kafka-configs.sh --alter --entity-type topics --entity-name %s --add-config "
-        "retention.ms=-1",
-        name, _duration(retention_ms), name,
-    )  # fmt: skip
+def _changes(
+    name: str, wanted: Mapping[str, str], found: Mapping[str, tuple[str, bool]]
+) -> dict[str, str]:
+    """The settings of ``wanted`` to give a topic whose settings are ``found`` (key -> value
+    and whether it is the topic's own)."""
+    changes: dict[str, str] = {}
+    for key, value in wanted.items():
+        if key not in found:
+            continue  # a broker that does not say it
+        current, own = found[key]
+        if key == LIMIT:
+            if int(current) < int(value):
+                changes[key] = value
+        elif current != value:
+            if own:
+                log.warning(
+                    "topic %s has its own %s=%s where loopline makes it %s: %s. To mend: "
+                    "kafka-configs.sh --alter --entity-type topics --entity-name %s "
+                    "--add-config %s=%s",
+                    name, key, _shown(key, current), value, _GUARDS.get(key, "see the README"),
+                    name, key, value,
+                )  # fmt: skip
+            else:
+                changes[key] = value
+    return changes
 
 
-def _duration(ms: int) -> str:
-    hours = ms / 3_600_000
-    return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} h"
+def _warn_refused(name: str, key: str, current: str, value: str, why: str) -> None:
+    if key == LIMIT:
+        log.warning(
+            "cannot raise max.message.bytes of topic %s from %s to %s (%s): set it "
+            "with kafka-configs.sh --alter --entity-type topics --entity-name %s "
+            "--add-config max.message.bytes=%s",
+            name, current, value, why, name, value,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "cannot set %s of topic %s to %s (%s): set it with kafka-configs.sh --alter "
+            "--entity-type topics --entity-name %s --add-config %s=%s",
+            key, name, value, why, name, key, value,
+        )  # fmt: skip
+
+
+def _shown(key: str, value: str) -> str:
+    """A setting's value, a retention with its days or hours."""
+    if key != "retention.ms" or int(value) < 0:
+        return value
+    hours = int(value) / 3_600_000
+    return f"{value} ({hours / 24:g} days)" if hours >= 48 else f"{value} ({hours:g} h)"
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

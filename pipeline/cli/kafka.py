@@ -122,7 +122,7 @@ def kafka_status(ctx: click.Context, port: int | None, home: Path | None) -> Non
 @click.pass_context
 def topics(ctx: click.Context, partitions: int | None) -> None:
     """Create loopline's topics (partition count: LOOPLINE_PARTITIONS, or --partitions) and
-    mend existing ones' settings (message limits, decisions kept for good)."""
+    give existing ones loopline's settings where they go by the broker's defaults."""
     settings = settings_of(ctx)
     if partitions is None:
         click.echo(f"topics: {on_kafka(settings, ensure_topics(settings)).describe()}")

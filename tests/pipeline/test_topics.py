@@ -124,24 +124,38 @@ def _until_applied(settings: Settings, expected: dict[str, dict[str, str]]) -> N
     assert asyncio.run(_own_configs(settings, list(expected))) == expected
 
 
-def test_review_decisions_are_kept_for_good_unless_the_topic_was_given_a_retention(
+def test_existing_topics_get_loopline_s_settings_unless_they_were_given_their_own(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A decision deleted by retention while its candidate was still on eval-candidates made
-    that candidate open again at the review page's next start. loopline.reviews made by an
-    earlier version (with the broker's retention) now keeps its records for good, its other
-    settings as they were; one given a retention by its operator is warned about and kept."""
+    """A review decision deleted by retention while its candidate was still on
+    eval-candidates made that candidate open again at the review page's next start, and an
+    eval-cases topic made by hand without compaction deletes eval cases. Existing topics that
+    go by the broker's default get loopline's setting, their other settings as they were; a
+    setting the operator gave the topic is warned about and kept."""
     tag = uuid.uuid4().hex[:10]
     older = make_settings(topic_prefix=f"r{tag}.", app_id=f"loopline-r{tag}")
-    reviews = older.topic("reviews")
+    reviews, eval_cases = older.topic("reviews"), older.topic("eval-cases")
     segment = {"segment.ms": "600000"}
-    asyncio.run(_create(older, [NewTopic(reviews, 1, 1, None, segment)]))
-    assert asyncio.run(_own_configs(older, [reviews])) == {reviews: segment}
+    made = [NewTopic(reviews, 1, 1, None, segment), NewTopic(eval_cases, 4, 1)]
+    asyncio.run(_create(older, made))
+    assert asyncio.run(_own_configs(older, [reviews, eval_cases])) == {
+        reviews: segment,
+        eval_cases: {},
+    }
     ensured = asyncio.run(ensure_topics(older))
-    assert reviews not in ensured.created and ensured.kept == [reviews]
-    assert ensured.describe().endswith(f"; records kept for good (retention.ms -1) on {reviews}")
-    _until_applied(older, {reviews: segment | {"retention.ms": "-1"}})
-    assert asyncio.run(ensure_topics(older)).kept == []  # once
+    assert reviews not in ensured.created and eval_cases not in ensured.created
+    assert ensured.mended == {
+        eval_cases: {"cleanup.policy": "compact"},
+        reviews: {"retention.ms": "-1"},
+    }
+    assert ensured.describe().endswith(
+        f"; cleanup.policy=compact set on {eval_cases}; retention.ms=-1 set on {reviews}"
+    )
+    _until_applied(
+        older,
+        {reviews: segment | {"retention.ms": "-1"}, eval_cases: {"cleanup.policy": "compact"}},
+    )
+    assert asyncio.run(ensure_topics(older)).mended == {}  # once
 
     tag = uuid.uuid4().hex[:10]
     chosen = make_settings(topic_prefix=f"c{tag}.", app_id=f"loopline-c{tag}")
@@ -150,14 +164,15 @@ def test_review_decisions_are_kept_for_good_unless_the_topic_was_given_a_retenti
     asyncio.run(_create(chosen, [NewTopic(reviews, 1, 1, None, thirty_days)]))
     with caplog.at_level(logging.WARNING, logger="pipeline.topics"):
         ensured = asyncio.run(ensure_topics(chosen))
-    assert ensured.kept == []
+    assert ensured.mended == {}
     (warning,) = [r.getMessage() for r in caplog.records if reviews in r.getMessage()]
-    assert warning.startswith(
-        f"topic {reviews} deletes its records after 30 days (its own retention.ms): a review "
-        "decision deleted while its candidate is still on the candidates topic makes that "
-        "candidate open again at the review page's next start."
-    ), warning
-    assert warning.endswith(f"--entity-name {reviews} --add-config retention.ms=-1"), warning
+    assert warning == (
+        f"topic {reviews} has its own retention.ms=2592000000 (30 days) where loopline makes "
+        "it -1: a review decision deleted while its candidate is still on the candidates topic "
+        "makes that candidate open again at the review page's next start. To mend: "
+        f"kafka-configs.sh --alter --entity-type topics --entity-name {reviews} --add-config "
+        "retention.ms=-1"
+    )
     assert asyncio.run(_own_configs(chosen, [reviews])) == {reviews: thirty_days}
 
 
