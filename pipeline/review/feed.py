@@ -164,7 +164,8 @@ class ReviewFeed:
             return
         record = {**record, "ts": to_ms(record["ts"])}
         if topic == "eval-candidates":
-            self.queue.add_candidate(record)
+            queued_ms = message.timestamp if message.timestamp > 0 else None  # -1: unknown
+            self.queue.add_candidate(record, queued_ms=queued_ms)
         elif topic == "reviews":
             self.queue.add_decision(record)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,14 +57,26 @@ class ReviewQueue:
     eval_cases: dict[str, dict[str, Any]] = field(default_factory=dict)
     # candidate id -> the decision sent for it that Kafka has not confirmed yet
     unconfirmed: dict[str, str] = field(default_factory=dict)
+    # candidate id -> when it was queued (epoch ms of its first delivery to Kafka)
+    queued_ms: dict[str, int] = field(default_factory=dict)
+    # (loop, decision) -> candidates decided so
+    decision_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     # -- feeds ------------------------------------------------------------------------------
 
-    def add_candidate(self, record: Mapping[str, Any]) -> None:
-        self.candidates[str(record["candidate_id"])] = dict(record)
+    def add_candidate(self, record: Mapping[str, Any], queued_ms: int | None = None) -> None:
+        """``queued_ms``: when Kafka got the candidate (its message's time; else its ts). A
+        candidate delivered again keeps its first time."""
+        candidate_id = str(record["candidate_id"])
+        self.candidates[candidate_id] = dict(record)
+        self.queued_ms.setdefault(
+            candidate_id, int(record["ts"]) if queued_ms is None else queued_ms
+        )
 
     def add_decision(self, record: Mapping[str, Any]) -> None:
         candidate_id = str(record["candidate_id"])
+        if candidate_id not in self.decided:
+            self.decision_counts[(str(record["loop"]), str(record["decision"]))] += 1
         self.decided[candidate_id] = str(record["decision"])
         self.claims.pop(candidate_id, None)
 
@@ -89,6 +102,18 @@ class ReviewQueue:
             return False
         claim = self.claims.get(candidate_id)
         return claim is None or claim.reviewer == reviewer or claim.expires_ms <= now_ms
+
+    def backlog(self) -> dict[str, tuple[int, int | None]]:
+        """Per loop with candidates, the open ones (not decided, claimed or not) and when the
+        oldest of them was queued (None: none open)."""
+        found: dict[str, tuple[int, int | None]] = {}
+        for candidate_id, candidate in self.candidates.items():
+            count, oldest = found.get(candidate["loop"], (0, None))
+            if not self._settled(candidate_id):
+                queued = self.queued_ms[candidate_id]
+                count, oldest = count + 1, queued if oldest is None else min(oldest, queued)
+            found[candidate["loop"]] = (count, oldest)
+        return found
 
     def pending(self, filters: Filters, reviewer: str, now_ms: int) -> list[dict[str, Any]]:
         """Undecided candidates not claimed by someone else, highest priority first."""

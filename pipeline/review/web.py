@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -32,6 +33,7 @@ from starlette.templating import Jinja2Templates
 
 from pipeline.publisher import NotDelivered
 from pipeline.review.feed import DecisionUnconfirmed, ReviewFeed
+from pipeline.review.metrics import review_registry
 from pipeline.review.queue import Filters, ReviewError, ReviewQueue
 from pipeline.settings import Settings
 
@@ -55,6 +57,7 @@ def create_review_app(settings: Settings) -> Starlette:
     token: str = settings.review_token
     queue = ReviewQueue(claim_ms=int(settings.review_claim_seconds * 1000))
     follow = ReviewFeed(settings, queue)
+    registry = review_registry(queue)
     failed_logins = MovingWindowRateLimiter(MemoryStorage())
 
     def reviewer_of(request: Request) -> str | None:
@@ -186,6 +189,10 @@ def create_review_app(settings: Settings) -> Starlette:
         ready = follow.ready.is_set()
         return PlainTextResponse("ready" if ready else "loading", status_code=200 if ready else 503)
 
+    async def metrics(request: Request) -> Response:
+        """For Prometheus, without a login: counts per loop, no candidate's content."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await follow.start()
@@ -204,6 +211,7 @@ def create_review_app(settings: Settings) -> Starlette:
             Route("/candidates/{candidate_id}/decide", decide, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics),
         ],
         middleware=[
             Middleware(SessionMiddleware, secret_key=secret, same_site="strict", max_age=12 * 3600)

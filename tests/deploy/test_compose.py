@@ -108,6 +108,9 @@ def test_monitoring_finds_the_workers_and_each_other(services: dict[str, dict[st
     archive = services["archive"]
     archive_port = Settings.from_env(archive["environment"]).archive_metrics_port
     assert [p["target"] for p in archive["ports"]] == [archive_port]
+    review = services["review"]
+    review_port = Settings.from_env(review["environment"]).review_port
+    assert [p["target"] for p in review["ports"]] == [review_port]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job["dns_sd_configs"] for job in prometheus["scrape_configs"]}
     assert jobs == {  # the job names the rules' up{job=...} use
@@ -116,6 +119,9 @@ def test_monitoring_finds_the_workers_and_each_other(services: dict[str, dict[st
         ],
         "loopline-archive": [
             {"names": ["archive"], "type": "A", "port": archive_port, "refresh_interval": "30s"}
+        ],
+        "loopline-review": [
+            {"names": ["review"], "type": "A", "port": review_port, "refresh_interval": "30s"}
         ],
     }
     (alerting,) = prometheus["alerting"]["alertmanagers"]

@@ -49,6 +49,8 @@ def test_the_dashboard_covers_the_numbers_drift_alerts_candidates_dlq_and_lag() 
         "loopline_records_deleted_unread_total",
         "loopline_sink_consumer_lag_messages",
         "loopline_sink_batches_total",
+        "loopline_review_open_candidates",
+        "loopline_review_oldest_open_age_seconds",
     ):
         assert needed in used, needed
     assert any("offset 7d" in e for e in _exprs(dashboard))  # week-over-week change

@@ -23,6 +23,8 @@ from prometheus_client import generate_latest
 
 from pipeline.metrics import PipelineMetrics
 from pipeline.promrules import render
+from pipeline.review.metrics import review_registry
+from pipeline.review.queue import ReviewQueue
 from pipeline.rules import AlertRules
 from pipeline.settings import Settings
 from sinks.metrics import SinkMetrics
@@ -37,10 +39,11 @@ METRIC = re.compile(r"\b(loopline_[a-z_]+)\b")
 
 
 def exported_names() -> set[str]:
-    """Every sample name a worker's or the archive sink's /metrics can carry (families listed
-    even when empty)."""
+    """Every sample name a worker's, the archive sink's or the review page's /metrics can
+    carry (families listed even when empty)."""
     sink = generate_latest(SinkMetrics("archive").registry).decode()
-    text = PipelineMetrics.create().exposition().decode() + sink
+    review = generate_latest(review_registry(ReviewQueue())).decode()
+    text = PipelineMetrics.create().exposition().decode() + sink + review
     names = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):

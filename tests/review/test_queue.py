@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from pipeline.review.metrics import ReviewCollector
 from pipeline.review.queue import Filters, ReviewError, ReviewQueue
 from tests.sinks.factories import candidate, eval_case
 
@@ -138,3 +140,32 @@ def test_a_decision_kafka_has_not_confirmed_holds_its_candidate_from_everyone() 
     queue.release_unconfirmed("k2")
     assert [c["candidate_id"] for c in queue.pending(Filters(), "omar", MS + 60_000)] == ["k2"]
     assert queue.claim("k2", "omar", MS + 60_000).reviewer == "omar"
+
+
+def test_the_backlog_counts_open_candidates_per_loop_and_the_oldest_wait() -> None:
+    """What the page's /metrics exports, worked out by hand: refunds has k1 (queued at MS +
+    5 s), k2 (MS + 1 s, delivered again at MS + 9 s: its first time stays) and k3 (decided);
+    kyc has k4, held as decided while Kafka has not confirmed it, so none open."""
+    queue = ReviewQueue()
+    queue.add_candidate({**candidate("k1", TS), "ts": MS}, queued_ms=MS + 5_000)
+    queue.add_candidate({**candidate("k2", TS), "ts": MS}, queued_ms=MS + 1_000)
+    queue.add_candidate({**candidate("k2", TS), "ts": MS}, queued_ms=MS + 9_000)
+    queue.add_candidate({**candidate("k3", TS), "ts": MS})  # no message time: its ts
+    queue.add_candidate({**candidate("k4", TS, loop="kyc"), "ts": MS}, queued_ms=MS)
+    queue.claim("k1", "ana", MS)  # claimed is still open
+    decision, _ = queue.decide("k3", "ana", "REJECTED", MS)
+    queue.add_decision(decision)
+    queue.add_decision(decision)  # read back from the topic: counted once
+    queue.hold_unconfirmed(queue.decide("k4", "ana", "REJECTED", MS)[0])
+    assert queue.backlog() == {"refunds": (2, MS + 1_000), "kyc": (0, None)}
+    assert queue.decision_counts == {("refunds", "REJECTED"): 1}
+
+    registry = CollectorRegistry()
+    registry.register(ReviewCollector(queue, now=lambda: (MS + 61_000) / 1000))
+    assert [line for line in generate_latest(registry).decode().splitlines() if line[0] != "#"] == [
+        'loopline_review_open_candidates{loop="kyc"} 0.0',
+        'loopline_review_open_candidates{loop="refunds"} 2.0',
+        'loopline_review_oldest_open_age_seconds{loop="kyc"} 0.0',
+        'loopline_review_oldest_open_age_seconds{loop="refunds"} 60.0',  # k2: 61 - 1 s
+        'loopline_review_decisions_total{decision="REJECTED",loop="refunds"} 1.0',
+    ]
