@@ -23,6 +23,7 @@ from pipeline.generator import Scenario, TrafficGenerator
 from pipeline.processor import Processor
 from pipeline.settings import Settings
 from pipeline.topics import SOURCE_TOPICS
+from pipeline.worker import STOP_GRACE_SECONDS
 from tests.agents.test_five_numbers_live import _gauge
 from tests.agents.test_ingest import _publish
 from tests.conftest import WorkerProcess, free_port, wait_for
@@ -300,6 +301,40 @@ def test_a_worker_leaving_under_traffic_hands_its_partitions_back(
     # memory of them (the leaving worker wrote them meanwhile: agents.state.settle)
     changelog = f"{settings.app_id}-partition-state-changelog"
     assert f" restored {changelog}[" in staying.log(), staying.log_tail()
+
+
+def test_a_worker_asked_to_stop_while_it_joins_its_group_stops_cleanly(
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[[Settings], WorkerProcess],
+) -> None:
+    # A rolling deployment stops workers while others join: a SIGTERM that lands inside the
+    # join (after the revoke, before "Joined group") goes through Faust's stop in the middle of
+    # the rebalance, which was suspected of hanging until the 20 s deadline (exit 1). It stops
+    # in seconds with status 0, and the staying worker counts every event once.
+    settings = make_settings()
+    events = _traffic(42, 12_000)
+    staying = _counting(settings, start_worker, events[:8000], 500)
+    publisher = _publishing_slowly(settings, events[8000:])  # ~14 s, across the joins
+    for _ in range(3):  # until a stop lands inside a join (the first one does, nearly always)
+        joining = _another(settings, start_worker)
+        wait_for(
+            lambda worker=joining: "Revoking previously assigned partitions" in worker.log(),
+            60,
+            "the second worker to begin joining",
+            every=0.02,
+        )
+        began = time.monotonic()
+        assert joining.stop(signal.SIGTERM) == 0, joining.log_tail()
+        took = time.monotonic() - began
+        log = joining.log()
+        joined = log.find("Joined group")
+        if joined < 0 or log.index("Signal received") < joined:
+            break
+    else:
+        pytest.fail("no stop landed inside a join in three tries")
+    assert took < STOP_GRACE_SECONDS, took
+    publisher.join()
+    _wait_exact(settings, events, [staying])
 
 
 def test_workers_joining_leaving_and_killed_in_quick_succession_count_every_event_once(
