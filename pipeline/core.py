@@ -130,9 +130,9 @@ def to_ms(value: Any) -> int:
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            parsed = None
-        if parsed is not None:
-            return to_ms(parsed)
+            pass  # said below, with what a timestamp may be
+        else:
+            return to_ms(parsed)  # a naive one is refused there
     raise ValueError(
         f"not a timestamp: {value!r} (epoch milliseconds or ISO-8601 text with its offset)"
     )

@@ -228,10 +228,10 @@ def _back_to(candidate_id: str, error: str) -> Response:
 def _login_refused(
     request: Request, failed_logins: MovingWindowRateLimiter, address: str
 ) -> Response:
-    """429, with when the address may try again (its oldest failure leaves the window)."""
+    """429, with when the address may try again (its oldest failure leaves the window). Not
+    logged: the failures that led here were, and a client hammering on would flood the log."""
     reset = failed_logins.get_window_stats(FAILED_LOGINS, address).reset_time
     wait = max(int(reset - time.time()) + 1, 1)
-    log.warning("a login from %s refused: too many failed logins (again in %d s)", address, wait)
     error = f"Too many failed logins from this address: try again in {wait} s."
     response = TEMPLATES.TemplateResponse(request, "login.html", {"error": error}, 429)
     response.headers["Retry-After"] = str(wait)

@@ -49,5 +49,5 @@ def test_failed_logins_from_an_address_are_bounded_then_every_login_waits(
     log = review.log()
     assert "a failed login from 127.0.0.1 (9 more before it must wait)" in log
     assert "a failed login from 127.0.0.1 (0 more before it must wait)" in log
-    assert "a login from 127.0.0.1 refused: too many failed logins (again in " in log
+    assert log.count("a failed login from") == 19  # the refused ones are not logged
     assert TOKEN not in log
