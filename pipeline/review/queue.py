@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DECISIONS = ("ACCEPTED", "REJECTED", "DUPLICATE")
+#: Characters a reviewer's expected outcome or notes may have: a decision is one Kafka record
+#: (1 MB by default), and what a paste of a whole document would make it is refused, saying so.
+REVIEW_TEXT_CHARS = 4000
 SUITES = ("CURRENT", "HISTORICAL")
 _WORDS = re.compile(r"[a-z]+")
 
@@ -182,6 +185,11 @@ class ReviewQueue:
         queue changes only when the caller has published them (add_decision, add_eval_case)."""
         if decision not in DECISIONS:
             raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")
+        for name, text in (("expected outcome", expected), ("notes", notes)):
+            if text is not None and len(text) > REVIEW_TEXT_CHARS:
+                raise ReviewError(
+                    f"{name} too long: {len(text):,} characters, at most {REVIEW_TEXT_CHARS:,}"
+                )
         self.claim(candidate_id, reviewer, now_ms)
         candidate = self.candidates[candidate_id]
         eval_case: dict[str, Any] | None = None

@@ -30,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.publisher import NotDelivered
 from pipeline.review.feed import DecisionUnconfirmed, ReviewFeed
 from pipeline.review.metrics import review_registry
-from pipeline.review.queue import Filters, ReviewError, ReviewQueue
+from pipeline.review.queue import REVIEW_TEXT_CHARS, Filters, ReviewError, ReviewQueue
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def create_review_app(settings: Settings) -> Starlette:
             "similar": queue.similar(candidate),
             "csrf": request.session.get("csrf"),
             "error": request.query_params.get("error"),
+            "text_chars": REVIEW_TEXT_CHARS,
         }
         return TEMPLATES.TemplateResponse(request, "candidate.html", context)
 
@@ -214,10 +216,40 @@ def create_review_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics),
         ],
         middleware=[
-            Middleware(SessionMiddleware, secret_key=secret, same_site="strict", max_age=12 * 3600)
+            Middleware(SecurityHeaders),
+            Middleware(SessionMiddleware, secret_key=secret, same_site="strict", max_age=12 * 3600),
         ],
         lifespan=lifespan,
     )
+
+
+#: On every response: no other site may show the page in a frame (where a reviewer's click
+#: would decide a candidate for it), and no response is read as another type than it says.
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+)
+
+
+class SecurityHeaders:
+    """ASGI middleware adding SECURITY_HEADERS to each HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def _back_to(candidate_id: str, error: str) -> Response:

@@ -38,7 +38,13 @@ def test_failed_logins_from_an_address_are_bounded_then_every_login_waits(
     leaves the window, the right token too; a login that succeeds clears the count."""
     assert (FAILED_LOGINS.amount, FAILED_LOGINS.get_expiry()) == (10, 600)
     review = start_review(make_settings(review_token=TOKEN, review_port=free_port()))
-    assert [_log_in(review, "guess").status for _ in range(9)] == [401] * 9
+    first = _log_in(review, "guess")
+    assert first.status == 401
+    # every response keeps the page out of other sites' frames (a click there would decide)
+    assert first.headers["X-Frame-Options"] == "DENY"
+    assert first.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert first.headers["X-Content-Type-Options"] == "nosniff"
+    assert [_log_in(review, "guess").status for _ in range(8)] == [401] * 8
     assert _log_in(review, TOKEN).status == 303  # the tenth attempt: in, and the count cleared
     assert [_log_in(review, "guess").status for _ in range(10)] == [401] * 10
     refused = _log_in(review, TOKEN)

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.review.metrics import ReviewCollector
-from pipeline.review.queue import Filters, ReviewError, ReviewQueue
+from pipeline.review.queue import REVIEW_TEXT_CHARS, Filters, ReviewError, ReviewQueue
 from tests.sinks.factories import candidate, eval_case
 
 TS = datetime(2026, 11, 25, 12, tzinfo=UTC)
@@ -169,3 +169,16 @@ def test_the_backlog_counts_open_candidates_per_loop_and_the_oldest_wait() -> No
         'loopline_review_oldest_open_age_seconds{loop="refunds"} 60.0',  # k2: 61 - 1 s
         'loopline_review_decisions_total{decision="REJECTED",loop="refunds"} 1.0',
     ]
+
+
+def test_a_reviewer_s_texts_are_bounded_with_a_clear_error() -> None:
+    """A decision is one Kafka record: a pasted document in the notes made Kafka refuse it
+    (1 MB), said as "not saved". Now the queue says what is too long before any send."""
+    queue = _queue(candidate("k1", TS))
+    with pytest.raises(ReviewError) as refused:
+        queue.decide("k1", "ana", "REJECTED", MS, notes="x" * (REVIEW_TEXT_CHARS + 1))
+    assert str(refused.value) == "notes too long: 4,001 characters, at most 4,000"
+    with pytest.raises(ReviewError, match="expected outcome too long: 5,000 characters"):
+        queue.decide("k1", "ana", "ACCEPTED", MS, expected="y" * 5000)
+    decision, _ = queue.decide("k1", "ana", "REJECTED", MS, notes="x" * REVIEW_TEXT_CHARS)
+    assert decision["notes"] == "x" * 4000
