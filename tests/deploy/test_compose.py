@@ -149,14 +149,16 @@ def test_every_mounted_folder_of_the_repository_exists(
         assert path.is_dir() and any(path.iterdir()), path
 
 
-def test_the_worker_s_healthcheck_asks_its_own_web_port(
+def test_the_worker_s_and_review_page_s_healthchecks_ask_their_own_web_port(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    # /healthz's answers are checked on a live worker (tests/agents/test_ingest.py)
-    worker = services["worker"]
-    command = worker["healthcheck"]["test"]
-    assert command[:3] == ["CMD", "python", "-c"]
-    (url,) = re.findall(r"'(http://[^']+)'", command[3])
-    port = Settings.from_env(worker["environment"]).web_port
-    assert url == f"http://127.0.0.1:{port}/healthz"
-    compile(command[3], "healthcheck", "exec")  # the image's python can run it
+    # /healthz's answers are checked on a live worker (tests/agents/test_ingest.py) and page
+    # (tests/review/conftest.py)
+    for name in ("worker", "review"):
+        command = services[name]["healthcheck"]["test"]
+        assert command[:3] == ["CMD", "python", "-c"]
+        (url,) = re.findall(r"'(http://[^']+)'", command[3])
+        settings = Settings.from_env(services[name]["environment"])
+        port = settings.web_port if name == "worker" else settings.review_port
+        assert url == f"http://127.0.0.1:{port}/healthz", name
+        compile(command[3], "healthcheck", "exec")  # the image's python can run it
