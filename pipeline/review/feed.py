@@ -148,7 +148,11 @@ class ReviewFeed:
                     positions = [await consumer.position(tp) for tp in ends]
                     if all(p >= ends[tp] for p, tp in zip(positions, ends, strict=True)):
                         self.ready.set()
-                        log.info("review queue loaded: %d candidates", len(self.queue.candidates))
+                        log.info(
+                            "review queue loaded: %d candidates open, %d decided",
+                            len(self.queue.candidates),
+                            len(self.queue.decided),
+                        )
         finally:
             await consumer.stop()
 

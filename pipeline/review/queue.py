@@ -64,24 +64,34 @@ class ReviewQueue:
     queued_ms: dict[str, int] = field(default_factory=dict)
     # (loop, decision) -> candidates decided so
     decision_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    loops: set[str] = field(default_factory=set)  # of every candidate and decision read
 
     # -- feeds ------------------------------------------------------------------------------
 
     def add_candidate(self, record: Mapping[str, Any], queued_ms: int | None = None) -> None:
         """``queued_ms``: when Kafka got the candidate (its message's time; else its ts). A
-        candidate delivered again keeps its first time."""
+        candidate delivered again keeps its first time; one decided already (its decision
+        read first, or delivered again after it) is not kept."""
         candidate_id = str(record["candidate_id"])
+        self.loops.add(str(record["loop"]))
+        if candidate_id in self.decided:
+            return
         self.candidates[candidate_id] = dict(record)
         self.queued_ms.setdefault(
             candidate_id, int(record["ts"]) if queued_ms is None else queued_ms
         )
 
     def add_decision(self, record: Mapping[str, Any]) -> None:
+        """A decided candidate's record goes (input, output, embedding: kilobytes each, for
+        every candidate a page that runs for months has read); its id and decision stay."""
         candidate_id = str(record["candidate_id"])
         if candidate_id not in self.decided:
             self.decision_counts[(str(record["loop"]), str(record["decision"]))] += 1
+            self.loops.add(str(record["loop"]))
         self.decided[candidate_id] = str(record["decision"])
         self.claims.pop(candidate_id, None)
+        self.candidates.pop(candidate_id, None)
+        self.queued_ms.pop(candidate_id, None)
 
     def add_eval_case(self, record: Mapping[str, Any]) -> None:
         self.eval_cases[str(record["eval_case_id"])] = dict(record)
@@ -109,13 +119,15 @@ class ReviewQueue:
     def backlog(self) -> dict[str, tuple[int, int | None]]:
         """Per loop with candidates, the open ones (not decided, claimed or not) and when the
         oldest of them was queued (None: none open)."""
-        found: dict[str, tuple[int, int | None]] = {}
+        found: dict[str, tuple[int, int | None]] = dict.fromkeys(self.loops, (0, None))
         for candidate_id, candidate in self.candidates.items():
-            count, oldest = found.get(candidate["loop"], (0, None))
             if not self._settled(candidate_id):
+                count, oldest = found[candidate["loop"]]
                 queued = self.queued_ms[candidate_id]
-                count, oldest = count + 1, queued if oldest is None else min(oldest, queued)
-            found[candidate["loop"]] = (count, oldest)
+                found[candidate["loop"]] = (
+                    count + 1,
+                    queued if oldest is None else min(oldest, queued),
+                )
         return found
 
     def pending(self, filters: Filters, reviewer: str, now_ms: int) -> list[dict[str, Any]]:
@@ -140,10 +152,10 @@ class ReviewQueue:
 
     def claim(self, candidate_id: str, reviewer: str, now_ms: int) -> Claim:
         """Claim a candidate for ``claim_ms``; raises ReviewError when it is not open to you."""
-        if candidate_id not in self.candidates:
-            raise ReviewError(f"no candidate {candidate_id}")
         if candidate_id in self.decided:
             raise ReviewError(f"{candidate_id} was already decided ({self.decided[candidate_id]})")
+        if candidate_id not in self.candidates:
+            raise ReviewError(f"no candidate {candidate_id}")
         if candidate_id in self.unconfirmed:
             raise ReviewError(
                 f"{candidate_id} was decided ({self.unconfirmed[candidate_id]}), and Kafka has "

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.review.metrics import ReviewCollector
 from pipeline.review.queue import REVIEW_TEXT_CHARS, Filters, ReviewError, ReviewQueue
-from tests.sinks.factories import candidate, eval_case
+from tests.sinks.factories import candidate, eval_case, review
 
 TS = datetime(2026, 11, 25, 12, tzinfo=UTC)
 MS = int(TS.timestamp() * 1000)
@@ -46,6 +46,23 @@ def test_a_decided_candidate_never_comes_back_and_a_case_is_queued_once() -> Non
     assert [c["candidate_id"] for c in queue.pending(Filters(), "ana", MS)] == ["k2"]
     with pytest.raises(ReviewError, match="already decided"):
         queue.claim("k1", "omar", MS)
+
+
+def test_a_decided_candidate_s_record_is_not_kept_whichever_topic_is_read_first() -> None:
+    """A page runs for months: every candidate's record (input, output, embedding) was kept
+    after its decision. Now only its id and decision stay, also when the decision is read
+    before the candidate (the feed reads the topics side by side)."""
+    queue = _queue(candidate("k1", TS))
+    decision, _ = queue.decide("k1", "ana", "ACCEPTED", MS, expected="refund")
+    queue.add_decision(decision)
+    queue.add_decision({**review("k2", "REJECTED", TS), "ts": MS})  # before its candidate
+    queue.add_candidate({**candidate("k2", TS), "ts": MS})
+    queue.add_candidate({**candidate("k1", TS), "ts": MS})  # delivered again
+    assert queue.candidates == {} and queue.queued_ms == {}
+    assert queue.decided == {"k1": "ACCEPTED", "k2": "REJECTED"}
+    assert queue.backlog() == {"refunds": (0, None)}
+    with pytest.raises(ReviewError, match=r"^k2 was already decided \(REJECTED\)$"):
+        queue.claim("k2", "omar", MS)
 
 
 def test_accepting_makes_a_reviewed_eval_case_with_the_input_side() -> None:
