@@ -170,6 +170,7 @@ class Redriven:
     first: dict[int, int]  # DLQ partition -> the first offset read
     end: dict[int, int]  # DLQ partition -> the offset read up to
     dry_run: bool
+    deleted: int = 0  # dead letters Kafka deleted before any redrive read them
 
 
 def group_id(settings: Settings) -> str:
@@ -194,7 +195,11 @@ async def redrive(
     planner = Planner(codec, settings, selection, int(time.time() * 1000))
     producer = None if dry_run else AIOKafkaProducer(**client_options(settings), acks="all")
     read = 0
-    async with _dlq_reader(settings, group_id(settings), from_beginning) as (consumer, end):
+    async with _dlq_reader(settings, group_id(settings), from_beginning) as (
+        consumer,
+        end,
+        deleted,
+    ):
         first = {tp.partition: await consumer.position(tp) for tp in end}
         if producer is not None:
             await producer.start()
@@ -215,15 +220,17 @@ async def redrive(
         finally:
             if producer is not None:
                 await producer.stop()
-    return Redriven(planner.plan, read, first, {tp.partition: o for tp, o in end.items()}, dry_run)
+    ends = {tp.partition: offset for tp, offset in end.items()}
+    return Redriven(planner.plan, read, first, ends, dry_run, deleted)
 
 
 @asynccontextmanager
 async def _dlq_reader(
     settings: Settings, group: str | None, from_beginning: bool
-) -> AsyncIterator[tuple[AIOKafkaConsumer, dict[TopicPartition, int]]]:
+) -> AsyncIterator[tuple[AIOKafkaConsumer, dict[TopicPartition, int], int]]:
     """A consumer assigned every DLQ partition, at the group's committed offsets (or the
-    beginning), and each partition's end as of now; stopped on leaving."""
+    beginning), each partition's end as of now, and the dead letters Kafka deleted (retention)
+    before the group read them (without a group: all it deleted); stopped on leaving."""
     dlq = settings.topic("dlq")
     partitions = [TopicPartition(dlq, number) for number in await _partitions(settings, dlq)]
     consumer = AIOKafkaConsumer(
@@ -236,9 +243,14 @@ async def _dlq_reader(
     try:
         await consumer.start()
         consumer.assign(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        deleted = 0
+        for tp, start in starts.items():
+            read_up_to = (await consumer.committed(tp) if group is not None else None) or 0
+            deleted += max(start - read_up_to, 0)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
-        yield consumer, await consumer.end_offsets(partitions)
+        yield consumer, await consumer.end_offsets(partitions), deleted
     finally:
         await consumer.stop()
 
@@ -261,12 +273,13 @@ async def _fetches(
 @dataclass
 class Shown:
     """The dead letters ``show`` read: how many, those selected by source topic and reason,
-    and the newest of them (oldest first)."""
+    and the newest of them (oldest first); and how many older ones Kafka deleted."""
 
     read: int
     counts: Counter[tuple[str, str]]
     newest: list[dict[str, Any]]
     unreadable: int
+    deleted: int = 0
 
 
 async def show(
@@ -282,7 +295,7 @@ async def show(
     counts: Counter[tuple[str, str]] = Counter()
     newest: list[tuple[int, int, dict[str, Any]]] = []  # a heap of (ts, order, letter)
     read = unreadable = 0
-    async with _dlq_reader(settings, None, from_beginning=True) as (consumer, end):
+    async with _dlq_reader(settings, None, from_beginning=True) as (consumer, end, deleted):
         reported = time.monotonic()
         async for _, messages in _fetches(consumer, end):
             if progress is not None and time.monotonic() - reported >= 2:
@@ -306,7 +319,7 @@ async def show(
                 heapq.heappush(newest, (ts_ms, read, shown))
                 if len(newest) > limit:
                     heapq.heappop(newest)
-    return Shown(read, counts, [letter for *_, letter in sorted(newest)], unreadable)
+    return Shown(read, counts, [letter for *_, letter in sorted(newest)], unreadable, deleted)
 
 
 async def _partitions(settings: Settings, topic: str) -> list[int]:

@@ -101,6 +101,11 @@ def describe_shown(shown: Shown, dlq: str) -> str:
     lines = [f"{dlq}: {shown.read:,} dead letters, {selected:,} selected"]
     if shown.unreadable:
         lines[0] += f" ({shown.unreadable:,} unreadable as DeadLetter records)"
+    if shown.deleted:
+        lines.append(
+            f"{shown.deleted:,} older dead letters were deleted by Kafka (the topic's "
+            "retention) and are not counted here; the archive keeps those it read"
+        )
     width = max((len(source) for source, _ in shown.counts), default=0)
     for (source, reason), count in sorted(shown.counts.items()):
         lines.append(f"  {source:<{width}}  {reason:<16} {count:>9,}")
@@ -167,6 +172,12 @@ def describe(done: Redriven, dlq: str, group: str) -> str:
         f"read {done.read:,} dead letters of {dlq}"
         + (f" (offsets {read})" if read else ", none new since the last redrive, if any")
     ]
+    if done.deleted:
+        lines.append(
+            f"{done.deleted:,} dead letters were deleted by Kafka (the topic's retention) "
+            "before a redrive read them: they cannot be published again (the archive keeps "
+            "those it read; a longer retention.ms on the topic gives more time to redrive)"
+        )
     verb = "would publish" if done.dry_run else "published"
     by_topic = ", ".join(f"{t} {n:,}" for t, n in sorted(plan.published.items()))
     lines.append(f"{verb} {plan.published.total():,} again" + (f": {by_topic}" if by_topic else ""))

@@ -16,10 +16,17 @@ from aiokafka import AIOKafkaProducer
 from pipeline.codec import Codec, CodecError
 from pipeline.deadletter import REASONS, dead_letter
 from pipeline.generator import TrafficGenerator
+from pipeline.publisher import Publisher
 from pipeline.redrive import REDRIVE_HEADER, Selection, plan
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, key_of
-from tests.conftest import WorkerProcess, consume_messages, settings_env, wait_for
+from tests.conftest import (
+    WorkerProcess,
+    consume_messages,
+    delete_first_records,
+    settings_env,
+    wait_for,
+)
 from tests.pipeline.test_cli import loopline
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -224,3 +231,48 @@ async def _publish_raw(settings: Settings, values: list[bytes]) -> None:
             await producer.send_and_wait(settings.topic("inputs"), value, key=b"raw")
     finally:
         await producer.stop()
+
+
+@pytest.mark.broker
+def test_dead_letters_kafka_deleted_before_a_redrive_read_them_are_said(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Dead letters go by the DLQ's retention: those deleted before any redrive read them
+    cannot be published again, and nothing said so (the redrive's consumer moved on to the
+    log's start). Now the redrive and show count them."""
+    settings = make_settings()
+    asyncio.run(ensure_topics(settings))
+    env = settings_env(settings)
+    letters = [_letter(n, UNKNOWN, "unknown_schema") for n in range(10)]
+
+    async def publish(records: list[dict[str, Any]]) -> None:
+        async with Publisher(settings) as publisher:
+            await publisher.publish_many("dlq", records)
+
+    asyncio.run(publish(letters[:5]))
+    first = loopline("dlq", "redrive", "--dry-run", env=env)  # reads, commits nothing
+    assert first.returncode == 0 and "deleted by Kafka" not in first.stdout, first.stdout
+    done = loopline("dlq", "redrive", env=env)  # the group has read 5
+    assert done.returncode == 0 and "deleted by Kafka" not in done.stdout, done.stdout
+    asyncio.run(publish(letters[5:8]))  # 3 no redrive reads before Kafka deletes all 8
+    everything = dict.fromkeys(range(settings.partitions), 1.0)
+    dlq = settings.topic("dlq")
+    assert sum(asyncio.run(delete_first_records(settings, dlq, everything, False)).values()) == 8
+    asyncio.run(publish(letters[8:]))
+
+    again = loopline("dlq", "redrive", "--dry-run", env=env)
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert lines[0].startswith(f"read 2 dead letters of {dlq} (offsets "), lines
+    assert lines[1] == (
+        "3 dead letters were deleted by Kafka (the topic's retention) before a redrive read "
+        "them: they cannot be published again (the archive keeps those it read; a longer "
+        "retention.ms on the topic gives more time to redrive)"
+    )
+    shown = loopline("dlq", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[:2] == [
+        f"{dlq}: 2 dead letters, 2 selected",
+        "8 older dead letters were deleted by Kafka (the topic's retention) and are not "
+        "counted here; the archive keeps those it read",
+    ]
