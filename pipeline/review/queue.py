@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DECISIONS = ("ACCEPTED", "REJECTED", "DUPLICATE")
-#: Characters a reviewer's expected outcome or notes may have: a decision is one Kafka record
-#: (1 MB by default), and what a paste of a whole document would make it is refused, saying so.
+#: Characters a reviewer's expected outcome or notes may have. A decision is one Kafka record
+#: (1 MB by default): a whole document pasted in would be refused by Kafka as "not saved";
+#: the queue refuses it first, saying which text is too long.
 REVIEW_TEXT_CHARS = 4000
 SUITES = ("CURRENT", "HISTORICAL")
 _WORDS = re.compile(r"[a-z]+")
