@@ -25,6 +25,7 @@ class TopicStatus:
     name: str
     partitions: int
     records: int  # end offsets minus start offsets, summed (records kept, markers included)
+    deleted: int = 0  # start offsets, summed: records Kafka deleted (retention, delete-records)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ async def read_status(settings: Settings) -> Status:
                 name,
                 sum(1 for tp in tps if tp.topic == name),
                 sum(ends[tp] - starts[tp] for tp in tps if tp.topic == name),
+                sum(starts[tp] for tp in tps if tp.topic == name),
             )
             for name in present
         ]
@@ -196,9 +198,12 @@ def describe(status: Status) -> str:
     """The status as a few aligned tables."""
     lines = [f"kafka {status.bootstrap}: {len(status.topics)} loopline topics"]
     width = max((len(t.name) for t in status.topics), default=5)
-    lines.append(f"  {'topic':<{width}}  {'partitions':>10}  {'records':>12}")
+    lines.append(f"  {'topic':<{width}}  {'partitions':>10}  {'records':>12}  {'deleted':>12}")
     for topic in status.topics:
-        lines.append(f"  {topic.name:<{width}}  {topic.partitions:>10}  {topic.records:>12,}")
+        lines.append(
+            f"  {topic.name:<{width}}  {topic.partitions:>10}  {topic.records:>12,}"
+            f"  {topic.deleted:>12,}"
+        )
     if not status.groups:
         lines.append("no consumer group of this deployment yet (no worker or sink has committed)")
         return "\n".join(lines)

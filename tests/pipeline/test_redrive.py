@@ -193,8 +193,8 @@ def test_dead_letters_of_a_wrong_clock_are_counted_once_redriven(
     said = loopline("status", env=env)
     assert said.returncode == 0, said.stderr
     lines = said.stdout.splitlines()
-    assert re.search(rf"^  {re.escape(inputs_topic)} +4 +12$", said.stdout, re.M), lines
-    assert re.search(rf"^  {re.escape(dlq)} +4 +4$", said.stdout, re.M), lines
+    assert re.search(rf"^  {re.escape(inputs_topic)} +4 +12 +0$", said.stdout, re.M), lines
+    assert re.search(rf"^  {re.escape(dlq)} +4 +4 +0$", said.stdout, re.M), lines
     group = settings.app_id
     workers = lines.index(f"  {group} (workers): Stable, 1 member")
     redrives = lines.index(f"  {group}-dlq-redrive (dlq redrive): Empty, 0 members")
@@ -269,6 +269,9 @@ def test_dead_letters_kafka_deleted_before_a_redrive_read_them_are_said(
         "them: they cannot be published again (the archive keeps those it read; a longer "
         "retention.ms on the topic gives more time to redrive)"
     )
+    said = loopline("status", env=env)  # 2 kept, 8 deleted
+    assert said.returncode == 0, said.stderr
+    assert re.search(rf"^  {re.escape(dlq)} +\d+ +2 +8$", said.stdout, re.M), said.stdout
     shown = loopline("dlq", "show", env=env)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[:2] == [

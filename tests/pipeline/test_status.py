@@ -59,7 +59,7 @@ def test_records_fetched_and_not_processed_count_from_the_first_of_them() -> Non
 def test_the_text_lists_topics_and_groups_with_their_lag() -> None:
     status = Status(
         "kafka:9092",
-        [TopicStatus("loopline.inputs", 4, 1234), TopicStatus("loopline.dlq", 4, 2)],
+        [TopicStatus("loopline.inputs", 4, 1234), TopicStatus("loopline.dlq", 4, 2, 4096)],
         [
             GroupStatus("loopline", "workers", "Stable", 2, {"loopline.inputs": 15}),
             GroupStatus("loopline-dlq-redrive", "dlq redrive", "Empty", 0, {"loopline.dlq": 0}),
@@ -67,9 +67,9 @@ def test_the_text_lists_topics_and_groups_with_their_lag() -> None:
     )
     assert describe(status).splitlines() == [
         "kafka kafka:9092: 2 loopline topics",
-        "  topic            partitions       records",
-        "  loopline.inputs           4         1,234",
-        "  loopline.dlq              4             2",
+        "  topic            partitions       records       deleted",
+        "  loopline.inputs           4         1,234             0",
+        "  loopline.dlq              4             2         4,096",
         "consumer groups:",
         "  loopline (workers): Stable, 2 members",
         "    loopline.inputs  lag           15",
