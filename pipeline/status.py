@@ -74,6 +74,17 @@ def lag_by_topic(
     return lag
 
 
+def deleted_before(starts: Mapping[TopicPartition, int]) -> dict[str, int]:
+    """Per topic, the records Kafka deleted (retention or delete-records) before a reader
+    from the start got to them: its partitions' log start offsets; a topic it deleted nothing
+    of is left out (``status`` and the review page's feed say them)."""
+    deleted: dict[str, int] = {}
+    for tp, start in starts.items():
+        if start:
+            deleted[tp.topic] = deleted.get(tp.topic, 0) + start
+    return deleted
+
+
 def partition_lags(
     ends: Mapping[TopicPartition, int],
     positions: Mapping[TopicPartition, int | None],
@@ -156,12 +167,13 @@ async def read_status(settings: Settings) -> Status:
         await reader.start()
         ends = await consumer.end_offsets(tps) if tps else {}
         starts = await consumer.beginning_offsets(tps) if tps else {}
+        deleted = deleted_before(starts)
         topics = [
             TopicStatus(
                 name,
                 sum(1 for tp in tps if tp.topic == name),
                 sum(ends[tp] - starts[tp] for tp in tps if tp.topic == name),
-                sum(starts[tp] for tp in tps if tp.topic == name),
+                deleted.get(name, 0),
             )
             for name in present
         ]

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from pipeline.codec import Codec, CodecError
 from pipeline.core import to_ms
@@ -20,6 +19,7 @@ from pipeline.kafka_security import client_options
 from pipeline.publisher import NotDelivered, Publisher
 from pipeline.review.queue import ReviewQueue
 from pipeline.settings import Settings
+from pipeline.status import deleted_before
 
 log = logging.getLogger(__name__)
 FOLLOWED = ("eval-candidates", "reviews", "eval-cases")
@@ -174,16 +174,6 @@ class ReviewFeed:
             self.queue.add_decision(record)
         else:
             self.queue.add_eval_case(record)
-
-
-def deleted_before(starts: Mapping[TopicPartition, int]) -> dict[str, int]:
-    """Per topic, the records Kafka deleted before a reader from the start got to them (its
-    partitions' log start offsets; a topic it deleted nothing of is left out)."""
-    deleted: dict[str, int] = {}
-    for tp, start in starts.items():
-        if start:
-            deleted[tp.topic] = deleted.get(tp.topic, 0) + start
-    return deleted
 
 
 def say_deleted(name: str, topic: str, count: int) -> None:
